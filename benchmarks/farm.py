@@ -1,0 +1,162 @@
+"""Benchmark: the trajectory farm vs a plain sequential loop, and the Arrow store vs torch.save.
+
+Not a test. Prints two tables. Run from the repository root:
+
+    python benchmarks/farm.py                      # Fashion-MNIST subset (needs --data-root) or digits
+    python benchmarks/farm.py --dataset digits --trajectories 4 --epochs 20
+
+(a) ``sequential``: K experts trained one after another in one process, the way
+    the reference MTT buffer.py does it (build net, SGD + DSA, append
+    [p.cpu() for p in net.parameters()] after every epoch, torch.save the
+    nested list at the end).
+(b) ``farm``: the same K experts with raydd's Ray farm, 1 worker (all cores)
+    and 2 workers (one core each), writing to the Arrow store.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raydd.data.dsa import DSA, DSAConfig  # noqa: E402
+from raydd.farm import FarmSpec, farm, prepare_data  # noqa: E402
+from raydd.farm.task import model_spec_for  # noqa: E402
+from raydd.models import ParamLayout, build_model  # noqa: E402
+from raydd.store import TrajectoryStore  # noqa: E402
+from raydd.training import evaluate_model, train_epoch  # noqa: E402
+
+
+def sequential_loop(spec: FarmSpec, data, out_dir: Path) -> float:
+    """The reference way: one expert after another, nested lists of tensors, one torch.save."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    train, test = data.datasets()
+    cfg = spec.recipe_config()
+    model_spec = model_spec_for(spec, data.info)
+    dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy)
+    dsa = DSA(dsa_cfg if train.info.flip_ok else dsa_cfg.without_flip())
+    start = time.perf_counter()
+    trajectories = []
+    for seed in spec.seeds:
+        torch.manual_seed(seed)
+        net = build_model(model_spec)
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        timestamps = [[p.detach().cpu().clone() for p in net.parameters()]]
+        for _ in range(cfg.epochs):
+            train_epoch(net, opt, train.images, train.labels, batch_size=cfg.batch_size, generator=gen,
+                        device=torch.device("cpu"), augment=lambda x, g: dsa(x, generator=g))
+            evaluate_model(net, test.images, test.labels, device=torch.device("cpu"))
+            timestamps.append([p.detach().cpu().clone() for p in net.parameters()])
+        trajectories.append(timestamps)
+    torch.save(trajectories, out_dir / "replay_buffer_0.pt")
+    return time.perf_counter() - start
+
+
+def farm_run(spec: FarmSpec, data, workers: int, cpus: float, root: Path) -> float:
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        run_spec = FarmSpec.from_dict({**spec.to_dict(), "store": str(root), "workers": workers,
+                                       "cpus_per_worker": cpus})
+        start = time.perf_counter()
+        report = farm(run_spec, progress=False, data=data)
+        elapsed = time.perf_counter() - start
+        assert len(report.trained) == spec.trajectories
+        return elapsed
+    finally:
+        ray.shutdown()
+
+
+def store_table(param_count_spec: FarmSpec, data, epochs: int, tmp: Path) -> list[tuple]:
+    """Bytes per trajectory and random-epoch read time: Arrow (f32, f16) vs torch.save nested lists."""
+    net = build_model(model_spec_for(param_count_spec, data.info))
+    layout = ParamLayout.of_parameters(net)
+    gen = torch.Generator().manual_seed(0)
+    snaps = [torch.randn(layout.numel, generator=gen) * 0.05 for _ in range(epochs + 1)]
+    rows = []
+    # torch.save of a nested list of per-layer tensors (reference format)
+    nested = [[t.clone() for t in layout.unflatten(s).values()] for s in snaps]
+    pt = tmp / "expert.pt"
+    torch.save([nested], pt)
+    reads = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        loaded = torch.load(pt, weights_only=True)
+        _ = torch.cat([p.reshape(-1) for p in loaded[0][random.randrange(epochs + 1)]])
+        reads.append(time.perf_counter() - t0)
+    rows.append(("torch.save (nested list)", pt.stat().st_size, statistics.median(reads)))
+    for dtype in ("float32", "float16"):
+        store = TrajectoryStore(tmp / f"store-{dtype}")
+        with store.writer(trajectory_id=f"bench{dtype}", kind="expert", recipe="expert", recipe_config={},
+                          seed=0, model=model_spec_for(param_count_spec, data.info).to_dict(),
+                          param_layout=layout.to_list(), dtype=dtype, dataset={"name": data.info["name"]}) as w:
+            for e, s in enumerate(snaps):
+                w.append(e, s)
+        size = sum(p.stat().st_size for p in (tmp / f"store-{dtype}").rglob("*.arrow"))
+        reads = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            traj = store.open(f"bench{dtype}")
+            _ = traj.params(random.randrange(epochs + 1))
+            reads.append(time.perf_counter() - t0)
+            traj.close()
+        rows.append((f"Arrow store ({dtype}, open + 1 epoch)", size, statistics.median(reads)))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-root", default=os.environ.get("RAYDD_DATA", "../shared/datasets"))
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--trajectories", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--store-epochs", type=int, default=50, help="snapshots for the store-size table (MTT: 50)")
+    args = p.parse_args(argv)
+    root = args.data_root if args.dataset != "digits" else None
+    spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
+                    recipe_options={"epochs": args.epochs}, model={"width": args.width},
+                    trajectories=args.trajectories)
+    data = prepare_data(spec)
+    k = args.trajectories
+    print(f"# farm benchmark: {k} experts, {args.dataset} ({len(data.train_labels)} train images), "
+          f"ConvNet-3 width {args.width}, {args.epochs} epochs, {os.cpu_count()} CPU cores\n")
+    tmp = Path(tempfile.mkdtemp(prefix="raydd-bench-"))
+    try:
+        seq = sequential_loop(spec, data, tmp)
+        one = farm_run(spec, data, workers=1, cpus=float(os.cpu_count() or 1), root=tmp / "farm1")
+        two = farm_run(spec, data, workers=2, cpus=max(1.0, (os.cpu_count() or 2) / 2), root=tmp / "farm2")
+        print(f"{'runner':<34}{'wall s':>9}{'traj/h':>10}{'vs sequential':>15}")
+        for name, t in (("sequential loop (MTT buffer.py)", seq), ("raydd farm, 1 worker", one),
+                        ("raydd farm, 2 workers", two)):
+            print(f"{name:<34}{t:>9.1f}{3600 * k / t:>10.1f}{seq / t:>14.2f}x")
+        print(f"\nfarm overhead at 1 worker: {100 * (one / seq - 1):+.1f}% (target <= +5%); "
+              f"2 workers vs sequential: {seq / two:.2f}x (target >= 1.0x)\n")
+        full = FarmSpec(store="unused", dataset=args.dataset, data_root=root, model={"width": 128})
+        rows = store_table(full, data, args.store_epochs, tmp)
+        print(f"# store: one ConvNet-3 width-128 expert, {args.store_epochs + 1} snapshots")
+        print(f"{'format':<40}{'MiB':>9}{'vs torch.save':>15}{'read ms':>10}")
+        base_size, base_read = rows[0][1], rows[0][2]
+        for name, size, read in rows:
+            print(f"{name:<40}{size / 2**20:>9.1f}{size / base_size:>14.2f}x{1000 * read:>10.2f}")
+        print(f"\nreading one random epoch: torch.load of the whole file {1000 * base_read:.1f} ms vs "
+              f"Arrow memory map {1000 * rows[1][2]:.2f} ms ({base_read / rows[1][2]:.0f}x faster)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`raydd` command line: farm trajectories and inspect the store.
+
+    raydd farm [--spec farm.yaml] [--dataset digits] [--recipe expert] [--trajectories 4] ...
+    raydd store ls|info|verify <root>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = "raydd-store"
+
+
+def _farm_parser(sub) -> None:
+    p = sub.add_parser("farm", help="train trajectories in parallel with Ray into the trajectory store",
+                       description="Farm expert/pretrain/observer trajectories into an Arrow store. "
+                                   "Flags override the YAML spec; with neither, the offline default "
+                                   "(4 MTT experts on scikit-learn's digits) runs in a few minutes on 2 CPUs.")
+    p.add_argument("--spec", help="YAML file of FarmSpec fields")
+    p.add_argument("--store", help=f"store root: a directory or a URI such as s3://bucket/prefix (default {DEFAULT_STORE})")
+    p.add_argument("--dataset", help="digits (offline default), mnist, fashion_mnist, cifar10, cifar100, imagefolder")
+    p.add_argument("--data-root", dest="data_root", help="folder with the dataset files (e.g. ../shared/datasets)")
+    p.add_argument("--download", action="store_true", default=None, help="let torchvision download (needs internet)")
+    p.add_argument("--resolution", type=int, help="resize images to this side length")
+    p.add_argument("--zca", action="store_true", default=None, help="train on ZCA-whitened images (MTT on CIFAR)")
+    p.add_argument("--train-per-class", dest="train_per_class", type=int,
+                   help="train on a class-balanced subset of this many images per class")
+    p.add_argument("--recipe", help="expert (MTT/DATM), pretrain (DANCE/PTLM), observer (EDC)")
+    p.add_argument("--epochs", type=int, help="training epochs (recipe default otherwise)")
+    p.add_argument("--keep-epochs", dest="keep_epochs", type=int,
+                   help="expert recipe: store snapshots 0..K only (plus the final one)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe option, e.g. --set lr=0.02 --set batch_size=128 (repeatable)")
+    p.add_argument("--arch", help="convnet, resnet10, resnet18")
+    p.add_argument("--width", type=int, help="ConvNet width / ResNet stem width")
+    p.add_argument("--depth", type=int, help="ConvNet depth")
+    p.add_argument("--norm", help="instance, batch or none")
+    p.add_argument("--trajectories", "-n", type=int, help="how many trajectories (seeds seed..seed+n-1)")
+    p.add_argument("--seed", type=int, help="first seed")
+    p.add_argument("--dtype", help="stored parameter dtype: float32, float16, bfloat16")
+    p.add_argument("--backend", help="ray (default) or local (sequential, no Ray)")
+    p.add_argument("--workers", type=int, help="number of worker actors")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float,
+                   help="fractional GPUs per worker, e.g. 0.25 puts four experts on one GPU")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _store_parser(sub) -> None:
+    p = sub.add_parser("store", help="inspect a trajectory store")
+    ssub = p.add_subparsers(dest="store_cmd", required=True)
+    ls = ssub.add_parser("ls", help="summary table of the stored trajectories")
+    ls.add_argument("root", nargs="?", default=DEFAULT_STORE)
+    for key in ("dataset", "model", "kind", "recipe"):
+        ls.add_argument(f"--{key}")
+    info = ssub.add_parser("info", help="one trajectory's metadata and per-epoch metrics")
+    info.add_argument("root")
+    info.add_argument("trajectory_id")
+    verify = ssub.add_parser("verify", help="integrity check of every file")
+    verify.add_argument("root", nargs="?", default=DEFAULT_STORE)
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def farm_spec_from_args(args):
+    from .farm import FarmSpec
+
+    base = FarmSpec.from_yaml(args.spec).to_dict() if args.spec else FarmSpec().to_dict()
+    for key in ("store", "dataset", "data_root", "download", "resolution", "zca", "train_per_class", "recipe",
+                "trajectories", "seed", "dtype", "backend", "workers", "cpus_per_worker", "gpus_per_worker",
+                "address", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            base[key] = value
+    options = dict(base.get("recipe_options") or {})
+    for key in ("epochs", "keep_epochs"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    for item in args.options:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is invalid: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _parse_value(value)
+    base["recipe_options"] = options
+    model = dict(base.get("model") or {})
+    for key in ("arch", "width", "depth", "norm"):
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
+    base["model"] = model
+    return FarmSpec.from_dict(base)
+
+
+def cmd_farm(args) -> int:
+    from .farm import farm
+
+    spec = farm_spec_from_args(args)
+    print(f"raydd farm: {spec.trajectories} x {spec.recipe} on {spec.dataset} -> {spec.store} "
+          f"({spec.backend}, {spec.workers} worker(s))", file=sys.stderr)
+    report = farm(spec, progress=not args.quiet)
+    print(report.table())
+    print(f"\n{len(report.trained)} trained, {len(report.skipped)} already stored, "
+          f"{report.wall_time_s:.1f} s; inspect with: raydd store ls {spec.store}")
+    return 0
+
+
+def cmd_store(args) -> int:
+    from .store import TrajectoryStore
+    from .store.cli import format_info, format_ls, format_verify
+
+    store = TrajectoryStore(args.root)
+    if args.store_cmd == "ls":
+        filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+        print(format_ls(store, **filters))
+        return 0
+    if args.store_cmd == "info":
+        print(format_info(store, args.trajectory_id))
+        return 0
+    text, code = format_verify(store)
+    print(text)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydd", description="Dataset distillation at cluster scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _farm_parser(sub)
+    _store_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"farm": cmd_farm, "store": cmd_store}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"raydd {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

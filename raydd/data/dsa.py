@@ -1,0 +1,263 @@
+"""Differentiable Siamese Augmentation (DSA).
+
+Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation", ICML 2021,
+as used by DC/DSA/DM/MTT. Operation set and default magnitudes follow the reference
+``ParamDiffAug``/``DiffAugment`` (VICO-UoE/DatasetCondensation, utils.py); this is an
+independent implementation that draws every random parameter from a *local*
+``torch.Generator`` (never the global torch RNG).
+
+Seeding semantics:
+
+* ``dsa(x, seed=s)`` is the *siamese* mode: a single parameter set is drawn from a generator
+  seeded with ``s`` and shared by every sample in the batch (the reference draws per-sample
+  parameters and then copies those of sample 0; drawing one set directly gives the same
+  behaviour and makes the transform independent of the batch size). Calling it on the real
+  batch and on the synthetic batch with the same seed applies the same transform to both.
+* ``dsa(x, generator=g)`` draws independent per-sample parameters from ``g`` (plain
+  differentiable augmentation, e.g. when training an evaluation network).
+* ``dsa(x)`` behaves like ``generator=`` with a fresh, OS-entropy-seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DSA", "DSAConfig", "DSA_OPS", "NO_FLIP_DATASETS", "dsa_for_dataset"]
+
+#: Accepted operation names, in the order they are applied when ``single_per_call`` is False.
+DSA_OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+#: Datasets of handwritten digits: a horizontal flip changes their meaning, so no flip.
+NO_FLIP_DATASETS: frozenset[str] = frozenset({"digits", "mnist"})
+
+_FLIP_PROBABILITY = 0.5  # reference prob_flip
+_NO_OP_STRATEGIES = ("none",)
+
+
+def _check_number(name: str, value: object, *, low: float, high: float | None = None,
+                  low_inclusive: bool = False, high_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"DSAConfig.{name}={value!r} is invalid; expected a finite number")
+    ok_low = value >= low if low_inclusive else value > low
+    ok_high = True if high is None else (value <= high if high_inclusive else value < high)
+    if not (ok_low and ok_high):
+        lo = "[" if low_inclusive else "("
+        hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
+        raise ValueError(f"DSAConfig.{name}={value!r} is out of range; accepted: {lo}{low}, {hi}")
+
+
+def _parse_strategy(strategy: object) -> tuple[str, ...]:
+    if not isinstance(strategy, str) or not strategy.strip():
+        raise ValueError(
+            f"DSAConfig.strategy={strategy!r} is invalid; expected a '_'-separated subset of "
+            f"{', '.join(DSA_OPS)} (or 'none')"
+        )
+    if strategy.strip().lower() in _NO_OP_STRATEGIES:
+        return ()
+    ops = tuple(strategy.split("_"))
+    unknown = [op for op in ops if op not in DSA_OPS]
+    if unknown:
+        raise ValueError(
+            f"DSAConfig.strategy={strategy!r} has unknown op(s) {unknown}; accepted: "
+            f"{', '.join(DSA_OPS)} (or 'none')"
+        )
+    dupes = sorted({op for op in ops if ops.count(op) > 1})
+    if dupes:
+        raise ValueError(f"DSAConfig.strategy={strategy!r} repeats op(s) {dupes}; list each op once")
+    return ops
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    """Parameters of DSA; defaults are those of the reference ``ParamDiffAug``."""
+
+    strategy: str = "color_crop_cutout_flip_scale_rotate"  # '_'-separated subset of DSA_OPS, or 'none'
+    scale: float = 1.2  # ratio_scale: per-axis scale drawn in [1/scale, scale]
+    rotate_degrees: float = 15.0  # angle drawn in [-rotate_degrees, rotate_degrees]
+    crop_pad_fraction: float = 0.125  # max translation as a fraction of the side
+    cutout_fraction: float = 0.5  # cutout square side as a fraction of the side
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+    single_per_call: bool = True  # reference aug_mode 'S': one op of the strategy per call
+
+    def __post_init__(self) -> None:
+        _parse_strategy(self.strategy)
+        _check_number("scale", self.scale, low=1.0, low_inclusive=True)
+        _check_number("rotate_degrees", self.rotate_degrees, low=0.0, high=180.0)
+        _check_number("crop_pad_fraction", self.crop_pad_fraction, low=0.0, high=1.0, high_inclusive=False)
+        _check_number("cutout_fraction", self.cutout_fraction, low=0.0, high=1.0)
+        _check_number("brightness", self.brightness, low=0.0)
+        _check_number("saturation", self.saturation, low=0.0)
+        _check_number("contrast", self.contrast, low=0.0)
+        if not isinstance(self.single_per_call, bool):
+            raise ValueError(f"DSAConfig.single_per_call={self.single_per_call!r} is invalid; expected True or False")
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The operations of ``strategy`` in order (empty for 'none')."""
+        return _parse_strategy(self.strategy)
+
+    def without_flip(self) -> "DSAConfig":
+        """Copy of this config with 'flip' removed from the strategy ('none' if nothing is left)."""
+        ops = tuple(op for op in self.ops if op != "flip")
+        return replace(self, strategy="_".join(ops) if ops else "none")
+
+
+class DSA:
+    """Differentiable (siamese) augmentation of image batches ``[N, C, H, W]``."""
+
+    def __init__(self, config: DSAConfig | None = None) -> None:
+        if config is None:
+            config = DSAConfig()
+        if not isinstance(config, DSAConfig):
+            raise ValueError(f"DSA config={config!r} is invalid; expected a DSAConfig")
+        self.config = config
+        self.ops = config.ops
+
+    def __repr__(self) -> str:
+        return f"DSA({self.config!r})"
+
+    def __call__(self, x: Tensor, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Augment ``x`` [N,C,H,W]; differentiable w.r.t. ``x``.
+
+        With ``seed`` the call is siamese (one parameter set for the whole batch, the same for
+        every call with that seed, whatever the batch size). With ``generator`` (or neither)
+        every sample gets its own parameters.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"DSA input {shape} is invalid; expected a floating-point tensor [N, C, H, W]")
+        if seed is not None and generator is not None:
+            raise ValueError("DSA got both seed and generator; pass seed (siamese) or generator (per-sample), not both")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"DSA seed={seed!r} is invalid; expected a non-negative int or None")
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed)
+            n_params = 1
+        else:
+            if generator is None:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(random.SystemRandom().getrandbits(63))
+            elif not isinstance(generator, torch.Generator):
+                raise ValueError(f"DSA generator={generator!r} is invalid; expected a torch.Generator or None")
+            n_params = x.shape[0]
+        if not self.ops or x.shape[0] == 0:
+            return x
+
+        if self.config.single_per_call:
+            pick = int(torch.randint(len(self.ops), (1,), generator=generator, device=generator.device))
+            ops = (self.ops[pick],)
+        else:
+            ops = self.ops
+        for op in ops:
+            x = _OP_FNS[op](self, x, generator, n_params)
+        return x.contiguous()
+
+    # ----------------------------------------------------------------- parameter draws
+    @staticmethod
+    def _rand(g: torch.Generator, n: int, x: Tensor) -> Tensor:
+        """Uniform [0,1) draws as float64 on the generator's device (dtype-independent), moved to x."""
+        r = torch.rand(n, generator=g, dtype=torch.float64, device=g.device)
+        return r.to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    def _randint(g: torch.Generator, low: int, high: int, n: int, x: Tensor) -> Tensor:
+        r = torch.randint(low, high, (n,), generator=g, device=g.device)
+        return r.to(device=x.device)
+
+    # ----------------------------------------------------------------- operations
+    def _color(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        c = self.config
+        rb = self._rand(g, n, x).view(-1, 1, 1, 1)
+        x = x + (rb - 0.5) * c.brightness
+        rs = self._rand(g, n, x).view(-1, 1, 1, 1)
+        mean_c = x.mean(dim=1, keepdim=True)
+        x = (x - mean_c) * (rs * c.saturation) + mean_c
+        rc = self._rand(g, n, x).view(-1, 1, 1, 1)
+        mean_all = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (x - mean_all) * (rc + c.contrast) + mean_all
+
+    def _flip(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        do_flip = (self._rand(g, n, x) < _FLIP_PROBABILITY).view(-1, 1, 1, 1)
+        return torch.where(do_flip, x.flip(3), x)
+
+    @staticmethod
+    def _warp(x: Tensor, theta: Tensor) -> Tensor:
+        theta = theta.expand(x.shape[0], 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _scale(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        ratio = self.config.scale
+        sx = self._rand(g, n, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        sy = self._rand(g, n, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        zero = torch.zeros_like(sx)
+        theta = torch.stack([torch.stack([sx, zero, zero], -1), torch.stack([zero, sy, zero], -1)], 1)
+        return self._warp(x, theta)
+
+    def _rotate(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        max_rad = self.config.rotate_degrees / 180.0 * math.pi
+        angle = (self._rand(g, n, x) - 0.5) * 2.0 * max_rad
+        cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+        theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+        return self._warp(x, theta)
+
+    def _crop(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        # Translation by an integer shift with zero fill ("pad then crop").
+        N, _, H, W = x.shape
+        ratio = self.config.crop_pad_fraction
+        max_h, max_w = int(H * ratio + 0.5), int(W * ratio + 0.5)
+        th = self._randint(g, -max_h, max_h + 1, n, x).expand(N)
+        tw = self._randint(g, -max_w, max_w + 1, n, x).expand(N)
+        padded = F.pad(x, (1, 1, 1, 1))  # a zero border that out-of-range indices clamp onto
+        rows = (torch.arange(H, device=x.device)[None, :] + th[:, None] + 1).clamp(0, H + 1)
+        cols = (torch.arange(W, device=x.device)[None, :] + tw[:, None] + 1).clamp(0, W + 1)
+        batch = torch.arange(N, device=x.device)[:, None, None]
+        out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
+        return out.permute(0, 3, 1, 2)
+
+    def _cutout(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+        N, _, H, W = x.shape
+        ratio = self.config.cutout_fraction
+        ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+        ch, cw = max(ch, 1), max(cw, 1)
+        top = self._randint(g, 0, H + (1 - ch % 2), n, x) - ch // 2
+        left = self._randint(g, 0, W + (1 - cw % 2), n, x) - cw // 2
+        ar_h = torch.arange(H, device=x.device)[None, :]
+        ar_w = torch.arange(W, device=x.device)[None, :]
+        in_h = (ar_h >= top[:, None]) & (ar_h < top[:, None] + ch)  # [n, H]
+        in_w = (ar_w >= left[:, None]) & (ar_w < left[:, None] + cw)  # [n, W]
+        keep = ~(in_h[:, :, None] & in_w[:, None, :])  # [n, H, W]
+        return x * keep.unsqueeze(1).to(x.dtype)
+
+
+_OP_FNS = {
+    "color": DSA._color,
+    "crop": DSA._crop,
+    "cutout": DSA._cutout,
+    "flip": DSA._flip,
+    "scale": DSA._scale,
+    "rotate": DSA._rotate,
+}
+
+
+def dsa_for_dataset(dataset_name: str, config: DSAConfig | None = None) -> DSA:
+    """A DSA for ``dataset_name``: flip is dropped for handwritten digits ('digits', 'mnist'),
+    where mirroring changes the class; kept otherwise (e.g. 'fashion_mnist', 'cifar10')."""
+    if not isinstance(dataset_name, str) or not dataset_name.strip():
+        raise ValueError(f"dsa_for_dataset dataset_name={dataset_name!r} is invalid; expected a non-empty string")
+    if config is None:
+        config = DSAConfig()
+    key = dataset_name.strip().lower().replace("-", "_")
+    if key in NO_FLIP_DATASETS:
+        config = config.without_flip()
+    return DSA(config)

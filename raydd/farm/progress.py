@@ -1,0 +1,79 @@
+"""Live farm progress (done/total, trajectories per hour, ETA) and the final summary table."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from tqdm import tqdm
+
+from .task import TrajectoryResult
+
+
+class FarmProgress:
+    """A tqdm bar counted in trajectories; epochs advance it fractionally so the ETA moves."""
+
+    def __init__(self, total: int, skipped: int, *, enabled: bool = True):
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self._partial: dict[str, float] = {}
+        self._bar = tqdm(total=total, disable=not enabled, file=sys.stderr, unit="traj", dynamic_ncols=True,
+                         bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+        self._skipped = skipped
+        self._refresh()
+
+    def epoch(self, trajectory_id: str, epoch: int, total_epochs: int) -> None:
+        self._partial[trajectory_id] = min(epoch / max(total_epochs, 1), 0.999)
+        self._refresh()
+
+    def finished(self, trajectory_id: str) -> None:
+        self._partial.pop(trajectory_id, None)
+        self.done += 1
+        self._refresh()
+
+    def restarted(self, trajectory_id: str) -> None:
+        self._partial.pop(trajectory_id, None)
+        self._refresh()
+
+    def rate_per_hour(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        progress = self.done + sum(self._partial.values())
+        return 3600.0 * progress / elapsed if elapsed > 0 and progress > 0 else 0.0
+
+    def _refresh(self) -> None:
+        progress = self.done + sum(self._partial.values())
+        rate = self.rate_per_hour()
+        eta = (self.total - progress) / rate * 3600 if rate > 0 else math.nan
+        self._bar.n = progress
+        self._bar.set_description_str(f"farm {self.done}/{self.total} done" +
+                                      (f" ({self._skipped} already stored)" if self._skipped else ""))
+        self._bar.set_postfix_str(f"{rate:.1f} traj/h, ETA {_fmt(eta)}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _fmt(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def summary_table(results: list[TrajectoryResult], skipped: list[str]) -> str:
+    """Per trajectory: id, seed, final train/test accuracy, wall time, attempts."""
+    rows = [("trajectory", "seed", "train_acc", "test_acc", "wall_s", "attempts", "status")]
+    for r in sorted(results, key=lambda r: r.seed):
+        rows.append((r.trajectory_id, str(r.seed), _pct(r.final.get("train_acc")), _pct(r.final.get("test_acc")),
+                     f"{r.wall_time_s:.1f}", str(r.attempts), "trained"))
+    for tid in skipped:
+        rows.append((tid, "-", "-", "-", "-", "-", "already stored"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"

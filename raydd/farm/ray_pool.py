@@ -1,0 +1,172 @@
+"""The Ray edge of the farm: worker actors, resource checks, retries."""
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_lib
+import time
+import warnings
+from typing import Callable
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from ..store import TrajectoryStore
+from .progress import FarmProgress
+from .spec import FarmSpec
+from .task import FarmData, TrajectoryResult, TrajectoryTask, run_trajectory
+
+log = logging.getLogger(__name__)
+
+
+class FarmResourceError(ValueError):
+    """The cluster cannot run the requested workers (e.g. GPUs asked on a CPU-only cluster)."""
+
+
+@ray.remote
+class FarmWorker:
+    """Trains trajectories one at a time; holds the farm's data (mapped from the object store)."""
+
+    def __init__(self, data: FarmData, num_threads: int, device: str, progress: Queue):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.data = data
+        self.device = device
+        self.progress = progress
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, task: TrajectoryTask) -> TrajectoryResult:
+        pid = os.getpid()
+
+        def on_epoch(epoch: int, total: int, metrics: dict) -> None:
+            self.progress.put_nowait({"type": "epoch", "trajectory_id": task.trajectory_id, "epoch": epoch,
+                                      "total": total, "metrics": metrics, "pid": pid})
+
+        return run_trajectory(task, self.data, device=self.device, on_epoch=on_epoch)
+
+
+def connect(address: str | None) -> bool:
+    """Join ``address`` (or RAY_ADDRESS) or start a local cluster; True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return True
+
+
+def check_resources(spec: FarmSpec) -> int:
+    """Fail fast on requests the cluster can never satisfy; return how many workers fit at once."""
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = total.get("GPU", 0.0)
+    if spec.gpus_per_worker > 0 and gpus < spec.gpus_per_worker:
+        raise FarmResourceError(
+            f"gpus_per_worker={spec.gpus_per_worker} but the Ray cluster has {gpus:g} GPU(s): "
+            f"use gpus_per_worker=0 on a CPU-only cluster, or join a cluster with GPUs")
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    if spec.cpus_per_worker > node_cpus:
+        raise FarmResourceError(
+            f"cpus_per_worker={spec.cpus_per_worker} but the largest node has {node_cpus:g} CPU(s)")
+    fit = int(total.get("CPU", 0.0) // spec.cpus_per_worker)
+    if spec.gpus_per_worker > 0:
+        fit = min(fit, int(gpus // spec.gpus_per_worker + 1e-9))
+    return max(1, fit)
+
+
+def run_on_ray(spec: FarmSpec, todo: list[TrajectoryTask], data: FarmData, bar: FarmProgress,
+               on_event: Callable[[dict], None] | None) -> list[TrajectoryResult]:
+    started = connect(spec.address)
+    try:
+        fit = check_resources(spec)
+        n_workers = min(spec.workers, len(todo), fit)
+        if n_workers < min(spec.workers, len(todo)):
+            warnings.warn(f"only {fit} worker(s) of {spec.cpus_per_worker} CPU / {spec.gpus_per_worker} GPU fit "
+                          f"in this cluster: running {n_workers} instead of {spec.workers}")
+        return _Pool(spec, data, n_workers, bar, on_event).run(todo)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Pool:
+    def __init__(self, spec: FarmSpec, data: FarmData, n_workers: int, bar: FarmProgress, on_event):
+        self.spec = spec
+        self.bar = bar
+        self.on_event = on_event
+        self.data_ref = ray.put(data)  # once; each node maps it once for all its workers
+        self.progress = Queue(actor_options={"num_cpus": 0})
+        self.n_workers = n_workers
+        self.options = dict(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0)
+
+    def _new_worker(self):
+        return FarmWorker.options(**self.options).remote(
+            self.data_ref, int(self.spec.cpus_per_worker), self.spec.device, self.progress)
+
+    def run(self, todo: list[TrajectoryTask]) -> list[TrajectoryResult]:
+        pending = list(reversed(todo))
+        attempts = {t.trajectory_id: 0 for t in todo}
+        idle = [self._new_worker() for _ in range(self.n_workers)]
+        running: dict = {}  # ObjectRef -> (worker, task)
+        results: list[TrajectoryResult] = []
+        try:
+            while pending or running:
+                while idle and pending:
+                    worker, task = idle.pop(), pending.pop()
+                    attempts[task.trajectory_id] += 1
+                    running[worker.run.remote(task)] = (worker, task)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+                self._drain_progress()
+                for ref in ready:
+                    worker, task = running.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as err:
+                        self._retry(task, attempts, err)
+                        pending.append(task)
+                        ray.kill(worker, no_restart=True)
+                        idle.append(self._new_worker())
+                        continue
+                    result.attempts = attempts[task.trajectory_id]
+                    results.append(result)
+                    self.bar.finished(task.trajectory_id)
+                    self._emit({"type": "done", "trajectory_id": task.trajectory_id, "seed": task.seed})
+                    idle.append(worker)
+            self._drain_progress()
+        finally:
+            for worker, _ in running.values():
+                ray.kill(worker, no_restart=True)
+            for worker in idle:
+                ray.kill(worker, no_restart=True)
+            ray.kill(self.progress.actor, no_restart=True)
+        return results
+
+    def _retry(self, task: TrajectoryTask, attempts: dict, err: Exception) -> None:
+        n = attempts[task.trajectory_id]
+        if n > self.spec.max_retries:
+            raise RuntimeError(f"trajectory {task.trajectory_id} (seed {task.seed}) failed {n} time(s): "
+                               f"its worker died ({type(err).__name__}); giving up") from err
+        log.warning("worker died on trajectory %s (attempt %d); retrying from scratch", task.trajectory_id, n)
+        TrajectoryStore(task.store).discard_partials(task.trajectory_id)  # its dead writer's temp file
+        self.bar.restarted(task.trajectory_id)
+        self._emit({"type": "retry", "trajectory_id": task.trajectory_id, "attempt": n})
+
+    def _drain_progress(self) -> None:
+        while True:
+            try:
+                event = self.progress.get_nowait()
+            except (Empty, queue_lib.Empty):
+                return
+            if event["type"] == "epoch":
+                self.bar.epoch(event["trajectory_id"], event["epoch"], event["total"])
+            self._emit(event)
+
+    def _emit(self, event: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(event)

@@ -1,0 +1,256 @@
+"""Training recipes: plain torch functions that train one network and emit snapshots.
+
+A recipe never touches Ray or the store directly: it receives the data, the model
+spec, a seed, and a ``sink`` with ``append(epoch, params, buffers=, metrics=)``
+(the store's TrajectoryWriter in production, a list in tests).
+
+Registered recipes (later issues add more with ``register_recipe``):
+- ``expert``   MTT/DATM experts: SGD lr 0.01, momentum 0, no weight decay, batch
+  256, DSA on, no LR decay; a snapshot before training and after every epoch.
+- ``pretrain`` DANCE/PTLM experts: SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64,
+  MultiStep x0.2 at 2E/3 and 5E/6, DSA (no cutout) + CutMix p=0.5; keeps the
+  initial and final weights only.
+- ``observer`` EDC observers: BatchNorm models, SGD momentum 0.9, wd 5e-4, cosine
+  LR; keeps the final weights and BN running statistics only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..data.datasets import ImageDataset
+from ..data.dsa import DSA, DSAConfig
+from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
+from ..training import evaluate_model, train_epoch
+
+METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+class SnapshotSink(Protocol):
+    def append(self, epoch: int, params: torch.Tensor, *, buffers: torch.Tensor | None = None,
+               metrics: dict[str, float] | None = None) -> None: ...
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe trains on. ``on_epoch(epoch, total_epochs, metrics)`` reports progress."""
+
+    train: ImageDataset
+    test: ImageDataset
+    model: ModelSpec
+    seed: int
+    device: torch.device = torch.device("cpu")
+    on_epoch: Callable[[int, int, dict], None] | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Fields shared by the recipes. Subclasses set the paper defaults."""
+
+    epochs: int = 50
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    eval_every: int = 1  # test-set evaluation every k epochs (and always after the last)
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "epochs")
+        _positive_int(self, "batch_size")
+        _positive_int(self, "eval_every")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is invalid: expected a number > 0")
+        if not (0 <= self.momentum < 1):
+            raise ValueError(f"momentum={self.momentum!r} is invalid: expected 0 <= momentum < 1")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} is invalid: expected >= 0")
+        DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(cfg, key: str) -> None:
+    value = getattr(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key}={value!r} is invalid: expected an integer > 0")
+
+
+@dataclass(frozen=True)
+class ExpertConfig(TrainingConfig):
+    """MTT buffer.py defaults (lr_teacher 0.01, mom 0, l2 0, batch_train 256, DSA, E epochs)."""
+
+    epochs: int = 50
+    keep_epochs: int | None = None  # store snapshots 0..keep_epochs (plus the final one); None keeps all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_epochs is not None and (not isinstance(self.keep_epochs, int) or self.keep_epochs < 0):
+            raise ValueError(f"keep_epochs={self.keep_epochs!r} is invalid: expected an integer >= 0 or None")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainingConfig):
+    """DANCE pretrain.py defaults."""
+
+    epochs: int = 60
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    dsa_strategy: str = "color_crop_flip_scale_rotate"  # cutout is replaced by CutMix
+    milestones: tuple[float, ...] = (2 / 3, 5 / 6)  # fractions of epochs
+    gamma: float = 0.2
+    cutmix_prob: float = 0.5
+    cutmix_beta: float = 1.0
+    eval_every: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(0 < m <= 1 for m in self.milestones):
+            raise ValueError(f"milestones={self.milestones!r} are invalid: expected fractions in (0, 1]")
+        if not 0 <= self.cutmix_prob <= 1:
+            raise ValueError(f"cutmix_prob={self.cutmix_prob!r} is invalid: expected 0..1")
+
+
+@dataclass(frozen=True)
+class ObserverConfig(TrainingConfig):
+    """EDC observers: briefly trained BatchNorm networks (cosine LR)."""
+
+    epochs: int = 30
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_every: int = 5
+
+
+def _build(ctx: RecipeContext) -> nn.Module:
+    """The network for this seed: initialisation depends on the seed only (local RNG fork)."""
+    if ctx.model.channels != ctx.train.info.channels or ctx.model.num_classes != ctx.train.info.num_classes \
+            or tuple(ctx.model.resolution) != tuple(ctx.train.info.resolution):
+        raise ValueError(f"model spec {ctx.model.name} ({ctx.model.channels}ch, {ctx.model.resolution}, "
+                         f"{ctx.model.num_classes} classes) does not fit dataset {ctx.train.info.name} "
+                         f"({ctx.train.info.channels}ch, {ctx.train.info.resolution}, "
+                         f"{ctx.train.info.num_classes} classes)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        return build_model(ctx.model).to(ctx.device)
+
+
+def _augment(cfg: TrainingConfig, ctx: RecipeContext):
+    if not cfg.dsa:
+        return None
+    dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy)
+    dsa = DSA(dsa_cfg if ctx.train.info.flip_ok else dsa_cfg.without_flip())
+    return lambda x, g: dsa(x, generator=g)
+
+
+def _snapshot(sink: SnapshotSink, net: nn.Module, epoch: int, metrics: dict[str, float]) -> None:
+    buffers = flatten_buffers(net)
+    sink.append(epoch, flatten_params(net).cpu(), buffers=buffers.cpu() if buffers.numel() else None,
+                metrics=metrics)
+
+
+def _fit(cfg: TrainingConfig, ctx: RecipeContext, sink: SnapshotSink, *, keep: Callable[[int], bool],
+         optimizer_for: Callable[[nn.Module], torch.optim.Optimizer],
+         scheduler_for: Callable[[torch.optim.Optimizer], Any] | None = None,
+         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0) -> dict[str, float]:
+    net = _build(ctx)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    augment = _augment(cfg, ctx)
+    optimizer = optimizer_for(net)
+    scheduler = scheduler_for(optimizer) if scheduler_for else None
+    nan = float("nan")
+    metrics = {"train_loss": nan, "train_acc": nan, "test_loss": nan, "test_acc": nan, "lr": cfg.lr}
+    if keep(0):
+        _snapshot(sink, net, 0, metrics)
+    images, labels = ctx.train.images, ctx.train.labels
+    for epoch in range(1, cfg.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(net, optimizer, images, labels, batch_size=cfg.batch_size, generator=gen,
+                            device=ctx.device, augment=augment, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
+        if scheduler is not None:
+            scheduler.step()
+        metrics = {"train_loss": stats.loss, "train_acc": stats.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            test = evaluate_model(net, ctx.test.images, ctx.test.labels, device=ctx.device)
+            metrics.update(test_loss=test.loss, test_acc=test.acc)
+        if keep(epoch) or epoch == cfg.epochs:
+            _snapshot(sink, net, epoch, metrics)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(epoch, cfg.epochs, metrics)
+    return metrics
+
+
+def run_expert(cfg: ExpertConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
+    keep_to = cfg.epochs if cfg.keep_epochs is None else cfg.keep_epochs
+    return _fit(cfg, ctx, sink, keep=lambda e: e <= keep_to,
+                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                                          weight_decay=cfg.weight_decay))
+
+
+def run_pretrain(cfg: PretrainConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
+    milestones = sorted({max(1, math.floor(m * cfg.epochs)) for m in cfg.milestones})
+    return _fit(cfg, ctx, sink, keep=lambda e: e == 0,
+                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                                          weight_decay=cfg.weight_decay),
+                scheduler_for=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma),
+                cutmix_prob=cfg.cutmix_prob, cutmix_beta=cfg.cutmix_beta)
+
+
+def run_observer(cfg: ObserverConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
+    if ctx.model.norm != "batch":
+        raise ValueError(f"observer recipe needs a BatchNorm model (EDC matches BN statistics): "
+                         f"got norm={ctx.model.norm!r}; use --norm batch")
+    return _fit(cfg, ctx, sink, keep=lambda e: False,
+                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                                          weight_decay=cfg.weight_decay),
+                scheduler_for=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str  # the store's trajectory kind
+    config_cls: type
+    run: Callable[[Any, RecipeContext, SnapshotSink], dict[str, float]]
+    default_norm: str = "instance"
+    metric_names: tuple[str, ...] = METRIC_NAMES
+
+    def make_config(self, overrides: dict[str, Any] | None = None):
+        """The recipe's config with paper defaults, overridden by ``overrides`` (unknown keys are an error)."""
+        overrides = dict(overrides or {})
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown {self.name} recipe option(s) {unknown}: accepted {sorted(known)}")
+        if "milestones" in overrides:
+            overrides["milestones"] = tuple(overrides["milestones"])
+        return self.config_cls(**overrides)
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES and RECIPES[recipe.name] != recipe:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: accepted {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert))
+register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain))
+register_recipe(Recipe("observer", "observer", ObserverConfig, run_observer, default_norm="batch"))

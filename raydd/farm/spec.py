@@ -1,0 +1,105 @@
+"""FarmSpec: what to farm, validated once, from flags, a YAML file or Python."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.datasets import check_dataset_name
+from ..models.spec import ModelSpec
+from .recipes import get_recipe
+
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("ray", "local")
+
+
+@dataclass(frozen=True)
+class FarmSpec:
+    """A farm: ``trajectories`` runs of ``recipe`` with seeds ``seed, seed+1, ...``.
+
+    ``model`` holds ModelSpec overrides (arch, width, depth, norm, ...); channels,
+    resolution and class count come from the dataset. ``recipe_options`` override
+    the recipe's paper defaults (e.g. ``{"epochs": 50}``).
+    """
+
+    store: str = "raydd-store"
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    resolution: int | None = None
+    zca: bool = False
+    train_per_class: int | None = None  # class-balanced subset of the training set (quick runs)
+    recipe: str = "expert"
+    recipe_options: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    trajectories: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+    backend: str = "ray"
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS, else a local cluster
+    max_retries: int = 2  # per trajectory, after a worker dies
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
+        recipe = get_recipe(self.recipe)
+        recipe.make_config(self.recipe_options)  # unknown keys, epochs <= 0, ... fail here
+        unknown = sorted(set(self.model) - set(ModelSpec.__dataclass_fields__) - {"name"})
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}: accepted "
+                             f"{sorted(k for k in ModelSpec.__dataclass_fields__ if k not in ('channels', 'num_classes', 'resolution'))}")
+        ModelSpec(**{"norm": recipe.default_norm, **self.model})  # validates arch/norm/width values
+        for key in ("trajectories", "workers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key}={value!r} is invalid: expected an integer > 0")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid: accepted {', '.join(STORE_DTYPES)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is invalid: accepted {', '.join(BACKENDS)}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r} is invalid: expected > 0")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r} is invalid: expected >= 0")
+        if self.train_per_class is not None and self.train_per_class <= 0:
+            raise ValueError(f"train_per_class={self.train_per_class!r} is invalid: expected > 0 or None")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries!r} is invalid: expected >= 0")
+        if self.data_root is not None and not Path(self.data_root).expanduser().exists() and not self.download:
+            raise ValueError(f"data_root={self.data_root!r} does not exist; point it at the dataset folder "
+                             f"(e.g. ../shared/datasets) or pass download=True (needs internet)")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.trajectories)]
+
+    def recipe_config(self):
+        return get_recipe(self.recipe).make_config(self.recipe_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FarmSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown farm spec key(s) {unknown}: accepted {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "FarmSpec":
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"farm spec {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"farm spec {path} must be a YAML mapping of FarmSpec fields")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)

@@ -1,0 +1,89 @@
+"""Model specifications: plain data that rebuilds the exact module."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+ARCHITECTURES = ("convnet", "resnet10", "resnet18")
+NORMS = ("instance", "batch", "none")
+POOLINGS = ("avg", "max", "none")
+ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network: ``build_model(ModelSpec.from_dict(spec.to_dict()))``.
+
+    ``depth``, ``pooling`` and ``activation`` apply to ConvNet; ResNets use their
+    fixed block layout and only read ``norm`` and ``width`` (the stem width, 64 in
+    the reference ResNet-18).
+    """
+
+    arch: str = "convnet"
+    channels: int = 3
+    num_classes: int = 10
+    resolution: tuple[int, int] = (32, 32)
+    width: int | None = None  # None: 128 for ConvNet, 64 (stem width) for ResNets
+    depth: int = 3
+    norm: str = "instance"
+    pooling: str = "avg"
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        res = self.resolution
+        if isinstance(res, int):
+            object.__setattr__(self, "resolution", (res, res))
+        elif isinstance(res, list):
+            object.__setattr__(self, "resolution", tuple(res))
+        _check_choice("arch", self.arch, ARCHITECTURES)
+        if self.width is None:
+            object.__setattr__(self, "width", 128 if self.arch == "convnet" else 64)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for key in ("channels", "num_classes", "width", "depth"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model {key}={value!r} is invalid: expected a positive integer")
+        if len(self.resolution) != 2 or min(self.resolution) <= 0:
+            raise ValueError(f"model resolution={self.resolution!r} is invalid: expected (height, width) > 0")
+
+    @property
+    def name(self) -> str:
+        """Short stable name, used in store paths, e.g. ``convnet3-w128-in`` or ``resnet18-bn``."""
+        norm = {"instance": "in", "batch": "bn", "none": "nn"}[self.norm]
+        if self.arch == "convnet":
+            return f"convnet{self.depth}-w{self.width}-{norm}"
+        return f"{self.arch}-{norm}" + ("" if self.width == 64 else f"-w{self.width}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["resolution"] = list(self.resolution)
+        out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        fields = {k: v for k, v in data.items() if k != "name"}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model spec keys {sorted(unknown)}: accepted {sorted(cls.__dataclass_fields__)}")
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return replace(self, **changes)
+
+
+def _check_choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"unknown model {key} {value!r}: accepted {', '.join(accepted)}")
+
+
+def default_depth(resolution: tuple[int, int]) -> int:
+    """ConvNet depth used by the reference codes: 3 up to 32 px, 4 at 64 px, 5 at 128 px."""
+    side = max(resolution)
+    if side <= 32:
+        return 3
+    if side <= 64:
+        return 4
+    return 5

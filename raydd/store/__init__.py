@@ -1,0 +1,34 @@
+"""Arrow trajectory store: one immutable, self-describing IPC file per trajectory.
+
+>>> store = TrajectoryStore("/data/trajectories")          # or "s3://bucket/prefix"
+>>> with store.writer(trajectory_id=tid, kind="expert", ...) as w:
+...     w.append(0, flat_params, metrics={"test_acc": 0.1})
+>>> traj, start = store.sample(random.Random(0), max_start_epoch=20, span=2, kind="expert")
+>>> traj.params(start)                                       # zero-copy for local files
+"""
+
+from .reader import Trajectory, TrajectoryInfo
+from .schema import (
+    FORMAT_VERSION,
+    CorruptTrajectoryError,
+    CorruptTrajectoryWarning,
+    TrajectoryNotFoundError,
+    UnknownEpochError,
+    trajectory_id,
+)
+from .store import TrajectoryStore, VerifyResult
+from .writer import TrajectoryWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CorruptTrajectoryError",
+    "CorruptTrajectoryWarning",
+    "Trajectory",
+    "TrajectoryInfo",
+    "TrajectoryNotFoundError",
+    "TrajectoryStore",
+    "TrajectoryWriter",
+    "UnknownEpochError",
+    "VerifyResult",
+    "trajectory_id",
+]

@@ -1,0 +1,130 @@
+"""The trajectory farm end to end on real offline data (scikit-learn digits)."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydd.farm import FarmSpec, farm
+from raydd.farm.ray_pool import FarmResourceError
+from raydd.store import TrajectoryStore
+
+TINY = dict(dataset="digits", recipe="expert", recipe_options={"epochs": 3, "batch_size": 128},
+            model={"width": 16}, train_per_class=40, trajectories=4, workers=2)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def farmed(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("farm") / "store"
+    spec = FarmSpec(store=str(root), **TINY)
+    report = farm(spec, progress=False)
+    return spec, report
+
+
+def test_farm_writes_every_trajectory(farmed):
+    spec, report = farmed
+    assert len(report.trajectory_ids) == 4 and len(set(report.trajectory_ids)) == 4
+    assert len(report.trained) == 4 and report.skipped == []
+    store = TrajectoryStore(spec.store)
+    infos = store.list(dataset="digits", kind="expert")
+    assert sorted(i.trajectory_id for i in infos) == sorted(report.trajectory_ids)
+    for info in infos:
+        assert info.epochs == [0, 1, 2, 3]
+        traj = store.open(info.trajectory_id)
+        assert traj.meta["recipe_config"]["epochs"] == 3 and traj.meta["recipe_config"]["lr"] == 0.01
+        assert traj.meta["model"]["width"] == 16
+        assert traj.params(0).shape == traj.params(3).shape
+        assert not torch.equal(traj.params(0), traj.params(3))  # it trained
+    assert all(r.ok for r in store.verify())
+    assert {r.seed for r in report.trained} == {0, 1, 2, 3}
+    assert "trajectory" in report.table() and "test_acc" in report.table()
+
+
+def test_rerun_trains_nothing(farmed):
+    spec, first = farmed
+    before = {p: p.stat().st_mtime_ns for p in _files(Path(spec.store))}
+    again = farm(spec, progress=False)
+    assert again.trained == []
+    assert sorted(again.skipped) == sorted(first.trajectory_ids)
+    assert again.trajectory_ids == first.trajectory_ids
+    assert {p: p.stat().st_mtime_ns for p in _files(Path(spec.store))} == before
+
+
+def test_killed_worker_is_retried_and_store_stays_valid(ray_session, tmp_path):
+    root = tmp_path / "store"
+    spec = FarmSpec(store=str(root), **{**TINY, "trajectories": 3, "train_per_class": 100,
+                                        "recipe_options": {"epochs": 8, "batch_size": 128}})
+    killed: list[int] = []
+    partial_at_kill: list[str] = []
+
+    def kill_once(event):
+        if event["type"] == "epoch" and event["epoch"] == 2 and not killed and event["pid"] != os.getpid():
+            partial_at_kill.extend(p.name for p in _files(root) if p.name.startswith(f".{event['trajectory_id']}."))
+            killed.append(event["pid"])
+            os.kill(event["pid"], signal.SIGKILL)  # a worker process this test's farm started
+
+    report = farm(spec, progress=False, on_event=kill_once)
+    assert killed, "the fault was never injected"
+    assert partial_at_kill, "the worker was killed outside a trajectory: nothing partial to clean up"
+    assert len(report.trained) == 3
+    assert max(r.attempts for r in report.trained) == 2
+    store = TrajectoryStore(str(root))
+    results = store.verify()
+    assert len(results) == 3 and all(r.ok for r in results), results
+    assert [p.name for p in _files(root) if not p.name.endswith(".arrow")] == []  # no partial left behind
+    for tid in report.trajectory_ids:
+        assert store.open(tid).epochs == list(range(9))
+
+
+def test_local_backend_matches_ray(farmed, tmp_path):
+    spec, report = farmed
+    local = FarmSpec.from_dict({**spec.to_dict(), "store": str(tmp_path / "local"), "backend": "local",
+                                "trajectories": 1})
+    out = farm(local, progress=False)
+    assert out.trajectory_ids == report.trajectory_ids[:1]  # same config + seed -> same id
+    a = TrajectoryStore(spec.store).open(out.trajectory_ids[0])
+    b = TrajectoryStore(local.store).open(out.trajectory_ids[0])
+    torch.testing.assert_close(a.params(3), b.params(3), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": "imagenet-42"}, "unknown dataset 'imagenet-42'"),
+    ({"model": {"arch": "vgg99"}}, "unknown model arch 'vgg99'"),
+    ({"recipe": "distill"}, "unknown recipe 'distill'"),
+    ({"recipe_options": {"epochs": 0}}, "epochs=0 is invalid"),
+    ({"recipe_options": {"epochz": 3}}, "unknown expert recipe option(s) ['epochz']"),
+    ({"dataset": "mnist", "data_root": "/nonexistent/raydd-data"}, "data_root='/nonexistent/raydd-data' does not exist"),
+    ({"trajectories": 0}, "trajectories=0 is invalid"),
+    ({"dtype": "int8"}, "dtype='int8' is invalid"),
+])
+def test_bad_spec_is_refused_before_any_work(tmp_path, change, message):
+    with pytest.raises(ValueError) as err:
+        FarmSpec(store=str(tmp_path / "store"), **{**TINY, **change})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_missing_dataset_files_name_the_place_looked(tmp_path):
+    from raydd.data.datasets import DataNotFoundError
+
+    spec = FarmSpec(store=str(tmp_path / "store"), **{**TINY, "dataset": "fashion_mnist",
+                                                       "data_root": str(tmp_path)})
+    with pytest.raises(DataNotFoundError) as err:
+        farm(spec, progress=False)
+    assert str(tmp_path) in str(err.value) and "--download" in str(err.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_gpus_on_cpu_cluster_fail_fast(ray_session, tmp_path):
+    spec = FarmSpec(store=str(tmp_path / "store"), **{**TINY, "gpus_per_worker": 0.25})
+    with pytest.raises(FarmResourceError, match=r"gpus_per_worker=0.25 but the Ray cluster has 0 GPU"):
+        farm(spec, progress=False)
+    assert not (tmp_path / "store").exists()
