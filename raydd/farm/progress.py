@@ -19,13 +19,16 @@ class FarmProgress:
         self.start = time.perf_counter()
         self._partial: dict[str, float] = {}
         self._bar = tqdm(total=total, disable=not enabled, file=sys.stderr, unit="traj", dynamic_ncols=True,
-                         bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+                         bar_format="{desc} |{bar}| {percentage:3.0f}%")
         self._skipped = skipped
-        self._refresh()
+        # redraw at most twice a second on a terminal, every 15 s into a log file
+        self._min_interval = 0.5 if sys.stderr.isatty() else 15.0
+        self._last_draw = -math.inf
+        self._refresh(force=True)
 
     def epoch(self, trajectory_id: str, epoch: int, total_epochs: int) -> None:
         self._partial[trajectory_id] = min(epoch / max(total_epochs, 1), 0.999)
-        self._refresh()
+        self._refresh(force=False)
 
     def finished(self, trajectory_id: str) -> None:
         self._partial.pop(trajectory_id, None)
@@ -41,14 +44,18 @@ class FarmProgress:
         progress = self.done + sum(self._partial.values())
         return 3600.0 * progress / elapsed if elapsed > 0 and progress > 0 else 0.0
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = True) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_draw < self._min_interval:
+            return
+        self._last_draw = now
         progress = self.done + sum(self._partial.values())
         rate = self.rate_per_hour()
         eta = (self.total - progress) / rate * 3600 if rate > 0 else math.nan
         self._bar.n = progress
-        self._bar.set_description_str(f"farm {self.done}/{self.total} done" +
-                                      (f" ({self._skipped} already stored)" if self._skipped else ""))
-        self._bar.set_postfix_str(f"{rate:.1f} traj/h, ETA {_fmt(eta)}")
+        skipped = f" (+{self._skipped} already stored)" if self._skipped else ""
+        self._bar.set_description_str(f"farm {self.done}/{self.total} done{skipped}, {rate:.1f} traj/h, "
+                                      f"ETA {_fmt(eta)}", refresh=True)
 
     def close(self) -> None:
         self._bar.close()

@@ -53,7 +53,7 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:
