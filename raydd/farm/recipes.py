@@ -47,6 +47,7 @@ class RecipeContext:
     seed: int
     device: torch.device = torch.device("cpu")
     on_epoch: Callable[[int, int, dict], None] | None = None
+    store_root: str | None = None  # the farm's store, for recipes that read other trajectories (SSD students)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,9 @@ class Recipe:
     run: Callable[[Any, RecipeContext, SnapshotSink], dict[str, float]]
     default_norm: str = "instance"
     metric_names: tuple[str, ...] = METRIC_NAMES
+    # Optional: resolve store-dependent config values (e.g. an SSD student's teacher="auto" -> a concrete
+    # trajectory id) before the trajectory id is hashed: prepare(config, store_root, dataset) -> config.
+    prepare: Callable[[Any, str, dict], Any] | None = None
 
     def make_config(self, overrides: dict[str, Any] | None = None):
         """The recipe's config with paper defaults, overridden by ``overrides`` (unknown keys are an error)."""

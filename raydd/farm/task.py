@@ -102,11 +102,15 @@ def model_spec_for(spec: FarmSpec, info: dict[str, Any]) -> ModelSpec:
 
 def plan_tasks(spec: FarmSpec, data: FarmData, fingerprint: str) -> list[TrajectoryTask]:
     """One task per seed; the id hashes everything that determines the trajectory."""
-    recipe_config = spec.recipe_config().to_dict()
+    recipe = get_recipe(spec.recipe)
     model = model_spec_for(spec, data.info).to_dict()
     dataset = {"name": spec.dataset, "fingerprint": fingerprint, "zca": spec.zca,
                "resolution": list(data.info["resolution"]), "train_per_class": spec.train_per_class,
                "num_train": int(len(data.train_labels)), "num_classes": data.info["num_classes"]}
+    config = spec.recipe_config()
+    if recipe.prepare is not None:
+        config = recipe.prepare(config, spec.store, dataset)
+    recipe_config = config.to_dict()
     tasks = []
     for seed in spec.seeds:
         payload = {"recipe": spec.recipe, "recipe_config": recipe_config, "model": model, "dataset": dataset,
@@ -140,6 +144,6 @@ def run_trajectory(task: TrajectoryTask, data: FarmData, *, device: str = "auto"
         metric_names=list(recipe.metric_names), extra={"device": str(dev)},
     )
     with writer:
-        ctx = RecipeContext(train, test, model_spec, task.seed, dev, on_epoch)
+        ctx = RecipeContext(train, test, model_spec, task.seed, dev, on_epoch, store_root=task.store)
         final = recipe.run(config, ctx, writer)
     return TrajectoryResult(task.trajectory_id, task.seed, final, time.perf_counter() - start)
