@@ -1,7 +1,9 @@
-"""`raydd` command line: farm trajectories and inspect the store.
+"""`raydd` command line.
 
     raydd farm [--spec farm.yaml] [--dataset digits] [--recipe expert] [--trajectories 4] ...
     raydd store ls|info|verify <root>
+    raydd condense --method mtt --dataset digits --ipc 10 [--store raydd-store] ...
+    raydd evaluate <synthetic set>
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def _farm_parser(sub) -> None:
     p.add_argument("--zca", action="store_true", default=None, help="train on ZCA-whitened images (MTT on CIFAR)")
     p.add_argument("--train-per-class", dest="train_per_class", type=int,
                    help="train on a class-balanced subset of this many images per class")
-    p.add_argument("--recipe", help="expert (MTT/DATM), pretrain (DANCE/PTLM), observer (EDC)")
+    p.add_argument("--recipe", help="expert (MTT/DATM), pretrain (DANCE/PTLM), observer (EDC), "
+                                    "ssd_teacher and ssd_student (SSD)")
     p.add_argument("--epochs", type=int, help="training epochs (recipe default otherwise)")
     p.add_argument("--keep-epochs", dest="keep_epochs", type=int,
                    help="expert recipe: store snapshots 0..K only (plus the final one)")
@@ -134,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _farm_parser(sub)
     _store_parser(sub)
+    from .condense_cli import add_condense_parser, add_evaluate_parser
+
+    add_condense_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"farm": cmd_farm, "store": cmd_store}
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args) if args.command in handlers else args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"raydd {args.command}: error: {message}", file=sys.stderr)

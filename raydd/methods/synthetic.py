@@ -32,6 +32,7 @@ class SyntheticSet:
     syn_lr: float | None = None  # learned step size (TM methods): the evaluation lr by default
     iteration: int = 0
     zca: dict[str, torch.Tensor] | None = None  # ZCAWhitening.state_dict() when images are whitened
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance (expert model, store, seed, ...)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.dim() != 4:
@@ -98,7 +99,7 @@ class SyntheticSet:
             "labels": self.labels.detach(),
             "dataset": self.dataset, "method": self.method, "config": self.config,
             "syn_lr": None if self.syn_lr is None else float(self.syn_lr),
-            "iteration": int(self.iteration), "zca": self.zca,
+            "iteration": int(self.iteration), "zca": self.zca, "meta": self.meta,
         }, kind=KIND)
 
 

@@ -24,7 +24,7 @@ class ModelSpec:
     num_classes: int = 10
     resolution: tuple[int, int] = (32, 32)
     width: int | None = None  # None: 128 for ConvNet, 64 (stem width) for ResNets
-    depth: int = 3
+    depth: int | None = None  # None: default_depth(resolution) — 3 for 28/32 px as in the reference
     norm: str = "instance"
     pooling: str = "avg"
     activation: str = "relu"
@@ -38,6 +38,8 @@ class ModelSpec:
         _check_choice("arch", self.arch, ARCHITECTURES)
         if self.width is None:
             object.__setattr__(self, "width", 128 if self.arch == "convnet" else 64)
+        if self.depth is None:
+            object.__setattr__(self, "depth", default_depth(self.resolution) if self.arch == "convnet" else 3)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -80,8 +82,14 @@ def _check_choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
 
 
 def default_depth(resolution: tuple[int, int]) -> int:
-    """ConvNet depth used by the reference codes: 3 up to 32 px, 4 at 64 px, 5 at 128 px."""
+    """ConvNet depth used by the reference codes: 3 up to 32 px, 4 at 64 px, 5 at 128 px.
+
+    8 px images (scikit-learn digits) get 2 blocks: a third would instance-normalise 2x2
+    maps, which makes trajectory matching through unrolled steps erratic.
+    """
     side = max(resolution)
+    if side <= 8:
+        return 2
     if side <= 32:
         return 3
     if side <= 64:

@@ -1,0 +1,771 @@
+"""Benchmark: condensation methods — cost per iteration, and a CPU-scaled accuracy table.
+
+Not a test. Two sub-commands, each prints a markdown table with a baseline measured in the
+same run. Run from the repository root:
+
+    python benchmarks/condense.py speed --dataset digits --ipc 10 --iterations 5
+    python benchmarks/condense.py accuracy --data-root /work/shared/datasets --ipcs 1 10 --out results.md
+    python benchmarks/condense.py accuracy --quick          # digits, IPC 1, a few minutes on a laptop
+
+``speed``: seconds per iteration (median of ``--iterations`` steps after one warm-up step)
+and peak memory per method at one fixed setting: ConvNet-3 width ``--width`` for every
+network read from the store (and DM's embedder), the method's published defaults
+otherwise (its main knobs are listed in the table). Every method runs in a fresh
+subprocess so that its peak memory is its own: on CUDA torch.cuda.max_memory_allocated
+above the allocation before the first step; on CPU the peak resident set above the
+resident set before the first step (the process high-water mark getrusage(ru_maxrss) when
+the steps raised it, else a 1 ms RSS sampler), next to the method's own ``peak_mem_mb``
+metric when it reports one. Baseline: one SGD step of the same ConvNet on a batch of 256
+real images.
+
+``accuracy``: a CPU-SCALED version of the papers' Fashion-MNIST table. Short experts are
+farmed with the ``local`` farm backend (no Ray) into a temporary store (or ``--store``);
+each method condenses for min(``--iterations``, its published count) iterations with the
+per-method overrides of ``CPU_SCALED`` below; every synthetic set is then evaluated with the
+SAME standard protocol (raydd.evaluate: ConvNet-3 width ``--width``, ``--num-models``
+networks, ``--eval-epochs`` epochs), EDC additionally with its soft-label protocol
+(raydd.evaluate_edc). Baselines: Random (Δ column) and full-data training with the same
+protocol. The papers' numbers are printed next to it, marked as a different protocol.
+
+Methods whose module does not exist yet are skipped with a printed reason; a method that
+fails is reported in its row with the error, the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raydd.data.datasets import ImageDataset, load_dataset  # noqa: E402
+from raydd.methods.base import METHODS, MethodConfig, get_method, make_config  # noqa: E402
+from raydd.training import resolve_device  # noqa: E402
+
+METHOD_ORDER = ("random", "herding", "kcenter", "mtt", "datm", "datm_clr", "ssd", "dm", "dance", "ptlm", "edc")
+LABELS = {"random": "Random", "herding": "Herding", "kcenter": "K-Center", "mtt": "MTT", "datm": "DATM",
+          "datm_clr": "DATM-CLR", "ssd": "SSD (10% labels)", "dm": "DM", "dance": "DANCE", "ptlm": "PTLM",
+          "edc": "EDC"}
+# The module(s) whose import registers each method (the first one that exists is used).
+MODULES = {"random": ("raydd.methods.coreset",), "herding": ("raydd.methods.coreset",),
+           "kcenter": ("raydd.methods.coreset",), "mtt": ("raydd.methods.mtt",), "datm": ("raydd.methods.datm",),
+           "datm_clr": ("raydd.methods.datm_clr", "raydd.methods.datm"), "ssd": ("raydd.methods.ssd",),
+           "dm": ("raydd.methods.dm",), "dance": ("raydd.methods.dance",), "ptlm": ("raydd.methods.ptlm",),
+           "edc": ("raydd.methods.edc",)}
+# Farm recipes whose trajectories each method reads from the store.
+NEEDS = {"random": (), "herding": ("expert",), "kcenter": ("expert",), "mtt": ("expert",), "datm": ("expert",),
+         "datm_clr": ("expert",), "ssd": ("ssd_teacher", "ssd_student"), "dm": (), "dance": ("pretrain",),
+         "ptlm": ("pretrain",), "edc": ("observer",)}
+TM_METHODS = ("mtt", "datm", "datm_clr")  # read 'expert' trajectories with a start-epoch window
+# Config fields shown in the tables when a method has them (the knobs that set its cost).
+NOTE_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "current_max_start_epoch", "batch_syn", "batch_real",
+               "width", "factor", "num_experts", "batch_syn_max", "total_iterations", "iterations",
+               "observer_turns", "strategy")
+
+# Papers' numbers, from /work/shared/METHODS.md (Fashion-MNIST, IPC 1/10/50; final accuracy, %).
+# Paper protocol: full 60k training set, ConvNet-3 width 128, 1000s of iterations — NOT comparable.
+PAPER_FASHION_MNIST = {
+    "random": (51.4, 73.8, 82.5), "herding": (67.0, 71.1, 71.9), "kcenter": (66.9, 54.7, 68.3),
+    "dm": (70.7, 83.5, 88.1), "dance": (81.5, 86.3, 86.9), "ptlm": (82.5, 87.3, 88.7), "ssd": (77.41, 87.59, 90.56),
+}
+PAPER_IPCS = (1, 10, 50)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The CPU-scaling choices (all CLI flags) a CPU_SCALED entry may read."""
+
+    ipc: int
+    iterations: int  # iterations this method runs: min(--iterations, its published count)
+    width: int  # --width
+    syn_steps: int  # --syn-steps: cap on unrolled student steps
+    expert_epochs: int  # --expert-epochs: epochs of the farmed 'expert' trajectories
+    pretrain_experts: int  # --pretrain-experts
+    ssd_student_epochs: int  # --ssd-student-epochs
+    labelled_fraction: float  # --labelled-fraction
+
+
+def tm_window(d: MethodConfig, epochs: int, s: Scale) -> dict[str, Any]:
+    """Trajectory matching on short experts: N capped at --syn-steps; the start-epoch window shrunk so
+    that θ*_t and θ*_{t+M} are stored (t < T+ <= E − M + 1); DATM's growing window keeps its shape
+    (T0/T+ ratio) and grows over the same fraction of the (fewer) iterations."""
+    out: dict[str, Any] = {"syn_steps": min(d.syn_steps, s.syn_steps)}
+    m = min(d.expert_epochs, max(1, epochs - 1))
+    top = max(1, min(d.max_start_epoch, epochs - m + 1))
+    out.update(expert_epochs=m, max_start_epoch=top)
+    if hasattr(d, "min_start_epoch"):  # DATM family
+        low = min(d.min_start_epoch, top - 1)
+        out["min_start_epoch"] = low
+        if d.current_max_start_epoch is not None:
+            cur = round(d.current_max_start_epoch * top / d.max_start_epoch)
+            out["current_max_start_epoch"] = min(top, max(low + 1, cur))
+            out["expansion_end_epoch"] = max(1, round(d.expansion_end_epoch * s.iterations / type(d).default_iterations))
+    return out
+
+
+# --------------------------------------------------------------------------- CPU-scaled overrides
+# The ONE place where the accuracy table departs from each method's published defaults
+# (make_config(method, dataset, ipc)). Each entry: (Scale, default config) -> overrides.
+# Learning rates, momenta, augmentation, label handling etc. stay the papers' values; add
+# --set METHOD.KEY=VALUE on the command line to try others (printed in the table header).
+CPU_SCALED: dict[str, Callable[[Scale, MethodConfig], dict[str, Any]]] = {
+    # Random: nothing to scale (class-balanced sample of the training subset).
+    "random": lambda s, d: {},
+    # Herding: embeds with the final snapshot of the first farmed ConvNet-W32 expert (kind 'expert').
+    "herding": lambda s, d: {},
+    # K-Center: same embedding as Herding; first center nearest the class mean (default).
+    "kcenter": lambda s, d: {},
+    # MTT: N <= --syn-steps (paper 50/30); window fitted to the --expert-epochs experts (paper 50 epochs).
+    "mtt": lambda s, d: tm_window(d, s.expert_epochs, s),
+    # DATM: N <= --syn-steps (paper 80); window T0 -> T+ scaled to the short experts, expansion over
+    # the same fraction of the iterations (CIFAR-10 IPC10: 1000 of 10000).
+    "datm": lambda s, d: tm_window(d, s.expert_epochs, s),
+    # DATM-CLR: as DATM (its paper's N = 20 is already <= the usual cap).
+    "datm_clr": lambda s, d: tm_window(d, s.expert_epochs, s),
+    # SSD: MTT stage on the --ssd-student-epochs students; same labelled fraction as the farmed split.
+    "ssd": lambda s, d: {**tm_window(d, s.ssd_student_epochs, s),
+                         **({"labelled_fraction": s.labelled_fraction} if hasattr(d, "labelled_fraction") else {})},
+    # DM: embedder = the evaluation ConvNet (paper: ConvNet-128) at --width.
+    "dm": lambda s, d: {"width": s.width},
+    # DANCE: N = --pretrain-experts (paper 5) ConvNet-W32 experts of --pretrain-epochs (paper 60).
+    "dance": lambda s, d: {"num_experts": min(d.num_experts, s.pretrain_experts)},
+    # PTLM: as DANCE; |T| of Eq. 4-5 = the iterations actually run (so injection reaches θ* at the end).
+    "ptlm": lambda s, d: {"num_experts": min(d.num_experts, s.pretrain_experts), "total_iterations": s.iterations},
+    # EDC: cosine-lr horizon = the iterations actually run (CIFAR-10 row: 75, which is already short).
+    "edc": lambda s, d: {"iterations": s.iterations},
+}
+# The speed table's one fixed setting: published defaults, networks at --width.
+SPEED_FIXED: dict[str, Callable[[int], dict[str, Any]]] = {
+    "dm": lambda width: {"width": width},  # DM samples its embedder itself; the others read width-W stores
+}
+
+
+# --------------------------------------------------------------------------- registry
+def load_methods(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Import each wanted method's module; returns (available, {skipped: reason})."""
+    available, skipped = [], {}
+    for name in wanted:
+        reason = None
+        for module in MODULES[name]:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    reason = f"import of {module} failed: {exc}"
+                    break
+                reason = f"module {module} does not exist yet"
+                continue
+            except Exception as exc:  # a module being written may be broken: say so, run the rest
+                reason = f"import of {module} failed: {type(exc).__name__}: {exc}"
+                break
+            reason = None if name in METHODS else f"{module} does not register {name!r}"
+            if reason is None:
+                break
+        if reason is None:
+            available.append(name)
+        else:
+            skipped[name] = reason
+    return available, skipped
+
+
+def iterations_for(config: MethodConfig, cap: int) -> int:
+    """min(cap, the method's published iteration count) (EDC's count is its config's ``iterations``)."""
+    published = getattr(config, "iterations", None) or type(config).default_iterations
+    return max(1, min(cap, int(published)))
+
+
+def notes(config: MethodConfig) -> str:
+    return ", ".join(f"{k}={getattr(config, k)}" for k in NOTE_FIELDS if hasattr(config, k))
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["mtt.lr_img=1000", ...]`` -> {"mtt": {"lr_img": 1000}}; values parsed as JSON where they parse."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, knob = key.strip().partition(".")
+        if not sep or not dot or method not in METHOD_ORDER or not knob:
+            raise ValueError(f"--set {item!r} is invalid: expected METHOD.KNOB=VALUE with METHOD one of "
+                             f"{', '.join(METHOD_ORDER)}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = {"none": None, "null": None, "true": True, "false": False}.get(value.strip().lower(), value)
+        out.setdefault(method, {})[knob] = parsed
+    return out
+
+
+# --------------------------------------------------------------------------- data and farm
+def load_data(dataset: str, data_root: str | None, train_per_class: int | None
+              ) -> tuple[ImageDataset, ImageDataset]:
+    root = None if dataset == "digits" else data_root
+    if dataset != "digits" and not data_root:
+        raise ValueError(f"--dataset {dataset} needs --data-root (e.g. /work/shared/datasets)")
+    train = load_dataset(dataset, "train", root)
+    test = load_dataset(dataset, "test", root)
+    if train_per_class is not None:
+        train = train.per_class(train_per_class, seed=0)  # the farm's subset (raydd.farm.task.prepare_data)
+    return train, test
+
+
+@dataclass
+class FarmJob:
+    recipe: str
+    trajectories: int
+    options: dict[str, Any]
+    model: dict[str, Any]
+
+    def describe(self) -> str:
+        model = self.model.get("arch", "convnet") + (f" w{self.model['width']}" if "width" in self.model else "")
+        return f"{self.recipe} {self.trajectories}×{self.options.get('epochs', '?')} ep ({model}, " \
+               f"norm {self.model.get('norm', 'recipe default')})"
+
+
+def farm_all(jobs: list[FarmJob], store: str, dataset: str, data_root: str | None, train_per_class: int | None,
+             train: ImageDataset, test: ImageDataset, device: str, progress: bool) -> list[tuple[FarmJob, float]]:
+    """Farm every job into ``store`` with the local backend (no Ray); returns (job, seconds)."""
+    from raydd.farm import FarmData, FarmSpec, farm
+
+    data = FarmData.from_datasets(train, test)
+    done = []
+    for job in jobs:
+        spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
+                        train_per_class=train_per_class, recipe=job.recipe, recipe_options=job.options,
+                        model=job.model, trajectories=job.trajectories, backend="local", device=device)
+        started = time.perf_counter()
+        report = farm(spec, progress=progress, data=data)
+        seconds = time.perf_counter() - started
+        print(f"  farmed {job.describe()}: {len(report.trained)} trained, {len(report.skipped)} already stored, "
+              f"{seconds:.0f} s", flush=True)
+        done.append((job, seconds))
+    return done
+
+
+def _ssd_teacher_model(arch: str, width: int) -> dict[str, Any]:
+    return {"arch": arch, "width": width, "norm": "batch"} if arch == "convnet" else {"arch": arch, "norm": "batch"}
+
+
+# --------------------------------------------------------------------------- speed
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator, or resident set on CPU (see the module doc)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = float("nan")
+        self.source = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2 ** 20
+            return self
+        self._base = _rss_mb()
+        self._maxrss0 = _maxrss_mb()
+        self._sampled = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._sampled = max(self._sampled, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self._base
+            self.source = "cuda max_memory_allocated"
+            return
+        self._stop.set()
+        self._thread.join()
+        maxrss = _maxrss_mb()
+        if maxrss > self._maxrss0 + 1:  # the steps raised the process high-water mark: it is the exact peak
+            self.peak_mb, self.source = maxrss - self._base, "ru_maxrss"
+        else:
+            self.peak_mb, self.source = max(self._sampled, _rss_mb()) - self._base, "RSS sampler"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: build one method (or the baseline), time its steps, measure peak memory."""
+    device = resolve_device(payload["device"])
+    train, _ = load_data(payload["dataset"], payload["data_root"], payload["train_per_class"])
+    steps = payload["iterations"]
+    if payload["method"] == "_baseline":
+        from raydd.models import ModelSpec, build_model
+
+        info = train.info
+        spec = ModelSpec(arch="convnet", channels=info.channels, num_classes=info.num_classes,
+                         resolution=tuple(info.resolution), width=payload["width"])
+        torch.manual_seed(0)
+        net = build_model(spec).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(0)
+
+        def step() -> dict[str, float]:
+            idx = torch.randint(len(train), (256,), generator=gen)
+            x, y = train.images[idx].to(device), train.labels[idx].to(device)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": float(loss)}
+
+        one_shot, config_notes, close = False, f"ConvNet-3 w{payload['width']}, batch 256 real", lambda: None
+    else:
+        load_methods([payload["method"]])
+        from raydd.store import TrajectoryStore
+
+        config = make_config(payload["method"], payload["dataset"], payload["ipc"], **payload["overrides"])
+        method = get_method(payload["method"])(config, train, TrajectoryStore(payload["store"]), device=device,
+                                                seed=0)
+        step, close = method.step, method.close
+        one_shot = type(config).default_iterations == 1
+        config_notes = notes(config)
+    times, reported = [], []
+    with PeakMemory(device) as mem:
+        if not one_shot:
+            step()  # warm-up (lazy setup, allocator growth, first-call overheads)
+        for _ in range(1 if one_shot else steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            metrics = step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            if "peak_mem_mb" in metrics:
+                reported.append(float(metrics["peak_mem_mb"]))
+    close()
+    return {"seconds": statistics.median(times), "timed": len(times), "one_shot": one_shot,
+            "peak_mb": mem.peak_mb, "peak_source": mem.source,
+            "reported_peak_mb": max(reported) if reported else None, "notes": config_notes}
+
+
+def run_speed_worker(payload: dict[str, Any], timeout: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="raydd-speed-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_speed-worker", json.dumps(payload), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": tail[-1] if tail else f"exit status {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+def speed_farm_jobs(configs: dict[str, MethodConfig], width: int, teacher_arch: str) -> list[FarmJob]:
+    """The least the defaults need: one expert as long as the largest start window, N pretrain experts, ..."""
+    jobs = []
+    needed = [c.max_start_epoch + c.expert_epochs for m, c in configs.items() if m in TM_METHODS]
+    if needed or any(m in configs for m in ("herding", "kcenter")):
+        jobs.append(FarmJob("expert", 1, {"epochs": max(needed or [1])}, {"width": width}))
+    pretrain = [c.num_experts for m, c in configs.items() if m in ("dance", "ptlm")]
+    if pretrain:
+        jobs.append(FarmJob("pretrain", max(pretrain), {"epochs": 1}, {"width": width}))
+    if "edc" in configs:
+        jobs.append(FarmJob("observer", 1, {"epochs": 1}, {"width": width, "norm": "batch"}))
+    if "ssd" in configs:
+        c = configs["ssd"]
+        epochs = c.max_start_epoch + c.expert_epochs if hasattr(c, "max_start_epoch") else 2
+        fraction = {"labelled_fraction": c.labelled_fraction} if hasattr(c, "labelled_fraction") else {}
+        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": 1, **fraction}, _ssd_teacher_model(teacher_arch, width)))
+        jobs.append(FarmJob("ssd_student", 1, {"epochs": epochs, **fraction}, {"width": width}))
+    return jobs
+
+
+def cmd_speed(args) -> str:
+    tpc = args.train_per_class if args.train_per_class is not None else (None if args.dataset == "digits" else 500)
+    wanted = args.methods or list(METHOD_ORDER)
+    available, skipped = load_methods(wanted)
+    sets = parse_sets(args.set)
+    configs, failed = {}, {}
+    for m in available:
+        try:
+            overrides = {**SPEED_FIXED.get(m, lambda w: {})(args.width), **sets.get(m, {})}
+            configs[m] = make_config(m, args.dataset, args.ipc, **overrides)
+        except ValueError as exc:
+            failed[m] = f"config: {exc}"
+    train, test = load_data(args.dataset, args.data_root, tpc)
+    device = str(resolve_device(args.device))
+    store, own_store = (args.store, False) if args.store else (tempfile.mkdtemp(prefix="raydd-speed-store-"), True)
+    lines = []
+    try:
+        print(f"farming the trajectories the defaults need into {store} ...", flush=True)
+        jobs = speed_farm_jobs(configs, args.width, args.ssd_teacher_arch)
+        farmed = farm_all(jobs, store, args.dataset, args.data_root, tpc, train, test, device, args.progress)
+        rows = []
+        base = run_speed_worker({"method": "_baseline", "dataset": args.dataset, "data_root": args.data_root,
+                                 "train_per_class": tpc, "device": device, "iterations": args.iterations,
+                                 "width": args.width}, args.timeout)
+        rows.append(("baseline: SGD step", base))
+        for m in wanted:
+            if m in skipped or m in failed:
+                rows.append((LABELS[m], {"error": skipped.get(m) or failed[m]}))
+                continue
+            cfg = configs[m]
+            payload = {"method": m, "dataset": args.dataset, "data_root": args.data_root, "train_per_class": tpc,
+                       "device": device, "iterations": args.iterations, "ipc": args.ipc, "store": store,
+                       "overrides": {**SPEED_FIXED.get(m, lambda w: {})(args.width), **sets.get(m, {})},
+                       "width": args.width}
+            print(f"  timing {m} ({notes(cfg)}) ...", flush=True)
+            try:
+                rows.append((LABELS[m], run_speed_worker(payload, args.timeout)))
+            except subprocess.TimeoutExpired:
+                rows.append((LABELS[m], {"error": f"timed out after {args.timeout} s"}))
+        cores = os.cpu_count()
+        lines.append(f"## Condensation speed — {args.dataset}, IPC {args.ipc}, device {device}"
+                     + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else f" ({cores} CPU cores)"))
+        lines.append("")
+        lines.append(f"- setting: ConvNet-3 width {args.width} for every stored network and DM's embedder; "
+                     f"each method's published defaults for ({args.dataset}, IPC {args.ipc}) otherwise"
+                     + (f"; --set {' '.join(args.set)}" if args.set else ""))
+        n_train = len(train)
+        lines.append(f"- data: {args.dataset} train {n_train} images"
+                     + (f" ({tpc}/class subset)" if tpc else "") + f"; store farmed for this run: "
+                     + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed))
+        lines.append(f"- s/it: median of {args.iterations} steps after 1 warm-up step (one-shot coresets: the "
+                     f"selection step); each method in a fresh process")
+        lines.append("- peak MiB: " + ("torch.cuda.max_memory_allocated above the allocation before the first step"
+                                       if device.startswith("cuda") else
+                                       "peak resident set above the resident set before the first step "
+                                       "(ru_maxrss when the steps raised it, else a 1 ms sampler)")
+                     + "; 'reported': the method's own peak_mem_mb metric (CPU: autograd's saved tensors)")
+        lines.append("")
+        lines.append("| method | s/it | × baseline | peak MiB | reported MiB | settings |")
+        lines.append("|---|---:|---:|---:|---:|---|")
+        b = base.get("seconds")
+        for label, r in rows:
+            if "error" in r:
+                lines.append(f"| {label} | — | — | — | — | skipped: {r['error']} |")
+                continue
+            ratio = f"{r['seconds'] / b:.1f}" if b else "—"
+            rep = f"{r['reported_peak_mb']:.1f}" if r.get("reported_peak_mb") is not None else "—"
+            note = r["notes"] + ("; one-shot selection" if r.get("one_shot") else "")
+            lines.append(f"| {label} | {r['seconds']:.3f} | {ratio} | {r['peak_mb']:.1f} | {rep} | {note} |")
+    finally:
+        if own_store:
+            shutil.rmtree(store, ignore_errors=True)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- accuracy
+@dataclass
+class Outcome:
+    acc: float = float("nan")
+    std: float = float("nan")
+    seconds: float = float("nan")
+    iterations: int = 0
+    edc_acc: float | None = None
+    edc_std: float | None = None
+    notes: str = ""
+    error: str | None = None
+
+
+QUICK = {"dataset": "digits", "ipcs": [1], "iterations": 20, "eval_epochs": 20, "num_models": 1, "train_per_class": None,
+         "experts": 2, "expert_epochs": 4, "pretrain_experts": 2, "pretrain_epochs": 2, "observers": 1,
+         "observer_epochs": 2, "ssd_teacher_epochs": 2, "ssd_students": 2, "ssd_student_epochs": 4, "full_epochs": 5}
+ACCURACY_DEFAULTS = {"dataset": "fashion_mnist", "ipcs": [1, 10], "iterations": 300, "eval_epochs": 300,
+                     "num_models": 3, "train_per_class": 500, "experts": 5, "expert_epochs": 10,
+                     "pretrain_experts": 5, "pretrain_epochs": 10, "observers": 2, "observer_epochs": 10,
+                     "ssd_teacher_epochs": 20, "ssd_students": 5, "ssd_student_epochs": 10, "full_epochs": 30}
+
+
+def accuracy_farm_jobs(methods: list[str], args) -> list[FarmJob]:
+    recipes = {r for m in methods for r in NEEDS[m]}
+    w, jobs = args.width, []
+    if "expert" in recipes:
+        jobs.append(FarmJob("expert", args.experts, {"epochs": args.expert_epochs}, {"width": w}))
+    if "pretrain" in recipes:
+        jobs.append(FarmJob("pretrain", args.pretrain_experts, {"epochs": args.pretrain_epochs}, {"width": w}))
+    if "observer" in recipes:
+        jobs.append(FarmJob("observer", args.observers, {"epochs": args.observer_epochs},
+                            {"width": w, "norm": "batch"}))
+        if args.observer_resnet18:
+            jobs.append(FarmJob("observer", args.observer_resnet18, {"epochs": args.observer_epochs},
+                                {"arch": "resnet18", "norm": "batch"}))
+    if "ssd_teacher" in recipes:
+        frac = {"labelled_fraction": args.labelled_fraction}
+        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": args.ssd_teacher_epochs, **frac},
+                            _ssd_teacher_model(args.ssd_teacher_arch, w)))
+        jobs.append(FarmJob("ssd_student", args.ssd_students, {"epochs": args.ssd_student_epochs, **frac},
+                            {"width": w}))
+    return jobs
+
+
+def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> Outcome:
+    from raydd.condense import condense
+    from raydd.evaluate import evaluate_synthetic
+
+    d = make_config(method, args.dataset, ipc)
+    n = iterations_for(d, args.iterations)
+    scale = Scale(ipc=ipc, iterations=n, width=args.width, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                  pretrain_experts=args.pretrain_experts, ssd_student_epochs=args.ssd_student_epochs,
+                  labelled_fraction=args.labelled_fraction)
+    config = d.with_overrides(**{**CPU_SCALED[method](scale, d), **sets.get(method, {})})
+    started = time.perf_counter()
+    with get_method(method)(config, train, store, device=args.device, seed=args.seed) as m:
+        result = condense(m, n, progress=args.progress)
+        seconds = time.perf_counter() - started
+        out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
+        ev = evaluate_synthetic(result.synthetic, test, eval_cfg)
+        out.acc, out.std = 100 * ev.mean, 100 * ev.std
+        if method == "edc" and edc_protocol_available():
+            from raydd.evaluate_edc import EDCEvalConfig, evaluate_edc
+
+            cfg = EDCEvalConfig.defaults(args.dataset, model={"arch": "convnet", "width": args.width},
+                                         num_models=args.num_models, epochs=args.eval_epochs, device=args.device,
+                                         seed=args.seed)
+            teachers = m.observer_models() if hasattr(m, "observer_models") else None
+            edc = evaluate_edc(result.synthetic, test, cfg, teachers=teachers)
+            out.edc_acc, out.edc_std = 100 * edc.mean, 100 * edc.std
+    return out
+
+
+def edc_protocol_available() -> bool:
+    return importlib.util.find_spec("raydd.evaluate_edc") is not None
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "—" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+
+
+def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, store_note, sets) -> str:
+    dev = str(resolve_device(args.device))
+    lines = [f"## {args.dataset} condensation accuracy — CPU-SCALED (not the papers' protocol)", ""]
+    lines.append(f"- data: {args.dataset} train "
+                 + (f"subset {args.train_per_class}/class ({n_train} images)" if args.train_per_class
+                    else f"{n_train} images (all)") + f"; test split for every accuracy; device {dev}; seed {args.seed}")
+    lines.append(f"- networks: ConvNet-3 width {args.width} everywhere (experts, embedders, observers, evaluation)")
+    lines.append("- farm (local backend, no Ray; " + store_note + "): "
+                 + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed)
+                 + f"; SSD labelled fraction {args.labelled_fraction}")
+    lines.append(f"- condensation: min(--iterations {args.iterations}, the method's published count) iterations; "
+                 f"unrolled steps capped at --syn-steps {args.syn_steps}; per-method overrides: CPU_SCALED in "
+                 f"benchmarks/condense.py" + (f"; --set {' '.join(args.set)}" if args.set else ""))
+    lines.append(f"- evaluation (every row, standard protocol): EvalConfig(model={{'arch': 'convnet', 'width': "
+                 f"{args.width}}}, num_models={args.num_models}, epochs={args.eval_epochs}) — SGD mom 0.9, wd 5e-4, "
+                 f"batch 256, DSA, lr ×0.1 at half, lr = learned α (TM) else 0.01; final accuracy mean ± std (%)")
+    lines.append(f"- full data: same protocol on the whole training subset with --full-epochs {args.full_epochs} "
+                 f"epochs ({args.num_models} networks)")
+    if "edc" in methods:
+        lines.append("- EDC protocol column: raydd.evaluate_edc (EDCEvalConfig.defaults, same ConvNet-W"
+                     f"{args.width} student, {args.eval_epochs} epochs, {args.num_models} networks, the observers "
+                     f"relabel every augmented batch)" if edc_protocol_available()
+                     else "- EDC protocol column: raydd/evaluate_edc.py does not exist: not evaluated")
+    lines.append("- s: condensation wall seconds (method construction + iterations; farm time not included)")
+    lines.append("")
+    paper_cols = [i for i in args.ipcs if i in PAPER_IPCS] if args.dataset == "fashion_mnist" else []
+    head = ["method"]
+    for ipc in args.ipcs:
+        head += [f"IPC {ipc} acc", "Δ vs Random", "s"] + (["EDC protocol"] if "edc" in methods else []) \
+            + (["paper†"] if ipc in paper_cols else [])
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    rand = {ipc: outcomes.get(("random", ipc)) for ipc in args.ipcs}
+
+    def delta(acc: float, ipc: int) -> str:
+        r = rand[ipc]
+        if r is None or r.error or acc != acc or r.acc != r.acc:
+            return "—"
+        return f"{acc - r.acc:+.2f}"
+
+    for m in list(methods) + list(skipped):
+        row = [LABELS[m]]
+        for ipc in args.ipcs:
+            o = outcomes.get((m, ipc))
+            if m in skipped or o is None or o.error:
+                why = skipped.get(m) or (o.error if o else "not run")
+                row += [f"skipped: {why}" if m in skipped else f"failed: {why}", "—", "—"]
+            else:
+                row += [_fmt(o.acc, o.std), delta(o.acc, ipc), f"{o.seconds:.0f}"]
+            if "edc" in methods:
+                row.append(_fmt(o.edc_acc, o.edc_std) if o is not None and o.edc_acc is not None else "—")
+            if ipc in paper_cols:
+                ref = PAPER_FASHION_MNIST.get(m)
+                row.append(f"{ref[PAPER_IPCS.index(ipc)]:.1f}" if ref else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    if full is not None:
+        row = [f"Full data ({args.full_epochs} ep)"]
+        for ipc in args.ipcs:
+            row += [_fmt(full.acc, full.std) if not full.error else f"failed: {full.error}", delta(full.acc, ipc),
+                    f"{full.seconds:.0f}"]
+            if "edc" in methods:
+                row.append("—")
+            if ipc in paper_cols:
+                row.append("—")
+        lines.append("| " + " | ".join(row) + " |")
+    if paper_cols:
+        lines.append("")
+        lines.append("† Papers' numbers (/work/shared/METHODS.md; SSD with 10% labels): paper protocol — full 60k "
+                     "training set, ConvNet-3 width 128, thousands of iterations, 300-1000 evaluation epochs. NOT "
+                     "comparable with the CPU-scaled columns.")
+        refs = ", ".join(f"{LABELS[k]} {'/'.join(str(v) for v in vals)}" for k, vals in PAPER_FASHION_MNIST.items())
+        lines.append(f"Paper Fashion-MNIST IPC 1/10/50: {refs}.")
+    lines.append("")
+    lines.append("Settings actually run (after CPU_SCALED and --set):")
+    lines.append("")
+    for m in methods:
+        for ipc in args.ipcs:
+            o = outcomes.get((m, ipc))
+            if o is not None and not o.error:
+                lines.append(f"- {LABELS[m]} IPC {ipc}: {o.iterations} iterations; {o.notes or 'no knobs'}")
+    return "\n".join(lines)
+
+
+def cmd_accuracy(args) -> str:
+    base = QUICK if args.quick else ACCURACY_DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.train_per_class == 0:  # 0: the whole training split
+        args.train_per_class = None
+    wanted = args.methods or list(METHOD_ORDER)
+    methods, skipped = load_methods(wanted)
+    for m, why in skipped.items():
+        print(f"SKIP {m}: {why}", flush=True)
+    sets = parse_sets(args.set)
+    train, test = load_data(args.dataset, args.data_root, args.train_per_class)
+    from raydd.evaluate import EvalConfig, full_data
+    from raydd.store import TrajectoryStore
+
+    eval_cfg = EvalConfig(model={"arch": "convnet", "width": args.width}, num_models=args.num_models,
+                          epochs=args.eval_epochs, device=args.device, seed=args.seed)
+    store_root, own = (args.store, False) if args.store else (tempfile.mkdtemp(prefix="raydd-acc-store-"), True)
+    store_note = f"store {args.store}" if args.store else "temporary store, removed afterwards"
+    try:
+        print(f"farming into {store_root} ...", flush=True)
+        farmed = farm_all(accuracy_farm_jobs(methods, args), store_root, args.dataset, args.data_root,
+                          args.train_per_class, train, test, args.device, args.progress)
+        store = TrajectoryStore(store_root)
+        outcomes: dict[tuple[str, int], Outcome] = {}
+        for ipc in args.ipcs:
+            for m in methods:
+                print(f"  {m} IPC {ipc} ...", flush=True)
+                try:
+                    o = run_one(m, ipc, args, train, test, store, sets, eval_cfg)
+                    print(f"    {_fmt(o.acc, o.std)} % in {o.seconds:.0f} s ({o.iterations} it; {o.notes})"
+                          + (f"; EDC protocol {_fmt(o.edc_acc, o.edc_std)}" if o.edc_acc is not None else ""),
+                          flush=True)
+                except Exception as exc:  # report in the row, keep going
+                    traceback.print_exc()
+                    o = Outcome(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                outcomes[(m, ipc)] = o
+        full = None
+        if args.full_epochs > 0:
+            print(f"  full data ({args.full_epochs} epochs) ...", flush=True)
+            cfg = dataclasses.replace(eval_cfg, epochs=args.full_epochs)
+            full = Outcome()
+            started = time.perf_counter()
+            try:
+                ev = full_data(train, test, cfg)
+                full.acc, full.std = 100 * ev.mean, 100 * ev.std
+            except Exception as exc:
+                traceback.print_exc()
+                full.error = f"{type(exc).__name__}: {exc}"
+            full.seconds = time.perf_counter() - started
+        return accuracy_report(args, methods, skipped, outcomes, full, farmed, len(train), store_note, sets)
+    finally:
+        if own:
+            shutil.rmtree(store_root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_speed-worker":  # internal: one method's speed run in a fresh process
+        result = speed_worker(json.loads(argv[1]))
+        Path(argv[2]).write_text(json.dumps(result))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-root", default=os.environ.get("RAYDD_DATA"),
+                       help="dataset folder (e.g. /work/shared/datasets); not needed for digits")
+        q.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="default: all")
+        q.add_argument("--width", type=int, default=32, help="ConvNet width of every network (default 32)")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (no Ray either way)")
+        q.add_argument("--store", help="trajectory store to farm into / reuse (default: a temporary one)")
+        q.add_argument("--ssd-teacher-arch", default="convnet", choices=("convnet", "resnet18"),
+                       help="SSD teacher network (paper: resnet18; default convnet at --width, BatchNorm)")
+        q.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE",
+                       help="extra config override, e.g. --set mtt.lr_img=1000 (repeatable)")
+        q.add_argument("--progress", action="store_true", help="show the farm/condense progress bars")
+
+    s = sub.add_parser("speed", help="seconds per iteration and peak memory per method")
+    common(s)
+    s.add_argument("--dataset", default="digits", choices=("digits", "fashion_mnist"))
+    s.add_argument("--ipc", type=int, default=10)
+    s.add_argument("--iterations", type=int, default=5, help="timed steps after one warm-up step (default 5)")
+    s.add_argument("--train-per-class", type=int, help="training subset (default: all for digits, 500 otherwise)")
+    s.add_argument("--timeout", type=int, default=1800, help="seconds per method before giving up (default 1800)")
+
+    a = sub.add_parser("accuracy", help="CPU-scaled accuracy table vs Random, full data and the papers")
+    common(a)
+    a.add_argument("--quick", action="store_true",
+                   help="tiny check: digits, IPC 1, 20 iterations, 20 eval epochs, 1 model, tiny farm")
+    a.add_argument("--dataset", choices=("digits", "fashion_mnist"), help="default fashion_mnist")
+    a.add_argument("--ipcs", type=int, nargs="+", help="default 1 10")
+    a.add_argument("--train-per-class", type=int, help="class-balanced training subset (default 500; 0: all)")
+    a.add_argument("--iterations", type=int, help="condensation iterations cap (default 300)")
+    a.add_argument("--syn-steps", type=int, default=20, help="cap on unrolled student steps, TM methods (default 20)")
+    a.add_argument("--eval-epochs", type=int, help="evaluation epochs per network (default 300)")
+    a.add_argument("--num-models", type=int, help="evaluation networks (default 3)")
+    a.add_argument("--full-epochs", type=int, help="full-data training epochs (default 30; 0: skip)")
+    a.add_argument("--experts", type=int, help="'expert' trajectories (MTT/DATM/coresets; default 5)")
+    a.add_argument("--expert-epochs", type=int, help="epochs per expert (default 10)")
+    a.add_argument("--pretrain-experts", type=int, help="'pretrain' experts (DANCE/PTLM; default 5)")
+    a.add_argument("--pretrain-epochs", type=int, help="epochs per pretrain expert (default 10)")
+    a.add_argument("--observers", type=int, help="EDC ConvNet-BN observers (default 2)")
+    a.add_argument("--observer-epochs", type=int, help="epochs per observer (default 10)")
+    a.add_argument("--observer-resnet18", type=int, default=0, help="extra ResNet-18-BN observers (default 0)")
+    a.add_argument("--ssd-teacher-epochs", type=int, help="SSD FixMatch teacher epochs (default 20)")
+    a.add_argument("--ssd-students", type=int, help="SSD student trajectories (default 5)")
+    a.add_argument("--ssd-student-epochs", type=int, help="epochs per SSD student (default 10)")
+    a.add_argument("--labelled-fraction", type=float, default=0.1, help="SSD labelled fraction (default 0.1)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", help="also write the markdown report to this file")
+    args = p.parse_args(argv)
+    if args.command == "speed":
+        report = cmd_speed(args)
+    else:
+        report = cmd_accuracy(args)
+        if args.out:
+            Path(args.out).write_text(report + "\n")
+    print()
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

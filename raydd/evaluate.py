@@ -1,0 +1,205 @@
+"""Evaluation protocols: train fresh networks on a (synthetic) set, test on real data.
+
+Standard protocol (DC/DSA/DM/MTT papers): N fresh networks (seeds seed..seed+N-1), SGD
+(momentum 0.9, weight decay 5e-4), batch 256, DSA on, lr ×0.1 at half the epochs; lr is
+the synthetic set's learned step size when it has one (trajectory matching), else 0.01.
+Soft labels (probability rows) are learned with soft cross-entropy. The reported number
+is the mean ± std over networks of the FINAL test accuracy (never the best checkpoint).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .data.datasets import DatasetInfo, ImageDataset
+from .data.dsa import DSA, DSAConfig
+from .models import ARCHITECTURES, ModelSpec, build_model
+from .training import evaluate_model, resolve_device, train_epoch
+
+DEFAULT_LR = 0.01
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate. ``model`` is an architecture name ('convnet', 'resnet10', 'resnet18')
+    or a dict of ModelSpec fields (e.g. ``{"arch": "convnet", "width": 32, "depth": 2}``);
+    channels, resolution and class count always come from the data."""
+
+    model: str | dict = "convnet"
+    num_models: int = 5
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float | None = None  # None: the synthetic set's syn_lr if it has one, else 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # flip dropped where the dataset forbids it
+    lr_decay_at: float | None = 0.5  # lr ×0.1 after this fraction of the epochs; None: constant lr
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            if self.model not in ARCHITECTURES:
+                raise ValueError(f"unknown evaluation model {self.model!r}: accepted {', '.join(ARCHITECTURES)} "
+                                 f"(or a dict of ModelSpec fields)")
+        elif isinstance(self.model, dict):
+            _model_overrides(self.model)
+        else:
+            raise ValueError(f"EvalConfig.model={self.model!r} is invalid: expected an architecture name or a dict")
+        for key in ("num_models", "epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvalConfig.{key}={value!r} is invalid: expected an integer >= 1")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"EvalConfig.lr={self.lr!r} is invalid: expected a number > 0 or None")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"EvalConfig.momentum={self.momentum!r} is invalid: expected 0 <= momentum < 1")
+        if self.weight_decay < 0:
+            raise ValueError(f"EvalConfig.weight_decay={self.weight_decay!r} is invalid: expected >= 0")
+        if self.lr_decay_at is not None and not 0 < self.lr_decay_at <= 1:
+            raise ValueError(f"EvalConfig.lr_decay_at={self.lr_decay_at!r} is invalid: expected a fraction in (0, 1]")
+        DSAConfig(strategy=self.dsa_strategy)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"EvalConfig.seed={self.seed!r} is invalid: expected an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def model_spec(self, info: DatasetInfo) -> ModelSpec:
+        """The network for data described by ``info`` (cross-architecture: any arch, same data shape)."""
+        fields = {"arch": self.model} if isinstance(self.model, str) else _model_overrides(self.model)
+        return ModelSpec(**{**fields, "channels": info.channels, "resolution": tuple(info.resolution),
+                            "num_classes": info.num_classes})
+
+
+def _model_overrides(model: dict) -> dict:
+    data_fields = {"channels", "resolution", "num_classes"}
+    known = set(ModelSpec.__dataclass_fields__) - data_fields
+    unknown = sorted(set(model) - known - {"name"})
+    if unknown:
+        raise ValueError(f"unknown evaluation model option(s) {unknown}: accepted {sorted(known)}")
+    return {k: v for k, v in model.items() if k in known}
+
+
+@dataclass
+class EvalResult:
+    """Per-network final test accuracies and their mean ± std (population std, as the references)."""
+
+    accuracies: list[float]  # final test accuracy of each network
+    train_accuracies: list[float]
+    mean: float
+    std: float
+    lr: float
+    model: dict
+    config: dict
+    wall_time_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def final_test_acc(self) -> list[float]:
+        return self.accuracies
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.model.get('name', '?')}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % "
+                f"(final test accuracy, {len(self.accuracies)} networks, lr {self.lr:g})")
+
+
+def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDataset, info: DatasetInfo,
+                   config: EvalConfig, *, lr: float,
+                   on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+    """The protocol on any labelled tensor set (synthetic or real), tested on ``test``."""
+    device = resolve_device(config.device)
+    spec = config.model_spec(info)
+    dsa = None
+    if config.dsa:
+        dsa_cfg = DSAConfig(strategy=config.dsa_strategy)
+        dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip())
+    augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
+    decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
+    started = time.perf_counter()
+    accs, train_accs = [], []
+    for i in range(config.num_models):
+        seed = config.seed + i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net: nn.Module = build_model(spec).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        stats = None
+        for epoch in range(config.epochs):
+            if decay_epoch is not None and epoch == decay_epoch:
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.1
+            stats = train_epoch(net, opt, images, labels, batch_size=config.batch_size, generator=gen,
+                                device=device, augment=augment)
+        acc = evaluate_model(net, test.images, test.labels, device=device).acc
+        accs.append(acc)
+        train_accs.append(stats.acc)
+        if on_model is not None:
+            on_model(i, acc)
+    std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+    return EvalResult(accs, train_accs, statistics.fmean(accs), std, lr, spec.to_dict(), config.to_dict(),
+                      time.perf_counter() - started)
+
+
+def _check_compatible(info: DatasetInfo, test: ImageDataset, what: str) -> None:
+    t = test.info
+    shape = tuple(test.images.shape[1:])
+    if (t.num_classes, shape) != (info.num_classes, (info.channels, *info.resolution)):
+        raise ValueError(f"{what} ({info.name}: {info.channels}ch, {tuple(info.resolution)}, {info.num_classes} "
+                         f"classes) does not match the test set ({t.name}: images {shape}, {t.num_classes} classes)")
+
+
+def evaluate_synthetic(syn, test: ImageDataset, config: EvalConfig | None = None, *,
+                       on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+    """Train ``config.num_models`` fresh networks on the synthetic set, report their final test accuracy.
+
+    ``test`` is the real test split in the dataset's normalisation; when the synthetic set
+    lives in ZCA space, the test images are whitened with the set's own ZCA first.
+    """
+    config = config or EvalConfig()
+    info = syn.info
+    _check_compatible(info, test, "synthetic set")
+    if config.lr is not None:
+        lr = float(config.lr)
+    elif syn.syn_lr is not None:
+        lr = float(syn.syn_lr)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"the synthetic set's learned step size is {lr}: pass an explicit lr (--lr)")
+    else:
+        lr = DEFAULT_LR
+    labels = syn.labels
+    if syn.soft:
+        sums = labels.sum(1)
+        if (labels < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise ValueError("soft labels must be probability rows (non-negative, summing to 1); "
+                             "store softmax(logits) in the SyntheticSet")
+        labels = labels.float()
+    zca = syn.zca_whitening()
+    if zca is not None:
+        test = ImageDataset(zca.transform(test.images), test.labels, test.info, test.split, test.source)
+    result = train_and_test(syn.images.detach().float(), labels, test, info, config, lr=lr, on_model=on_model)
+    result.extra.update({"method": syn.method, "iteration": syn.iteration, "ipc": len(syn) // info.num_classes,
+                         "zca": zca is not None})
+    return result
+
+
+def full_data(train: ImageDataset, test: ImageDataset, config: EvalConfig | None = None, *,
+              on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+    """The same protocol trained on a real training set ("vs full data"); lr defaults to 0.01."""
+    config = config or EvalConfig()
+    _check_compatible(train.info, test, "training set")
+    lr = float(config.lr) if config.lr is not None else DEFAULT_LR
+    result = train_and_test(train.images, train.labels, test, train.info, config, lr=lr, on_model=on_model)
+    result.extra.update({"method": "full_data", "num_train": len(train)})
+    return result

@@ -1,0 +1,279 @@
+"""The one interface every condensation method implements, its config base and the registry.
+
+A method is built from ``(config, train, store, *, device, seed)``, checks the config
+against the data (and the store) before doing any work, then advances one iteration
+per ``step()``. ``state_dict()`` captures everything needed to resume bit-exactly,
+including the states of the method's own random generators: methods draw randomness
+only from ``self.rng`` (random.Random) and ``self.generator`` (a CPU torch.Generator),
+never from the global RNGs.
+
+>>> cfg = make_config("mtt", "digits", ipc=2, syn_steps=10)
+>>> method = get_method("mtt")(cfg, train, TrajectoryStore("raydd-store"), seed=0)
+>>> for _ in range(100): metrics = method.step()
+>>> method.synthetic_set().save("digits_ipc2.safetensors")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import types
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..data.datasets import ImageDataset, check_dataset_name
+from ..training import resolve_device
+from .serial import load_tree, save_tree
+from .synthetic import SyntheticSet
+
+CHECKPOINT_KIND = "method_checkpoint"
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config: frozen, typed, validated on construction.
+
+    Field annotations are enforced (ints given for float fields are converted; bools are
+    never accepted as numbers). Subclasses add their knobs with defaults, range checks in
+    ``__post_init__`` (call ``super().__post_init__()`` first), and ``defaults(dataset, ipc)``
+    with the published settings. ``aliases`` maps the shared sweep symbols (lam, tau,
+    alpha, zeta) to the field that plays that role in the method.
+    """
+
+    dataset: str
+    ipc: int
+
+    aliases: ClassVar[dict[str, str]] = {}
+    default_iterations: ClassVar[int] = 1000
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_type(type(self).__name__, f.name, hints[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        check_dataset_name(self.dataset)
+        if self.ipc < 1:
+            raise ValueError(f"ipc={self.ipc} is invalid: expected an integer >= 1 (images per class)")
+
+    @classmethod
+    def defaults(cls, dataset: str, ipc: int) -> "MethodConfig":
+        """The published settings for (dataset, ipc); subclasses override."""
+        return cls(dataset=dataset, ipc=ipc)
+
+    @classmethod
+    def knobs(cls) -> list[str]:
+        """Names accepted as overrides (every field but dataset and ipc, plus the aliases)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("dataset", "ipc")]
+
+    def with_overrides(self, **overrides: Any) -> "MethodConfig":
+        """A copy with ``overrides`` applied; unknown knobs are a ValueError listing the accepted ones."""
+        resolved = {}
+        for key, value in overrides.items():
+            key = self.aliases.get(key, key)
+            if key not in self.knobs():
+                accepted = self.knobs() + [f"{a} (= {t})" for a, t in self.aliases.items()]
+                raise ValueError(f"unknown {type(self).__name__} knob {key!r}: accepted {', '.join(accepted)}")
+            resolved[key] = value
+        return dataclasses.replace(self, **resolved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}: accepted {sorted(known)}")
+        return cls(**data)
+
+
+def _check_type(owner: str, name: str, hint: Any, value: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+    else:
+        options = (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (bool, str) and isinstance(value, option):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, list):
+            value = tuple(value)  # JSON (checkpoints, CLI) has no tuples
+        if option not in (int, float, bool, str, type(None)) and _loosely_is(value, option):
+            return value
+    names = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{owner}.{name}={value!r} is invalid: expected {names}")
+
+
+def _loosely_is(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint) or hint
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def check_range(config: MethodConfig, name: str, *, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """One-line ValueError when ``config.<name>`` is outside [low, high] (None fields are skipped)."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    ok = (low is None or (value >= low if low_inclusive else value > low)) and \
+         (high is None or (value <= high if high_inclusive else value < high))
+    if not ok:
+        lo = "-inf" if low is None else f"{'[' if low_inclusive else '('}{low}"
+        hi = "inf" if high is None else f"{high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{type(config).__name__}.{name}={value!r} is out of range: expected {lo}, {hi}")
+
+
+def check_ipc(ipc: int, train: ImageDataset) -> None:
+    """IPC must be >= 1 and at most the size of the smallest class of ``train``."""
+    if ipc < 1:
+        raise ValueError(f"ipc={ipc} is invalid: expected an integer >= 1 (images per class)")
+    counts = torch.bincount(train.labels, minlength=train.info.num_classes)
+    smallest = int(counts.min())
+    if ipc > smallest:
+        c = int(counts.argmin())
+        raise ValueError(f"ipc={ipc} is larger than the smallest class of {train.info.name}/{train.split} "
+                         f"(class {c} has {smallest} images): use ipc <= {smallest}")
+
+
+# --------------------------------------------------------------------------- methods
+class CondensationMethod(ABC):
+    """A condensation method: ``step()`` advances one iteration and returns its metrics."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_store: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, train: ImageDataset, store=None, *,
+                 device: str | torch.device = "auto", seed: int = 0) -> None:
+        if not isinstance(config, self.config_cls):
+            raise ValueError(f"{self.name} needs a {self.config_cls.__name__}, got {type(config).__name__}; "
+                             f"build one with make_config({self.name!r}, dataset, ipc, ...)")
+        if not isinstance(train, ImageDataset):
+            raise ValueError(f"train must be an ImageDataset, got {type(train).__name__}")
+        if config.dataset != train.info.name:
+            raise ValueError(f"config is for dataset {config.dataset!r} but the training data is {train.info.name!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
+        if self.needs_store and store is None:
+            raise ValueError(f"{self.name} reads expert trajectories: pass a TrajectoryStore (--store ROOT)")
+        check_ipc(config.ipc, train)
+        self.config = config
+        self.train = train
+        self.store = store
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.rng = random.Random(seed)  # host-side choices (which expert, which start epoch)
+        self.generator = torch.Generator().manual_seed(seed)  # tensor draws (init, batches, augmentation)
+        self._iteration = 0
+
+    @property
+    def iteration(self) -> int:
+        """Iterations completed so far."""
+        return self._iteration
+
+    @abstractmethod
+    def step(self) -> dict[str, float]:
+        """Advance one iteration; return its metrics (always including ``loss``)."""
+
+    @abstractmethod
+    def synthetic_set(self) -> SyntheticSet:
+        """A detached CPU copy of the current synthetic set."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: subclasses extend this dict (tensors are copies)."""
+        rng_version, rng_words, rng_gauss = self.rng.getstate()
+        return {
+            "method": self.name, "config": self.config.to_dict(), "seed": self.seed,
+            "iteration": self._iteration,
+            "rng": {"version": rng_version, "words": list(rng_words), "gauss": rng_gauss},
+            "generator": self.generator.get_state().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; a checkpoint of another method or config is a ValueError."""
+        if state.get("method") != self.name:
+            raise ValueError(f"checkpoint is for method {state.get('method')!r}, not {self.name!r}")
+        mine, theirs = _plain(self.config.to_dict()), _plain(state.get("config", {}))
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"checkpoint config differs from this method's config in {diff}")
+        self.seed = int(state["seed"])
+        self._iteration = int(state["iteration"])
+        r = state["rng"]
+        self.rng.setstate((r["version"], tuple(r["words"]), r["gauss"]))
+        self.generator.set_state(state["generator"].clone())
+
+    def close(self) -> None:
+        """Release resources (open trajectory files); the method stays usable where it can."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(data: dict) -> dict:
+    """``data`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(data))
+
+
+def clone_tree(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists with every tensor cloned (optimiser states share buffers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tree(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(method: CondensationMethod, path: str | os.PathLike):
+    """Write ``method.state_dict()`` to ``path`` (safetensors, atomic, no pickles)."""
+    return save_tree(path, method.state_dict(), kind=CHECKPOINT_KIND)
+
+
+def load_checkpoint(method: CondensationMethod, path: str | os.PathLike) -> CondensationMethod:
+    """Restore a checkpoint written by ``save_checkpoint`` into ``method`` (returns it)."""
+    method.load_state_dict(load_tree(path, kind=CHECKPOINT_KIND))
+    return method
+
+
+# --------------------------------------------------------------------------- registry
+METHODS: dict[str, type[CondensationMethod]] = {}
+
+
+def register_method(cls: type[CondensationMethod]) -> type[CondensationMethod]:
+    """Class decorator: make ``cls`` available as ``get_method(cls.name)``."""
+    if not cls.name or cls.name != cls.name.lower():
+        raise ValueError(f"{cls.__name__}.name={cls.name!r} is invalid: expected a lower-case name")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {METHODS[cls.name].__name__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[CondensationMethod]:
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}: accepted {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def make_config(method: str, dataset: str, ipc: int, **overrides: Any) -> MethodConfig:
+    """The published settings of ``method`` for (dataset, ipc), with ``overrides`` applied."""
+    cls = get_method(method).config_cls
+    return cls.defaults(dataset, ipc).with_overrides(**overrides)

@@ -1,0 +1,467 @@
+"""DANCE: Dual-View Distribution Alignment for Dataset Condensation (Zhang et al., IJCAI 2024).
+
+Per iteration i (paper Algorithm 1):
+  1. pick one of N pre-trained experts (store kind ``pretrain``: epoch 0 = φ_0, last epoch = φ_expert);
+  2. mid encoder φ_mid = λ·φ_0 + (1−λ)·φ_expert, λ ~ U(0, lam_max) (Eq. 3; the paper draws U(0, 1));
+  3. PLTDA (Eq. 4): for every class, ‖mean φ_mid(A(x_real)) − mean φ_mid(A(x_syn))‖² with one siamese
+     DSA draw A shared by the class's real batch and its synthetic images; S ← S − η∇Σ_c L_c;
+  4. every I_c iterations (``calib_interval``), Distribution Calibration (Eq. 5): the mean cross-entropy
+     of the trained expert θ_expert on the (augmented) synthetic images and their labels; S ← S − η∇L_calib.
+
+Factoring & up-sampling (Sec. 3.3, from IDC, Kim et al. 2022): each stored image holds l×l tiles; a tile
+is cropped and bilinearly up-sampled to full resolution when used, so IPC stored images per class are
+IPC·l² training images (labels repeated). ``images`` (the encoded, stored tensor) is the method state;
+``synthetic_set()`` returns the decoded set. Initialisation: every tile is a down-sampled random real
+image of its class (IDC 'mix' init; plain real images when l = 1).
+
+Details the paper leaves open follow the authors' code (Hansong-Zhang/DANCE): images are kept inside the
+valid pixel range [0, 1] (clamped at the start of every iteration), real batches of 128 per class, at
+most 200 decoded synthetic images per class per loss, matching augmentation ``color_crop_cutout`` with
+all listed operations applied on every call (IDC's DiffAug), also applied in the calibration step.
+Where the code and the paper differ, the paper is followed: one update per loss and iteration (the code
+steps once per class) and Eq. 5's mean over all synthetic images (the code averages per class and steps
+per class, i.e. ``calib_weight = num_classes`` reproduces its gradient scale).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from ..data.datasets import ImageDataset
+from ..data.dsa import DSA, DSAConfig
+from ..models import FlatModel, ModelSpec, build_model
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
+from .mtt import process_peak_rss_mb
+from .synthetic import SyntheticSet
+
+MATCH_DSA = "color_crop_cutout"  # IDC/DANCE condensation augmentation (arg_condense.py aug_type)
+
+
+# --------------------------------------------------------------------------- factoring (IDC)
+def auto_factor(resolution: tuple[int, int]) -> int:
+    """The paper's factor l: 2 for low/medium resolution (<= 64 px), 3 for the 128 px ImageNet subsets."""
+    return 2 if max(resolution) <= 64 else 3
+
+
+def tile_grid(size: int, factor: int) -> int:
+    """Side of one tile: ceil(size / factor) (the last tile row/column may hang over the border)."""
+    return -(-size // factor)
+
+
+def encode_tiles(reals: torch.Tensor, factor: int, fill: torch.Tensor) -> torch.Tensor:
+    """Pack ``reals`` [n·l², C, H, W] into n images of l×l down-sampled tiles (IDC 'mix' initialisation).
+
+    Tile (i, j) of stored image k is real image (i·l + j)·n + k, resized (nearest, as IDC's
+    F.interpolate default) to the tile side used by ``decode_tiles``; pixels of a tile that fall outside
+    the image are dropped. ``fill`` [C] fills nothing when H, W are multiples of l.
+    """
+    total, C, H, W = reals.shape
+    n = total // factor ** 2
+    if n * factor ** 2 != total:
+        raise ValueError(f"{total} real images cannot fill whole images of {factor}x{factor} tiles")
+    sh, sw = tile_grid(H, factor), tile_grid(W, factor)
+    small = F.interpolate(reals, size=(sh, sw), mode="nearest")
+    out = fill.view(1, C, 1, 1).expand(n, C, H, W).clone()
+    for i in range(factor):
+        for j in range(factor):
+            k = i * factor + j
+            top, left = i * sh, j * sw
+            h, w = min(sh, H - top), min(sw, W - left)
+            if h > 0 and w > 0:
+                out[:, :, top:top + h, left:left + w] = small[k * n:(k + 1) * n, :, :h, :w]
+    return out
+
+
+def decode_tiles(images: torch.Tensor, factor: int, fill: torch.Tensor) -> torch.Tensor:
+    """Split every image [n, C, H, W] into l×l tiles and up-sample each to H×W (bilinear).
+
+    Returns [n·l², C, H, W] tile-major (all images' tile (0,0), then tile (0,1), ...), as IDC's
+    ``decode_zoom``; images whose side is not a multiple of l are padded with ``fill`` [C]
+    (IDC pads with pixel value 0.5) on the bottom/right first. Differentiable in ``images``.
+    """
+    if factor == 1:
+        return images
+    n, C, H, W = images.shape
+    sh, sw = tile_grid(H, factor), tile_grid(W, factor)
+    pad_h, pad_w = sh * factor - H, sw * factor - W
+    if pad_h or pad_w:
+        canvas = fill.view(1, C, 1, 1).expand(n, C, H + pad_h, W + pad_w).clone()
+        canvas = canvas.to(images.dtype)
+        images = torch.cat([torch.cat([images, canvas[:, :, :H, W:]], 3), canvas[:, :, H:, :]], 2)
+    tiles = [images[:, :, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw] for i in range(factor) for j in range(factor)]
+    return F.interpolate(torch.cat(tiles), size=(H, W), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class PretrainedDMConfig(MethodConfig):
+    """Knobs shared by the distribution-matching methods that read ``pretrain`` experts (DANCE, PTLM)."""
+
+    factor: int | None = None  # l; None: 2 up to 64 px, 3 above (paper Sec. 4.1); 1 disables factoring
+    lr_img: float | None = None  # η; None: 0.01·IPC up to 64 px, 0.1·IPC above (paper Sec. 4.1)
+    img_momentum: float = 0.5  # SGD momentum of the images (reference mom_img)
+    num_experts: int = 5  # N pre-trained models (paper Sec. 4.1: 5); the first N of the store are used
+    batch_real: int = 128  # real images per class per loss (reference batch_real)
+    batch_syn_max: int = 200  # decoded synthetic images per class per loss, random subset if more
+    dsa: bool = True
+    dsa_strategy: str = MATCH_DSA  # flip is dropped automatically where the dataset forbids it
+    dsa_all_ops: bool = True  # IDC's DiffAug applies every listed op on each call (False: one at random)
+    clamp_pixels: bool = True  # keep images in the pixel range [0, 1] (reference clamps every iteration)
+    pix_init: str = "real"  # 'real' (IDC tiles of real images) or 'noise'
+    model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
+    expert_kind: str = "pretrain"  # store kind of the experts (farm recipe 'pretrain')
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "factor", low=1)
+        check_range(self, "lr_img", low=0, low_inclusive=False)
+        check_range(self, "img_momentum", low=0, high=1, high_inclusive=False)
+        for key in ("num_experts", "batch_real", "batch_syn_max"):
+            check_range(self, key, low=1)
+        if self.pix_init not in ("real", "noise"):
+            raise ValueError(f"{type(self).__name__}.pix_init={self.pix_init!r} is invalid: accepted real, noise")
+        DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
+
+    @classmethod
+    def defaults(cls, dataset: str, ipc: int) -> "PretrainedDMConfig":
+        # factor and lr_img depend on the resolution (known once the data is loaded): None = auto
+        return cls(dataset=dataset, ipc=ipc)
+
+
+@dataclass(frozen=True)
+class DANCEConfig(PretrainedDMConfig):
+    """DANCE knobs: paper Sec. 3 and 4.1; the shared symbol λ (lam) is the upper end of λ ~ U(0, lam_max)."""
+
+    lam_max: float = 1.0  # Eq. 3: λ ~ U(0, lam_max); the paper uses U(0, 1)
+    calib_interval: int = 1  # I_c (Algorithm 1); the paper fixes calibration to every iteration; 0 disables
+    calib_weight: float = 1.0  # multiplies Eq. 5 (the paper has none: 1)
+
+    aliases: ClassVar[dict[str, str]] = {"lam": "lam_max"}
+    default_iterations: ClassVar[int] = 10000  # reference reproduce_condense.py niter
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "lam_max", low=0, high=1, low_inclusive=False)
+        check_range(self, "calib_interval", low=0)
+        check_range(self, "calib_weight", low=0)
+
+
+# --------------------------------------------------------------------------- experts
+@dataclass
+class PretrainedExpert:
+    trajectory_id: str
+    initial: torch.Tensor  # flat φ_0 (epoch 0)
+    final: torch.Tensor  # flat φ_expert (last stored epoch)
+    final_epoch: int
+
+
+def load_pretrained_experts(store, config: PretrainedDMConfig, train: ImageDataset, device: torch.device
+                            ) -> tuple[list[PretrainedExpert], dict]:
+    """The first ``num_experts`` experts of ``store`` (sorted by path) with their initial and final weights."""
+    cfg = config
+    filters = {"dataset": cfg.dataset, "kind": cfg.expert_kind, "model": cfg.model}
+    shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
+    hint = (f"raydd farm --recipe pretrain --dataset {cfg.dataset} --store {store.root} "
+            f"--trajectories {cfg.num_experts}")
+    infos = store.list(**filters)
+    if not infos:
+        raise ValueError(f"no trajectories in store {store.root} match {shown}; farm pre-trained experts first: {hint}")
+    models = sorted({i.model_name for i in infos})
+    if len(models) > 1:
+        raise ValueError(f"store {store.root} holds experts matching {shown} for several models {models}: "
+                         f"choose one with --set model=NAME")
+    if any(i.meta["dataset"].get("zca", False) for i in infos):
+        raise ValueError(f"experts matching {shown} in {store.root} were trained on ZCA-whitened data: this "
+                         f"method matches in the normalised pixel space; farm them without --zca")
+    usable = [i for i in infos if 0 in i.epochs and max(i.epochs) > 0]
+    if len(usable) < cfg.num_experts:
+        raise ValueError(f"num_experts={cfg.num_experts} but only {len(usable)} of the {len(infos)} trajectories "
+                         f"matching {shown} in {store.root} store both epoch 0 and a trained epoch: lower "
+                         f"num_experts with --set or farm more: {hint}")
+    spec, info = infos[0].meta["model"], train.info
+    if (spec["channels"], spec["num_classes"], tuple(spec["resolution"])) != \
+            (info.channels, info.num_classes, tuple(info.resolution)):
+        raise ValueError(f"experts ({spec['name']}: {spec['channels']}ch, {tuple(spec['resolution'])}, "
+                         f"{spec['num_classes']} classes) do not fit the training data {info.name} "
+                         f"({info.channels}ch, {tuple(info.resolution)}, {info.num_classes} classes)")
+    experts = []
+    for entry in usable[:cfg.num_experts]:
+        with store.open(entry.trajectory_id) as traj:
+            last = max(traj.epochs)
+            experts.append(PretrainedExpert(
+                entry.trajectory_id, traj.params(0, dtype=torch.float32).to(device, copy=True),
+                traj.params(last, dtype=torch.float32).to(device, copy=True), last))
+    return experts, infos[0].meta
+
+
+# --------------------------------------------------------------------------- shared machinery
+class PretrainedDM(CondensationMethod):
+    """Factored synthetic set + pre-trained experts + per-class feature-mean matching (DANCE, PTLM)."""
+
+    config_cls: ClassVar[type[MethodConfig]] = PretrainedDMConfig
+    needs_store = True
+    farm_recipe: ClassVar[str] = "pretrain"  # the farm recipe that writes the experts it reads
+
+    def __init__(self, config: PretrainedDMConfig, train: ImageDataset, store=None, *, device="auto",
+                 seed: int = 0) -> None:
+        super().__init__(config, train, store, device=device, seed=seed)
+        cfg, info = self.config, train.info
+        self.factor = cfg.factor if cfg.factor is not None else auto_factor(info.resolution)
+        if self.factor > min(info.resolution):
+            raise ValueError(f"factor={self.factor} is larger than the image side {min(info.resolution)}: "
+                             f"use factor <= {min(info.resolution)}")
+        smallest = int(torch.bincount(train.labels, minlength=info.num_classes).min())
+        needed = cfg.ipc * self.factor ** 2
+        if cfg.pix_init == "real" and needed > smallest:
+            raise ValueError(f"ipc={cfg.ipc} with factor={self.factor} needs {needed} real images per class to "
+                             f"initialise, but the smallest class of {info.name} has {smallest}: use "
+                             f"ipc <= {smallest // self.factor ** 2} or --set factor=1")
+        self.lr_img = cfg.lr_img if cfg.lr_img is not None else (0.01 if max(info.resolution) <= 64 else 0.1) * cfg.ipc
+        self.experts, self.expert_meta = load_pretrained_experts(store, cfg, train, self.device)
+        self.model_spec = ModelSpec.from_dict(self.expert_meta["model"])
+        with torch.random.fork_rng(devices=[]):  # the network's own init is never used: weights come from the store
+            torch.manual_seed(seed)
+            self.net = build_model(self.model_spec).to(self.device).train()
+        self.flat_model = FlatModel(self.net)
+        if self.flat_model.layout.numel != self.experts[0].final.numel():
+            raise ValueError(f"experts store {self.experts[0].final.numel()} parameters but {self.model_spec.name} "
+                             f"has {self.flat_model.layout.numel}: the store metadata and the model code disagree")
+        dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy, single_per_call=not cfg.dsa_all_ops)
+        self.dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip()) if cfg.dsa else None
+        mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device)
+        std = torch.tensor(info.std, dtype=torch.float32, device=self.device)
+        self._pixel_low, self._pixel_high = ((0 - mean) / std).view(1, -1, 1, 1), ((1 - mean) / std).view(1, -1, 1, 1)
+        self._fill = (0.5 - mean) / std  # IDC pads and initialises with grey (pixel 0.5)
+        self._real = train.images.to(self.device)
+        self._class_idx = [train.class_indices(c) for c in range(info.num_classes)]
+        self.images, self.labels = self._init_synthetic()
+        self.images.requires_grad_(True)
+        self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=cfg.img_momentum)
+
+    # ------------------------------------------------------------------ synthetic set
+    def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, info = self.config, self.train.info
+        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
+        if cfg.pix_init == "noise":  # reference Synthesizer: clamp(randn / 4 + 0.5, 0, 1) in pixel space
+            pixels = (torch.randn((len(labels), info.channels, *info.resolution), generator=self.generator) / 4
+                      + 0.5).clamp(0, 1).to(self.device)
+            mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
+            std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
+            return ((pixels - mean) / std).float(), labels.to(self.device)
+        per_class = []
+        for c in range(info.num_classes):
+            idx = self._class_idx[c]
+            picks = idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc * self.factor ** 2]]
+            reals = self._real[picks.to(self.device)]
+            per_class.append(reals if self.factor == 1 else encode_tiles(reals, self.factor, self._fill))
+        return torch.cat(per_class).float().clone(), labels.to(self.device)
+
+    def decoded_class(self, c: int, images: torch.Tensor | None = None) -> torch.Tensor:
+        """All IPC·l² decoded images of class ``c`` (differentiable in ``self.images``)."""
+        ipc = self.config.ipc
+        stored = (self.images if images is None else images)[c * ipc:(c + 1) * ipc]
+        return decode_tiles(stored, self.factor, self._fill)
+
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full decoded set: IPC·l² images per class at full resolution, labels repeated."""
+        images = self.images.detach()
+        x = torch.cat([self.decoded_class(c, images) for c in range(self.train.info.num_classes)])
+        per_class = self.config.ipc * self.factor ** 2
+        y = torch.arange(self.train.info.num_classes, device=x.device).repeat_interleave(per_class)
+        return x, y
+
+    def _syn_batch(self, c: int, generator: torch.Generator) -> torch.Tensor:
+        x = self.decoded_class(c)
+        if x.shape[0] > self.config.batch_syn_max:
+            keep = torch.randperm(x.shape[0], generator=generator)[:self.config.batch_syn_max]
+            x = x[keep.to(self.device)]
+        return x
+
+    def _real_batch(self, c: int, generator: torch.Generator) -> torch.Tensor:
+        idx = self._class_idx[c]
+        picks = idx[torch.randperm(len(idx), generator=generator)[:self.config.batch_real]]
+        return self._real[picks.to(self.device)]
+
+    @staticmethod
+    def _draw_seed(generator: torch.Generator) -> int:
+        return int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
+
+    def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return x if self.dsa is None else self.dsa(x, seed=seed)  # siamese: one draw per seed
+
+    def _clamp(self) -> None:
+        if self.config.clamp_pixels:
+            with torch.no_grad():
+                self.images.copy_(torch.maximum(torch.minimum(self.images, self._pixel_high), self._pixel_low))
+
+    # ------------------------------------------------------------------ losses
+    def _feature_matching(self, flat: torch.Tensor, generator: torch.Generator, *, backward: bool,
+                          select=None, keep_reals: list | None = None) -> tuple[float, float]:
+        """Σ_c ‖mean f(A(real_c)) − mean f(A(syn_c))‖² at parameters ``flat`` (Eq. 4 / PTLM Eq. 6).
+
+        Gradients are accumulated class by class (same result as backward of the sum, with the
+        memory of one class). ``select(sim)`` -> bool mask keeps a subset of the real batch from the
+        cosine similarities of its features to the mean synthetic feature (PTLM Eq. 3-4). Returns
+        (loss, fraction of real samples kept).
+        """
+        total, kept, seen = 0.0, 0, 0
+        for c in range(self.train.info.num_classes):
+            real = self._real_batch(c, generator)
+            if keep_reals is not None:
+                keep_reals.append(real)
+            syn = self._syn_batch(c, generator)
+            seed = self._draw_seed(generator)
+            with torch.no_grad():
+                z_real = self.flat_model.embed(flat, self._augment(real, seed))
+            z_syn = self.flat_model.embed(flat, self._augment(syn, seed))
+            if select is not None:
+                sim = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)
+                z_real = z_real[select(sim)]
+            kept, seen = kept + z_real.shape[0], seen + real.shape[0]
+            loss = (z_real.mean(0) - z_syn.mean(0)).pow(2).sum()
+            if backward:
+                loss.backward(inputs=[self.images])
+            total += float(loss.detach())
+        return total, kept / seen
+
+    def _classification(self, flat: torch.Tensor, targets: list, generator: torch.Generator, *, backward: bool,
+                        weight: float = 1.0) -> float:
+        """weight · (1/|S|) Σ_j CE(f(A(x_j)), y_j) over the decoded synthetic images (Eq. 5 / PTLM Eq. 9).
+
+        ``targets[c]``: the class id (hard label), a probability row (soft label) or None (class skipped).
+        """
+        used = [c for c, t in enumerate(targets) if t is not None]
+        if not used:
+            return float("nan")
+        n_total = min(self.config.ipc * self.factor ** 2, self.config.batch_syn_max) * len(used)
+        total = 0.0
+        for c in used:
+            x = self._augment(self._syn_batch(c, generator), self._draw_seed(generator))
+            logp = F.log_softmax(self.flat_model(flat, x), dim=1)
+            target = targets[c]
+            if isinstance(target, int):
+                ce_sum = -logp[:, target].sum()
+            else:
+                ce_sum = -(logp * target.view(1, -1)).sum()
+            loss = weight * ce_sum / n_total
+            if backward:
+                loss.backward(inputs=[self.images])
+            total += float(loss.detach())
+        return total
+
+    def _update(self) -> float:
+        """One SGD step on the accumulated gradient; returns its norm."""
+        grad = 0.0 if self.images.grad is None else float(self.images.grad.norm())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad
+
+    def _check_finite(self, value: float, what: str) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.name} {what} is {value} at iteration {self._iteration}: "
+                                     f"lower lr_img ({self.lr_img})")
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _start_step(self) -> tuple[float, int | None]:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return started, torch.cuda.memory_allocated(self.device)
+        return started, None
+
+    def _finish_step(self, metrics: dict[str, float], started: float, base_mem: int | None) -> dict[str, float]:
+        if base_mem is not None:
+            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - base_mem) / 2 ** 20
+        else:
+            metrics["rss_peak_mb"] = process_peak_rss_mb()
+        metrics["time_s"] = time.perf_counter() - started
+        return metrics
+
+    def synthetic_set(self) -> SyntheticSet:
+        x, y = self.decoded()
+        return SyntheticSet(
+            images=x.cpu().clone(), labels=y.cpu().clone(), dataset={**self.train.info.to_dict(), "zca": False},
+            method=self.name, config=self.config.to_dict(), syn_lr=None, iteration=self._iteration,
+            meta={"expert_model": self.model_spec.to_dict(), "store": str(self.store.root),
+                  "experts": [e.trajectory_id for e in self.experts], "seed": self.seed, "factor": self.factor,
+                  "lr_img": self.lr_img, "encoded_shape": list(self.images.shape)},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            "images": self.images.detach().clone(), "labels": self.labels.detach().clone(),
+            "optimizer": clone_tree(self.optimizer.state_dict()),
+            "experts": [e.trajectory_id for e in self.experts],
+        })
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = list(state["experts"])
+        mine = [e.trajectory_id for e in self.experts]
+        if saved != mine:
+            raise ValueError(f"checkpoint used experts {saved} but store {self.store.root} gives {mine}: "
+                             f"resume needs the same pre-trained experts")
+        if tuple(state["images"].shape) != tuple(self.images.shape):
+            raise ValueError(f"checkpoint images {tuple(state['images'].shape)} do not match "
+                             f"{tuple(self.images.shape)} (factor {self.factor})")
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.labels = state["labels"].to(self.device).clone()
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# --------------------------------------------------------------------------- DANCE
+@register_method
+class DANCE(PretrainedDM):
+    name = "dance"
+    config_cls = DANCEConfig
+
+    def mid_encoder(self, expert: PretrainedExpert, lam: float) -> torch.Tensor:
+        """Eq. 3: φ_mid = λ·φ_0 + (1−λ)·φ_expert."""
+        return lam * expert.initial + (1.0 - lam) * expert.final
+
+    def step(self) -> dict[str, float]:
+        cfg = self.config
+        started, base_mem = self._start_step()
+        i = self._iteration + 1  # Algorithm 1 counts iterations from 1
+        self._clamp()
+        e = self.rng.randrange(len(self.experts))
+        expert = self.experts[e]
+        lam = float(torch.rand(1, generator=self.generator)) * cfg.lam_max
+        self.optimizer.zero_grad(set_to_none=True)
+        pltda, _ = self._feature_matching(self.mid_encoder(expert, lam), self.generator, backward=True)
+        self._check_finite(pltda, "PLTDA loss")
+        grad = self._update()
+        metrics = {"loss": pltda, "pltda_loss": pltda, "lam": lam, "expert": float(e), "grad_norm_img": grad,
+                   "calib_loss": float("nan")}
+        if cfg.calib_interval and i % cfg.calib_interval == 0:
+            targets = list(range(self.train.info.num_classes))
+            calib = self._classification(expert.final, targets, self.generator, backward=True,
+                                         weight=cfg.calib_weight)
+            self._check_finite(calib, "calibration loss")
+            metrics["calib_loss"] = calib
+            metrics["grad_norm_calib"] = self._update()
+        self._iteration = i
+        return self._finish_step(metrics, started, base_mem)
+
+    # ------------------------------------------------------------------ fixed evaluations (no update)
+    def matching_loss(self, expert: int = 0, lam: float = 0.5, seed: int = 0) -> float:
+        """Eq. 4 for a fixed expert, λ and batch/augmentation seed; touches neither S nor the method's RNGs."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            loss, _ = self._feature_matching(self.mid_encoder(self.experts[expert], lam), generator, backward=False)
+        return loss
+
+    def calibration_loss(self, expert: int = 0, seed: int = 0) -> float:
+        """Eq. 5 (times calib_weight) for a fixed expert and seed, without updating S."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return self._classification(self.experts[expert].final, list(range(self.train.info.num_classes)),
+                                        generator, backward=False, weight=self.config.calib_weight)

@@ -1,0 +1,198 @@
+"""DATM-CLR: Contrastive Learning-Enhanced Trajectory Matching for Small-Scale Dataset
+Distillation (Li, Sakai & Hasegawa; /work/shared/papers/002_79f1c4a544f3b959.txt). No public code.
+
+DATM (``raydd.methods.datm``) plus a supervised SimCLR-style contrastive loss on S
+(Sec. 3.2, Algorithm 1). At every inner step n of the unrolled student:
+
+  - the minibatch b_n of S is augmented twice, x1 = A(b_n), x2 = A(b_n) (DSA; all ops of
+    the strategy per view by default: Table 3 "Multiple", the paper's best setting);
+  - z_i = g(f_emb(θ̂_n, x_i)): the student's features at θ̂_n through a projection head g
+    (SimCLR MLP: Linear–ReLU–Linear to a lower dimension);
+  - L_con = eq. 2 for every positive pair: two views of images of the same class (the hard
+    class of the soft label) are positives, views of other classes the negatives,
+    cosine similarity at temperature τ (Sec. 4.1: τ = 0.1);
+  - L_ce = soft cross-entropy of f(θ̂_n, x1) against the soft label (Algorithm 1 line 10);
+  - student update with SGD momentum μ (Sec. 4.1: "N = 20 inner steps using SGD with
+    momentum 0.5"): v ← μ·v + ∇L_inner, θ̂_{n+1} = θ̂_n − α_syn·v.
+
+Strategies (config ``strategy``):
+  - 'fusion' (Contrastive Fusion, eq. 3, the paper's main variant): L_inner = L_ce and
+    S, the label logits, α_syn (and the head) are updated on α·mean_n L_con + β·L_tm;
+  - 'update' (Contrastive Update, eq. 4): L_inner = L_ce + λ·L_con, and they are updated
+    on β·L_tm (the contrastive term acts through the unrolled steps).
+
+The paper lists S, the soft labels and α_syn as what is optimised (Sec. 3.3, 4.1) and does
+not say how the projection head is trained. Here the head is learned with the synthetic
+set on the same loss by SGD(lr_head, momentum 0.5) — our choice; lr_head=0 keeps it a
+fixed random projection. DATM's skip threshold applies to L_tm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..data.dsa import DSA
+from .base import check_range, clone_tree, register_method
+from .datm import DATM, DATMConfig, published_row, soft_cross_entropy
+
+STRATEGIES = ("fusion", "update")
+SIMCLR_PROJ_DIM = 128  # SimCLR's projection output size
+
+
+def supervised_nt_xent(z1: torch.Tensor, z2: torch.Tensor, classes: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 2 averaged over all positive pairs of the 2B views ``z = [z1; z2]``.
+
+    For anchor i and positive p (another view of the same class, including i's own second
+    view): ℓ(i, p) = −log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_{k: class k ≠ class i} e^{s_ik/τ}) ),
+    s = cosine similarity. With one image per class this is SimCLR's NT-Xent whose
+    negatives are the other classes' views.
+    """
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    y = torch.cat([classes, classes])
+    sim = z @ z.t() / tau
+    same = y.unsqueeze(0) == y.unsqueeze(1)
+    positive = same & ~torch.eye(len(y), dtype=torch.bool, device=z.device)
+    negatives = torch.logsumexp(sim.masked_fill(same, float("-inf")), dim=1, keepdim=True)  # -inf: no negatives
+    per_pair = torch.logaddexp(sim, negatives) - sim  # −log(e^{s_ip} / (e^{s_ip} + Σ_neg e^{s_ik}))
+    return per_pair[positive].mean()
+
+
+@dataclass(frozen=True)
+class DATMCLRConfig(DATMConfig):
+    """DATM's knobs plus the contrastive ones. ``defaults``: DATM's row with the paper's N = 20
+    and inner momentum 0.5 (Sec. 4.1), τ = 0.1 (Sec. 4.1), α = 0.1 and β = 1 (Sec. 4.3, Fig. 3a:
+    accuracy rises with α up to 0.1 at fixed β = 1), λ = 0.1 (Sec. 4.3, Fig. 3b)."""
+
+    strategy: str = "fusion"  # 'fusion' (eq. 3) or 'update' (eq. 4)
+    con_weight: float = 0.1  # α in eq. 3 (fusion)
+    tm_weight: float = 1.0  # β in eq. 3 (both strategies weight L_tm with it)
+    update_weight: float = 0.1  # λ in eq. 4 (update)
+    temperature: float = 0.1  # τ in eq. 2
+    inner_momentum: float = 0.5  # momentum of the unrolled student SGD (Sec. 4.1)
+    multi_aug: bool = True  # each contrastive view applies every DSA op (Table 3 "Multiple"); False: one op
+    proj_dim: int | None = None  # head output; None: 128 (SimCLR), or the feature size if that is smaller
+    proj_hidden: int | None = None  # head hidden width; None: the feature size (SimCLR)
+    lr_head: float = 0.01  # SGD lr of the projection head (not in the paper); 0: fixed random head
+    head_momentum: float = 0.5
+
+    aliases: ClassVar[dict[str, str]] = {"alpha": "con_weight", "tau": "temperature", "lam": "update_weight"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"DATMCLRConfig.strategy={self.strategy!r} is invalid: accepted {', '.join(STRATEGIES)}")
+        check_range(self, "temperature", low=0, low_inclusive=False)
+        for key in ("con_weight", "tm_weight", "update_weight", "lr_head"):
+            check_range(self, key, low=0)
+        for key in ("inner_momentum", "head_momentum"):
+            check_range(self, key, low=0, high=1, high_inclusive=False)
+        check_range(self, "proj_dim", low=1)
+        check_range(self, "proj_hidden", low=1)
+        if not self.dsa or self.dsa_strategy.strip().lower() == "none":
+            raise ValueError("DATMCLRConfig.dsa=False is invalid: the two views of the contrastive loss (eq. 2) are "
+                             "DSA augmentations; accepted: dsa=True with a non-empty dsa_strategy")
+
+    @classmethod
+    def defaults(cls, dataset: str, ipc: int) -> "DATMCLRConfig":
+        return cls(dataset=dataset, ipc=ipc, **{**published_row(dataset, ipc), "syn_steps": 20})
+
+
+@register_method
+class DATMCLR(DATM):
+    name = "datm_clr"
+    config_cls = DATMCLRConfig
+
+    def __init__(self, config: DATMCLRConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
+        super().__init__(config, train, store, device=device, seed=seed)
+        classifier = getattr(self.student, "classifier", None)
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"{self.model_spec.name} has no Linear 'classifier' after embed(): DATM-CLR reads the "
+                             f"student's features and logits from one forward pass")
+        if not self.dsa.config.ops:
+            raise ValueError(f"dsa_strategy={config.dsa_strategy!r} leaves no augmentation for {train.info.name}: "
+                             f"the two contrastive views need at least one op")
+        self.view_dsa = DSA(dataclasses.replace(self.dsa.config, single_per_call=not config.multi_aug))
+        feat = int(classifier.in_features)
+        out = config.proj_dim or min(SIMCLR_PROJ_DIM, feat)
+        hidden = config.proj_hidden or feat
+        with torch.random.fork_rng(devices=[]):  # the head's init comes from the method's generator
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
+            self.head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, out)).to(self.device)
+        self.learn_head = config.lr_head > 0
+        self.head.requires_grad_(self.learn_head)
+        self.opt_head = torch.optim.SGD(self.head.parameters(), lr=config.lr_head, momentum=config.head_momentum)
+
+    # ------------------------------------------------------------------ the unrolled student
+    def _features_and_logits(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.flat_model.embed(params, x)
+        named = self.flat_model.layout.unflatten(params)
+        return feats, F.linear(feats, named["classifier.weight"], named["classifier.bias"])
+
+    def _unroll_clr(self, theta: torch.Tensor, generator: torch.Generator, *,
+                    create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ̂_N, mean_n L_con) after N momentum-SGD student steps (Algorithm 1 lines 5-12)."""
+        cfg = self.config
+        n_syn = self.images.shape[0]
+        batch = min(cfg.batch_syn or n_syn, n_syn)
+        images = self.images if create_graph else self.images.detach()
+        alpha = self.syn_lr if create_graph else self.syn_lr.detach()
+        labels = self.labels if create_graph else self.labels.detach()
+        params = theta.detach().clone().requires_grad_(True)
+        velocity = torch.zeros_like(params)
+        con_total = params.new_zeros(())
+        pending: list[torch.Tensor] = []
+        for _ in range(cfg.syn_steps):
+            if not pending:
+                pending = list(torch.randperm(n_syn, generator=generator).split(batch))
+            idx = pending.pop(0).to(self.device)
+            x = images[idx]
+            x1, x2 = self.view_dsa(x, generator=generator), self.view_dsa(x, generator=generator)
+            f1, logits = self._features_and_logits(params, x1)
+            f2 = self.flat_model.embed(params, x2)
+            classes = labels[idx].detach().argmax(1)  # hard class of the soft label
+            con = supervised_nt_xent(self.head(f1), self.head(f2), classes, cfg.temperature)  # eq. 2
+            inner = soft_cross_entropy(logits, labels[idx])
+            if cfg.strategy == "update":
+                inner = inner + cfg.update_weight * con  # eq. 4
+            (grad,) = torch.autograd.grad(inner, params, create_graph=create_graph)
+            velocity = cfg.inner_momentum * velocity + grad
+            params = params - alpha * velocity
+            if not create_graph:
+                params, velocity = params.detach().requires_grad_(True), velocity.detach()
+            con_total = con_total + (con if create_graph and cfg.strategy == "fusion" else con.detach())
+        return params, con_total / cfg.syn_steps
+
+    def _unroll(self, theta: torch.Tensor, generator: torch.Generator, *, create_graph: bool) -> torch.Tensor:
+        return self._unroll_clr(theta, generator, create_graph=create_graph)[0]
+
+    def _objective(self, theta_start: torch.Tensor, theta_target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        theta_end, loss_con = self._unroll_clr(theta_start, self.generator, create_graph=True)
+        loss_tm = self._matching_loss(theta_end, theta_start, theta_target)
+        loss = cfg.tm_weight * loss_tm
+        if cfg.strategy == "fusion":
+            loss = cfg.con_weight * loss_con + loss  # eq. 3
+        return loss, {"loss_tm": loss_tm, "loss_con": loss_con}
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return super()._optimizers() + ([self.opt_head] if self.learn_head else [])
+
+    def _leaves(self) -> list[torch.Tensor]:
+        return super()._leaves() + (list(self.head.parameters()) if self.learn_head else [])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["head"] = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        state["opt_head"] = clone_tree(self.opt_head.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.head.load_state_dict({k: v.to(self.device) for k, v in state["head"].items()})
+        self.opt_head.load_state_dict(state["opt_head"])

@@ -1,0 +1,464 @@
+"""EDC: Elucidate Dataset Condensation (Shao, Zhou, Chen, Shen, NeurIPS 2024), data synthesis.
+
+Observers: BatchNorm networks trained briefly on the real data, read from the store
+(kind 'observer': final weights + BN running statistics; ``raydd farm --recipe observer``).
+Per iteration one observer φ (round robin; 'all' uses every observer) sees an augmented copy
+of each chunk of S (RandomResizedCrop with the paper's weak scale (0.5, 1) + flip, Sec. 3.2 ④),
+forward hooks capture the input of every BN layer, and the loss is
+
+  L = ce_weight · CE(φ(A(S)), y)                          (generalized data synthesis; Sec. 3.2 ①)
+    + stat_weight · Σ_l m_l · L'_syn,l                    (m_0 = first_bn_multiplier, else 1)
+    + flatness_weight · L'_FR
+
+  L'_syn,l = α (‖μ_l(S) − μ_l^BN‖₂ + ‖σ²_l(S) − σ²_l^BN‖₂)                       (eq. 5, Form (1))
+           + (1 − α) Σ_c p(c) (‖μ_l(S, c) − μ_l(T, c)‖₂ + ‖σ²_l(S, c) − σ²_l(T, c)‖₂)  (eq. 5, Form (2))
+  L'_FR    = KL(softmax(φ(A(S))/τ) ‖ softmax(φ(A(S_EMA))/τ)),  S_EMA ← β S_EMA + (1 − β) S   (eq. 7)
+
+μ^BN, σ²^BN are the observer's running statistics; μ(T, c), σ²(T, c) the per-class channel mean
+and variance of the real training set at that BN input (computed once per observer, cached and
+checkpointed); p(c) the class frequency of the real data (the GMM weights of Def. 3.1),
+renormalised over the classes of the chunk. Images: Adam(lr 0.05, betas (0.5, 0.9)) with a
+cosine lr over ``iterations`` (reference code), clipped to the valid pixel range. Real-image
+initialisation (Sec. 3.2 ③). Soft labels (eq. 4): the observers' mean logits on S, stored
+as softmax probabilities, the logits themselves in ``meta['logits']``.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..evaluate_edc import apply_affine, random_resized_crop_params
+from ..models import ModelSpec, build_model, load_flat_params
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
+from .synthetic import SyntheticSet
+
+TURNS = ("round_robin", "all")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class EDCConfig(MethodConfig):
+    """EDC synthesis knobs (paper App. A.1 Tables 6-10 unless marked 'reference code').
+
+    ``defaults(dataset, ipc)``: cifar10 (Table 10): 75 iterations, all of S per batch;
+    cifar100 (Table 9): 2000 iterations, batch 100; any other dataset: the CIFAR-10 row
+    (the closest small-scale setting; documented fallback).
+    """
+
+    alpha: float = 0.5  # α of eq. 5: weight of global (Form 1) vs per-class (Form 2) statistics
+    tau: float = 4.0  # τ of eq. 7: temperature of the flatness KL
+    ema_beta: float = 0.99  # β of eqs. 6-7: EMA rate of S_EMA
+    flatness_weight: float = 0.25  # loss weight of L'_FR (Table 4, best row)
+    stat_weight: float = 0.01  # weight of the statistics loss (reference code: r_loss)
+    first_bn_multiplier: float = 10.0  # extra weight of the first BN layer (reference code)
+    ce_weight: float = 1.0  # weight of CE(φ(A(S)), y) (reference code; the paper's "cross-entropy on logits")
+    lr: float = 0.05  # Adam lr on the pixels
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    lr_schedule: str = "cosine"  # 'cosine' over ``iterations`` (reference code) or 'constant'
+    iterations: int = 2000  # planned synthesis iterations (horizon of the cosine lr)
+    batch_syn: int | None = None  # images of S per chunk (None: all of S at once; CIFAR-10 "All")
+    augment: bool = True  # RandomResizedCrop (+ flip where the dataset allows) on S and S_EMA alike
+    crop_scale_min: float = 0.5  # weak augmentation: crop area in [crop_scale_min, 1] (Table 5, ④)
+    clip_pixels: bool = True  # clamp S to the valid pixel range after each step (reference code)
+    observer_turns: str = "round_robin"  # 'round_robin': one observer per iteration; 'all': mean over all
+    observers: str | None = None  # comma-separated trajectory ids; None: every matching observer in the store
+    observer_kind: str = "observer"  # store kind of the observers
+    model: str | None = None  # store model-name filter, e.g. 'resnet18-bn'; None: every model
+
+    aliases: ClassVar[dict[str, str]] = {"alpha": "alpha", "tau": "tau"}
+    default_iterations: ClassVar[int] = 2000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "alpha", low=0, high=1)
+        check_range(self, "tau", low=0, low_inclusive=False)
+        check_range(self, "ema_beta", low=0, high=1, high_inclusive=False)
+        for key in ("flatness_weight", "stat_weight", "first_bn_multiplier", "ce_weight"):
+            check_range(self, key, low=0)
+        check_range(self, "lr", low=0, low_inclusive=False)
+        for key in ("adam_beta1", "adam_beta2"):
+            check_range(self, key, low=0, high=1, high_inclusive=False)
+        check_range(self, "iterations", low=1)
+        check_range(self, "batch_syn", low=1)
+        check_range(self, "crop_scale_min", low=0, high=1, low_inclusive=False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"EDCConfig.lr_schedule={self.lr_schedule!r} is invalid: accepted {', '.join(LR_SCHEDULES)}")
+        if self.observer_turns not in TURNS:
+            raise ValueError(f"EDCConfig.observer_turns={self.observer_turns!r} is invalid: accepted {', '.join(TURNS)}")
+        if self.observers is not None and not all(s.strip() for s in self.observers.split(",")):
+            raise ValueError(f"EDCConfig.observers={self.observers!r} is invalid: expected comma-separated "
+                             f"trajectory ids (see raydd store ls --kind observer)")
+
+    @classmethod
+    def defaults(cls, dataset: str, ipc: int) -> "EDCConfig":
+        if dataset == "cifar100":
+            return cls(dataset=dataset, ipc=ipc, iterations=2000, batch_syn=100)
+        return cls(dataset=dataset, ipc=ipc, iterations=75, batch_syn=None)
+
+    @property
+    def observer_ids(self) -> list[str] | None:
+        return None if self.observers is None else [s.strip() for s in self.observers.split(",")]
+
+
+@dataclass
+class _Observer:
+    trajectory_id: str
+    model_name: str
+    net: nn.Module
+    bn: list[nn.BatchNorm2d]
+
+
+class BNInputs:
+    """Forward hooks that record the input of each BN layer; removed on exit, also on errors."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.inputs: list[torch.Tensor | None] = [None] * len(layers)
+        self._handles: list[Any] = []
+
+    def _hook(self, i: int):
+        def record(module, args, output):
+            self.inputs[i] = args[0]
+        return record
+
+    def __enter__(self) -> "BNInputs":
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _process_peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def _channel_stats(feat: torch.Tensor, y: torch.Tensor, num_classes: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global (μ [C], σ² [C]) and per-class (μ [K, C], σ² [K, C]) channel statistics of ``feat`` [B, C, H, W]."""
+    b, ch = feat.shape[:2]
+    hw = feat[0, 0].numel()
+    mean = feat.mean((0, 2, 3))
+    var = (feat - mean.view(1, -1, 1, 1)).pow(2).mean((0, 2, 3))
+    onehot = F.one_hot(y, num_classes).to(feat.dtype).t()  # [K, B]: class sums as a matmul
+    count = onehot.sum(1).clamp_min(1) * hw  # [K]
+    cmean = onehot @ feat.sum((2, 3)) / count[:, None]
+    centred = (feat - cmean[y].view(b, ch, 1, 1)).pow(2).sum((2, 3))
+    cvar = onehot @ centred / count[:, None]
+    return mean, var, cmean, cvar
+
+
+@register_method
+class EDC(CondensationMethod):
+    name = "edc"
+    config_cls = EDCConfig
+    needs_store = True
+    stats_batch_size = 512  # real images per forward pass when computing the class statistics
+
+    def __init__(self, config: EDCConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
+        super().__init__(config, train, store, device=device, seed=seed)
+        cfg, info = self.config, train.info
+        infos = self._find_observers()  # validation first: raises before any work
+        self.observers = [self._load_observer(i) for i in infos]
+        counts = torch.bincount(train.labels, minlength=info.num_classes).double()
+        self.class_prior = (counts / counts.sum()).float().to(self.device)  # p(c): GMM weights (Def. 3.1)
+        self.class_stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # observer id -> per BN layer
+        self.class_stat_computations = 0
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        self._pixel_low = (-mean / std).to(self.device)
+        self._pixel_high = ((1 - mean) / std).to(self.device)
+        self.images, self.labels = self._init_synthetic()
+        self.images.requires_grad_(True)
+        self.ema_images = self.images.detach().clone()  # S_EMA starts at S (eq. 6)
+        self.opt = torch.optim.Adam([self.images], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.chunks = self._chunks()
+
+    # ------------------------------------------------------------------ setup
+    def _farm_hint(self) -> str:
+        return (f"raydd farm --recipe observer --norm batch --dataset {self.config.dataset} "
+                f"--store {self.store.root} --arch resnet18 (and --arch convnet)")
+
+    def _find_observers(self):
+        cfg, store = self.config, self.store
+        filters = {"dataset": cfg.dataset, "kind": cfg.observer_kind, "model": cfg.model}
+        shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
+        infos = store.list(**filters)
+        if not infos:
+            raise ValueError(f"no observers in store {store.root} match {shown}; farm BatchNorm observers first: "
+                             f"{self._farm_hint()}")
+        wanted = cfg.observer_ids
+        if wanted is not None:
+            by_id = {i.trajectory_id: i for i in infos}
+            missing = [t for t in wanted if t not in by_id]
+            if missing:
+                raise ValueError(f"observer(s) {missing} are not in store {store.root} among the {len(infos)} "
+                                 f"matching {shown}: list them with raydd store ls {store.root} --kind "
+                                 f"{cfg.observer_kind}")
+            infos = [by_id[t] for t in dict.fromkeys(wanted)]
+        info = self.train.info
+        for i in infos:
+            spec = i.meta["model"]
+            if spec.get("norm") != "batch":
+                raise ValueError(f"observer {i.trajectory_id} ({i.model_name}) has norm={spec.get('norm')!r}: EDC "
+                                 f"matches BatchNorm statistics, it needs BatchNorm observers: {self._farm_hint()}")
+            if i.meta["dataset"].get("zca"):
+                raise ValueError(f"observer {i.trajectory_id} was trained on ZCA-whitened images: EDC works in the "
+                                 f"dataset's normalisation; farm observers without --zca")
+            fits = (spec["channels"] == info.channels and spec["num_classes"] == info.num_classes
+                    and tuple(spec["resolution"]) == tuple(info.resolution))
+            if not fits:
+                raise ValueError(f"observer {i.trajectory_id} ({spec['name']}: {spec['channels']}ch, "
+                                 f"{tuple(spec['resolution'])}, {spec['num_classes']} classes) does not fit the "
+                                 f"training data {info.name} ({info.channels}ch, {tuple(info.resolution)}, "
+                                 f"{info.num_classes} classes)")
+        return infos
+
+    def _load_observer(self, info) -> _Observer:
+        with self.store.open(info.trajectory_id) as traj:
+            epoch = max(traj.epochs)
+            params = traj.params(epoch, dtype=torch.float32).clone()
+            buffers = traj.buffers(epoch, dtype=torch.float32)
+            buffers = None if buffers is None else buffers.clone()
+        with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: no global RNG use
+            torch.manual_seed(0)
+            net = build_model(ModelSpec.from_dict(info.meta["model"]))
+        bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bn or buffers is None:
+            raise ValueError(f"observer {info.trajectory_id} ({info.model_name}) stores no BatchNorm running "
+                             f"statistics: EDC needs BatchNorm observers: {self._farm_hint()}")
+        load_flat_params(net, params, buffers)
+        net = net.to(self.device).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return _Observer(info.trajectory_id, info.model_name, net, bn)
+
+    def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real-image initialisation (Sec. 3.2 ③): ``ipc`` random training images per class."""
+        cfg, info = self.config, self.train.info
+        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
+        picks = []
+        for c in range(info.num_classes):
+            idx = self.train.class_indices(c)
+            picks.append(idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc]])
+        images = self.train.images[torch.cat(picks)].clone().float()
+        return images.to(self.device), labels.to(self.device)
+
+    def _chunks(self) -> list[torch.Tensor]:
+        """Fixed partition of S, image j of every class before image j+1 (each chunk spans the classes).
+
+        Chunks are independent problems; their gradients touch disjoint rows, so one Adam step on
+        the summed gradient equals the reference code's separate optimisation of each batch.
+        """
+        k, ipc = self.train.info.num_classes, self.config.ipc
+        order = torch.arange(k * ipc).view(k, ipc).t().reshape(-1)
+        size = self.config.batch_syn or len(order)
+        return [c.to(self.device) for c in order.split(size)]
+
+    def observer_models(self) -> list[nn.Module]:
+        """The observer networks (eval mode, frozen), e.g. as ``teachers`` of ``evaluate_edc``."""
+        return [o.net for o in self.observers]
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def _compute_class_stats(self, obs: _Observer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-class channel mean and variance of the real training set at every BN input of ``obs``."""
+        self.class_stat_computations += 1
+        k = self.train.info.num_classes
+        sums = [None] * len(obs.bn)
+        sq = [None] * len(obs.bn)
+        counts = torch.zeros(k, dtype=torch.float64, device=self.device)
+        images, labels = self.train.images, self.train.labels
+        hw = [0] * len(obs.bn)
+        with BNInputs(obs.bn) as cap:
+            for start in range(0, len(labels), self.stats_batch_size):
+                x = images[start:start + self.stats_batch_size].to(self.device)
+                y = labels[start:start + self.stats_batch_size].to(self.device)
+                obs.net(x)
+                onehot = F.one_hot(y, k).double().t()  # [K, B]
+                counts += onehot.sum(1)
+                for li, feat in enumerate(cap.inputs):
+                    f = feat.double()
+                    hw[li] = f[0, 0].numel()
+                    s1 = onehot @ f.sum((2, 3))
+                    s2 = onehot @ f.pow(2).sum((2, 3))
+                    sums[li] = s1 if sums[li] is None else sums[li] + s1
+                    sq[li] = s2 if sq[li] is None else sq[li] + s2
+        out = []
+        for li in range(len(obs.bn)):
+            n = (counts * hw[li]).clamp_min(1)[:, None]
+            mean = sums[li] / n
+            var = (sq[li] / n - mean.pow(2)).clamp_min(0)
+            out.append((mean.float(), var.float()))
+        return out
+
+    def _stats(self, obs: _Observer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stats = self.class_stats.get(obs.trajectory_id)
+        if stats is None:
+            stats = self.class_stats[obs.trajectory_id] = self._compute_class_stats(obs)
+        return stats
+
+    # ------------------------------------------------------------------ the loss
+    def _augment_pair(self, x: torch.Tensor, x_ema: torch.Tensor, generator: torch.Generator):
+        if not self.config.augment:
+            return x, x_ema
+        theta = random_resized_crop_params(len(x), generator, scale=(self.config.crop_scale_min, 1.0),
+                                           flip=self.train.info.flip_ok)
+        return apply_affine(x, theta), apply_affine(x_ema, theta)  # same crop for S and S_EMA
+
+    def _chunk_loss(self, obs: _Observer, x: torch.Tensor, x_ema: torch.Tensor, y: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, k = self.config, self.train.info.num_classes
+        class_stats = self._stats(obs)
+        with BNInputs(obs.bn) as cap:
+            logits = obs.net(x)
+        present = torch.bincount(y, minlength=k) > 0
+        prior = torch.where(present, self.class_prior, torch.zeros_like(self.class_prior))
+        prior = prior / prior.sum()
+        glob = logits.new_zeros(())
+        per_class = logits.new_zeros(())
+        stat = logits.new_zeros(())
+        for li, (bn, feat) in enumerate(zip(obs.bn, cap.inputs)):
+            mean, var, cmean, cvar = _channel_stats(feat, y, k)
+            g = torch.norm(mean - bn.running_mean) + torch.norm(var - bn.running_var)  # Form (1)
+            tmean, tvar = class_stats[li]
+            dist = torch.norm(cmean - tmean, dim=1) + torch.norm(cvar - tvar, dim=1)  # [K], Form (2)
+            c = (prior * torch.where(present, dist, torch.zeros_like(dist))).sum()
+            mult = cfg.first_bn_multiplier if li == 0 else 1.0
+            stat = stat + mult * (cfg.alpha * g + (1 - cfg.alpha) * c)  # eq. 5
+            glob, per_class = glob + mult * g.detach(), per_class + mult * c.detach()
+        ce = F.cross_entropy(logits, y)
+        flat = logits.new_zeros(())
+        if cfg.flatness_weight > 0:
+            with torch.no_grad():
+                ema_logits = obs.net(x_ema)
+            log_p = F.log_softmax(logits / cfg.tau, dim=1)  # eq. 7: KL(softmax(φ(S)/τ) ‖ softmax(φ(S_EMA)/τ))
+            flat = (log_p.exp() * (log_p - F.log_softmax(ema_logits / cfg.tau, dim=1))).sum(1).mean()
+        loss = cfg.ce_weight * ce + cfg.stat_weight * stat + cfg.flatness_weight * flat
+        parts = {"loss_stat": float(stat.detach()), "loss_global": float(glob), "loss_class": float(per_class),
+                 "loss_ce": float(ce.detach()), "loss_flat": float(flat.detach())}
+        return loss, parts
+
+    def _turn(self) -> list[_Observer]:
+        if self.config.observer_turns == "all":
+            return self.observers
+        return [self.observers[self._iteration % len(self.observers)]]
+
+    def lr_at(self, iteration: int) -> float:
+        cfg = self.config
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        t = min(iteration, cfg.iterations)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t / cfg.iterations))
+
+    def _objective(self, observers: list[_Observer], generator: torch.Generator, *, backward: bool
+                   ) -> dict[str, float]:
+        """Mean loss over observers and chunks; with ``backward`` accumulates its gradient into S."""
+        totals: dict[str, float] = {}
+        n = len(observers) * len(self.chunks)
+        for obs in observers:
+            for idx in self.chunks:
+                x = self.images[idx] if backward else self.images.detach()[idx]
+                x, x_ema = self._augment_pair(x, self.ema_images[idx], generator)
+                loss, parts = self._chunk_loss(obs, x, x_ema, self.labels[idx])
+                if backward:
+                    (loss / n).backward(inputs=[self.images])
+                parts["loss"] = float(loss.detach())
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value / n
+        return totals
+
+    def step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        observers = self._turn()
+        lr = self.lr_at(self._iteration)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        metrics = self._objective(observers, self.generator, backward=True)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"EDC loss is {metrics['loss']} at iteration {self._iteration}: lower lr "
+                                     f"({self.config.lr}) or stat_weight ({self.config.stat_weight})")
+        grad_norm = float(self.images.grad.norm())
+        self.opt.step()
+        with torch.no_grad():
+            if self.config.clip_pixels:
+                self.images.copy_(torch.maximum(torch.minimum(self.images, self._pixel_high), self._pixel_low))
+            self.ema_images.mul_(self.config.ema_beta).add_(self.images.detach(), alpha=1 - self.config.ema_beta)
+        self._iteration += 1
+        metrics.update(lr=lr, grad_norm_img=grad_norm, time_s=time.perf_counter() - started,
+                       observer=float(self._iteration - 1) % len(self.observers) if len(observers) == 1 else -1.0)
+        if cuda:
+            metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            metrics["rss_peak_mb"] = _process_peak_rss_mb()
+        return metrics
+
+    def matching_loss(self, seed: int = 0) -> dict[str, float]:
+        """The objective on the current S for every observer with a fixed augmentation seed, without
+        updating anything (the method's own generators are untouched)."""
+        return self._objective(self.observers, torch.Generator().manual_seed(seed), backward=False)
+
+    # ------------------------------------------------------------------ results and state
+    @torch.no_grad()
+    def soft_label_logits(self) -> torch.Tensor:
+        """Eq. 4: the observers' mean logits on the (un-augmented) synthetic images."""
+        x = self.images.detach()
+        batches = [torch.stack([o.net(b) for o in self.observers]).mean(0)
+                   for b in x.split(self.stats_batch_size)]
+        return torch.cat(batches)
+
+    def synthetic_set(self) -> SyntheticSet:
+        logits = self.soft_label_logits().float().cpu()
+        return SyntheticSet(
+            images=self.images.detach().cpu().clone(), labels=F.softmax(logits, dim=1),
+            dataset={**self.train.info.to_dict(), "zca": False}, method=self.name, config=self.config.to_dict(),
+            iteration=self._iteration,
+            meta={"logits": logits, "hard_labels": self.labels.detach().cpu().clone(),
+                  "observers": [o.trajectory_id for o in self.observers],
+                  "observer_models": [o.model_name for o in self.observers],
+                  "store": str(self.store.root), "seed": self.seed},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            "images": self.images.detach().clone(), "ema_images": self.ema_images.clone(),
+            "labels": self.labels.detach().clone(), "opt": clone_tree(self.opt.state_dict()),
+            "observers": [o.trajectory_id for o in self.observers],
+            "class_stats": {tid: [[m.clone(), v.clone()] for m, v in stats] for tid, stats in self.class_stats.items()},
+        })
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = list(state["observers"])
+        by_id = {o.trajectory_id: o for o in self.observers}
+        if sorted(saved) != sorted(by_id):
+            missing = [t for t in saved if t not in by_id]
+            raise ValueError(f"checkpoint used observers {saved}, this method has {sorted(by_id)}"
+                             + (f" ({missing[0]} is not usable here)" if missing else "")
+                             + ": resume needs the same observers")
+        super().load_state_dict(state)
+        self.observers = [by_id[t] for t in saved]  # same order => same turns
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.ema_images = state["ema_images"].to(self.device).clone()
+        self.labels = state["labels"].to(self.device).clone()
+        self.opt.load_state_dict(state["opt"])
+        self.class_stats = {tid: [(m.to(self.device).clone(), v.to(self.device).clone()) for m, v in stats]
+                            for tid, stats in state["class_stats"].items()}

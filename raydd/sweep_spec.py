@@ -1,0 +1,550 @@
+"""SweepSpec: a Tune sweep of condensation methods, read from YAML and validated before Ray starts.
+
+    name: quick-digits
+    dataset: digits
+    store: raydd-store
+    methods: [dm, random]
+    ipcs: [1, 10]
+    iterations: 200            # or "default" (each method's published count) or {dm: 200, mtt: 500}
+    eval_every: 50
+    eval: {model: convnet, num_models: 2, epochs: 100}
+    knobs: {dm: {lr_img: {loguniform: [0.1, 10]}}}
+    samples: 2
+    scheduler: {type: asha, grace_period: 50, reduction_factor: 3}
+    resources: {cpu: 1, gpu: 0}
+
+Knob values: a constant, or exactly one of ``{grid: [..]}`` (every value, expanded into
+separate trials), ``{choice: [..]}`` (one sampled per trial), ``{uniform: [low, high]}``,
+``{loguniform: [low, high]}`` (low > 0), ``{randint: [low, high]}`` (integers, high
+exclusive). Knob names are a method's config fields or the shared symbols lam, tau,
+alpha, zeta, which each config maps onto its own field (``MethodConfig.aliases``); a
+symbol the method does not use is refused. Every candidate value (grid/choice values,
+range ends) is checked against the method's config for every IPC, so an out-of-range
+knob fails here, not in trial 37 an hour in. Nothing here imports or starts Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHARED_KNOBS = ("lam", "tau", "alpha", "zeta")
+KNOB_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+SCHEDULERS = ("asha", "fifo")
+_NOT_METHODS = {"base", "serial", "synthetic"}
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def import_methods() -> dict[str, str]:
+    """Import every module of ``raydd.methods`` so its methods register; return {module: error} of failures.
+
+    A module that fails to import (e.g. a missing optional dependency) does not stop the
+    others; a spec naming one of its methods reports the import error.
+    """
+    import raydd.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_") or info.name in _NOT_METHODS or info.name in _IMPORT_ERRORS:
+            continue
+        try:
+            importlib.import_module(f"raydd.methods.{info.name}")
+        except Exception as exc:  # noqa: BLE001 - reported when a spec needs the module
+            _IMPORT_ERRORS[info.name] = f"{type(exc).__name__}: {exc}"
+    return dict(_IMPORT_ERRORS)
+
+
+def method_class(name: str):
+    """The registered method class; an unknown name lists the registered ones (and modules that failed)."""
+    from .methods.base import METHODS
+
+    import_methods()
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in METHODS:
+        broken = "".join(f"; module raydd.methods.{m} failed to import ({e})" for m, e in sorted(_IMPORT_ERRORS.items()))
+        raise ValueError(f"unknown method {name!r}: accepted {', '.join(sorted(METHODS))}{broken}")
+    return METHODS[key]
+
+
+# --------------------------------------------------------------------------- knobs
+@dataclass(frozen=True)
+class Knob:
+    """One knob's values: ``kind`` is 'const' or one of KNOB_KINDS."""
+
+    kind: str
+    values: tuple
+
+    @classmethod
+    def parse(cls, where: str, raw: Any) -> "Knob":
+        if isinstance(raw, dict):
+            if len(raw) != 1 or next(iter(raw)) not in KNOB_KINDS:
+                raise ValueError(f"{where}={raw!r} is invalid: expected a constant or exactly one of "
+                                 f"{{{', '.join(f'{k}: [...]' for k in KNOB_KINDS)}}}")
+            kind, values = next(iter(raw.items()))
+            if not isinstance(values, (list, tuple)):
+                raise ValueError(f"{where}.{kind}={values!r} is invalid: expected a list")
+            values = tuple(values)
+            if kind in ("grid", "choice"):
+                if not values:
+                    raise ValueError(f"{where}.{kind} is an empty list: give at least one value")
+                return cls(kind, values)
+            if len(values) != 2 or not all(_is_number(v) for v in values):
+                raise ValueError(f"{where}.{kind}={list(values)!r} is invalid: expected [low, high] (two numbers)")
+            low, high = values
+            if not low < high:
+                raise ValueError(f"{where}.{kind}=[{low}, {high}] is an empty or inverted range: expected low < high")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"{where}.loguniform=[{low}, {high}] is invalid: expected 0 < low < high")
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ValueError(f"{where}.randint=[{low}, {high}] is invalid: expected integers (high exclusive)")
+            return cls(kind, (low, high))
+        if isinstance(raw, (list, tuple)):
+            raise ValueError(f"{where}={list(raw)!r} is ambiguous: write {{grid: [...]}} (one trial per value) "
+                             f"or {{choice: [...]}} (sampled)")
+        return cls("const", (raw,))
+
+    def candidates(self) -> list:
+        """Values to validate: every listed value, or both ends of a range (high exclusive)."""
+        if self.kind in ("const", "grid", "choice"):
+            return list(self.values)
+        low, high = self.values
+        if self.kind == "randint":
+            return [low, high - 1]
+        return [low, math.nextafter(float(high), float(low))]
+
+    @property
+    def first(self):
+        return self.candidates()[0]
+
+    def to_yaml(self) -> Any:
+        return self.values[0] if self.kind == "const" else {self.kind: list(self.values)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(where: str, value: Any, *, zero_ok: bool = False) -> int:
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where}={value!r} is invalid: expected an integer >= {low}")
+    return value
+
+
+EVAL_PROTOCOLS = ("standard", "edc")
+
+
+def _eval_class(protocol: str):
+    if protocol == "standard":
+        from .evaluate import EvalConfig
+
+        return EvalConfig
+    if protocol == "edc":
+        from .evaluate_edc import EDCEvalConfig
+
+        return EDCEvalConfig
+    raise ValueError(f"eval protocol {protocol!r} is invalid: accepted {', '.join(EVAL_PROTOCOLS)}")
+
+
+def eval_fields(settings: dict | None) -> set[str]:
+    """The fields an evaluation protocol's config accepts (``settings['protocol']``, default standard)."""
+    cls = _eval_class((settings or {}).get("protocol", "standard"))
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def eval_config(dataset: str, settings: dict | None, **overrides: Any):
+    """The evaluation config of ``settings``: ``protocol`` standard (raydd.evaluate.EvalConfig) or edc
+    (raydd.evaluate_edc.EDCEvalConfig with the dataset's paper row), other keys its fields."""
+    settings = {**(settings or {}), **overrides}
+    protocol = settings.pop("protocol", "standard")
+    teachers = settings.pop("teachers", False)
+    cls = _eval_class(protocol)
+    if not isinstance(teachers, bool) or (teachers and protocol != "edc"):
+        raise ValueError(f"eval teachers={teachers!r} is invalid: true only with protocol edc (observer relabelling)")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown {protocol} evaluation setting(s) {unknown}: accepted protocol, "
+                         f"{'teachers, ' if protocol == 'edc' else ''}{', '.join(sorted(known))}")
+    return cls.defaults(dataset, **settings) if protocol == "edc" else cls(**settings)
+
+
+def resolve_knob(method: str, name: str, eval_settings: dict | None = None) -> tuple[str, str]:
+    """Where a knob name lands: ('method', config field) or ('eval', evaluation field).
+
+    Method fields and the shared symbols the method's config maps (``aliases``) land on
+    the method; ``eval.<field>`` lands on the evaluation config, and so does ``zeta`` (the
+    evaluation LR-smoothing ζ) when the method does not map it itself but the evaluation
+    protocol has it (protocol edc). Anything else is a ValueError naming what is accepted.
+    """
+    config_cls = method_class(method).config_cls
+    fields = eval_fields(eval_settings)
+    if name.startswith("eval."):
+        target = name[len("eval."):]
+        if target not in fields or target == "device":
+            raise ValueError(f"knob {name!r}: the evaluation protocol has no setting {target!r}: accepted "
+                             f"{', '.join('eval.' + f for f in sorted(fields - {'device'}))}")
+        return "eval", target
+    target = config_cls.aliases.get(name, name)
+    if target in config_cls.knobs():
+        return "method", target
+    if name == "zeta" and "zeta" in fields:
+        return "eval", "zeta"
+    shared = ", ".join(f"{a} (= {t})" for a, t in config_cls.aliases.items()) or "none"
+    if name == "zeta":
+        raise ValueError(f"method {method!r} does not use the shared knob 'zeta' and its evaluation protocol has no "
+                         f"LR smoothing ζ: use 'eval: {{protocol: edc}}' (smoothing schedule), or drop zeta")
+    if name in SHARED_KNOBS:
+        raise ValueError(f"method {method!r} does not use the shared knob {name!r}: its shared knobs are {shared}")
+    raise ValueError(f"method {method!r} has no knob {name!r}: accepted {', '.join(config_cls.knobs())}; "
+                     f"shared knobs {shared}; evaluation settings as eval.<name>")
+
+
+def resolve_knob_name(method: str, name: str) -> str:
+    """The method config field a knob name sets; a name the method does not use is a ValueError."""
+    where, target = resolve_knob(method, name)
+    if where != "method":
+        raise ValueError(f"knob {name!r} is an evaluation setting, not a {method!r} knob")
+    return target
+
+
+# --------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: every method x IPC x seed x grid point, ``samples`` times (random knobs re-drawn)."""
+
+    name: str
+    dataset: str
+    methods: tuple[str, ...]
+    ipcs: tuple[int, ...]
+    iterations: dict[str, int | str]  # per method: a count or "default" (see default_trial_iterations)
+    eval_every: int | dict[str, int] = 0  # evaluate + report every k iterations and at the end (0: at the end
+    # only); a mapping gives it per method ({mtt: 500, default: 1000})
+    store: str = "raydd-store"
+    data_root: str | None = None
+    resolution: int | None = None
+    knobs: dict[str, dict[str, Knob]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    samples: int = 1
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
+    eval: dict[str, Any] = field(default_factory=dict)  # periodic evaluation: protocol (standard|edc) + its fields
+    method_eval: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: replaces ``eval``
+    final_eval: dict[str, Any] | None = None  # overrides of the method's eval for one extra evaluation at the end
+    max_failures: int = 2  # per trial: retried from its last checkpoint
+    max_concurrent: int | None = None
+    storage: str = "raydd-sweeps"  # where Tune writes the experiment (directory or URI)
+    device: str = "auto"
+    farm: dict[str, Any] = field(default_factory=dict)  # recipe -> FarmSpec fields, or a list of them (--farm)
+
+    def __post_init__(self) -> None:
+        from .data.datasets import check_dataset_name
+
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.strip() != self.name:
+            raise ValueError(f"name={self.name!r} is invalid: expected a non-empty name without '/'")
+        check_dataset_name(self.dataset)
+        if not self.methods:
+            raise ValueError("methods is empty: list at least one method")
+        for m in self.methods:
+            method_class(m)
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={list(self.methods)} lists a method twice")
+        if not self.ipcs:
+            raise ValueError("ipcs is empty: list at least one IPC (images per class), e.g. [1, 10, 50]")
+        for ipc in self.ipcs:
+            _positive_int("ipc", ipc)
+        if not self.seeds:
+            raise ValueError("seeds is empty: list at least one seed, e.g. [0]")
+        for seed in self.seeds:
+            _positive_int("seed", seed, zero_ok=True)
+        for m in self.methods:
+            if m not in self.iterations:
+                raise ValueError(f"iterations has no entry for method {m!r}")
+            if self.iterations[m] != "default":
+                _positive_int(f"iterations[{m}]", self.iterations[m])
+        if isinstance(self.eval_every, dict):
+            unknown = sorted(set(self.eval_every) - set(self.methods) - {"default"})
+            if unknown:
+                raise ValueError(f"eval_every names {unknown}, which are not in methods {list(self.methods)}")
+        for m in self.methods:
+            _positive_int(f"eval_every[{m}]" if isinstance(self.eval_every, dict) else "eval_every",
+                          self.method_eval_every(m), zero_ok=True)
+        _positive_int("samples", self.samples)
+        _positive_int("max_failures", self.max_failures, zero_ok=True)
+        if self.max_concurrent is not None:
+            _positive_int("max_concurrent", self.max_concurrent)
+        if self.resolution is not None:
+            _positive_int("resolution", self.resolution)
+        self._check_resources()
+        self._check_scheduler()
+        for key in ("eval", "final_eval"):
+            settings = getattr(self, key)
+            if settings is not None and not isinstance(settings, dict):
+                raise ValueError(f"{key}={settings!r} is invalid: expected a mapping of evaluation settings")
+        for method, settings in self.method_eval.items():
+            if method not in self.methods:
+                raise ValueError(f"method_eval given for method {method!r}, which is not in methods {list(self.methods)}")
+            if not isinstance(settings, dict):
+                raise ValueError(f"method_eval.{method}={settings!r} is invalid: expected a mapping of evaluation settings")
+        if self.final_eval is not None and "protocol" in self.final_eval:
+            raise ValueError("final_eval.protocol is not accepted: final_eval overrides settings of each method's "
+                             "eval (same protocol); set the protocol in eval or method_eval")
+        for method in self.methods:
+            eval_config(self.dataset, self.eval_settings(method))
+            if self.final_eval is not None:
+                eval_config(self.dataset, self.final_eval_settings(method))
+        self._check_knobs()
+        self._check_farm()
+
+    # ------------------------------------------------------------------ checks
+    def _check_resources(self) -> None:
+        unknown = sorted(set(self.resources) - {"cpu", "gpu"})
+        if unknown:
+            raise ValueError(f"unknown resources key(s) {unknown}: accepted cpu, gpu")
+        cpu, gpu = self.resources.get("cpu", 1.0), self.resources.get("gpu", 0.0)
+        if not _is_number(cpu) or cpu <= 0:
+            raise ValueError(f"resources.cpu={cpu!r} is invalid: expected a number > 0 per trial")
+        if not _is_number(gpu) or gpu < 0:
+            raise ValueError(f"resources.gpu={gpu!r} is invalid: expected a number >= 0 per trial (fractions share a GPU)")
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError(f"resources.gpu={gpu!r} is invalid: fractions only below 1 (e.g. 0.25), else whole GPUs")
+
+    def _check_scheduler(self) -> None:
+        s = self.scheduler
+        kind = s.get("type")
+        if kind not in SCHEDULERS:
+            raise ValueError(f"scheduler.type={kind!r} is invalid: accepted {', '.join(SCHEDULERS)}")
+        allowed = {"type"} | ({"grace_period", "reduction_factor", "max_t"} if kind == "asha" else set())
+        unknown = sorted(set(s) - allowed)
+        if unknown:
+            raise ValueError(f"unknown scheduler key(s) {unknown} for type {kind}: accepted {sorted(allowed)}")
+        if kind == "asha":
+            max_t = s.get("max_t", self.max_iterations)
+            _positive_int("scheduler.max_t", max_t)
+            grace = s.get("grace_period", default_grace_period(max_t))
+            _positive_int("scheduler.grace_period", grace)
+            if grace > max_t:
+                raise ValueError(f"scheduler.grace_period={grace} is invalid: expected <= max_t ({max_t} iterations)")
+            rf = s.get("reduction_factor", 3)
+            if not _is_number(rf) or rf <= 1:
+                raise ValueError(f"scheduler.reduction_factor={rf!r} is invalid: expected a number > 1")
+
+    def _check_knobs(self) -> None:
+        from .methods.base import make_config
+
+        for method, knobs in self.knobs.items():
+            if method not in self.methods:
+                raise ValueError(f"knobs given for method {method!r}, which is not in methods {list(self.methods)}")
+            where: dict[str, tuple[str, str]] = {}
+            for name in knobs:
+                target = resolve_knob(method, name, self.eval_settings(method))
+                if target in where.values():
+                    other = next(n for n, t in where.items() if t == target)
+                    raise ValueError(f"knobs for {method!r} set {target[1]!r} twice ({other!r} and {name!r})")
+                where[name] = target
+            base = {name: knob.first for name, knob in knobs.items()}
+            for ipc in self.ipcs:
+                for name, knob in [(None, None), *knobs.items()]:
+                    for value in [None] if knob is None else knob.candidates()[1:] if knob.kind != "const" else []:
+                        values = base if name is None else {**base, name: value}
+                        method_knobs = {k: v for k, v in values.items() if where[k][0] == "method"}
+                        eval_knobs = {where[k][1]: v for k, v in values.items() if where[k][0] == "eval"}
+                        try:
+                            make_config(method, self.dataset, ipc, **method_knobs)
+                            eval_config(self.dataset, self.eval_settings(method), **eval_knobs)
+                            if self.final_eval is not None:
+                                eval_config(self.dataset, self.final_eval_settings(method), **eval_knobs)
+                        except ValueError as err:
+                            what = f"knobs.{method} (IPC {ipc})" if name is None else \
+                                f"knobs.{method}.{name}: value {value!r} (IPC {ipc})"
+                            raise ValueError(f"{what} is refused: {err}") from None
+
+    def _check_farm(self) -> None:
+        from .farm.recipes import get_recipe
+
+        for recipe, entries in self.farm.items():
+            get_recipe(recipe)
+            entries = entries if isinstance(entries, list) else [entries]
+            if not entries:
+                raise ValueError(f"farm.{recipe} is an empty list: give at least one mapping of FarmSpec fields")
+            for overrides in entries:
+                if not isinstance(overrides, dict):
+                    raise ValueError(f"farm.{recipe}={overrides!r} is invalid: expected a mapping of FarmSpec fields "
+                                     f"(or a list of them)")
+                fixed = {"store", "dataset", "recipe"} & set(overrides)
+                if fixed:
+                    raise ValueError(f"farm.{recipe} sets {sorted(fixed)}: these come from the sweep spec")
+        self.farm_specs()
+
+    # ------------------------------------------------------------------ views
+    def method_eval_every(self, method: str) -> int:
+        if isinstance(self.eval_every, dict):
+            return self.eval_every.get(method, self.eval_every.get("default", 0))
+        return self.eval_every
+
+    def eval_settings(self, method: str) -> dict[str, Any]:
+        """The periodic evaluation of ``method``'s trials: ``method_eval[method]`` if given, else ``eval``."""
+        return dict(self.method_eval.get(method, self.eval))
+
+    def final_eval_settings(self, method: str) -> dict[str, Any] | None:
+        """The end-of-trial evaluation: the method's eval with ``final_eval`` applied (None: none)."""
+        return None if self.final_eval is None else {**self.eval_settings(method), **self.final_eval}
+
+    def trial_iterations(self, method: str, ipc: int) -> int:
+        value = self.iterations[method]
+        return default_trial_iterations(method, self.dataset, ipc) if value == "default" else value
+
+    @property
+    def max_iterations(self) -> int:
+        return max(self.trial_iterations(m, ipc) for m in self.methods for ipc in self.ipcs)
+
+    @property
+    def cpu(self) -> float:
+        return float(self.resources.get("cpu", 1.0))
+
+    @property
+    def gpu(self) -> float:
+        return float(self.resources.get("gpu", 0.0))
+
+    def grid_points(self, method: str) -> list[dict[str, Any]]:
+        """The grid-knob combinations of ``method`` (one empty dict when it has no grid knob)."""
+        points: list[dict[str, Any]] = [{}]
+        for name, knob in self.knobs.get(method, {}).items():
+            if knob.kind == "grid":
+                points = [{**p, name: v} for p in points for v in knob.values]
+        return points
+
+    @property
+    def num_trials(self) -> int:
+        arms = sum(len(self.grid_points(m)) for m in self.methods)
+        return self.samples * arms * len(self.ipcs) * len(self.seeds)
+
+    def farm_specs(self, **extra: Any) -> list:
+        """The FarmSpecs of the ``farm`` section (a mapping or a list of mappings per recipe) on this
+        sweep's store, dataset and data; ``extra`` fills fields an entry does not set (e.g. backend)."""
+        from .farm.spec import FarmSpec
+
+        specs = []
+        for recipe, entries in self.farm.items():
+            for overrides in entries if isinstance(entries, list) else [entries]:
+                fields = {"store": self.store, "dataset": self.dataset, "data_root": self.data_root,
+                          "resolution": self.resolution, "recipe": recipe}
+                specs.append(FarmSpec.from_dict({**fields, **extra, **overrides}))
+        return specs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that ``from_dict`` reads back (knobs in their YAML form)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["methods"] = list(self.methods)
+        out["ipcs"] = list(self.ipcs)
+        out["seeds"] = list(self.seeds)
+        out["knobs"] = {m: {k: v.to_yaml() for k, v in ks.items()} for m, ks in self.knobs.items()}
+        return json.loads(json.dumps(out))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        if not isinstance(data, dict):
+            raise ValueError(f"a sweep spec must be a mapping of SweepSpec fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown sweep spec key(s) {unknown}: accepted {sorted(known)}")
+        missing = sorted({"name", "dataset", "methods", "ipcs", "iterations"} - set(data))
+        if missing:
+            raise ValueError(f"sweep spec lacks required key(s) {missing}")
+        data = dict(data)
+        methods = data["methods"]
+        methods = [methods] if isinstance(methods, str) else methods
+        if not isinstance(methods, (list, tuple)):
+            raise ValueError(f"methods={methods!r} is invalid: expected a list of method names")
+        for m in methods:
+            method_class(m)
+        data["methods"] = tuple(str(m).strip().lower().replace("-", "_") for m in methods)
+        for key in ("ipcs", "seeds"):
+            if key in data:
+                value = data[key]
+                value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"{key}={value!r} is invalid: expected a list of integers")
+                data[key] = tuple(value)
+        data["iterations"] = _iterations(data["iterations"], data["methods"])
+        knobs = data.get("knobs") or {}
+        if not isinstance(knobs, dict) or not all(isinstance(v, dict) for v in knobs.values()):
+            raise ValueError(f"knobs={knobs!r} is invalid: expected {{method: {{knob: value or range}}}}")
+        data["knobs"] = {str(m).lower().replace("-", "_"): {k: Knob.parse(f"knobs.{m}.{k}", v) for k, v in ks.items()}
+                         for m, ks in knobs.items()}
+        if isinstance(data.get("method_eval"), dict):
+            data["method_eval"] = {str(m).lower().replace("-", "_"): v for m, v in data["method_eval"].items()}
+        for key in ("scheduler", "resources", "eval", "farm", "method_eval"):
+            if key in data and data[key] is None:
+                data.pop(key)
+            elif key in data and not isinstance(data[key], dict):
+                raise ValueError(f"{key}={data[key]!r} is invalid: expected a mapping")
+        if "scheduler" in data:
+            data["scheduler"] = {"type": "asha", **data["scheduler"]}
+        if "resources" in data:
+            data["resources"] = {"cpu": 1.0, "gpu": 0.0, **data["resources"]}
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "SweepSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"sweep spec {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"sweep spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"sweep spec {path} must be a YAML mapping of SweepSpec fields")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+
+def default_grace_period(max_t: int) -> int:
+    """ASHA's first rung: a ninth of the budget (rungs at max_t/9 and max_t/3 with reduction factor 3)."""
+    return max(1, max_t // 9)
+
+
+HORIZON_FIELDS = ("total_iterations", "iterations")
+
+
+def horizon_field(config_cls) -> str | None:
+    """The config field holding the planned number of iterations (an lr or injection schedule's length).
+
+    A config names it with ``horizon_field`` (ClassVar); otherwise a field called
+    ``total_iterations`` or ``iterations`` is taken to be it. Trials set it to their own
+    iteration count unless the spec sets it explicitly.
+    """
+    named = getattr(config_cls, "horizon_field", None)
+    if named:
+        return named
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return next((f for f in HORIZON_FIELDS if f in fields), None)
+
+
+def default_trial_iterations(method: str, dataset: str, ipc: int) -> int:
+    """'default' iterations: the published horizon for (dataset, IPC) if the config has one, else the method's count."""
+    config_cls = method_class(method).config_cls
+    horizon = horizon_field(config_cls)
+    if horizon is not None:
+        return int(getattr(config_cls.defaults(dataset, ipc), horizon))
+    return int(config_cls.default_iterations)
+
+
+def _iterations(raw: Any, methods: tuple[str, ...]) -> dict[str, int | str]:
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - set(methods) - {"default"})
+        if unknown:
+            raise ValueError(f"iterations names {unknown}, which are not in methods {list(methods)}")
+        return {m: raw.get(m, raw.get("default", "default")) for m in methods}
+    if raw != "default" and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise ValueError(f"iterations={raw!r} is invalid: expected an integer >= 1, 'default' or {{method: n}}")
+    return {m: raw for m in methods}

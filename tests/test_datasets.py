@@ -1,0 +1,87 @@
+"""Dataset registry: offline digits, idx files from a read-only root, ImageFolder trees and archives."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raydd.data.datasets import DATASETS, DataNotFoundError, load_dataset, load_train_test
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def test_digits_is_offline_and_split_is_fixed():
+    train, test = load_train_test("digits")
+    assert train.images.shape == (1438, 1, 8, 8) and test.images.shape == (359, 1, 8, 8)
+    assert train.info.num_classes == 10 and train.info.channels == 1 and not train.info.flip_ok
+    assert abs(float(train.images.mean())) < 1e-4 and abs(float(train.images.std()) - 1) < 1e-3
+    again, _ = load_train_test("digits")
+    assert torch.equal(train.labels, again.labels) and train.fingerprint() == again.fingerprint()
+    assert int(torch.bincount(train.labels).min()) == 139  # 80% of the smallest class (174 images)
+
+
+def test_per_class_subset_is_balanced_and_seeded(digits):
+    train, _ = digits
+    sub = train.per_class(20, seed=3)
+    assert torch.bincount(sub.labels).tolist() == [20] * 10
+    assert torch.equal(sub.images, train.per_class(20, seed=3).images)
+
+
+@pytest.mark.skipif(not (SHARED / "FashionMNIST").exists(), reason="needs ../shared/datasets")
+def test_fashion_mnist_reads_from_a_read_only_root():
+    test = load_dataset("fashion_mnist", "test", SHARED)
+    assert test.images.shape == (10000, 1, 28, 28) and test.info.flip_ok
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert test.info.mean == (0.2861,)
+
+
+def test_missing_files_name_where_raydd_looked(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("mnist", "train", tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in message and "--download" in message and "internet" in message
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_dataset("cifar10", "train", tmp_path / "nowhere")
+
+
+def test_unknown_names_list_what_is_accepted():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn': accepted digits, mnist"):
+        load_dataset("svhn")
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        load_dataset("digits", "val")
+    assert set(DATASETS) >= {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"}
+
+
+def _write_tree(root: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for cls in ("cat", "dog", "emu"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_tree_and_archive(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDD_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    _write_tree(tree)
+    train = load_dataset("imagefolder", "train", tree, resolution=16)
+    assert train.images.shape == (12, 3, 16, 16) and train.info.class_names == ("cat", "dog", "emu")
+    archive = tmp_path / "ro" / "data.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="wrapped")
+    archive.parent.chmod(0o555)  # a read-only root must work: extraction goes to the cache
+    try:
+        test = load_dataset("imagefolder", "test", archive.parent, resolution=16)
+    finally:
+        archive.parent.chmod(0o755)
+    assert test.images.shape == (6, 3, 16, 16)
+    assert sorted(p.name for p in archive.parent.iterdir()) == ["data.tar.gz"]
+    assert test.info.mean == train.info.mean  # statistics always come from the training split

@@ -1,0 +1,234 @@
+"""EDC synthesis and the EDC evaluation protocol on real (tiny) data: BatchNorm observers farmed
+on scikit-learn digits into a temporary store (two ConvNet-BN, one ResNet-18-BN)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raydd.evaluate_edc import EDCEvalConfig, ModelEMA, evaluate_edc, smoothing_lr_factor
+from raydd.farm import FarmSpec, farm
+from raydd.methods import load_checkpoint, load_synthetic, make_config, save_checkpoint
+from raydd.methods.edc import EDC
+from raydd.methods.synthetic import SyntheticSet
+from raydd.store import TrajectoryStore
+
+CONVNET = "convnet2-w16-bn"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and does not spin against other test processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "edc_observers"
+    base = dict(store=str(root), dataset="digits", recipe="observer", backend="local")
+    farm(FarmSpec(**base, recipe_options={"epochs": 3, "batch_size": 64, "lr": 0.05, "dsa": False},
+                  model={"arch": "convnet", "width": 16, "depth": 2}, trajectories=2), progress=False)
+    # a small, briefly trained ResNet-18-BN (subset, no DSA) keeps the fixture fast
+    farm(FarmSpec(**base, train_per_class=20, recipe_options={"epochs": 1, "batch_size": 64, "dsa": False},
+                  model={"arch": "resnet18", "width": 4}, trajectories=1), progress=False)
+    # instance-norm networks under another kind: observers without BatchNorm
+    farm(FarmSpec(store=str(root), dataset="digits", recipe="expert", backend="local", trajectories=1,
+                  recipe_options={"epochs": 1, "batch_size": 256}, model={"width": 8, "depth": 1}), progress=False)
+    return TrajectoryStore(root)
+
+
+def no_hooks(method: EDC) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks
+               for net in method.observer_models() for m in net.modules())
+
+
+def test_uses_every_observer_and_config_ids(digits, store):
+    train, _ = digits
+    method = EDC(make_config("edc", "digits", 1), train, store, device="cpu", seed=0)
+    assert sorted(o.model_name for o in method.observers) == [CONVNET, CONVNET, "resnet18-bn-w4"]
+    chosen = method.observers[2].trajectory_id
+    only = EDC(make_config("edc", "digits", 1, observers=chosen), train, store, device="cpu", seed=0)
+    assert [o.trajectory_id for o in only.observers] == [chosen]
+    cfg = make_config("edc", "digits", 1, alpha=0.25, tau=2.0)  # shared sweep symbols
+    assert (cfg.alpha, cfg.tau) == (0.25, 2.0)
+
+
+def test_loss_goes_down_on_fixed_observers(digits, store):
+    train, _ = digits
+    cfg = make_config("edc", "digits", 2, model=CONVNET, iterations=12)
+    method = EDC(cfg, train, store, device="cpu", seed=0)
+    before = method.matching_loss(seed=5)  # same observers and augmentations every time
+    metrics = [method.step() for _ in range(12)]
+    after = method.matching_loss(seed=5)
+    assert after["loss"] < 0.9 * before["loss"], (before, after)
+    assert {"loss", "loss_global", "loss_class", "loss_ce", "loss_flat", "lr", "time_s"} <= set(metrics[-1])
+    assert metrics[0]["loss_flat"] == pytest.approx(0.0, abs=1e-6)  # S_EMA == S at the start
+    assert metrics[-1]["loss_flat"] > 0
+
+    stats_only = EDC(cfg.with_overrides(ce_weight=0.0, stat_weight=1.0), train, store, device="cpu", seed=0)
+    before = stats_only.matching_loss(seed=5)
+    for _ in range(12):
+        stats_only.step()
+    after = stats_only.matching_loss(seed=5)
+    assert after["loss_stat"] < 0.95 * before["loss_stat"], (before, after)
+
+
+def test_resume_is_bit_exact(digits, store, tmp_path):
+    train, _ = digits
+    cfg = make_config("edc", "digits", 2, batch_syn=10, iterations=6)  # 3 observers, 2 chunks
+    straight = EDC(cfg, train, store, device="cpu", seed=3)
+    for _ in range(4):
+        straight.step()
+    first = EDC(cfg, train, store, device="cpu", seed=3)
+    for _ in range(2):
+        first.step()
+    save_checkpoint(first, tmp_path / "edc.ckpt")
+    resumed = load_checkpoint(EDC(cfg, train, store, device="cpu", seed=3), tmp_path / "edc.ckpt")
+    assert resumed.iteration == 2 and set(resumed.class_stats) == set(first.class_stats)
+    for _ in range(2):
+        resumed.step()
+    assert torch.equal(resumed.images, straight.images)
+    assert torch.equal(resumed.ema_images, straight.ema_images)
+    assert resumed.class_stat_computations == 1  # two observers' statistics came from the checkpoint
+    with pytest.raises(ValueError, match="config differs"):
+        EDC(cfg.with_overrides(alpha=0.4), train, store, device="cpu", seed=3).load_state_dict(first.state_dict())
+
+
+def test_hooks_are_removed_after_use(digits, store, monkeypatch):
+    train, _ = digits
+    method = EDC(make_config("edc", "digits", 1, observer_turns="all"), train, store, device="cpu", seed=0)
+    method.step()
+    method.matching_loss()
+    assert no_hooks(method)
+    bn = method.observers[0].bn[-1]
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bn, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        method.step()
+    assert no_hooks(method)
+
+
+def test_class_statistics_computed_once_and_correct(digits, store, monkeypatch):
+    train, _ = digits
+    calls = []
+    original = EDC._compute_class_stats
+
+    def counting(self, obs):
+        calls.append(obs.trajectory_id)
+        return original(self, obs)
+
+    monkeypatch.setattr(EDC, "_compute_class_stats", counting)
+    method = EDC(make_config("edc", "digits", 1), train, store, device="cpu", seed=0)
+    for _ in range(2 * len(method.observers)):
+        method.step()
+    method.matching_loss()
+    method.synthetic_set()
+    assert sorted(calls) == sorted(o.trajectory_id for o in method.observers)
+
+    obs = method.observers[0]  # check one layer/class against a direct computation
+    feats = []
+    handle = obs.bn[1].register_forward_hook(lambda m, a, o: feats.append(a[0]))
+    with torch.no_grad():
+        obs.net(train.images[train.labels == 3])
+    handle.remove()
+    mean, var = method.class_stats[obs.trajectory_id][1]
+    f = feats[0].double()
+    assert torch.allclose(mean[3].double(), f.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(var[3].double(), f.var((0, 2, 3), unbiased=False), atol=1e-4)
+
+
+def test_synthetic_set_soft_labels(digits, store, tmp_path):
+    train, _ = digits
+    method = EDC(make_config("edc", "digits", 2), train, store, device="cpu", seed=1)
+    method.step()
+    syn = method.synthetic_set()
+    logits = torch.stack([net(syn.images) for net in method.observer_models()]).mean(0)  # eq. 4
+    assert syn.soft and torch.allclose(syn.labels, logits.softmax(1), atol=1e-5)
+    assert torch.allclose(syn.meta["logits"], logits, atol=1e-5)
+    back = load_synthetic(syn.save(tmp_path / "edc.safetensors"))
+    assert torch.equal(back.meta["logits"], syn.meta["logits"]) and torch.equal(back.images, syn.images)
+
+
+def test_smoothing_schedule_formula_and_plain_cosine():
+    n = 20
+    for zeta in (1.0, 2.0, 3.0):
+        for i in range(n):
+            assert smoothing_lr_factor(i, n, zeta) == pytest.approx((1 + math.cos(i * math.pi / (zeta * n))) / 2)
+    assert smoothing_lr_factor(n // 2, n, 2.0) > smoothing_lr_factor(n // 2, n, 1.0)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n)
+    for i in range(n + 1):
+        assert smoothing_lr_factor(i, n, 1.0) == pytest.approx(cosine.get_last_lr()[0], abs=1e-9)
+        opt.step()
+        cosine.step()
+    cfg = EDCEvalConfig(schedule="multistep", epochs=1000)
+    assert [cfg.lr_factor(e) for e in (799, 800, 900, 950, 999)] == [1.0, 0.5, 0.25, 0.125, 0.125]
+
+
+def test_model_ema_matches_the_analytic_ema():
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = ModelEMA(net, decay=0.9)
+    values = [2.0, -1.0, 4.0, 0.5]
+    for v in values:
+        with torch.no_grad():
+            net.weight.fill_(v)
+        ema.update(net)
+    d, t = 0.9, len(values)
+    analytic = d ** t * 1.0 + sum((1 - d) * d ** (t - k) * v for k, v in enumerate(values, start=1))
+    tested = ema.model(net)
+    assert float(tested.weight.detach()) == pytest.approx(analytic, rel=1e-6)
+    assert float(tested.weight.detach()) != float(net.weight.detach())
+    assert float(net.weight.detach()) == 0.5  # the raw model is untouched
+
+
+def test_evaluate_edc_end_to_end(digits, store):
+    train, test = digits
+    method = EDC(make_config("edc", "digits", 2, model=CONVNET), train, store, device="cpu", seed=0)
+    for _ in range(2):
+        method.step()
+    syn = method.synthetic_set()
+    small = dict(model={"arch": "convnet", "width": 8, "depth": 1}, epochs=4, batch_size=10, device="cpu")
+    result = evaluate_edc(syn, test, EDCEvalConfig(num_models=2, **small))
+    assert len(result.accuracies) == 2 and 0 <= result.mean <= 1 and result.extra["tested"] == "ema"
+    assert len(result.extra["raw_accuracies"]) == 2 and result.extra["label_source"] == "logits"
+    relabel = evaluate_edc(syn, test, EDCEvalConfig(num_models=1, loss="mse_gt", schedule="ssrs", **small),
+                           teachers=method.observer_models())
+    assert relabel.extra["label_source"] == "teachers"
+    hard = SyntheticSet(images=syn.images, labels=syn.hard_labels, dataset=syn.dataset, method="random")
+    other = evaluate_edc(hard, test, EDCEvalConfig(num_models=1, schedule="multistep", augment="dsa", **small))
+    assert 0 <= other.mean <= 1
+    with pytest.raises(ValueError, match="mse_gt"):
+        evaluate_edc(hard, test, EDCEvalConfig(loss="mse_gt", **small))
+
+
+def test_errors(digits, store, tmp_path):
+    train, _ = digits
+    with pytest.raises(ValueError, match="raydd farm --recipe observer --norm batch"):
+        EDC(make_config("edc", "digits", 1), train, TrajectoryStore(tmp_path / "empty"), device="cpu")
+    with pytest.raises(ValueError, match="BatchNorm"):
+        EDC(make_config("edc", "digits", 1, observer_kind="expert"), train, store, device="cpu")
+    with pytest.raises(ValueError, match="not in store"):
+        EDC(make_config("edc", "digits", 1, observers="nope"), train, store, device="cpu")
+    for alpha in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"alpha=.*expected \[0, 1\]"):
+            make_config("edc", "digits", 1, alpha=alpha)
+    with pytest.raises(ValueError, match="unknown EDCConfig knob 'bogus'"):
+        make_config("edc", "digits", 1, bogus=1)
+    with pytest.raises(ValueError, match="tau"):
+        make_config("edc", "digits", 1, tau=0)
+    with pytest.raises(ValueError, match="schedule"):
+        EDCEvalConfig(schedule="step")
+    with pytest.raises(ValueError, match="zeta"):
+        EDCEvalConfig(zeta=0)
+    with pytest.raises(ValueError, match="zeta"):
+        smoothing_lr_factor(0, 10, -1.0)

@@ -1,0 +1,166 @@
+"""Evaluation protocol, condense() driver and the condense/evaluate CLI, on digits."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydd.condense import condense, image_grid
+from raydd.condense_cli import add_condense_parser, add_evaluate_parser, parse_overrides
+from raydd.evaluate import EvalConfig, evaluate_synthetic, full_data
+from raydd.farm import FarmSpec, farm
+from raydd.methods import MTT, SyntheticSet, load_synthetic, make_config
+from raydd.store import TrajectoryStore
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = dict(model={"arch": "convnet", "width": 16, "depth": 2}, num_models=2, epochs=15, batch_size=64,
+            device="cpu")
+
+
+def real_init_set(train, ipc: int = 10, soft: bool = False) -> SyntheticSet:
+    subset = train.per_class(ipc, seed=0)
+    labels = subset.labels
+    if soft:
+        labels = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    return SyntheticSet(subset.images.clone(), labels, {**train.info.to_dict(), "zca": False}, "random")
+
+
+def test_evaluate_synthetic_reports_final_accuracies(digits):
+    train, test = digits
+    result = evaluate_synthetic(real_init_set(train), test, EvalConfig(**TINY))
+    assert len(result.accuracies) == 2 and result.final_test_acc == result.accuracies
+    assert all(0.0 <= a <= 1.0 for a in result.accuracies)
+    assert result.mean > 0.3  # 10 real images per class: well above chance (0.1)
+    assert result.std >= 0 and result.lr == 0.01 and result.model["width"] == 16
+    again = evaluate_synthetic(real_init_set(train), test, EvalConfig(**TINY))
+    assert again.accuracies == result.accuracies  # seeded networks, batches and augmentation
+
+
+def test_soft_labels_syn_lr_and_zca(digits):
+    train, test = digits
+    syn = dataclasses.replace(real_init_set(train, ipc=3, soft=True), syn_lr=0.02)
+    result = evaluate_synthetic(syn, test, EvalConfig(**{**TINY, "num_models": 1, "epochs": 3}))
+    assert result.lr == 0.02 and len(result.accuracies) == 1
+    from raydd.data.zca import ZCAWhitening
+
+    zca = ZCAWhitening().fit(train.images)
+    white = dataclasses.replace(syn, images=zca.transform(syn.images), zca=zca.state_dict())
+    assert evaluate_synthetic(white, test, EvalConfig(**{**TINY, "num_models": 1, "epochs": 3})).extra["zca"]
+    bad = dataclasses.replace(syn, labels=syn.labels * 2)
+    with pytest.raises(ValueError, match="probability rows"):
+        evaluate_synthetic(bad, test, EvalConfig(**TINY))
+
+
+def test_full_data_and_cross_architecture_spec(digits):
+    train, test = digits
+    result = full_data(train.per_class(30), test, EvalConfig(**{**TINY, "num_models": 1, "epochs": 3}))
+    assert result.extra["method"] == "full_data" and len(result.accuracies) == 1
+    spec = EvalConfig(model="resnet18").model_spec(train.info)
+    assert (spec.arch, spec.channels, spec.resolution, spec.num_classes) == ("resnet18", 1, (8, 8), 10)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": "vgg"}, "unknown evaluation model 'vgg'"),
+    ({"model": {"arch": "convnet", "colour": 1}}, r"unknown evaluation model option\(s\) \['colour'\]"),
+    ({"num_models": 0}, "num_models=0 is invalid"),
+    ({"lr": -0.1}, "lr=-0.1 is invalid"),
+    ({"lr_decay_at": 2.0}, "lr_decay_at=2.0 is invalid"),
+])
+def test_bad_eval_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_mismatched_test_set_is_refused(digits):
+    train, test = digits
+    syn = real_init_set(train, ipc=1)
+    wrong = dataclasses.replace(test, images=torch.zeros(len(test), 1, 4, 4))
+    with pytest.raises(ValueError, match="does not match the test set"):
+        evaluate_synthetic(syn, wrong, EvalConfig(**TINY))
+
+
+# --------------------------------------------------------------------------- condense + CLI
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "mtt_experts"  # shared with test_mtt.py (farm skips stored ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        farm(FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=2,
+                      recipe_options={"epochs": 6, "batch_size": 64}, model={"width": 16, "depth": 2}),
+             progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_condense_logs_evaluates_checkpoints_and_resumes(digits, store_root, tmp_path):
+    train, test = digits
+    cfg = make_config("mtt", "digits", 1, syn_steps=3, expert_epochs=2, max_start_epoch=4, lr_img=100.0)
+    store = TrajectoryStore(store_root)
+    eval_cfg = EvalConfig(**{**TINY, "num_models": 1, "epochs": 2})
+    ckpt = tmp_path / "run.ckpt"
+    result = condense(MTT(cfg, train, store, device="cpu"), 4, eval_every=2, eval_config=eval_cfg, test=test,
+                      logdir=str(tmp_path / "tb"), progress=False, checkpoint_path=str(ckpt))
+    assert [h["iteration"] for h in result.history] == [1, 2, 3, 4]
+    assert [it for it, _ in result.evals] == [2, 4] and result.final_eval is result.evals[-1][1]
+    assert result.seconds_per_iteration > 0 and ckpt.exists()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"train/loss", "train/syn_lr", "eval/acc_mean"} <= set(events.Tags()["scalars"])
+    assert "synthetic/images" in events.Tags()["images"]
+
+    resumed = condense(MTT(cfg, train, store, device="cpu"), 6, progress=False, checkpoint_path=str(ckpt))
+    assert resumed.resumed_from == 4 and [h["iteration"] for h in resumed.history] == [5, 6]
+    grid = image_grid(resumed.synthetic)
+    assert grid.dim() == 3 and 0 <= float(grid.min()) and float(grid.max()) <= 1
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="raydd")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_condense_parser(sub)
+    add_evaluate_parser(sub)
+    return parser
+
+
+def test_cli_condense_then_evaluate(store_root, tmp_path, capsys):
+    out = tmp_path / "digits.safetensors"
+    args = _parser().parse_args([
+        "condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--store", str(store_root),
+        "--iterations", "2", "--set", "syn_steps=2", "--set", "max_start_epoch=4", "--set", "expert_epochs=2",
+        "--out", str(out), "--quiet", "--device", "cpu"])
+    assert args.func(args) == 0
+    syn = load_synthetic(out)
+    assert syn.iteration == 2 and len(syn) == 10
+    args = _parser().parse_args(["evaluate", str(out), "--num-models", "2", "--epochs", "2", "--width", "16",
+                                 "--depth", "2", "--device", "cpu"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "final test accuracy, 2 networks" in text and "per network:" in text
+
+
+def test_cli_refuses_bad_input_before_work(store_root, tmp_path):
+    base = ["condense", "--method", "mtt", "--dataset", "digits", "--store", str(store_root), "--quiet"]
+    for extra, message in ((["--ipc", "0"], "ipc=0 is invalid"),
+                           (["--ipc", "1", "--set", "nope=1"], "unknown MTTConfig knob 'nope'"),
+                           (["--ipc", "1", "--method", "xyz"], "unknown method 'xyz'")):
+        args = _parser().parse_args(base + extra)
+        with pytest.raises(ValueError, match=message):
+            args.func(args)
+    assert parse_overrides(["a=1", "b=0.5", "c=none", "d=true", "e=convnet3-w16-in"]) == \
+        {"a": 1, "b": 0.5, "c": None, "d": True, "e": "convnet3-w16-in"}

@@ -1,0 +1,219 @@
+"""Ray Tune sweeps: ASHA on a real (tiny) sweep, leaderboard, TensorBoard, fault recovery, resume."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydd.sweep_spec import SweepSpec, import_methods
+from raydd.tune import (TEST_FAULT_KEY, TEST_FAULT_MARKER, TIME_ATTR, SweepResourceError, TrialSettings, asha,
+                        knob_space, run_sweep)
+
+import_methods()
+
+EVAL = {"model": {"arch": "convnet", "width": 16}, "num_models": 1, "epochs": 100, "lr": 0.05}
+
+
+def make_expert_store(root: Path) -> str:
+    """Two tiny MTT experts on digits (re-running skips what the store already has)."""
+    from raydd.farm import FarmSpec, farm
+
+    farm(FarmSpec(store=str(root), dataset="digits", recipe="expert", train_per_class=30,
+                  recipe_options={"epochs": 2, "batch_size": 64, "eval_every": 2}, model={"width": 8, "depth": 2},
+                  trajectories=2, backend="local"), progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def expert_store(tmp_path_factory):
+    return make_expert_store(tmp_path_factory.getbasetemp() / "tune_expert_store")
+
+
+# --------------------------------------------------------------------------- pure helpers
+def test_knob_space_maps_shared_knobs_onto_each_method():
+    from ray import tune
+
+    grid = tune.grid_search([0.01, 0.001])
+    assert knob_space("mtt", alpha=grid) == {"syn_lr_init": grid}
+    assert knob_space("dm", lr_img=3.0) == {"lr_img": 3.0}
+    with pytest.raises(ValueError, match="method 'dm' does not use the shared knob 'tau'"):
+        knob_space("dm", tau=0.1)
+    with pytest.raises(ValueError, match="sets 'syn_lr_init' twice"):
+        knob_space("mtt", alpha=0.1, syn_lr_init=0.2)
+    assert knob_space("dm", zeta=2.0, eval_protocol="edc") == {"eval.zeta": 2.0}  # ζ: evaluation LR smoothing
+
+
+def test_asha_uses_the_iteration_counter():
+    scheduler = asha(max_t=90)
+    assert scheduler._time_attr == TIME_ATTR
+    assert scheduler._max_t == 90 and scheduler._reduction_factor == 3
+    assert sorted(rung for rung, _ in scheduler._brackets[0]._rungs) == [10, 30, 90]  # grace period 90 // 9
+    with pytest.raises(ValueError, match="grace_period=100 is invalid"):
+        asha(max_t=90, grace_period=100)
+
+
+def test_trial_settings_flat_nested_and_horizon():
+    flat = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 2, "iterations": 7,
+                                      "eval_every": 3, "lr_img": 2.0})
+    assert flat.knobs == {"lr_img": 2.0} and flat.eval_points() == [3, 6, 7]
+    assert flat.method_config().lr_img == 2.0
+    nested = TrialSettings.from_config({"arm": {"method": "mtt", "iterations": "default", "knobs": {"alpha": 0.02}},
+                                        "dataset": "digits", "ipc": 1})
+    assert nested.iterations == 5000 and nested.method_config().syn_lr_init == 0.02
+    with pytest.raises(ValueError, match="method 'dm' does not use the shared knob 'zeta'"):
+        TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 1, "iterations": 5, "zeta": 2})
+    edc_eval = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 1, "iterations": 5,
+                                          "eval": {"protocol": "edc", "epochs": 7}, "knobs": {"zeta": 3.0}})
+    assert edc_eval.method_knobs == {} and edc_eval.eval_config().zeta == 3.0 and edc_eval.eval_config().epochs == 7
+    from raydd.methods.base import METHODS
+
+    if "ptlm" in METHODS:  # the injection schedule's T is the trial's own length unless set explicitly
+        ptlm = TrialSettings.from_config({"method": "ptlm", "dataset": "digits", "ipc": 1, "iterations": 40})
+        assert ptlm.method_config().total_iterations == 40
+
+
+# --------------------------------------------------------------------------- sweeps
+@pytest.fixture(scope="module")
+def asha_sweep(ray_session, expert_store, tmp_path_factory):
+    """2 methods x 2 configs (real vs noise init): ASHA must stop the noise-initialised ones early.
+
+    One trial at a time so the order is fixed (grid order: real before noise in each group):
+    the noise trial then meets the real one's result at the first rung and is stopped there.
+    """
+    spec = SweepSpec.from_dict({
+        "name": "asha", "dataset": "digits", "store": expert_store, "methods": ["mtt", "dm"], "ipcs": [2],
+        "iterations": 6, "eval_every": 2, "eval": EVAL,
+        "knobs": {"mtt": {"pix_init": {"grid": ["real", "noise"]}, "syn_steps": 4, "max_start_epoch": 1,
+                          "expert_epochs": 1, "lr_img": 1.0},
+                  "dm": {"init": {"grid": ["real", "noise"]}, "lr_img": 0.1, "width": 16, "batch_real": 32}},
+        "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 1, "storage": str(tmp_path_factory.mktemp("sweeps")),
+    })
+    return spec, run_sweep(spec, progress=False)
+
+
+def test_asha_sweep_stops_weak_trials_and_writes_leaderboard(asha_sweep):
+    spec, result = asha_sweep
+    trials = result.trials
+    assert len(trials) == 4 and not any(t["error"] for t in trials)
+    by_init = {(t["method"], t["knobs"].get("pix_init", t["knobs"].get("init"))): t for t in trials}
+    for method in ("mtt", "dm"):  # ASHA within each (method, IPC): noise init stopped at the first rung
+        real, noise = by_init[(method, "real")], by_init[(method, "noise")]
+        assert (real["iterations"], noise["iterations"]) == (6, 2)
+        assert real["acc_mean"] > noise["acc_mean"] + 0.2
+    # leaderboard: best (method, IPC) rows, real init wins, files and best synthetic sets written
+    rows = {(r.method, r.ipc): r for r in result.rows}
+    assert set(rows) == {("mtt", 2), ("dm", 2)}
+    for (method, _), row in rows.items():
+        assert row.iterations == row.target_iterations == 6 and row.trials == 2 and row.stopped_early == 1
+        assert row.knobs.get("pix_init", row.knobs.get("init")) == "real"
+        from raydd.methods.synthetic import load_synthetic
+
+        syn = load_synthetic(row.synthetic_path)
+        assert syn.method == method and len(syn) == 20 and syn.iteration == 6
+    with open(result.leaderboard_csv) as f:
+        table = list(csv.DictReader(f))
+    assert {(r["method"], r["ipc"]) for r in table} == {("mtt", "2"), ("dm", "2")}
+    md = Path(result.leaderboard_md).read_text()
+    assert "| mtt | 2 |" in md and "| dm | 2 |" in md
+    assert "syn_lr" in next(t for t in trials if t["method"] == "mtt") and \
+        next(t for t in trials if t["method"] == "mtt")["syn_lr"] > 0
+    assert Path(result.experiment_path, "sweep_spec.json").exists()
+
+
+def test_tensorboard_has_scalars_images_and_hparams(asha_sweep):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    _, result = asha_sweep
+    full = next(t for t in result.trials if t["iterations"] == 6)
+    own = EventAccumulator(str(Path(full["path"]) / "tensorboard"), size_guidance={IMAGES: 0, SCALARS: 0}).Reload()
+    tags = own.Tags()
+    assert {"eval/acc_mean", "eval/acc_std", "train/loss"} <= set(tags["scalars"])
+    assert [e.step for e in own.Scalars("eval/acc_mean")] == [2, 4, 6]
+    images = own.Images("synthetic/images")
+    assert [e.step for e in images] == [0, 2, 4, 6] and images[-1].width > 0
+    tune_events = EventAccumulator(full["path"]).Reload()  # Tune's TBXLogger: every reported number
+    assert "ray/tune/eval_acc" in tune_events.Tags()["scalars"]
+    runs = sorted(p for p in Path(result.hparams_dir).iterdir() if p.is_dir())
+    assert len(runs) == 4
+    root = EventAccumulator(result.hparams_dir).Reload()
+    assert "hparams" in root.PluginTagToContent("hparams") or root.PluginTagToContent("hparams")
+    run = EventAccumulator(str(runs[0])).Reload()
+    assert "hparams/acc_mean" in run.Tags()["scalars"]
+
+
+def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, capsys):
+    import argparse
+
+    import yaml
+
+    from raydd.tune import add_sweep_parser, cmd_sweep
+
+    spec, result = asha_sweep
+    storage = str(Path(result.experiment_path).parent)
+    with pytest.raises(ValueError, match="already exists: pass --resume"):
+        run_sweep(spec, progress=False, storage=storage)
+    again = run_sweep(spec, progress=False, storage=storage, resume=True)  # all finished: nothing re-runs
+    assert [(r.method, r.ipc, r.trial_id, r.acc_mean) for r in again.rows] == \
+           [(r.method, r.ipc, r.trial_id, r.acc_mean) for r in result.rows]
+    # the CLI: raydd sweep <spec.yaml> --resume --storage PATH
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    parser = argparse.ArgumentParser(prog="raydd")
+    add_sweep_parser(parser.add_subparsers(dest="command"))
+    assert cmd_sweep(parser.parse_args(["sweep", str(path), "--resume", "--storage", storage, "--quiet"])) == 0
+    out = capsys.readouterr().out
+    assert "| mtt | 2 |" in out and "| dm | 2 |" in out
+    changed = SweepSpec.from_dict({**spec.to_dict(), "ipcs": [3]})
+    with pytest.raises(ValueError, match=r"the spec differs .* in \['ipcs'\]"):
+        run_sweep(changed, progress=False, storage=storage, resume=True)
+
+
+def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, tmp_path):
+    spec = SweepSpec.from_dict({
+        "name": "fault", "dataset": "digits", "store": None, "methods": ["dm"], "ipcs": [2], "iterations": 6,
+        "eval_every": 2, "eval": {**EVAL, "epochs": 5},
+        "knobs": {"dm": {"lr_img": 0.5, "width": 16, "batch_real": 32}}, "scheduler": {"type": "fifo"},
+        "max_failures": 1, "storage": str(tmp_path),
+    })
+    result = run_sweep(spec, progress=False, _test_trial_config={TEST_FAULT_KEY: 3})
+    (trial,) = result.trials
+    assert not trial["error"] and trial["iterations"] == 6
+    assert Path(trial["path"], TEST_FAULT_MARKER).read_text() == "3"  # the fault did happen
+    progress = list(csv.DictReader(open(Path(trial["path"]) / "progress.csv")))
+    assert [int(float(r["restored_from"])) for r in progress][-1] == 2  # retried from the iteration-2 checkpoint
+    # exact: the resumed trial ends where an uninterrupted run of the same method ends
+    from raydd.data.datasets import load_train_test
+    from raydd.methods.base import get_method
+    from raydd.methods.synthetic import load_synthetic
+
+    settings = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 2, "iterations": 6,
+                                          "lr_img": 0.5, "width": 16, "batch_real": 32})
+    train, _ = load_train_test("digits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        method = get_method("dm")(settings.method_config(), train, None, device="cpu", seed=0)
+        for _ in range(6):
+            method.step()
+    finally:
+        torch.set_num_threads(threads)
+    resumed = load_synthetic(result.rows[0].synthetic_path)
+    torch.testing.assert_close(resumed.images, method.synthetic_set().images, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_request_on_cpu_cluster_fails_fast(ray_session, tmp_path):
+    spec = SweepSpec.from_dict({"name": "gpu", "dataset": "digits", "store": None, "methods": ["dm"], "ipcs": [1],
+                                "iterations": 2, "resources": {"cpu": 1, "gpu": 0.5}, "storage": str(tmp_path)})
+    with pytest.raises(SweepResourceError, match="resources.gpu=0.5 per trial but the Ray cluster has 0 GPU"):
+        run_sweep(spec, progress=False)
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_missing_store_is_refused_before_ray(tmp_path):
+    spec = SweepSpec.from_dict({"name": "nostore", "dataset": "digits", "store": str(tmp_path / "empty"),
+                                "methods": ["mtt"], "ipcs": [1], "iterations": 2, "storage": str(tmp_path)})
+    with pytest.raises(ValueError, match="needs 'expert' trajectories of digits but store .* has none"):
+        run_sweep(spec, progress=False)
