@@ -4,6 +4,8 @@
     raydd store ls|info|verify <root>
     raydd condense --method mtt --dataset digits --ipc 10 [--store raydd-store] ...
     raydd evaluate <synthetic set>
+    raydd sweep sweeps/quick.yaml [--farm] [--resume]
+    raydd quickstart
 """
 from __future__ import annotations
 
@@ -139,14 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     _store_parser(sub)
     from .condense_cli import add_condense_parser, add_evaluate_parser
 
+    from .quickstart import add_quickstart_parser
+    from .tune import add_sweep_parser
+
     add_condense_parser(sub)
     add_evaluate_parser(sub)
+    add_sweep_parser(sub)
+    add_quickstart_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"farm": cmd_farm, "store": cmd_store}
+    from .tune import cmd_sweep
+
+    handlers = {"farm": cmd_farm, "store": cmd_store, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args) if args.command in handlers else args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
