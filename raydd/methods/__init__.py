@@ -25,10 +25,11 @@ from .coreset import HerdingCoreset, KCenterCoreset, RandomCoreset  # noqa: E402
 from .dance import DANCE, DANCEConfig  # noqa: E402
 from .ptlm import PTLM, PTLMConfig  # noqa: E402
 from .edc import EDC, EDCConfig  # noqa: E402
+from .ssd import SSD, SSDConfig  # noqa: E402
 
 __all__ = [
     "DANCE", "DANCEConfig", "DATM", "DATMCLR", "DATMCLRConfig", "DATMConfig", "DM", "DMConfig", "EDC", "EDCConfig",
-    "HerdingCoreset", "KCenterCoreset", "PTLM", "PTLMConfig", "RandomCoreset",
+    "HerdingCoreset", "KCenterCoreset", "PTLM", "PTLMConfig", "RandomCoreset", "SSD", "SSDConfig",
     "METHODS", "MTT", "MTTConfig", "CondensationMethod", "MethodConfig", "SyntheticSet", "check_ipc", "get_method",
     "load_checkpoint", "load_synthetic", "make_config", "register_method", "save_checkpoint",
 ]

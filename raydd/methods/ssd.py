@@ -78,6 +78,9 @@ class SSDConfig(MTTConfig):
             raise ValueError(f"SSDConfig.teacher={self.teacher!r} is invalid: expected an {TEACHER_RECIPE} "
                              f"trajectory id or None (the students' teacher)")
         check_range(self, "pseudo_threshold", low=0, high=1)
+        if self.pix_init == "noise" and self.syn_labels != "hard":
+            raise ValueError(f"SSDConfig.syn_labels={self.syn_labels!r} is invalid with pix_init='noise': the "
+                             f"teacher's predictions on noise do not give a class-balanced S (accepted: hard)")
 
     @classmethod
     def defaults(cls, dataset: str, ipc: int) -> "SSDConfig":
@@ -126,15 +129,17 @@ class SSD(MTT):
             raise ValueError(f"config is for dataset {config.dataset!r} but the training data is {train.info.name!r}")
         if store is None:
             raise ValueError("ssd reads student trajectories and their teacher: pass a TrajectoryStore (--store ROOT)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         # Everything MTT's __init__ needs from the teacher is prepared here, before it runs.
-        self.config = config
-        self.trajectory_store = store
-        self.teacher_id, students = self._find_students(store)
-        recipe_config = students[0].meta["recipe_config"]
-        self.labelled_fraction = recipe_config["labelled_fraction"]
-        self.split_seed = recipe_config["split_seed"]
-        data_meta = students[0].meta["dataset"]
-        _check_fits(train.info, students[0].meta)  # before the teacher sees any image
+        self.config, self.trajectory_store, self._info = config, store, train.info
+        self.teacher_id = self._find_teacher(store)
+        self.store = _StudentStore(store, self.teacher_id)
+        self._found = super()._find_experts()  # MTT's checks (zca, model, stored epochs) before any work
+        student_meta = self._found[1]  # the students of one teacher share its data and split
+        self.labelled_fraction = student_meta["recipe_config"]["labelled_fraction"]
+        self.split_seed = student_meta["recipe_config"]["split_seed"]
+        data_meta = student_meta["dataset"]
         per_class = data_meta.get("train_per_class")
         pool = train.per_class(per_class, seed=0) if per_class else train  # what the farm trained on
         if not data_meta.get("zca") and data_meta.get("fingerprint") and pool.fingerprint() != data_meta["fingerprint"]:
@@ -149,7 +154,7 @@ class SSD(MTT):
 
             self._zca = ZCAWhitening(eps=0.1).fit(pool.images)  # the farm's fit (raydd.farm.task.prepare_data)
         self._teacher_device = resolve_device(device)
-        self._teacher_net, self.teacher_meta = self._load_teacher(store, students[0].meta)
+        self._teacher_net, self.teacher_meta = self._load_teacher(store, student_meta)
         probs = self.teacher_probs(pool.images)  # [N, K]: the teacher on the unaugmented training pool
         self.teacher_conf, self.teacher_pred = probs.max(1)
         del probs
@@ -159,7 +164,7 @@ class SSD(MTT):
         if config.pix_init == "real":
             self._check_ipc_semi(config.ipc, labelled_y, train.info.num_classes)
         seen = ImageDataset(pool.images, visible, pool.info, pool.split, pool.source)
-        super().__init__(config, seen, _StudentStore(store, self.teacher_id), device=device, seed=seed)
+        super().__init__(config, seen, self.store, device=device, seed=seed)
         del self._teacher_net  # only needed for the initial labels
 
     # ------------------------------------------------------------------ students and teacher
@@ -167,8 +172,8 @@ class SSD(MTT):
         cfg = self.config
         return farm_commands(cfg.dataset, self.trajectory_store.root, cfg.max_start_epoch + cfg.expert_epochs, zca)
 
-    def _find_students(self, store) -> tuple[str, list]:
-        """(teacher id, its ssd_student trajectories for this dataset/model); ValueError naming the farm commands."""
+    def _find_teacher(self, store) -> str:
+        """The teacher whose ssd_student trajectories SSD matches; ValueError naming the farm commands."""
         cfg = self.config
         filters = {"dataset": cfg.dataset, "kind": STUDENT_KIND, "recipe": STUDENT_RECIPE, "model": cfg.model}
         shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
@@ -178,15 +183,14 @@ class SSD(MTT):
                              f"its students: {self._farm_hint(cfg.zca)}")
         teachers = sorted({str(_teacher_of(i)) for i in infos})
         if cfg.teacher is not None:
-            infos = [i for i in infos if _teacher_of(i) == cfg.teacher]
-            if not infos:
+            if cfg.teacher not in teachers:
                 raise ValueError(f"teacher={cfg.teacher!r} has no students in store {store.root} matching {shown}: "
                                  f"the students there have teachers {teachers}")
-            return cfg.teacher, infos
+            return cfg.teacher
         if len(teachers) > 1:
             raise ValueError(f"the students in store {store.root} matching {shown} have {len(teachers)} different "
                              f"teachers {teachers}: pick one with --set teacher=ID")
-        return teachers[0], infos
+        return teachers[0]
 
     def _load_teacher(self, store, student_meta: dict):
         tid = self.teacher_id
@@ -220,10 +224,11 @@ class SSD(MTT):
     @torch.no_grad()
     def teacher_probs(self, images: torch.Tensor, *, model_space: bool = False) -> torch.Tensor:
         """p_T(x) on CPU, eval mode; ``images`` in the dataset's normalisation (or already in model space)."""
-        if self._zca is not None and not model_space:
-            images = self._zca.transform(images)
-        out = [F.softmax(self._teacher_net(chunk.to(self._teacher_device)).float(), dim=1).cpu()
-               for chunk in images.split(self.teacher_batch)]
+        out = []
+        for chunk in images.split(self.teacher_batch):
+            if self._zca is not None and not model_space:
+                chunk = self._zca.transform(chunk)
+            out.append(F.softmax(self._teacher_net(chunk.to(self._teacher_device)).float(), dim=1).cpu())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ the candidates of each class
@@ -259,9 +264,12 @@ class SSD(MTT):
                              f"{self.teacher_id}{conf}: use ipc <= {a + b}{hint}")
 
     # ------------------------------------------------------------------ MTT hooks
+    def _find_experts(self):
+        return self._found  # found and checked before MTT's __init__ ran
+
     def _check_data(self, meta: dict) -> None:
         # MTT's shape check; its fingerprint check would hash the pseudo-labels: done on the real pool above.
-        _check_fits(self.train.info, meta)
+        _check_fits(self._info, meta)
 
     def _fit_zca(self, meta: dict):
         return self._zca
