@@ -67,7 +67,8 @@ def method_class(name: str):
     import_methods()
     key = str(name).strip().lower().replace("-", "_")
     if key not in METHODS:
-        broken = "".join(f"; module raydd.methods.{m} failed to import ({e})" for m, e in sorted(_IMPORT_ERRORS.items()))
+        broken = "".join(f"; module raydd.methods.{m} failed to import ({e})"
+                         for m, e in sorted(_IMPORT_ERRORS.items()))
         raise ValueError(f"unknown method {name!r}: accepted {', '.join(sorted(METHODS))}{broken}")
     return METHODS[key]
 
@@ -281,6 +282,15 @@ class SweepSpec:
             _positive_int("max_concurrent", self.max_concurrent)
         if self.resolution is not None:
             _positive_int("resolution", self.resolution)
+        for key in ("store", "data_root"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{key}={value!r} is invalid: expected a directory or URI (or null)")
+        if not isinstance(self.storage, str) or not self.storage:
+            raise ValueError(f"storage={self.storage!r} is invalid: expected a directory or URI")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is invalid: accepted auto (the trial's GPU if it has one), "
+                             f"cpu, cuda")
         self._check_resources()
         self._check_scheduler()
         for key in ("eval", "final_eval"):
@@ -289,9 +299,11 @@ class SweepSpec:
                 raise ValueError(f"{key}={settings!r} is invalid: expected a mapping of evaluation settings")
         for method, settings in self.method_eval.items():
             if method not in self.methods:
-                raise ValueError(f"method_eval given for method {method!r}, which is not in methods {list(self.methods)}")
+                raise ValueError(f"method_eval given for method {method!r}, which is not in methods "
+                                 f"{list(self.methods)}")
             if not isinstance(settings, dict):
-                raise ValueError(f"method_eval.{method}={settings!r} is invalid: expected a mapping of evaluation settings")
+                raise ValueError(f"method_eval.{method}={settings!r} is invalid: expected a mapping of evaluation "
+                                 f"settings")
         if self.final_eval is not None and "protocol" in self.final_eval:
             raise ValueError("final_eval.protocol is not accepted: final_eval overrides settings of each method's "
                              "eval (same protocol); set the protocol in eval or method_eval")
@@ -311,7 +323,8 @@ class SweepSpec:
         if not _is_number(cpu) or cpu <= 0:
             raise ValueError(f"resources.cpu={cpu!r} is invalid: expected a number > 0 per trial")
         if not _is_number(gpu) or gpu < 0:
-            raise ValueError(f"resources.gpu={gpu!r} is invalid: expected a number >= 0 per trial (fractions share a GPU)")
+            raise ValueError(f"resources.gpu={gpu!r} is invalid: expected a number >= 0 per trial "
+                             f"(fractions share a GPU)")
         if gpu > 1 and gpu != int(gpu):
             raise ValueError(f"resources.gpu={gpu!r} is invalid: fractions only below 1 (e.g. 0.25), else whole GPUs")
 
@@ -327,13 +340,21 @@ class SweepSpec:
         if kind == "asha":
             max_t = s.get("max_t", self.max_iterations)
             _positive_int("scheduler.max_t", max_t)
-            grace = s.get("grace_period", default_grace_period(max_t))
-            _positive_int("scheduler.grace_period", grace)
-            if grace > max_t:
-                raise ValueError(f"scheduler.grace_period={grace} is invalid: expected <= max_t ({max_t} iterations)")
             rf = s.get("reduction_factor", 3)
-            if not _is_number(rf) or rf <= 1:
-                raise ValueError(f"scheduler.reduction_factor={rf!r} is invalid: expected a number > 1")
+            if isinstance(rf, bool) or not isinstance(rf, int) or rf < 2:
+                raise ValueError(f"scheduler.reduction_factor={rf!r} is invalid: expected an integer >= 2 "
+                                 f"(rungs at grace_period * reduction_factor^k must be evaluation points)")
+            if "grace_period" in s:
+                grace = s["grace_period"]
+                _positive_int("scheduler.grace_period", grace)
+                if grace > max_t:
+                    raise ValueError(f"scheduler.grace_period={grace} is invalid: expected <= max_t ({max_t} "
+                                     f"iterations)")
+                for m in self.methods:
+                    every = self.method_eval_every(m)
+                    if every and grace % every:
+                        raise ValueError(f"scheduler.grace_period={grace} is invalid: expected a multiple of "
+                                         f"eval_every of {m} ({every}), so that every ASHA rung is an evaluation")
 
     def _check_knobs(self) -> None:
         from .methods.base import make_config
@@ -508,8 +529,16 @@ class SweepSpec:
         return cls.from_dict(data)
 
 
-def default_grace_period(max_t: int) -> int:
-    """ASHA's first rung: a ninth of the budget (rungs at max_t/9 and max_t/3 with reduction factor 3)."""
+def default_grace_period(max_t: int, eval_every: int = 0) -> int:
+    """ASHA's first rung: the first evaluation (``eval_every``), else a ninth of the budget.
+
+    Rungs sit at grace·rf^k. A trial is only judged when it reports, i.e. at evaluations; a
+    rung between two evaluations would be filled late (ASHA compares the trial's later
+    accuracy against the others' at that rung, or records a stopped trial's last value
+    there), so rungs must be evaluation points: grace a multiple of eval_every, rf an integer.
+    """
+    if eval_every:
+        return min(eval_every, max_t)
     return max(1, max_t // 9)
 
 

@@ -45,8 +45,8 @@ TIME_ATTR = "iterations"
 CHECKPOINT_FILE = "method.safetensors"
 SYNTHETIC_FILE = "synthetic.safetensors"
 TRIAL_STATE_FILE = "trial.json"
-TEST_FAULT_KEY = "_test_fault_at_iteration"  # test-only: raise once at this iteration (see run_sweep)
-TEST_FAULT_MARKER = ".test_fault_injected"
+TEST_FAULT_KEY = "_test_fault_at_iteration"  # test-only: raise once at each of these iterations (see run_sweep)
+TEST_FAULT_MARKER = ".test_fault_injected_at_{}"
 
 # Which farm recipe feeds which method when the method class does not say (``farm_recipe``).
 _FARM_RECIPES = {"mtt": "expert", "datm": "expert", "datm_clr": "expert", "dance": "pretrain", "ptlm": "pretrain",
@@ -75,7 +75,7 @@ class TrialSettings:
     final_eval: dict | None
     device: str
     knobs: dict  # as given (field names, shared symbols, eval.<name>)
-    fault_at: int | None
+    fault_at: tuple[int, ...]  # test-only fault injection
     method_knobs: dict  # config field -> value
     eval_knobs: dict  # evaluation field -> value (eval.<name>, or zeta under the edc protocol)
 
@@ -112,7 +112,7 @@ class TrialSettings:
                    eval_every=int(config.get("eval_every", 0)), store=config.get("store"),
                    data_root=config.get("data_root"), resolution=config.get("resolution"),
                    eval=dict(config.get("eval") or {}), final_eval=config.get("final_eval"),
-                   device=config.get("device", "auto"), knobs=knobs, fault_at=config.get(TEST_FAULT_KEY),
+                   device=config.get("device", "auto"), knobs=knobs, fault_at=_fault_points(config.get(TEST_FAULT_KEY)),
                    method_knobs=method_knobs, eval_knobs=eval_knobs)
 
     def method_config(self):
@@ -140,6 +140,21 @@ class TrialSettings:
         every = self.eval_every or self.iterations
         points = list(range(every, self.iterations + 1, every))
         return points if points and points[-1] == self.iterations else points + [self.iterations]
+
+
+def _fault_points(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def _inject_test_fault(iteration: int, points: tuple[int, ...], workdir: Path) -> None:
+    """Test-only: raise InjectedTestFault the first time the trial reaches each iteration in ``points``."""
+    marker = workdir / TEST_FAULT_MARKER.format(iteration)
+    if iteration in points and not marker.exists():
+        marker.write_text(str(iteration))
+        time.sleep(1.0)  # like a real crash, some time after the last report: Tune has registered its checkpoint
+        raise InjectedTestFault(f"test-only fault injected at iteration {iteration}")
 
 
 def _trial_device(requested: str) -> str:
@@ -223,10 +238,8 @@ def condensation_trainable(config: dict) -> None:
                     counts[key] = counts.get(key, 0) + 1
                     last[key] = float(value)
                     writer.add_scalar(f"train/{key}", value, method.iteration)
-            if s.fault_at is not None and method.iteration == s.fault_at and not (workdir / TEST_FAULT_MARKER).exists():
-                (workdir / TEST_FAULT_MARKER).write_text(str(method.iteration))
-                writer.close()
-                raise InjectedTestFault(f"test-only fault injected at iteration {method.iteration}")
+            if s.fault_at:
+                _inject_test_fault(method.iteration, s.fault_at, workdir)
             if method.iteration not in points:
                 continue
             report = _evaluate_and_log(method, test, eval_cfg, s.uses_teachers, writer, image_grid)
@@ -239,7 +252,8 @@ def condensation_trainable(config: dict) -> None:
                 report["syn_lr"] = last["syn_lr"]
             if method.iteration == s.iterations and final_cfg is not None:
                 final = evaluate(method, method.synthetic_set(), test, final_cfg, s.uses_teachers)
-                report.update({"final_acc": final.mean, "final_acc_std": final.std, "final_models": len(final.accuracies)})
+                report.update({"final_acc": final.mean, "final_acc_std": final.std,
+                               "final_models": len(final.accuracies)})
                 writer.add_scalar("eval/final_acc", final.mean, method.iteration)
                 history["final"] = [final.mean, final.std, len(final.accuracies)]
             history["last"] = {k: v for k, v in report.items() if isinstance(v, (int, float))}
@@ -332,7 +346,11 @@ def knob_space(method: str, *, lam: Any = None, tau: Any = None, alpha: Any = No
 
 
 def asha(max_t: int, grace_period: int | None = None, reduction_factor: float = 3):
-    """ASHA on the condensation-iteration counter: rungs at grace_period · reduction_factor^k (< max_t)."""
+    """ASHA on the condensation-iteration counter: rungs at grace_period · reduction_factor^k (< max_t).
+
+    Trials report at evaluations only: make every rung an evaluation point (grace_period a
+    multiple of eval_every, integer reduction_factor; see ``default_grace_period``).
+    """
     from ray.tune.schedulers import ASHAScheduler
 
     grace = default_grace_period(max_t) if grace_period is None else grace_period
@@ -343,10 +361,10 @@ def asha(max_t: int, grace_period: int | None = None, reduction_factor: float = 
     return ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace, reduction_factor=reduction_factor)
 
 
-def _trial_group(config: dict) -> tuple[str, int, int]:
-    """(method, IPC, the trial's iteration count) of a trial config."""
+def _trial_group(config: dict) -> tuple[str, int, int, int]:
+    """(method, IPC, the trial's iteration count, its eval_every) of a trial config."""
     s = TrialSettings.from_config(config)
-    return s.method, s.ipc, s.iterations
+    return s.method, s.ipc, s.iterations, s.eval_every
 
 
 def _grouped_asha_class():
@@ -358,7 +376,8 @@ def _grouped_asha_class():
         One global ASHA would stop every IPC-1 trial (IPC 50 always scores higher) and every
         trial of a weaker method, leaving the leaderboard's rows for them half-trained. Each
         group gets its own ASHA with max_t = the group's iteration count (or ``max_t``) and
-        the grace period (default: a ninth of max_t), clamped to max_t.
+        the grace period (default: the group's first evaluation, ``default_grace_period``),
+        clamped to max_t.
         """
 
         def __init__(self, grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None):
@@ -381,12 +400,12 @@ def _grouped_asha_class():
         def _scheduler_for(self, trial):
             key = self._trial_group.get(trial.trial_id)
             if key is None:
-                method, ipc, iterations = _trial_group(trial.config)
+                method, ipc, iterations, eval_every = _trial_group(trial.config)
                 key = (method, ipc)
                 self._trial_group[trial.trial_id] = key
                 if key not in self._groups:
                     max_t = self.max_t or iterations
-                    grace = min(self.grace_period or default_grace_period(max_t), max_t)
+                    grace = min(self.grace_period or default_grace_period(max_t, eval_every), max_t)
                     child = asha(max_t, grace, self.reduction_factor)
                     child.set_search_properties(self._metric, self._mode)
                     self._groups[key] = child
@@ -466,6 +485,11 @@ def param_space(spec: SweepSpec, *, store: str | None = None, data_root: str | N
         "resolution": spec.resolution, "device": spec.device,
     }
     return space
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    """The Tune trial id ('c38f5_00011') at the end of a trial directory named by ``_trial_dirname``."""
+    return "_".join(Path(path or "").name.rsplit("_", 2)[-2:])
 
 
 def _trial_dirname(trial) -> str:
@@ -615,17 +639,19 @@ class SweepResult:
     hparams_dir: str | None
     num_errors: int
     wall_time_s: float
+    unfinished: int = 0  # trials neither terminated nor errored (an interrupted sweep): resume=True finishes them
     result_grid: Any = field(default=None, repr=False)
 
+    @property
+    def complete(self) -> bool:
+        return self.unfinished == 0
+
     def markdown(self) -> str:
-        return leaderboard_markdown(self.rows, self.name)
+        return leaderboard_markdown(self.rows, self.name, unfinished=self.unfinished)
 
 
-def _trial_record(result, spec: SweepSpec) -> dict | None:
-    try:
-        settings = TrialSettings.from_config(result.config or {})
-    except ValueError:
-        return None
+def _trial_record(result, spec: SweepSpec) -> dict:
+    settings = TrialSettings.from_config(result.config or {})
     metrics = result.metrics or {}
     knobs = settings.knobs
     source = "final_eval" if "final_acc" in metrics else "eval"
@@ -637,7 +663,8 @@ def _trial_record(result, spec: SweepSpec) -> dict | None:
         "target_iterations": settings.iterations, "acc_mean": acc, "acc_std": std, "source": source,
         "eval_models": int(metrics.get("final_models" if source == "final_eval" else "eval_models", 0) or 0),
         "eval_acc": metrics.get(METRIC), "syn_lr": metrics.get("syn_lr"),
-        "trial_id": metrics.get("trial_id") or Path(result.path or "").name, "path": result.path, "error": result.error is not None,
+        "trial_id": metrics.get("trial_id") or _trial_id_from_path(result.path), "path": result.path,
+        "error": result.error is not None,
         "node_id": metrics.get("node_id"), "checkpoint": result.checkpoint,
     }
 
@@ -664,8 +691,12 @@ def build_leaderboard(records: list[dict]) -> list[tuple[LeaderboardRow, dict]]:
     return rows
 
 
-def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "") -> str:
-    lines = [f"### Leaderboard {name}".rstrip(), "",
+def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "", *, unfinished: int = 0) -> str:
+    lines = [f"### Leaderboard {name}".rstrip(), ""]
+    if unfinished:
+        lines += [f"**Incomplete: {unfinished} trial(s) did not finish (interrupted sweep); resume it with "
+                  f"`raydd sweep <spec> --resume`.**", ""]
+    lines += [
              "| method | IPC | accuracy (%) | evaluation | iterations | trials (early-stopped, errored) | knobs |",
              "|---|---:|---:|---|---:|---|---|"]
     for r in rows:
@@ -773,7 +804,11 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     """Leaderboard, trial table, best synthetic sets and the hparams view, written into the experiment dir."""
     fs = result_grid.filesystem
     exp = result_grid.experiment_path
-    records = [r for r in (_trial_record(res, spec) for res in result_grid) if r is not None]
+    records = [_trial_record(res, spec) for res in result_grid]
+    statuses = _trial_statuses(result_grid)
+    for r in records:
+        r["status"] = statuses.get(r["trial_id"], "ERROR" if r["error"] else "UNKNOWN")
+    unfinished = len(result_grid) - result_grid.num_terminated - result_grid.num_errors
     board = build_leaderboard(records)
     fs.create_dir(f"{exp}/best", recursive=True)
     rows = []
@@ -785,11 +820,18 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     trials = [{k: v for k, v in r.items() if k != "checkpoint"} for r in records]
     paths = {name: f"{exp}/{name}" for name in ("leaderboard.csv", "leaderboard.md", "trials.csv")}
     _write_text(fs, paths["leaderboard.csv"], _csv([asdict(r) for r in rows]))
-    _write_text(fs, paths["leaderboard.md"], leaderboard_markdown(rows, spec.name))
+    _write_text(fs, paths["leaderboard.md"], leaderboard_markdown(rows, spec.name, unfinished=unfinished))
     _write_text(fs, paths["trials.csv"], _csv(trials))
     hparams = write_hparams(records, fs, exp) if records else None
     return SweepResult(spec.name, exp, rows, trials, paths["leaderboard.csv"], paths["leaderboard.md"],
-                       paths["trials.csv"], hparams, sum(1 for r in records if r["error"]), wall_time_s, result_grid)
+                       paths["trials.csv"], hparams, sum(1 for r in records if r["error"]), wall_time_s,
+                       unfinished, result_grid)
+
+
+def _trial_statuses(result_grid) -> dict[str, str]:
+    """{trial id: Tune status} (TERMINATED, ERROR, PENDING, RUNNING, PAUSED); {} if Ray hides them."""
+    analysis = getattr(result_grid, "_experiment_analysis", None)
+    return {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
 
 
 # --------------------------------------------------------------------------- running a sweep
@@ -826,6 +868,10 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, resume: bool = False, s
     data_root = _absolute(spec.data_root) if spec.data_root else None
     if store is not None:
         check_store(spec, store)
+    else:
+        needy = [m for m in spec.methods if store_kinds(spec, m)]
+        if needy:
+            raise ValueError(f"methods {needy} read a trajectory store but the spec has store: null")
     experiment = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = tune.Tuner.can_restore(experiment)
     if can_restore and not resume:
@@ -909,7 +955,7 @@ def _check_same_spec(spec: SweepSpec, experiment: str) -> None:
     with fs.open_input_stream(target) as f:
         saved = json.loads(f.read().decode())
     mine = spec.to_dict()
-    ignore = {"storage", "max_failures", "max_concurrent"}
+    ignore = {"storage"}  # everything else is fixed when the sweep starts (Tune restores its own copy)
     diff = sorted(k for k in set(saved) | set(mine) if k not in ignore and saved.get(k) != mine.get(k))
     if diff:
         raise ValueError(f"cannot resume {experiment}: the spec differs from the one it was started with in {diff}")
@@ -948,12 +994,15 @@ def cmd_sweep(args) -> int:
 
             ray.shutdown()
     print(result.markdown())
-    print(f"{len(result.trials)} trial(s), {result.num_errors} errored, {result.wall_time_s:.0f} s; "
-          f"results in {result.experiment_path}; TensorBoard: tensorboard --logdir {result.experiment_path}")
+    print(f"{len(result.trials)} trial(s), {result.num_errors} errored, {result.unfinished} unfinished, "
+          f"{result.wall_time_s:.0f} s; results in {result.experiment_path}; "
+          f"TensorBoard: tensorboard --logdir {result.experiment_path}")
+    if not result.complete:
+        return 3
     return 0 if result.rows else 1
 
 
-__all__ = ["METRIC", "TIME_ATTR", "SHARED_KNOBS", "LeaderboardRow", "SweepResourceError", "SweepResult", "SweepSpec",
-           "TrialSettings", "add_sweep_parser", "asha", "grouped_asha", "build_leaderboard", "check_cluster", "check_store",
-           "cmd_sweep", "condensation_trainable", "farm_for_sweep", "farm_recipe", "store_kinds", "knob_space", "param_space", "run_sweep",
-           "summarize"]
+__all__ = ["METRIC", "SHARED_KNOBS", "TIME_ATTR", "LeaderboardRow", "SweepResourceError", "SweepResult", "SweepSpec",
+           "TrialSettings", "add_sweep_parser", "asha", "build_leaderboard", "check_cluster", "check_store",
+           "cmd_sweep", "condensation_trainable", "evaluate", "farm_for_sweep", "farm_recipe", "grouped_asha",
+           "knob_space", "leaderboard_markdown", "param_space", "run_sweep", "store_kinds", "summarize"]

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="sweep spec YAML, e.g. sweeps/fashion_mnist.yaml")
     parser.add_argument("--farm", action="store_true", help="farm the spec's 'farm:' recipes into the store first")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    parser.add_argument("--store", default=os.environ.get("RAYDD_STORE"), help="trajectory store (default $RAYDD_STORE)")
+    parser.add_argument("--store", default=os.environ.get("RAYDD_STORE"),
+                        help="trajectory store (default $RAYDD_STORE)")
     parser.add_argument("--data-root", dest="data_root", default=os.environ.get("RAYDD_DATA"),
                         help="dataset folder on every node (default $RAYDD_DATA)")
     parser.add_argument("--storage", help="where Tune writes the sweep (default $RAYDD_SWEEPS, or next to a URI store)")

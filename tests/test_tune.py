@@ -74,6 +74,22 @@ def test_trial_settings_flat_nested_and_horizon():
         assert ptlm.method_config().total_iterations == 40
 
 
+def test_leaderboard_prefers_complete_trials_and_flags_unfinished_sweeps():
+    from raydd.tune import build_leaderboard, leaderboard_markdown
+
+    def rec(acc, iterations, target=10, error=False, **knobs):
+        return {"method": "dm", "ipc": 1, "seed": 0, "knobs": knobs, "iterations": iterations,
+                "target_iterations": target, "acc_mean": acc, "acc_std": 0.01, "source": "eval", "eval_models": 2,
+                "trial_id": f"t{acc}", "path": f"/x/t{acc}", "error": error}
+
+    records = [rec(0.9, 5, lr_img=1.0), rec(0.8, 10, lr_img=2.0), rec(None, 0, error=True), rec(0.7, 10)]
+    ((row, best),) = build_leaderboard(records)
+    assert (row.acc_mean, row.iterations, row.knobs) == (0.8, 10, {"lr_img": 2.0})  # a complete run wins
+    assert (row.trials, row.stopped_early, row.errored) == (4, 1, 1)
+    assert "Incomplete: 2 trial(s)" in leaderboard_markdown([row], "x", unfinished=2)
+    assert "| dm | 1 | 80.00 ± 1.00 | eval, 2 nets | 10/10 | 4 (1, 1) | lr_img=2 |" in leaderboard_markdown([row])
+
+
 # --------------------------------------------------------------------------- sweeps
 @pytest.fixture(scope="module")
 def asha_sweep(ray_session, expert_store, tmp_path_factory):
@@ -138,9 +154,15 @@ def test_tensorboard_has_scalars_images_and_hparams(asha_sweep):
     assert "ray/tune/eval_acc" in tune_events.Tags()["scalars"]
     runs = sorted(p for p in Path(result.hparams_dir).iterdir() if p.is_dir())
     assert len(runs) == 4
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     root = EventAccumulator(result.hparams_dir).Reload()
-    assert "hparams" in root.PluginTagToContent("hparams") or root.PluginTagToContent("hparams")
+    content = root.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    columns = {h.name for h in experiment.hparam_infos}
+    assert {"method", "ipc", "seed", "pix_init", "init", "lr_img", "syn_steps"} <= columns  # union over methods
     run = EventAccumulator(str(runs[0])).Reload()
+    assert "_hparams_/session_start_info" in run.PluginTagToContent("hparams")
     assert "hparams/acc_mean" in run.Tags()["scalars"]
 
 
@@ -172,19 +194,26 @@ def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, cap
 
 
 def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, tmp_path):
+    """Fault at iteration 3: Tune retries the trial from its iteration-2 checkpoint (max_failures=1).
+    Fault at iteration 5: retries used up, the trial errors and the sweep ends; ``resume=True``
+    restarts it from its iteration-4 checkpoint. The result equals an uninterrupted run."""
     spec = SweepSpec.from_dict({
         "name": "fault", "dataset": "digits", "store": None, "methods": ["dm"], "ipcs": [2], "iterations": 6,
         "eval_every": 2, "eval": {**EVAL, "epochs": 5},
         "knobs": {"dm": {"lr_img": 0.5, "width": 16, "batch_real": 32}}, "scheduler": {"type": "fifo"},
         "max_failures": 1, "storage": str(tmp_path),
     })
-    result = run_sweep(spec, progress=False, _test_trial_config={TEST_FAULT_KEY: 3})
-    (trial,) = result.trials
-    assert not trial["error"] and trial["iterations"] == 6
-    assert Path(trial["path"], TEST_FAULT_MARKER).read_text() == "3"  # the fault did happen
+    first = run_sweep(spec, progress=False, _test_trial_config={TEST_FAULT_KEY: [3, 5]})
+    (trial,) = first.trials
+    assert trial["error"] and trial["iterations"] == 4 and first.num_errors == 1
+    resumed = run_sweep(spec, progress=False, resume=True)
+    (trial,) = resumed.trials
+    assert not trial["error"] and trial["iterations"] == 6 and resumed.num_errors == 0
+    for it in (3, 5):  # both faults did happen
+        assert Path(trial["path"], TEST_FAULT_MARKER.format(it)).read_text() == str(it)
     progress = list(csv.DictReader(open(Path(trial["path"]) / "progress.csv")))
-    assert [int(float(r["restored_from"])) for r in progress][-1] == 2  # retried from the iteration-2 checkpoint
-    # exact: the resumed trial ends where an uninterrupted run of the same method ends
+    assert [int(float(r["restored_from"])) for r in progress] == [0, 2, 4]  # one report per restart
+    # exact: the twice-restored trial ends where an uninterrupted run of the same method ends
     from raydd.data.datasets import load_train_test
     from raydd.methods.base import get_method
     from raydd.methods.synthetic import load_synthetic
@@ -200,8 +229,8 @@ def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, tmp_path)
             method.step()
     finally:
         torch.set_num_threads(threads)
-    resumed = load_synthetic(result.rows[0].synthetic_path)
-    torch.testing.assert_close(resumed.images, method.synthetic_set().images, rtol=1e-5, atol=1e-6)
+    final = load_synthetic(resumed.rows[0].synthetic_path)
+    torch.testing.assert_close(final.images, method.synthetic_set().images, rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_request_on_cpu_cluster_fails_fast(ray_session, tmp_path):
