@@ -37,13 +37,14 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}model", dest="eval_model", default="convnet",
-                   help="evaluation network: convnet, resnet10, resnet18, or a JSON dict of ModelSpec fields")
+    p.add_argument(f"--{prefix}model", dest="eval_model", default=None,
+                   help="evaluation network: convnet (default; edc protocol: resnet18), resnet10, resnet18, "
+                        "or a JSON dict of ModelSpec fields")
     p.add_argument(f"--{prefix}width", dest="eval_width", type=int, help="evaluation network width")
     p.add_argument(f"--{prefix}depth", dest="eval_depth", type=int, help="evaluation ConvNet depth")
     p.add_argument("--num-models", dest="num_models", type=int, default=5, help="networks trained (default 5)")
-    p.add_argument(f"--{prefix}epochs", dest="eval_epochs", type=int, default=300,
-                   help="epochs per evaluation network (default 300)")
+    p.add_argument(f"--{prefix}epochs", dest="eval_epochs", type=int, default=None,
+                   help="epochs per evaluation network (default 300; edc protocol: 1000)")
     p.add_argument(f"--{prefix}lr", dest="eval_lr", type=float,
                    help="evaluation lr (default: the set's learned step size, else 0.01)")
     p.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=256)
@@ -52,7 +53,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _eval_config(args):
     from .evaluate import EvalConfig
 
-    model = args.eval_model
+    model = args.eval_model or "convnet"
     if isinstance(model, str) and model.strip().startswith("{"):
         model = json.loads(model)
     if args.eval_width is not None or args.eval_depth is not None:
@@ -61,7 +62,8 @@ def _eval_config(args):
             model["width"] = args.eval_width
         if args.eval_depth is not None:
             model["depth"] = args.eval_depth
-    return EvalConfig(model=model, num_models=args.num_models, epochs=args.eval_epochs, lr=args.eval_lr,
+    return EvalConfig(model=model, num_models=args.num_models,
+                      epochs=300 if args.eval_epochs is None else args.eval_epochs, lr=args.eval_lr,
                       batch_size=args.eval_batch_size, device=args.device, seed=args.seed)
 
 
@@ -100,6 +102,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         description="Standard protocol: N fresh networks, SGD momentum 0.9, wd 5e-4, DSA, lr x0.1 at half; "
                     "reports mean ± std of the FINAL test accuracy.")
     p.add_argument("synthetic", help="a synthetic set written by raydd condense (.safetensors)")
+    p.add_argument("--protocol", choices=("standard", "edc"), default="standard",
+                   help="standard (SGD, DSA, hard or soft CE) or edc (EDC post-evaluation: AdamW, small batch, "
+                        "smoothing LR schedule with --zeta, model EMA, soft labels at a temperature)")
+    p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")
     p.add_argument("--download", action="store_true")
     _add_eval_flags(p)
@@ -119,7 +125,11 @@ def cmd_condense(args) -> int:
     cls = get_method(args.method)
     config = make_config(args.method, args.dataset, args.ipc, **parse_overrides(args.options))
     eval_config = _eval_config(args)  # validated before any data is loaded
-    iterations = args.iterations if args.iterations is not None else cls.config_cls.default_iterations
+    planned = getattr(config, "iterations", None)  # methods whose schedules have a horizon (EDC, PTLM)
+    if args.iterations is not None:
+        iterations = args.iterations
+    else:
+        iterations = planned if isinstance(planned, int) else cls.config_cls.default_iterations
     if iterations < 0:
         raise ValueError(f"--iterations {iterations} is invalid: expected >= 0")
     train = load_dataset(args.dataset, "train", args.data_root, download=args.download, resolution=args.resolution)
@@ -149,11 +159,27 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_synthetic
     from .methods import load_synthetic
 
-    eval_config = _eval_config(args)
     syn = load_synthetic(args.synthetic)
+    if args.protocol == "edc":
+        import dataclasses
+
+        from .evaluate_edc import EDCEvalConfig, evaluate_edc
+
+        changes = {"num_models": args.num_models, "device": args.device, "seed": args.seed}
+        if args.zeta is not None:
+            changes["zeta"] = args.zeta
+        if args.eval_epochs is not None:
+            changes["epochs"] = args.eval_epochs
+        if args.eval_model is not None or args.eval_width or args.eval_depth:
+            changes["model"] = _eval_config(args).model
+        eval_config = dataclasses.replace(EDCEvalConfig.defaults(syn.dataset["name"]), **changes)
+        run = evaluate_edc
+    else:
+        eval_config = _eval_config(args)
+        run = evaluate_synthetic
     resolution = tuple(syn.dataset["resolution"])
     test = load_dataset(syn.dataset["name"], "test", args.data_root, download=args.download, resolution=resolution)
-    result = evaluate_synthetic(syn, test, eval_config)
+    result = run(syn, test, eval_config)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

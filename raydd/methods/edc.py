@@ -10,9 +10,9 @@ forward hooks capture the input of every BN layer, and the loss is
     + stat_weight · Σ_l m_l · L'_syn,l                    (m_0 = first_bn_multiplier, else 1)
     + flatness_weight · L'_FR
 
-  L'_syn,l = α (‖μ_l(S) − μ_l^BN‖₂ + ‖σ²_l(S) − σ²_l^BN‖₂)                       (eq. 5, Form (1))
-           + (1 − α) Σ_c p(c) (‖μ_l(S, c) − μ_l(T, c)‖₂ + ‖σ²_l(S, c) − σ²_l(T, c)‖₂)  (eq. 5, Form (2))
-  L'_FR    = KL(softmax(φ(A(S))/τ) ‖ softmax(φ(A(S_EMA))/τ)),  S_EMA ← β S_EMA + (1 − β) S   (eq. 7)
+  L'_syn,l = α (‖μ_l(S) − μ_l^BN‖₂ + ‖σ²_l(S) − σ²_l^BN‖₂)                      (eq. 5, Form (1))
+           + (1 − α) Σ_c p(c) (‖μ_l(S,c) − μ_l(T,c)‖₂ + ‖σ²_l(S,c) − σ²_l(T,c)‖₂)    (eq. 5, Form (2))
+  L'_FR    = KL(softmax(φ(A(S))/τ) ‖ softmax(φ(A(S_EMA))/τ)),  S_EMA ← β S_EMA + (1 − β) S  (eq. 7)
 
 μ^BN, σ²^BN are the observer's running statistics; μ(T, c), σ²(T, c) the per-class channel mean
 and variance of the real training set at that BN input (computed once per observer, cached and
@@ -91,9 +91,11 @@ class EDCConfig(MethodConfig):
         check_range(self, "batch_syn", low=1)
         check_range(self, "crop_scale_min", low=0, high=1, low_inclusive=False)
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"EDCConfig.lr_schedule={self.lr_schedule!r} is invalid: accepted {', '.join(LR_SCHEDULES)}")
+            raise ValueError(f"EDCConfig.lr_schedule={self.lr_schedule!r} is invalid: "
+                             f"accepted {', '.join(LR_SCHEDULES)}")
         if self.observer_turns not in TURNS:
-            raise ValueError(f"EDCConfig.observer_turns={self.observer_turns!r} is invalid: accepted {', '.join(TURNS)}")
+            raise ValueError(f"EDCConfig.observer_turns={self.observer_turns!r} is invalid: "
+                             f"accepted {', '.join(TURNS)}")
         if self.observers is not None and not all(s.strip() for s in self.observers.split(",")):
             raise ValueError(f"EDCConfig.observers={self.observers!r} is invalid: expected comma-separated "
                              f"trajectory ids (see raydd store ls --kind observer)")
@@ -290,10 +292,9 @@ class EDC(CondensationMethod):
                 onehot = F.one_hot(y, k).double().t()  # [K, B]
                 counts += onehot.sum(1)
                 for li, feat in enumerate(cap.inputs):
-                    f = feat.double()
-                    hw[li] = f[0, 0].numel()
-                    s1 = onehot @ f.sum((2, 3))
-                    s2 = onehot @ f.pow(2).sum((2, 3))
+                    hw[li] = feat[0, 0].numel()
+                    s1 = onehot @ feat.sum((2, 3)).double()  # per-image sums in float32, totals in float64
+                    s2 = onehot @ feat.pow(2).sum((2, 3)).double()
                     sums[li] = s1 if sums[li] is None else sums[li] + s1
                     sq[li] = s2 if sq[li] is None else sq[li] + s2
         out = []
