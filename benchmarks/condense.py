@@ -116,7 +116,8 @@ def tm_window(d: MethodConfig, epochs: int, s: Scale) -> dict[str, Any]:
         if d.current_max_start_epoch is not None:
             cur = round(d.current_max_start_epoch * top / d.max_start_epoch)
             out["current_max_start_epoch"] = min(top, max(low + 1, cur))
-            out["expansion_end_epoch"] = max(1, round(d.expansion_end_epoch * s.iterations / type(d).default_iterations))
+            fraction = s.iterations / type(d).default_iterations
+            out["expansion_end_epoch"] = max(1, round(d.expansion_end_epoch * fraction))
     return out
 
 
@@ -139,7 +140,8 @@ CPU_SCALED: dict[str, Callable[[Scale, MethodConfig], dict[str, Any]]] = {
     "datm": lambda s, d: tm_window(d, s.expert_epochs, s),
     # DATM-CLR: as DATM (its paper's N = 20 is already <= the usual cap).
     "datm_clr": lambda s, d: tm_window(d, s.expert_epochs, s),
-    # SSD: MTT stage on the --ssd-student-epochs students; same labelled fraction as the farmed split.
+    # SSD: MTT stage on the --ssd-student-epochs students (paper: MTT's settings); the split
+    # (--labelled-fraction) is read from the students in the store, set here only if the config has it.
     "ssd": lambda s, d: {**tm_window(d, s.ssd_student_epochs, s),
                          **({"labelled_fraction": s.labelled_fraction} if hasattr(d, "labelled_fraction") else {})},
     # DM: embedder = the evaluation ConvNet (paper: ConvNet-128) at --width.
@@ -233,9 +235,12 @@ class FarmJob:
     model: dict[str, Any]
 
     def describe(self) -> str:
-        model = self.model.get("arch", "convnet") + (f" w{self.model['width']}" if "width" in self.model else "")
-        return f"{self.recipe} {self.trajectories}×{self.options.get('epochs', '?')} ep ({model}, " \
-               f"norm {self.model.get('norm', 'recipe default')})"
+        from raydd.farm import get_recipe
+
+        arch = self.model.get("arch", "convnet")
+        width = f" w{self.model['width']}" if "width" in self.model and arch == "convnet" else ""
+        norm = self.model.get("norm", get_recipe(self.recipe).default_norm)
+        return f"{self.recipe} {self.trajectories}×{self.options.get('epochs', '?')} ep ({arch}{width}, {norm} norm)"
 
 
 def farm_all(jobs: list[FarmJob], store: str, dataset: str, data_root: str | None, train_per_class: int | None,
@@ -355,20 +360,22 @@ def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
         step, close = method.step, method.close
         one_shot = type(config).default_iterations == 1
         config_notes = notes(config)
-    times, reported = [], []
+    times, cpu_times, reported = [], [], []
     with PeakMemory(device) as mem:
         if not one_shot:
             step()  # warm-up (lazy setup, allocator growth, first-call overheads)
         for _ in range(1 if one_shot else steps):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             metrics = step()
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
             if "peak_mem_mb" in metrics:
                 reported.append(float(metrics["peak_mem_mb"]))
     close()
-    return {"seconds": statistics.median(times), "timed": len(times), "one_shot": one_shot,
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "timed": len(times),
+            "one_shot": one_shot,
             "peak_mb": mem.peak_mb, "peak_source": mem.source,
             "reported_peak_mb": max(reported) if reported else None, "notes": config_notes}
 
@@ -380,11 +387,12 @@ def run_speed_worker(payload: dict[str, Any], timeout: int) -> dict[str, Any]:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()
-            return {"error": tail[-1] if tail else f"exit status {proc.returncode}"}
+            return {"error": "failed: " + (tail[-1] if tail else f"exit status {proc.returncode}")}
         return json.loads(out.read_text())
 
 
-def speed_farm_jobs(configs: dict[str, MethodConfig], width: int, teacher_arch: str) -> list[FarmJob]:
+def speed_farm_jobs(configs: dict[str, MethodConfig], width: int, teacher_arch: str, teacher_epochs: int
+                    ) -> list[FarmJob]:
     """The least the defaults need: one expert as long as the largest start window, N pretrain experts, ..."""
     jobs = []
     needed = [c.max_start_epoch + c.expert_epochs for m, c in configs.items() if m in TM_METHODS]
@@ -399,14 +407,16 @@ def speed_farm_jobs(configs: dict[str, MethodConfig], width: int, teacher_arch: 
         c = configs["ssd"]
         epochs = c.max_start_epoch + c.expert_epochs if hasattr(c, "max_start_epoch") else 2
         fraction = {"labelled_fraction": c.labelled_fraction} if hasattr(c, "labelled_fraction") else {}
-        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": 1, **fraction}, _ssd_teacher_model(teacher_arch, width)))
+        # the teacher must be good enough to label a class-balanced S (SSD's syn_labels='teacher')
+        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": teacher_epochs, **fraction},
+                            _ssd_teacher_model(teacher_arch, width)))
         jobs.append(FarmJob("ssd_student", 1, {"epochs": epochs, **fraction}, {"width": width}))
     return jobs
 
 
 def cmd_speed(args) -> str:
     tpc = args.train_per_class if args.train_per_class is not None else (None if args.dataset == "digits" else 500)
-    wanted = args.methods or list(METHOD_ORDER)
+    wanted = [m for m in METHOD_ORDER if m in (args.methods or METHOD_ORDER)]
     available, skipped = load_methods(wanted)
     sets = parse_sets(args.set)
     configs, failed = {}, {}
@@ -422,7 +432,7 @@ def cmd_speed(args) -> str:
     lines = []
     try:
         print(f"farming the trajectories the defaults need into {store} ...", flush=True)
-        jobs = speed_farm_jobs(configs, args.width, args.ssd_teacher_arch)
+        jobs = speed_farm_jobs(configs, args.width, args.ssd_teacher_arch, args.ssd_teacher_epochs)
         farmed = farm_all(jobs, store, args.dataset, args.data_root, tpc, train, test, device, args.progress)
         rows = []
         base = run_speed_worker({"method": "_baseline", "dataset": args.dataset, "data_root": args.data_root,
@@ -431,7 +441,8 @@ def cmd_speed(args) -> str:
         rows.append(("baseline: SGD step", base))
         for m in wanted:
             if m in skipped or m in failed:
-                rows.append((LABELS[m], {"error": skipped.get(m) or failed[m]}))
+                why = f"skipped: {skipped[m]}" if m in skipped else f"failed: {failed[m]}"
+                rows.append((LABELS[m], {"error": why}))
                 continue
             cfg = configs[m]
             payload = {"method": m, "dataset": args.dataset, "data_root": args.data_root, "train_per_class": tpc,
@@ -442,10 +453,11 @@ def cmd_speed(args) -> str:
             try:
                 rows.append((LABELS[m], run_speed_worker(payload, args.timeout)))
             except subprocess.TimeoutExpired:
-                rows.append((LABELS[m], {"error": f"timed out after {args.timeout} s"}))
-        cores = os.cpu_count()
+                rows.append((LABELS[m], {"error": f"failed: timed out after {args.timeout} s"}))
+        cores, load = os.cpu_count(), os.getloadavg()[0]
         lines.append(f"## Condensation speed — {args.dataset}, IPC {args.ipc}, device {device}"
-                     + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else f" ({cores} CPU cores)"))
+                     + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else
+                        f" ({cores} CPU cores, load average {load:.1f} at the end)"))
         lines.append("")
         lines.append(f"- setting: ConvNet-3 width {args.width} for every stored network and DM's embedder; "
                      f"each method's published defaults for ({args.dataset}, IPC {args.ipc}) otherwise"
@@ -454,25 +466,27 @@ def cmd_speed(args) -> str:
         lines.append(f"- data: {args.dataset} train {n_train} images"
                      + (f" ({tpc}/class subset)" if tpc else "") + f"; store farmed for this run: "
                      + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed))
-        lines.append(f"- s/it: median of {args.iterations} steps after 1 warm-up step (one-shot coresets: the "
-                     f"selection step); each method in a fresh process")
+        lines.append(f"- s/it: wall seconds, median of {args.iterations} steps after 1 warm-up step (one-shot "
+                     f"coresets: the selection step); each method in a fresh process; CPU s/it: process CPU time "
+                     f"(all threads) of the same steps, less sensitive to other load on the machine")
         lines.append("- peak MiB: " + ("torch.cuda.max_memory_allocated above the allocation before the first step"
                                        if device.startswith("cuda") else
                                        "peak resident set above the resident set before the first step "
                                        "(ru_maxrss when the steps raised it, else a 1 ms sampler)")
                      + "; 'reported': the method's own peak_mem_mb metric (CPU: autograd's saved tensors)")
         lines.append("")
-        lines.append("| method | s/it | × baseline | peak MiB | reported MiB | settings |")
-        lines.append("|---|---:|---:|---:|---:|---|")
+        lines.append("| method | s/it | CPU s/it | × baseline | peak MiB | reported MiB | settings |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
         b = base.get("seconds")
         for label, r in rows:
             if "error" in r:
-                lines.append(f"| {label} | — | — | — | — | skipped: {r['error']} |")
+                lines.append(f"| {label} | — | — | — | — | — | {r['error']} |")
                 continue
             ratio = f"{r['seconds'] / b:.1f}" if b else "—"
             rep = f"{r['reported_peak_mb']:.1f}" if r.get("reported_peak_mb") is not None else "—"
-            note = r["notes"] + ("; one-shot selection" if r.get("one_shot") else "")
-            lines.append(f"| {label} | {r['seconds']:.3f} | {ratio} | {r['peak_mb']:.1f} | {rep} | {note} |")
+            note = "; ".join(x for x in (r["notes"], "one-shot selection" if r.get("one_shot") else "") if x)
+            lines.append(f"| {label} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} | {r['peak_mb']:.1f} | "
+                         f"{rep} | {note} |")
     finally:
         if own_store:
             shutil.rmtree(store, ignore_errors=True)
@@ -489,12 +503,14 @@ class Outcome:
     edc_acc: float | None = None
     edc_std: float | None = None
     notes: str = ""
+    eval_note: str = ""
     error: str | None = None
 
 
-QUICK = {"dataset": "digits", "ipcs": [1], "iterations": 20, "eval_epochs": 20, "num_models": 1, "train_per_class": None,
+QUICK = {"dataset": "digits", "ipcs": [1], "iterations": 20, "eval_epochs": 20, "num_models": 1,
+         "train_per_class": None,
          "experts": 2, "expert_epochs": 4, "pretrain_experts": 2, "pretrain_epochs": 2, "observers": 1,
-         "observer_epochs": 2, "ssd_teacher_epochs": 2, "ssd_students": 2, "ssd_student_epochs": 4, "full_epochs": 5}
+         "observer_epochs": 2, "ssd_teacher_epochs": 5, "ssd_students": 2, "ssd_student_epochs": 4, "full_epochs": 5}
 ACCURACY_DEFAULTS = {"dataset": "fashion_mnist", "ipcs": [1, 10], "iterations": 300, "eval_epochs": 300,
                      "num_models": 3, "train_per_class": 500, "experts": 5, "expert_epochs": 10,
                      "pretrain_experts": 5, "pretrain_epochs": 10, "observers": 2, "observer_epochs": 10,
@@ -538,8 +554,14 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> 
         result = condense(m, n, progress=args.progress)
         seconds = time.perf_counter() - started
         out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
-        ev = evaluate_synthetic(result.synthetic, test, eval_cfg)
+        syn = result.synthetic
+        ev = evaluate_synthetic(syn, test, eval_cfg)
         out.acc, out.std = 100 * ev.mean, 100 * ev.std
+        out.eval_note = f"eval lr {ev.lr:.3g}" + ("" if syn.syn_lr is None else " (learned α)") \
+            + f", {'soft' if syn.soft else 'hard'} labels, {len(syn)} images"
+        final = result.history[-1] if result.history else {}
+        if "loss" in final:
+            out.eval_note += f", final loss {final['loss']:.4g}"
         if method == "edc" and edc_protocol_available():
             from raydd.evaluate_edc import EDCEvalConfig, evaluate_edc
 
@@ -565,7 +587,8 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
     lines = [f"## {args.dataset} condensation accuracy — CPU-SCALED (not the papers' protocol)", ""]
     lines.append(f"- data: {args.dataset} train "
                  + (f"subset {args.train_per_class}/class ({n_train} images)" if args.train_per_class
-                    else f"{n_train} images (all)") + f"; test split for every accuracy; device {dev}; seed {args.seed}")
+                    else f"{n_train} images (all)")
+                 + f"; test split for every accuracy; device {dev}; seed {args.seed}")
     lines.append(f"- networks: ConvNet-3 width {args.width} everywhere (experts, embedders, observers, evaluation)")
     lines.append("- farm (local backend, no Ray; " + store_note + "): "
                  + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed)
@@ -639,7 +662,8 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
         for ipc in args.ipcs:
             o = outcomes.get((m, ipc))
             if o is not None and not o.error:
-                lines.append(f"- {LABELS[m]} IPC {ipc}: {o.iterations} iterations; {o.notes or 'no knobs'}")
+                lines.append(f"- {LABELS[m]} IPC {ipc}: {o.iterations} iterations; {o.notes or 'no knobs'}; "
+                             f"{o.eval_note}")
     return "\n".join(lines)
 
 
@@ -650,7 +674,7 @@ def cmd_accuracy(args) -> str:
             setattr(args, key, value)
     if args.train_per_class == 0:  # 0: the whole training split
         args.train_per_class = None
-    wanted = args.methods or list(METHOD_ORDER)
+    wanted = [m for m in METHOD_ORDER if m in (args.methods or METHOD_ORDER)]
     methods, skipped = load_methods(wanted)
     for m, why in skipped.items():
         print(f"SKIP {m}: {why}", flush=True)
@@ -674,7 +698,8 @@ def cmd_accuracy(args) -> str:
                 print(f"  {m} IPC {ipc} ...", flush=True)
                 try:
                     o = run_one(m, ipc, args, train, test, store, sets, eval_cfg)
-                    print(f"    {_fmt(o.acc, o.std)} % in {o.seconds:.0f} s ({o.iterations} it; {o.notes})"
+                    print(f"    {_fmt(o.acc, o.std)} % in {o.seconds:.0f} s ({o.iterations} it; {o.notes}; "
+                          f"{o.eval_note})"
                           + (f"; EDC protocol {_fmt(o.edc_acc, o.edc_std)}" if o.edc_acc is not None else ""),
                           flush=True)
                 except Exception as exc:  # report in the row, keep going
@@ -730,6 +755,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--iterations", type=int, default=5, help="timed steps after one warm-up step (default 5)")
     s.add_argument("--train-per-class", type=int, help="training subset (default: all for digits, 500 otherwise)")
     s.add_argument("--timeout", type=int, default=1800, help="seconds per method before giving up (default 1800)")
+    s.add_argument("--ssd-teacher-epochs", type=int, default=10,
+                   help="epochs of the SSD teacher farmed for the timing (default 10)")
 
     a = sub.add_parser("accuracy", help="CPU-scaled accuracy table vs Random, full data and the papers")
     common(a)

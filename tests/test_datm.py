@@ -51,7 +51,8 @@ def test_defaults_follow_the_reference_configs():
     assert all(c.label_momentum == 0.9 and c.syn_lr_init == 0.01 and c.zca and c.init_correct for c in (c1, c10, c50))
     assert DATMConfig.default_iterations == 10000
     digits = make_config("datm", "digits", 10)
-    assert digits.zca is False and digits.syn_lr_init is None and digits.syn_steps == 80
+    assert digits.zca is False and digits.syn_lr_init is None and digits.syn_steps == 10
+    assert make_config("datm", "mnist", 10).syn_steps == 80
     assert make_config("datm", "digits", 2, alpha=0.02).syn_lr_init == 0.02
 
 
@@ -141,7 +142,8 @@ def test_threshold_skips_the_update(digits, datm_store):
     metrics = [method.step() for _ in range(3)]
     assert [m["skipped"] for m in metrics] == [1.0, 1.0, 1.0] and method.iteration == 3
     assert all(m["loss_tm"] > 1e-3 for m in metrics)
-    assert torch.equal(method.images, images) and torch.equal(method.labels, labels) and float(method.syn_lr.detach()) == lr
+    assert torch.equal(method.images, images) and torch.equal(method.labels, labels)
+    assert float(method.syn_lr.detach()) == lr
     assert method.opt_img.state_dict()["state"] == {}  # no optimiser ever stepped
 
     loose = DATM(small(threshold=10.0), train, datm_store, device="cpu", seed=1)
