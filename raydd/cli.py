@@ -52,6 +52,7 @@ def _farm_parser(sub) -> None:
                    help="fractional GPUs per worker, e.g. 0.25 puts four experts on one GPU")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--tensorboard", help="write every trajectory's per-epoch curves here (TensorBoard logdir)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -67,6 +68,11 @@ def _store_parser(sub) -> None:
     info.add_argument("trajectory_id")
     verify = ssub.add_parser("verify", help="integrity check of every file")
     verify.add_argument("root", nargs="?", default=DEFAULT_STORE)
+    tb = ssub.add_parser("tensorboard", help="write the stored trajectories' per-epoch curves as TensorBoard runs")
+    tb.add_argument("root")
+    tb.add_argument("logdir", help="local directory; then: tensorboard --logdir LOGDIR")
+    for key in ("dataset", "model", "kind", "recipe"):
+        tb.add_argument(f"--{key}")
 
 
 def _parse_value(text: str):
@@ -82,7 +88,7 @@ def farm_spec_from_args(args):
     base = FarmSpec.from_yaml(args.spec).to_dict() if args.spec else FarmSpec().to_dict()
     for key in ("store", "dataset", "data_root", "download", "resolution", "zca", "train_per_class", "recipe",
                 "trajectories", "seed", "dtype", "backend", "workers", "cpus_per_worker", "gpus_per_worker",
-                "address", "device"):
+                "address", "device", "tensorboard"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -113,7 +119,8 @@ def cmd_farm(args) -> int:
     report = farm(spec, progress=not args.quiet)
     print(report.table())
     print(f"\n{len(report.trained)} trained, {len(report.skipped)} already stored, "
-          f"{report.wall_time_s:.1f} s; inspect with: raydd store ls {spec.store}")
+          f"{report.wall_time_s:.1f} s; inspect with: raydd store ls {spec.store}"
+          + (f"; curves: tensorboard --logdir {spec.tensorboard}" if spec.tensorboard else ""))
     return 0
 
 
@@ -128,6 +135,14 @@ def cmd_store(args) -> int:
         return 0
     if args.store_cmd == "info":
         print(format_info(store, args.trajectory_id))
+        return 0
+    if args.store_cmd == "tensorboard":
+        from .store.tensorboard import write_curves
+
+        filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+        written = write_curves(store, args.logdir, **filters)
+        print(f"{len(written)} trajectory run(s) written to {args.logdir} (runs already there are kept); "
+              f"view with: tensorboard --logdir {args.logdir}")
         return 0
     text, code = format_verify(store)
     print(text)

@@ -31,6 +31,15 @@ def add_quickstart_parser(subparsers) -> None:
     p.set_defaults(func=cmd_quickstart)
 
 
+def _farm_curves_dir(spec) -> str | None:
+    """Where the farmed experts' TensorBoard curves go: next to the sweep, under its (local) storage."""
+    from .tune import _absolute
+
+    if "://" in spec.storage:
+        return None  # TensorBoard curves need a local directory: `raydd store tensorboard` writes them later
+    return f"{_absolute(spec.storage).rstrip('/')}/{spec.name}-farm"
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import ray
 
@@ -41,7 +50,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     say(f"raydd quickstart 1/3: farm -> {spec.store}")
     started = _connect(None)
     try:
-        for report in farm_for_sweep(spec, progress=not args.quiet):
+        farm_curves = _farm_curves_dir(spec)
+        for report in farm_for_sweep(spec, progress=not args.quiet, tensorboard=farm_curves):
             say(report.table())
         say(f"raydd quickstart 2/3: sweep {', '.join(spec.methods)} x IPC {list(spec.ipcs)} "
             f"({spec.num_trials} trials, ASHA) -> {spec.storage}/{spec.name}")
@@ -52,5 +62,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     say("raydd quickstart 3/3: leaderboard")
     print(result.markdown())
     print(f"\nleaderboard: {result.leaderboard_csv}\nbest synthetic sets: {result.experiment_path}/best/\n"
-          f"TensorBoard: tensorboard --logdir {result.experiment_path}")
+          f"TensorBoard (sweep trials and the farmed experts' curves): tensorboard --logdir {spec.storage}\n"
+          f"  trials: {result.experiment_path}" + (f"   experts: {farm_curves}" if farm_curves else ""))
     return 0 if result.rows else 1

@@ -589,8 +589,11 @@ def check_store(spec: SweepSpec, store_root: str) -> None:
                              f"'farm: {{{recipe}: {{...}}}}' to the spec and run with --farm (or sweeps/submit.py)")
 
 
-def farm_for_sweep(spec: SweepSpec, *, backend: str = "ray", progress: bool = True) -> list:
+def farm_for_sweep(spec: SweepSpec, *, backend: str = "ray", progress: bool = True,
+                   tensorboard: str | None = None) -> list:
     """Farm every ``spec.farm`` recipe into the sweep's store (what exists is skipped); return the reports.
+
+    ``tensorboard``: a local directory for the farmed trajectories' curves (unless an entry sets its own).
 
     A method that reads the store but whose recipe has no ``farm`` entry is left to
     ``check_store`` (the store may already hold its trajectories).
@@ -598,7 +601,8 @@ def farm_for_sweep(spec: SweepSpec, *, backend: str = "ray", progress: bool = Tr
     from .farm import farm
 
     reports = []
-    for farm_spec in spec.farm_specs(backend=backend):
+    extra = {"backend": backend} if tensorboard is None else {"backend": backend, "tensorboard": tensorboard}
+    for farm_spec in spec.farm_specs(**extra):
         if progress:
             print(f"raydd sweep: farming {farm_spec.trajectories} x {farm_spec.recipe} on {spec.dataset} into "
                   f"{spec.store}", file=sys.stderr)

@@ -94,6 +94,38 @@ def test_local_backend_matches_ray(farmed, tmp_path):
     torch.testing.assert_close(a.params(3), b.params(3), rtol=1e-4, atol=1e-5)
 
 
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_farm_writes_expert_curves_for_tensorboard(farmed, tmp_path):
+    from raydd.cli import main
+
+    spec, report = farmed
+    logdir = tmp_path / "tb"
+    again = farm(FarmSpec.from_dict({**spec.to_dict(), "tensorboard": str(logdir)}), progress=False)
+    assert again.trained == []  # stored ones get their curves too, nothing is retrained
+    runs = sorted(p.parent for p in logdir.rglob("events.out.tfevents.*"))
+    assert [r.name for r in runs] == sorted(report.trajectory_ids)
+    store = TrajectoryStore(spec.store)
+    for run in runs:
+        scalars = _scalars(run)
+        expected = [m for m in store.open(run.name).metrics() if m["test_acc"] == m["test_acc"]]  # not NaN
+        assert [step for step, _ in scalars["test_acc"]] == [m["epoch"] for m in expected] == [1, 2, 3]
+        assert [v for _, v in scalars["test_acc"]] == pytest.approx([m["test_acc"] for m in expected], abs=1e-6)
+    # the same from the CLI for the whole store; a second call keeps what is there
+    assert main(["store", "tensorboard", spec.store, str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli").rglob("events.out.tfevents.*"))) == 4
+    assert main(["store", "tensorboard", spec.store, str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli").rglob("events.out.tfevents.*"))) == 4
+    with pytest.raises(ValueError, match="tensorboard='s3://b/tb' is invalid"):
+        FarmSpec.from_dict({**spec.to_dict(), "tensorboard": "s3://b/tb"})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"dataset": "imagenet-42"}, "unknown dataset 'imagenet-42'"),
     ({"model": {"arch": "vgg99"}}, "unknown model arch 'vgg99'"),

@@ -41,6 +41,9 @@ def farm(spec: FarmSpec, *, progress: bool = True, on_event: Callable[[ProgressE
          data: FarmData | None = None) -> FarmReport:
     """Farm the trajectories of ``spec`` into its store and return their ids.
 
+    With ``spec.tensorboard`` set, every trajectory of the spec (trained now or before) gets
+    its per-epoch curves written there, read back from the store.
+
     ``on_event`` receives every progress event (tests use it to inject faults).
     """
     start = time.perf_counter()
@@ -61,6 +64,10 @@ def farm(spec: FarmSpec, *, progress: bool = True, on_event: Callable[[ProgressE
                 report.trained = run_on_ray(spec, todo, data, bar, on_event)
         finally:
             bar.close()
+    if spec.tensorboard:
+        from ..store.tensorboard import write_curves
+
+        write_curves(store, spec.tensorboard, report.trajectory_ids)  # skips runs already written
     report.wall_time_s = time.perf_counter() - start
     return report
 

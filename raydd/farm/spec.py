@@ -45,6 +45,7 @@ class FarmSpec:
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS, else a local cluster
     max_retries: int = 2  # per trajectory, after a worker dies
     device: str = "auto"
+    tensorboard: str | None = None  # local directory: every trajectory's per-epoch curves (raydd.store.tensorboard)
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
@@ -71,6 +72,9 @@ class FarmSpec:
             raise ValueError(f"train_per_class={self.train_per_class!r} is invalid: expected > 0 or None")
         if self.max_retries < 0:
             raise ValueError(f"max_retries={self.max_retries!r} is invalid: expected >= 0")
+        if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard
+                                             or "://" in self.tensorboard):
+            raise ValueError(f"tensorboard={self.tensorboard!r} is invalid: expected a local directory (or None)")
         if self.data_root is not None and not Path(self.data_root).expanduser().exists() and not self.download:
             raise ValueError(f"data_root={self.data_root!r} does not exist; point it at the dataset folder "
                              f"(e.g. ../shared/datasets) or pass download=True (needs internet)")

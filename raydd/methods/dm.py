@@ -53,7 +53,7 @@ class DMConfig(MethodConfig):
     dsa_strategy: str = DSA_DEFAULT  # flip is dropped automatically where the dataset forbids it
     arch: str = "convnet"  # embedder architecture (the paper's ablation also learns with ResNets)
     width: int | None = None  # None: 128 for ConvNet, 64 (stem) for ResNets
-    depth: int | None = None  # ConvNet depth; None: 3 up to 32 px, 4 at 64 px, 5 at 128 px
+    depth: int | None = None  # ConvNet depth; None: models.default_depth (2 at 8 px, 3 up to 32 px, 4 at 64, 5 at 128)
     norm: str = "instance"  # 'instance' | 'batch' | 'none'
 
     default_iterations: ClassVar[int] = 20000
