@@ -6,7 +6,7 @@
     methods: [dm, random]
     ipcs: [1, 10]
     iterations: 200            # or "default" (each method's published count) or {dm: 200, mtt: 500}
-    eval_every: 50
+    eval_every: 50             # or "rungs" (ASHA): evaluate only at ASHA's rungs and at the end
     eval: {model: convnet, num_models: 2, epochs: 100}
     knobs: {dm: {lr_img: {loguniform: [0.1, 10]}}}
     samples: 2
@@ -38,6 +38,7 @@ import yaml
 SHARED_KNOBS = ("lam", "tau", "alpha", "zeta")
 KNOB_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
+RUNGS = "rungs"  # eval_every value: evaluate exactly where ASHA decides
 _NOT_METHODS = {"base", "serial", "synthetic"}
 _IMPORT_ERRORS: dict[str, str] = {}
 
@@ -225,8 +226,8 @@ class SweepSpec:
     methods: tuple[str, ...]
     ipcs: tuple[int, ...]
     iterations: dict[str, int | str]  # per method: a count or "default" (see default_trial_iterations)
-    eval_every: int | dict[str, int] = 0  # evaluate + report every k iterations and at the end (0: at the end
-    # only); a mapping gives it per method ({mtt: 500, default: 1000})
+    eval_every: int | str | dict[str, int | str] = 0  # evaluate + report every k iterations and at the end (0:
+    # at the end only; "rungs": at the ASHA rungs grace·rf^k and the end); a mapping gives it per method
     store: str = "raydd-store"
     data_root: str | None = None
     resolution: int | None = None
@@ -274,8 +275,16 @@ class SweepSpec:
             if unknown:
                 raise ValueError(f"eval_every names {unknown}, which are not in methods {list(self.methods)}")
         for m in self.methods:
-            _positive_int(f"eval_every[{m}]" if isinstance(self.eval_every, dict) else "eval_every",
-                          self.method_eval_every(m), zero_ok=True)
+            where = f"eval_every[{m}]" if isinstance(self.eval_every, dict) else "eval_every"
+            every = self.method_eval_every(m)
+            if every == RUNGS:
+                if self.scheduler.get("type") != "asha":
+                    raise ValueError(f"{where}='rungs' is invalid without ASHA (scheduler.type="
+                                     f"{self.scheduler.get('type')!r}): give a number of iterations")
+                continue
+            if isinstance(every, str):
+                raise ValueError(f"{where}={every!r} is invalid: expected an integer >= 0 or 'rungs'")
+            _positive_int(where, every, zero_ok=True)
         _positive_int("samples", self.samples)
         _positive_int("max_failures", self.max_failures, zero_ok=True)
         if self.max_concurrent is not None:
@@ -352,7 +361,7 @@ class SweepSpec:
                                      f"iterations)")
                 for m in self.methods:
                     every = self.method_eval_every(m)
-                    if every and grace % every:
+                    if every and every != RUNGS and grace % every:
                         raise ValueError(f"scheduler.grace_period={grace} is invalid: expected a multiple of "
                                          f"eval_every of {m} ({every}), so that every ASHA rung is an evaluation")
 
@@ -404,7 +413,13 @@ class SweepSpec:
         self.farm_specs()
 
     # ------------------------------------------------------------------ views
-    def method_eval_every(self, method: str) -> int:
+    def asha_settings(self) -> dict[str, Any] | None:
+        """ASHA's grace_period / reduction_factor / max_t as given (None: no ASHA), for 'rungs' evaluation."""
+        if self.scheduler.get("type") != "asha":
+            return None
+        return {k: self.scheduler[k] for k in ("grace_period", "reduction_factor", "max_t") if k in self.scheduler}
+
+    def method_eval_every(self, method: str) -> int | str:
         if isinstance(self.eval_every, dict):
             return self.eval_every.get(method, self.eval_every.get("default", 0))
         return self.eval_every
@@ -529,7 +544,23 @@ class SweepSpec:
         return cls.from_dict(data)
 
 
-def default_grace_period(max_t: int, eval_every: int = 0) -> int:
+def asha_rungs(iterations: int, grace_period: int | None = None, reduction_factor: int = 3,
+               max_t: int | None = None) -> list[int]:
+    """The iterations at which GroupedASHA judges a trial of ``iterations`` iterations, plus its end.
+
+    Same rule as the scheduler: max_t = ``max_t`` or the trial's count, grace =
+    ``grace_period`` or ``default_grace_period(max_t)``, rungs at grace·rf^k below max_t.
+    """
+    top = max_t or iterations
+    grace = min(grace_period or default_grace_period(top), top)
+    points, r = [], grace
+    while r < top:
+        points.append(r)
+        r *= reduction_factor
+    return sorted({p for p in points if p < iterations} | {iterations})
+
+
+def default_grace_period(max_t: int, eval_every: int | str = 0) -> int:
     """ASHA's first rung: the first evaluation (``eval_every``), else a ninth of the budget.
 
     Rungs sit at grace·rf^k. A trial is only judged when it reports, i.e. at evaluations; a
@@ -537,7 +568,7 @@ def default_grace_period(max_t: int, eval_every: int = 0) -> int:
     accuracy against the others' at that rung, or records a stopped trial's last value
     there), so rungs must be evaluation points: grace a multiple of eval_every, rf an integer.
     """
-    if eval_every:
+    if eval_every and eval_every != RUNGS:
         return min(eval_every, max_t)
     return max(1, max_t // 9)
 

@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .sweep_spec import (SHARED_KNOBS, SweepSpec, default_grace_period, default_trial_iterations, eval_config,
-                         horizon_field, method_class, resolve_knob)
+from .sweep_spec import (RUNGS, SHARED_KNOBS, SweepSpec, asha_rungs, default_grace_period, default_trial_iterations,
+                         eval_config, horizon_field, method_class, resolve_knob)
 
 METRIC = "eval_acc"
 MODE = "max"
@@ -51,7 +51,7 @@ TEST_FAULT_MARKER = ".test_fault_injected_at_{}"
 # Which farm recipe feeds which method when the method class does not say (``farm_recipe``).
 _FARM_RECIPES = {"mtt": "expert", "datm": "expert", "datm_clr": "expert", "dance": "pretrain", "ptlm": "pretrain",
                  "edc": "observer"}  # fallback only: configs normally name their store kind (expert_kind, ...)
-_TRIAL_KEYS = {"method", "dataset", "ipc", "seed", "iterations", "eval_every", "store", "data_root", "resolution",
+_TRIAL_KEYS = {"method", "dataset", "ipc", "seed", "iterations", "eval_every", "asha", "store", "data_root", "resolution",
                "eval", "final_eval", "device", "knobs", "arm", TEST_FAULT_KEY}
 
 
@@ -67,7 +67,7 @@ class TrialSettings:
     ipc: int
     seed: int
     iterations: int
-    eval_every: int
+    eval_every: int | str  # iterations, or "rungs" (with ``asha``: evaluate at the ASHA rungs only)
     store: str | None
     data_root: str | None
     resolution: int | None
@@ -78,6 +78,7 @@ class TrialSettings:
     fault_at: tuple[int, ...]  # test-only fault injection
     method_knobs: dict  # config field -> value
     eval_knobs: dict  # evaluation field -> value (eval.<name>, or zeta under the edc protocol)
+    asha: dict = field(default_factory=dict)  # grace_period / reduction_factor / max_t, for eval_every="rungs"
 
     @classmethod
     def from_config(cls, config: dict) -> "TrialSettings":
@@ -109,11 +110,11 @@ class TrialSettings:
             raise ValueError(f"iterations={iterations!r} is invalid: expected an integer >= 1 or 'default'")
         return cls(method=config["method"], dataset=config["dataset"], ipc=ipc,
                    seed=int(config.get("seed", 0)), iterations=iterations,
-                   eval_every=int(config.get("eval_every", 0)), store=config.get("store"),
+                   eval_every=_eval_every(config.get("eval_every", 0)), store=config.get("store"),
                    data_root=config.get("data_root"), resolution=config.get("resolution"),
                    eval=dict(config.get("eval") or {}), final_eval=config.get("final_eval"),
                    device=config.get("device", "auto"), knobs=knobs, fault_at=_fault_points(config.get(TEST_FAULT_KEY)),
-                   method_knobs=method_knobs, eval_knobs=eval_knobs)
+                   method_knobs=method_knobs, eval_knobs=eval_knobs, asha=dict(config.get("asha") or {}))
 
     def method_config(self):
         """The method's config: published defaults, the knobs, and the schedule horizon = this trial's length."""
@@ -137,9 +138,20 @@ class TrialSettings:
         return bool(self.eval.get("teachers", False))
 
     def eval_points(self) -> list[int]:
+        if self.eval_every == RUNGS:
+            return asha_rungs(self.iterations, self.asha.get("grace_period"), self.asha.get("reduction_factor", 3),
+                              self.asha.get("max_t"))
         every = self.eval_every or self.iterations
         points = list(range(every, self.iterations + 1, every))
         return points if points and points[-1] == self.iterations else points + [self.iterations]
+
+
+def _eval_every(value) -> int | str:
+    if value == RUNGS:
+        return RUNGS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"eval_every={value!r} is invalid: expected an integer >= 0 or 'rungs'")
+    return value
 
 
 def _fault_points(value) -> tuple[int, ...]:
@@ -477,6 +489,8 @@ def param_space(spec: SweepSpec, *, store: str | None = None, data_root: str | N
                    "eval_every": spec.method_eval_every(method), "eval": spec.eval_settings(method)}
             if spec.final_eval is not None:
                 arm["final_eval"] = spec.final_eval_settings(method)
+            if arm["eval_every"] == RUNGS:
+                arm["asha"] = spec.asha_settings()
             arms.append(arm)
     space = {
         "arm": tune.grid_search(arms), "ipc": tune.grid_search(list(spec.ipcs)),

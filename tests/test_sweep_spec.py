@@ -86,6 +86,8 @@ def _registered():
     ({"iterations": "lots"}, "iterations='lots' is invalid"),
     ({"samples": 0}, "samples=0 is invalid"),
     ({"eval_every": -1}, "eval_every=-1 is invalid"),
+    ({"eval_every": "often"}, "eval_every='often' is invalid: expected an integer >= 0 or 'rungs'"),
+    ({"eval_every": "rungs", "scheduler": {"type": "fifo"}}, "eval_every='rungs' is invalid without ASHA"),
     ({"scheduler": {"type": "pbt"}}, "scheduler.type='pbt' is invalid: accepted asha, fifo"),
     ({"scheduler": {"grace_period": 500}}, "grace_period=500 is invalid: expected <= max_t (200"),
     ({"scheduler": {"reduction_factor": 1}}, "reduction_factor=1 is invalid"),
@@ -121,6 +123,16 @@ def test_invalid_specs_are_refused_with_one_line(changes, message):
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_rungs_evaluation_follows_the_asha_rule():
+    from raydd.sweep_spec import asha_rungs
+
+    assert asha_rungs(800, 50, 4) == [50, 200, 800]
+    assert asha_rungs(200, None, 3) == [22, 66, 198, 200]  # grace = max_t // 9, like GroupedASHA
+    assert asha_rungs(100, 50, 4, max_t=800) == [50, 100]  # a shorter trial: its end
+    s = spec(eval_every="rungs", scheduler={"type": "asha", "grace_period": 25, "reduction_factor": 2})
+    assert s.asha_settings() == {"grace_period": 25, "reduction_factor": 2}
 
 
 def test_zeta_and_eval_knobs_land_on_the_evaluation():

@@ -58,6 +58,9 @@ def test_trial_settings_flat_nested_and_horizon():
     flat = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 2, "iterations": 7,
                                       "eval_every": 3, "lr_img": 2.0})
     assert flat.knobs == {"lr_img": 2.0} and flat.eval_points() == [3, 6, 7]
+    rungs = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 2, "iterations": 800,
+                                       "eval_every": "rungs", "asha": {"grace_period": 50, "reduction_factor": 4}})
+    assert rungs.eval_points() == [50, 200, 800]
     assert flat.method_config().lr_img == 2.0
     nested = TrialSettings.from_config({"arm": {"method": "mtt", "iterations": "default", "knobs": {"alpha": 0.02}},
                                         "dataset": "digits", "ipc": 1})
