@@ -544,7 +544,9 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> 
     from raydd.evaluate import evaluate_synthetic
 
     d = make_config(method, args.dataset, ipc)
-    n = iterations_for(d, args.iterations)
+    # --set METHOD.iterations=K (EDC's planned count) raises the published count the cap applies to
+    n = iterations_for(d.with_overrides(**{k: v for k, v in sets.get(method, {}).items() if k == "iterations"}),
+                       args.iterations)
     scale = Scale(ipc=ipc, iterations=n, width=args.width, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
                   pretrain_experts=args.pretrain_experts, ssd_student_epochs=args.ssd_student_epochs,
                   labelled_fraction=args.labelled_fraction)
