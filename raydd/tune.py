@@ -476,7 +476,15 @@ def _domain(knob):
 
 
 def param_space(spec: SweepSpec, *, store: str | None = None, data_root: str | None = None) -> dict[str, Any]:
-    """Tune's param space: one ``arm`` per method x grid point (its knobs sampled inside), x IPC x seed."""
+    """Tune's param space: one ``arm`` per method x grid point (its knobs sampled inside), x IPC x seed.
+
+    Under ASHA the arms start in a seeded shuffled order (the same for every run of the spec):
+    asynchronous ASHA promotes a trial that is in the top 1/rf of what a rung has recorded so
+    far, so a grid started corner-first (e.g. all good settings first) lets the early trials run
+    to the end before anything better or worse has been seen.
+    """
+    import random
+
     from ray import tune
 
     arms = []
@@ -492,6 +500,8 @@ def param_space(spec: SweepSpec, *, store: str | None = None, data_root: str | N
             if arm["eval_every"] == RUNGS:
                 arm["asha"] = spec.asha_settings()
             arms.append(arm)
+    if spec.scheduler.get("type") == "asha":
+        random.Random(0).shuffle(arms)
     space = {
         "arm": tune.grid_search(arms), "ipc": tune.grid_search(list(spec.ipcs)),
         "seed": tune.grid_search(list(spec.seeds)) if len(spec.seeds) > 1 else spec.seeds[0],
