@@ -54,6 +54,7 @@ def test_published_defaults_and_fallbacks():
     assert (c50.syn_steps, c50.max_start_epoch, c50.lr_img, c50.zca) == (30, 40, 1000.0, False)
     fm = make_config("mtt", "fashion_mnist", 10)
     assert fm.zca is False and fm.syn_lr_init is None and fm.syn_steps == 30  # documented fallback
+    assert make_config("mtt", "digits", 10).syn_steps == 10  # digits' epochs are ~6 expert steps
     assert MTTConfig.default_iterations == 5000
 
 
