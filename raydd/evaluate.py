@@ -45,14 +45,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            if self.model not in ARCHITECTURES:
-                raise ValueError(f"unknown evaluation model {self.model!r}: accepted {', '.join(ARCHITECTURES)} "
-                                 f"(or a dict of ModelSpec fields)")
-        elif isinstance(self.model, dict):
-            _model_overrides(self.model)
-        else:
-            raise ValueError(f"EvalConfig.model={self.model!r} is invalid: expected an architecture name or a dict")
+        check_eval_model("EvalConfig", self.model)
         for key in ("num_models", "epochs", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -74,9 +67,26 @@ class EvalConfig:
 
     def model_spec(self, info: DatasetInfo) -> ModelSpec:
         """The network for data described by ``info`` (cross-architecture: any arch, same data shape)."""
-        fields = {"arch": self.model} if isinstance(self.model, str) else _model_overrides(self.model)
-        return ModelSpec(**{**fields, "channels": info.channels, "resolution": tuple(info.resolution),
-                            "num_classes": info.num_classes})
+        return eval_model_spec(self.model, info)
+
+
+def check_eval_model(owner: str, model: str | dict) -> None:
+    """An evaluation config's ``model``: an architecture name or a dict of ModelSpec fields (one-line errors)."""
+    if isinstance(model, str):
+        if model not in ARCHITECTURES:
+            raise ValueError(f"unknown evaluation model {model!r}: accepted {', '.join(ARCHITECTURES)} "
+                             f"(or a dict of ModelSpec fields)")
+    elif isinstance(model, dict):
+        _model_overrides(model)
+    else:
+        raise ValueError(f"{owner}.model={model!r} is invalid: expected an architecture name or a dict")
+
+
+def eval_model_spec(model: str | dict, info: DatasetInfo) -> ModelSpec:
+    """The evaluation network ``model`` (name or ModelSpec fields) for data described by ``info``."""
+    fields = {"arch": model} if isinstance(model, str) else _model_overrides(model)
+    return ModelSpec(**{**fields, "channels": info.channels, "resolution": tuple(info.resolution),
+                        "num_classes": info.num_classes})
 
 
 def _model_overrides(model: dict) -> dict:

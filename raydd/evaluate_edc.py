@@ -34,8 +34,8 @@ from torch.nn import functional as F
 
 from .data.datasets import DatasetInfo, ImageDataset
 from .data.dsa import DSA, DSAConfig
-from .evaluate import EvalResult
-from .models import ARCHITECTURES, ModelSpec, build_model
+from .evaluate import EvalResult, check_eval_model, eval_model_spec
+from .models import ModelSpec, build_model
 from .training import evaluate_model, minibatches, resolve_device
 
 SCHEDULES = ("smoothing", "multistep", "ssrs")
@@ -175,14 +175,7 @@ class EDCEvalConfig:
 
     def __post_init__(self) -> None:
         owner = "EDCEvalConfig"
-        if isinstance(self.model, str):
-            if self.model not in ARCHITECTURES:
-                raise ValueError(f"unknown evaluation model {self.model!r}: accepted {', '.join(ARCHITECTURES)} "
-                                 f"(or a dict of ModelSpec fields)")
-        elif isinstance(self.model, dict):
-            _model_fields(self.model)
-        else:
-            raise ValueError(f"{owner}.model={self.model!r} is invalid: expected an architecture name or a dict")
+        check_eval_model(owner, self.model)
         for key in ("num_models", "epochs", "batch_size"):
             _check_int(owner, key, getattr(self, key))
         _check_int(owner, "seed", self.seed, low=0)
@@ -219,9 +212,7 @@ class EDCEvalConfig:
         return out
 
     def model_spec(self, info: DatasetInfo) -> ModelSpec:
-        fields = {"arch": self.model} if isinstance(self.model, str) else _model_fields(self.model)
-        return ModelSpec(**{**fields, "channels": info.channels, "resolution": tuple(info.resolution),
-                            "num_classes": info.num_classes})
+        return eval_model_spec(self.model, info)
 
     def lr_factor(self, epoch: int) -> float:
         if self.schedule == "smoothing":
@@ -229,15 +220,6 @@ class EDCEvalConfig:
         if self.schedule == "ssrs":
             return ssrs_lr_factor(epoch, self.epochs, self.zeta)
         return multistep_lr_factor(epoch, self.epochs, self.milestones, self.gamma)
-
-
-def _model_fields(model: dict) -> dict:
-    data_fields = {"channels", "resolution", "num_classes"}
-    known = set(ModelSpec.__dataclass_fields__) - data_fields
-    unknown = sorted(set(model) - known - {"name"})
-    if unknown:
-        raise ValueError(f"unknown evaluation model option(s) {unknown}: accepted {sorted(known)}")
-    return {k: v for k, v in model.items() if k in known}
 
 
 # --------------------------------------------------------------------------- protocol
