@@ -18,6 +18,8 @@ import dataclasses
 import json
 import os
 import random
+import resource
+import sys
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -119,6 +121,12 @@ def _check_type(owner: str, name: str, hint: Any, value: Any) -> Any:
 def _loosely_is(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint) or hint
     return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def process_peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 def check_range(config: MethodConfig, name: str, *, low: float | None = None, high: float | None = None,

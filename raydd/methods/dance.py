@@ -35,8 +35,7 @@ from torch.nn import functional as F
 from ..data.datasets import ImageDataset
 from ..data.dsa import DSA, DSAConfig
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
-from .mtt import process_peak_rss_mb
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
 from .synthetic import SyntheticSet
 
 MATCH_DSA = "color_crop_cutout"  # IDC/DANCE condensation augmentation (arg_condense.py aug_type)

@@ -30,8 +30,8 @@ import torch
 from torch.nn import functional as F
 
 from ..models import build_model, load_flat_params
-from .base import check_range, clone_tree, register_method
-from .mtt import MTT, MTTConfig, _SavedTensorMeter, process_peak_rss_mb
+from .base import check_range, clone_tree, process_peak_rss_mb, register_method
+from .mtt import MTT, MTTConfig, _SavedTensorMeter
 from .synthetic import SyntheticSet
 
 # Reference configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml and configs/CIFAR-100/ConvIN/IPC{1,10,50}.yaml

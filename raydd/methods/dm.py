@@ -19,8 +19,6 @@ Randomness: the embedder seed, the real batches and the augmentation seeds are a
 """
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,7 +28,7 @@ import torch
 from ..data.dsa import DSA, DSAConfig
 from ..models import ModelSpec, build_model, default_depth
 from ..models.spec import ARCHITECTURES, NORMS
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"  # reference --dsa_strategy default
@@ -78,12 +76,6 @@ class DMConfig(MethodConfig):
         depth = self.depth if self.depth is not None else default_depth(tuple(info.resolution))
         return ModelSpec(arch=self.arch, channels=info.channels, num_classes=info.num_classes,
                          resolution=tuple(info.resolution), width=self.width, depth=depth, norm=self.norm)
-
-
-def process_peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory (MiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 @register_method

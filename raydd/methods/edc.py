@@ -25,8 +25,6 @@ as softmax probabilities, the logits themselves in ``meta['logits']``.
 from __future__ import annotations
 
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,7 +35,7 @@ from torch.nn import functional as F
 
 from ..evaluate_edc import apply_affine, random_resized_crop_params
 from ..models import ModelSpec, build_model, load_flat_params
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
 from .synthetic import SyntheticSet
 
 TURNS = ("round_robin", "all")
@@ -140,11 +138,6 @@ class BNInputs:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _process_peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 def _channel_stats(feat: torch.Tensor, y: torch.Tensor, num_classes: int
@@ -407,7 +400,7 @@ class EDC(CondensationMethod):
         if cuda:
             metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         else:
-            metrics["rss_peak_mb"] = _process_peak_rss_mb()
+            metrics["rss_peak_mb"] = process_peak_rss_mb()
         return metrics
 
     def matching_loss(self, seed: int = 0) -> dict[str, float]:

@@ -18,8 +18,6 @@ accumulates into the two leaves only (not into θ̂_0).
 from __future__ import annotations
 
 import math
-import resource
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from torch.nn import functional as F
 
 from ..data.dsa import DSA, DSAConfig
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
@@ -150,12 +148,6 @@ class _SavedTensorMeter:
     @property
     def megabytes(self) -> float:
         return sum(self.storages.values()) / 2 ** 20
-
-
-def process_peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory (MiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 @register_method
