@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..models import build_model, load_flat_params
 from .base import check_range, clone_tree, process_peak_rss_mb, register_method
-from .mtt import MTT, MTTConfig, _SavedTensorMeter
+from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
 
 # Reference configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml and configs/CIFAR-100/ConvIN/IPC{1,10,50}.yaml
@@ -57,13 +57,6 @@ _PUBLISHED: dict[tuple[str, int], dict[str, Any]] = {
 }
 
 
-# digits has 1438 training images: M = 2 expert epochs are ~12 SGD steps at the expert recipe's
-# batch 256, and N = 80 (or 20) student steps overshoot θ*_{t+M} so far that the matching loss
-# starts above the threshold and every iteration is skipped (measured: L_tm 2.1 at N=80, 1.16 at
-# N=20, 0.6 at N=10 with ConvNet-3 w128 experts). MNIST/Fashion-MNIST have CIFAR-sized epochs.
-_FEW_STEPS_PER_EPOCH = {"digits": 10}
-
-
 def published_row(dataset: str, ipc: int) -> dict[str, Any]:
     """The reference settings for (dataset, ipc), or the documented fallback (see DATMConfig)."""
     if (dataset, ipc) in _PUBLISHED:
@@ -74,8 +67,7 @@ def published_row(dataset: str, ipc: int) -> dict[str, Any]:
     row = dict(_PUBLISHED[("cifar10", bucket)])
     if dataset != "cifar10":
         row.update(zca=False, syn_lr_init=None)
-    if dataset in _FEW_STEPS_PER_EPOCH:
-        row["syn_steps"] = _FEW_STEPS_PER_EPOCH[dataset]
+    row["syn_steps"] = cap_syn_steps(dataset, row["syn_steps"])
     return row
 
 
@@ -88,7 +80,7 @@ class DATMConfig(MTTConfig):
     - other IPCs of cifar10/cifar100: the row of the nearest IPC bucket (<=1, <=10, else 50);
     - any other dataset: the CIFAR-10 row of the nearest bucket, without ZCA and with α0 =
       the experts' lr (``syn_lr_init=None``); digits also with syn_steps=10 (its epochs are
-      ~6 expert steps, see ``_FEW_STEPS_PER_EPOCH``). The DATM paper reports no MNIST-like
+      ~6 expert steps, see ``mtt.FEW_STEPS_PER_EPOCH``). The DATM paper reports no MNIST-like
       settings, and the window (max_start_epoch etc.) must fit the experts in the store.
     """
 

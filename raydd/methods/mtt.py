@@ -102,12 +102,22 @@ class MTTConfig(MethodConfig):
         row = dict(_PUBLISHED[("cifar10", bucket)])
         if dataset != "cifar10":
             row.update(zca=False, syn_lr_init=None)
-        if dataset == "digits":
-            # digits' 1438 training images make one expert epoch ~6 SGD steps at batch 256: N = 30 student
-            # steps overshoot θ*_{t+M} (M = 2 epochs ≈ 12 steps) and SSD's matching loss went NaN at
-            # iteration 3 (benchmarks/results/speed_digits_ipc10.md). Same fallback as DATM's.
-            row["syn_steps"] = min(row["syn_steps"], 10)
+        row["syn_steps"] = cap_syn_steps(dataset, row["syn_steps"])
         return cls(dataset=dataset, ipc=ipc, **row)
+
+
+# Datasets whose expert epochs are a handful of SGD steps, so the fallback rows' N would overshoot:
+# digits has 1438 training images, ~6 steps per epoch at the expert recipe's batch 256, and
+# M = 2 epochs ≈ 12 steps. Measured: MTT's N = 30 made SSD's matching loss NaN at iteration 3
+# (benchmarks/results/speed_digits_ipc10.md); DATM's N = 80 (or 20) started above its loss
+# threshold so every iteration was skipped (L_tm 2.1 at N=80, 1.16 at N=20, 0.6 at N=10 with
+# ConvNet-3 w128 experts). MNIST/Fashion-MNIST have CIFAR-sized epochs.
+FEW_STEPS_PER_EPOCH = {"digits": 10}
+
+
+def cap_syn_steps(dataset: str, syn_steps: int) -> int:
+    """The fallback N for ``dataset``: at most FEW_STEPS_PER_EPOCH[dataset] where it has one."""
+    return min(syn_steps, FEW_STEPS_PER_EPOCH.get(dataset, syn_steps))
 
 
 @dataclass
