@@ -557,6 +557,8 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> 
         seconds = time.perf_counter() - started
         out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
         syn = result.synthetic
+        if args.save_dir:
+            syn.save(Path(args.save_dir) / f"{method}_ipc{ipc}.safetensors")
         ev = evaluate_synthetic(syn, test, eval_cfg)
         out.acc, out.std = 100 * ev.mean, 100 * ev.std
         out.eval_note = f"eval lr {ev.lr:.3g}" + ("" if syn.syn_lr is None else " (learned α)") \
@@ -785,6 +787,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--labelled-fraction", type=float, default=0.1, help="SSD labelled fraction (default 0.1)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", help="also write the markdown report to this file")
+    a.add_argument("--save-dir", help="also save each synthetic set here (METHOD_ipcK.safetensors; "
+                   "re-evaluate with `raydd evaluate`)")
     args = p.parse_args(argv)
     if args.command == "speed":
         report = cmd_speed(args)

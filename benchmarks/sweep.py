@@ -12,6 +12,8 @@ the same trials (method x IPC x grid point, the same seed) and the same final ev
   the cheapest honest way to sweep without early stopping;
 - ``asha``: raydd's per-(method, IPC) ASHA, rungs at grace · rf^k with grace = max_t / rf^2
   (so three rungs: grace, grace · rf, max_t); trials are evaluated at every rung.
+  ``--variant promotion`` (default, the ASHA paper's rule, raydd/asha.py) or ``stopping``
+  (Ray's ASHAScheduler).
 
 Compute = the trials' own seconds (Tune's ``time_total_s``: condensation plus evaluations,
 summed over trials), plus condensation iterations and evaluations counted separately. The
@@ -80,7 +82,8 @@ def build_spec(name: str, args, method: str, max_t: int, scheduler: str, storage
     }
     if scheduler == "asha":
         data["eval_every"] = "rungs"  # evaluations exactly at the rungs grace, grace*rf, max_t
-        data["scheduler"] = {"type": "asha", "reduction_factor": args.reduction_factor, "grace_period": grace}
+        data["scheduler"] = {"type": "asha", "reduction_factor": args.reduction_factor, "grace_period": grace,
+                             "variant": args.variant}
     else:
         data["eval_every"] = 0  # evaluated once, at the end
         data["scheduler"] = {"type": "fifo"}
@@ -153,7 +156,8 @@ def run(args) -> str:
              f"- grid per (method, IPC): " + "; ".join(
                  f"{m}: " + " x ".join(f"{k} {v}" for k, v in GRIDS[m].items()) + f" (fixed {FIXED[m]})"
                  for m in methods),
-             f"- iterations per trial (max_t): {max_t}; ASHA: reduction factor {args.reduction_factor}, rungs at "
+             f"- iterations per trial (max_t): {max_t}; ASHA ({args.variant} variant): reduction factor "
+             f"{args.reduction_factor}, rungs at "
              + "; ".join(f"{m} {[max_t[m] // args.reduction_factor ** (2 - i) for i in range(3)]}" for m in methods)
              + " (an evaluation at each, eval_every: rungs); FIFO: one evaluation at the end",
              f"- evaluation: ConvNet-3 width {args.width}, {args.num_models} networks x {args.eval_epochs} epochs, "
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-t", nargs="*", default=[], metavar="METHOD=N",
                    help=f"iterations per trial (default {DEFAULT_MAX_T}); a multiple of reduction_factor^2")
     p.add_argument("--reduction-factor", type=int, default=4)
+    p.add_argument("--variant", choices=("promotion", "stopping"), default="promotion",
+                   help="ASHA variant (default promotion: the ASHA paper's rule; stopping: Ray's ASHAScheduler)")
     p.add_argument("--width", type=int, default=32, help="ConvNet width of experts, embedders and evaluation")
     p.add_argument("--eval-epochs", type=int, default=150)
     p.add_argument("--num-models", type=int, default=2)

@@ -10,7 +10,7 @@
     eval: {model: convnet, num_models: 2, epochs: 100}
     knobs: {dm: {lr_img: {loguniform: [0.1, 10]}}}
     samples: 2
-    scheduler: {type: asha, grace_period: 50, reduction_factor: 3}
+    scheduler: {type: asha, grace_period: 50, reduction_factor: 3}   # variant: promotion (default) | stopping
     resources: {cpu: 1, gpu: 0}
 
 Knob values: a constant, or exactly one of ``{grid: [..]}`` (every value, expanded into
@@ -38,6 +38,7 @@ import yaml
 SHARED_KNOBS = ("lam", "tau", "alpha", "zeta")
 KNOB_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
+ASHA_VARIANTS = ("promotion", "stopping")  # the ASHA paper's promotion rule (raydd.asha), Ray's ASHAScheduler
 RUNGS = "rungs"  # eval_every value: evaluate exactly where ASHA decides
 _NOT_METHODS = {"base", "serial", "synthetic"}
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -342,11 +343,18 @@ class SweepSpec:
         kind = s.get("type")
         if kind not in SCHEDULERS:
             raise ValueError(f"scheduler.type={kind!r} is invalid: accepted {', '.join(SCHEDULERS)}")
-        allowed = {"type"} | ({"grace_period", "reduction_factor", "max_t"} if kind == "asha" else set())
+        allowed = {"type"} | ({"grace_period", "reduction_factor", "max_t", "variant"} if kind == "asha" else set())
         unknown = sorted(set(s) - allowed)
         if unknown:
             raise ValueError(f"unknown scheduler key(s) {unknown} for type {kind}: accepted {sorted(allowed)}")
         if kind == "asha":
+            variant = s.get("variant", ASHA_VARIANTS[0])
+            if variant not in ASHA_VARIANTS:
+                raise ValueError(f"scheduler.variant={variant!r} is invalid: accepted {', '.join(ASHA_VARIANTS)}")
+            if variant == "promotion" and self.max_concurrent is not None:
+                raise ValueError(f"max_concurrent={self.max_concurrent} is invalid with scheduler.variant='promotion': "
+                                 f"Tune counts the trials paused at a rung as running, so new trials never start; "
+                                 f"limit concurrency with resources (cpu/gpu per trial) or use variant: stopping")
             max_t = s.get("max_t", self.max_iterations)
             _positive_int("scheduler.max_t", max_t)
             rf = s.get("reduction_factor", 3)

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .sweep_spec import (RUNGS, SHARED_KNOBS, SweepSpec, asha_rungs, default_grace_period, default_trial_iterations,
+from .sweep_spec import (ASHA_VARIANTS, RUNGS, SHARED_KNOBS, SweepSpec, asha_rungs, default_grace_period, default_trial_iterations,
                          eval_config, horizon_field, method_class, resolve_knob)
 
 METRIC = "eval_acc"
@@ -380,25 +380,38 @@ def _trial_group(config: dict) -> tuple[str, int, int, int]:
 
 
 def _grouped_asha_class():
-    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from .asha import CONTINUE, PromotionLadder
 
     class GroupedASHA(FIFOScheduler):
         """ASHA within each (method, IPC) group: a trial only competes with trials of its own method and IPC.
 
         One global ASHA would stop every IPC-1 trial (IPC 50 always scores higher) and every
         trial of a weaker method, leaving the leaderboard's rows for them half-trained. Each
-        group gets its own ASHA with max_t = the group's iteration count (or ``max_t``) and
+        group gets its own rungs with max_t = the group's iteration count (or ``max_t``) and
         the grace period (default: the group's first evaluation, ``default_grace_period``),
         clamped to max_t.
+
+        ``variant='promotion'`` (default): the ASHA paper's promotion rule (``raydd.asha``): a
+        trial at a rung is paused (its checkpoint holds the method state) until it ranks in the
+        top ⌊n/η⌋ there, then resumed. ``variant='stopping'``: Ray's ASHAScheduler per group
+        (percentile cutoff; the first trials to reach a rung always continue).
         """
 
-        def __init__(self, grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None):
+        def __init__(self, grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None,
+                     variant: str = "promotion"):
             super().__init__()
+            if variant not in ASHA_VARIANTS:
+                raise ValueError(f"variant={variant!r} is invalid: accepted {', '.join(ASHA_VARIANTS)}")
             self.grace_period = grace_period
             self.reduction_factor = reduction_factor
             self.max_t = max_t
+            self.variant = variant
             self._groups: dict[tuple, Any] = {}
             self._trial_group: dict[str, tuple] = {}
+            self._stopped: set[str] = set()
             self._metric = None
             self._mode = None
 
@@ -418,37 +431,93 @@ def _grouped_asha_class():
                 if key not in self._groups:
                     max_t = self.max_t or iterations
                     grace = min(self.grace_period or default_grace_period(max_t, eval_every), max_t)
-                    child = asha(max_t, grace, self.reduction_factor)
-                    child.set_search_properties(self._metric, self._mode)
+                    if self.variant == "stopping":
+                        child = asha(max_t, grace, self.reduction_factor)
+                        child.set_search_properties(self._metric, self._mode)
+                    else:
+                        rungs = asha_rungs(max_t, grace, int(self.reduction_factor))[:-1]  # judged below max_t
+                        child = PromotionLadder(rungs or [max_t], int(self.reduction_factor), self._mode or MODE)
                     self._groups[key] = child
             return self._groups[key]
 
         def on_trial_add(self, tune_controller, trial) -> None:
-            self._scheduler_for(trial).on_trial_add(tune_controller, trial)
+            child = self._scheduler_for(trial)
+            if self.variant == "stopping":
+                child.on_trial_add(tune_controller, trial)
+                return
+            last = getattr(trial, "last_result", None) or {}
+            if TIME_ATTR in last and self._metric in last:  # a resumed sweep: rebuild the rungs from the trials
+                child.on_result(trial.trial_id, int(last[TIME_ATTR]), last[self._metric])
 
         def on_trial_result(self, tune_controller, trial, result) -> str:
-            return self._scheduler_for(trial).on_trial_result(tune_controller, trial, result)
+            child = self._scheduler_for(trial)
+            if self.variant == "stopping":
+                return child.on_trial_result(tune_controller, trial, result)
+            if TIME_ATTR not in result or self._metric not in result:
+                return TrialScheduler.CONTINUE
+            decision = child.on_result(trial.trial_id, int(result[TIME_ATTR]), result[self._metric])
+            return TrialScheduler.CONTINUE if decision == CONTINUE else TrialScheduler.PAUSE
 
         def on_trial_complete(self, tune_controller, trial, result) -> None:
-            self._scheduler_for(trial).on_trial_complete(tune_controller, trial, result)
+            if self.variant == "stopping":
+                self._scheduler_for(trial).on_trial_complete(tune_controller, trial, result)
 
         def on_trial_remove(self, tune_controller, trial) -> None:
-            self._scheduler_for(trial).on_trial_remove(tune_controller, trial)
+            if self.variant == "stopping":
+                self._scheduler_for(trial).on_trial_remove(tune_controller, trial)
+
+        def choose_trial_to_run(self, tune_controller):
+            if self.variant == "stopping":
+                return super().choose_trial_to_run(tune_controller)
+            trials = tune_controller.get_trials()
+            by_group: dict[tuple, list] = {}
+            for t in trials:
+                self._scheduler_for(t)
+                by_group.setdefault(self._trial_group[t.trial_id], []).append(t)
+            search_done = tune_controller.search_alg.is_finished()
+            for key, members in by_group.items():  # 1. promote a paused trial (highest rung first)
+                waiting = {t.trial_id for t in members if t.status == Trial.PAUSED}
+                if waiting:
+                    chosen = self._groups[key].next_promotion(waiting)
+                    if chosen is not None:
+                        return next(t for t in members if t.trial_id == chosen)
+            for t in trials:  # 2. else a new configuration
+                if t.status == Trial.PENDING:
+                    return t
+            for key, members in by_group.items():  # 3. an idle group: close its rungs (at least one reaches max_t)
+                if not search_done or any(t.status in (Trial.PENDING, Trial.RUNNING) for t in members):
+                    continue
+                waiting = {t.trial_id for t in members if t.status == Trial.PAUSED}
+                if not waiting:
+                    continue
+                chosen = self._groups[key].next_promotion(waiting, final=True)
+                if chosen is not None:
+                    return next(t for t in members if t.trial_id == chosen)
+                for t in members:  # nothing promotable any more: the waiting trials have lost
+                    if t.status == Trial.PAUSED:
+                        self._stopped.add(t.trial_id)
+                        tune_controller.stop_trial(t)
+            return None
 
         def debug_string(self) -> str:
-            stopped = sum(child._num_stopped for child in self._groups.values())
-            return f"Using ASHA per (method, IPC) group: {len(self._groups)} group(s), {stopped} trial(s) stopped early"
+            if self.variant == "stopping":
+                stopped = sum(child._num_stopped for child in self._groups.values())
+            else:
+                stopped = len(self._stopped)
+            return (f"Using ASHA ({self.variant}) per (method, IPC) group: {len(self._groups)} group(s), "
+                    f"{stopped} trial(s) stopped early")
 
     return GroupedASHA
 
 
-def grouped_asha(grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None):
+def grouped_asha(grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None,
+                 variant: str = "promotion"):
     """ASHA run separately within each (method, IPC) group (see GroupedASHA); what sweeps use."""
     if grace_period is not None and grace_period < 1:
         raise ValueError(f"grace_period={grace_period} is invalid: expected an integer >= 1")
     if not reduction_factor > 1:
         raise ValueError(f"reduction_factor={reduction_factor} is invalid: expected > 1")
-    return __getattr__("GroupedASHA")(grace_period, reduction_factor, max_t)
+    return __getattr__("GroupedASHA")(grace_period, reduction_factor, max_t, variant)
 
 
 def __getattr__(name: str):
@@ -946,7 +1015,7 @@ def _new_tuner(spec, trainable, storage, store, data_root, progress, test_config
     scheduler = None
     if spec.scheduler["type"] == "asha":
         scheduler = grouped_asha(spec.scheduler.get("grace_period"), spec.scheduler.get("reduction_factor", 3),
-                                 spec.scheduler.get("max_t"))
+                                 spec.scheduler.get("max_t"), spec.scheduler.get("variant", "promotion"))
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=spec.samples,

@@ -91,6 +91,8 @@ def _registered():
     ({"scheduler": {"type": "pbt"}}, "scheduler.type='pbt' is invalid: accepted asha, fifo"),
     ({"scheduler": {"grace_period": 500}}, "grace_period=500 is invalid: expected <= max_t (200"),
     ({"scheduler": {"reduction_factor": 1}}, "reduction_factor=1 is invalid"),
+    ({"scheduler": {"variant": "eager"}}, "scheduler.variant='eager' is invalid: accepted promotion, stopping"),
+    ({"max_concurrent": 2}, "max_concurrent=2 is invalid with scheduler.variant='promotion'"),
     ({"scheduler": {"reduction_factor": 2.5}}, "reduction_factor=2.5 is invalid: expected an integer >= 2"),
     ({"scheduler": {"grace_period": 60}}, "grace_period=60 is invalid: expected a multiple of eval_every of dm (50)"),
     ({"resources": {"cpu": 0}}, "resources.cpu=0 is invalid"),

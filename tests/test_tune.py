@@ -98,8 +98,9 @@ def test_leaderboard_prefers_complete_trials_and_flags_unfinished_sweeps():
 def asha_sweep(ray_session, expert_store, tmp_path_factory):
     """2 methods x 2 configs (real vs noise init): ASHA must stop the noise-initialised ones early.
 
-    One trial at a time so the order is fixed (grid order: real before noise in each group):
-    the noise trial then meets the real one's result at the first rung and is stopped there.
+    Promotion ASHA (the default variant), rf 2, rungs at 2 and 4: whatever the order in which the
+    two trials of a group reach rung 2, only the better (real) one is promoted; alone at rung 4
+    it waits until its group is idle, then goes on to 6 (at least one per rung); noise is stopped.
     """
     spec = SweepSpec.from_dict({
         "name": "asha", "dataset": "digits", "store": expert_store, "methods": ["mtt", "dm"], "ipcs": [2],
@@ -108,7 +109,7 @@ def asha_sweep(ray_session, expert_store, tmp_path_factory):
                           "expert_epochs": 1, "lr_img": 1.0},
                   "dm": {"init": {"grid": ["real", "noise"]}, "lr_img": 0.1, "width": 16, "batch_real": 32}},
         "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
-        "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 1, "storage": str(tmp_path_factory.mktemp("sweeps")),
+        "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path_factory.mktemp("sweeps")),
     })
     return spec, run_sweep(spec, progress=False)
 

@@ -1,0 +1,77 @@
+"""ASHA's promotion rule (raydd.asha, Li et al. 2020 Algorithm 2) without Ray."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from raydd.asha import CONTINUE, WAIT, PromotionLadder
+
+
+def test_nobody_is_promoted_before_eta_results_exist():
+    ladder = PromotionLadder([10, 40], reduction_factor=3)
+    assert ladder.on_result("a", 10, 0.9) == WAIT  # Ray's percentile rule would continue the first arrival
+    assert ladder.on_result("b", 10, 0.5) == WAIT
+    assert ladder.next_promotion({"a", "b"}) is None
+    assert ladder.on_result("c", 10, 0.7) == WAIT  # n = 3: top 1 is a, who is waiting
+    assert ladder.next_promotion({"a", "b", "c"}) == "a"
+    assert ladder.next_promotion({"b", "c"}) is None  # a is promoted once; b and c are not in the top 1
+    assert ladder.promoted(0) == {"a"}
+
+
+def test_a_trial_in_the_top_continues_and_reports_between_rungs_are_ignored():
+    ladder = PromotionLadder([10, 40], reduction_factor=2)
+    assert ladder.on_result("a", 5, 0.1) == CONTINUE  # below the first rung
+    assert ladder.on_result("a", 10, 0.3) == WAIT
+    assert ladder.on_result("b", 10, 0.6) == CONTINUE  # n = 2: top 1 is b itself
+    assert ladder.on_result("b", 20, 0.6) == CONTINUE  # between rungs
+    assert ladder.level("b") == 0 and ladder.level("a") == 0
+    assert ladder.on_result("b", 40, 0.8) == WAIT  # alone at rung 1
+    assert ladder.on_result("a", 10, 0.3) == WAIT  # the same rung again: still waiting
+
+
+def test_highest_rung_first_and_final_quota_of_an_idle_group():
+    ladder = PromotionLadder([1, 3], reduction_factor=2)
+    decisions = [ladder.on_result(t, 1, s) for t, s in (("a", 0.2), ("b", 0.9), ("c", 0.4), ("d", 0.8))]
+    assert decisions == [WAIT, CONTINUE, WAIT, CONTINUE]  # n = 2: top 1 = b; n = 4: top 2 = b, d
+    assert ladder.on_result("b", 3, 0.95) == WAIT  # alone at rung 1: ⌊1/2⌋ = 0
+    assert ladder.on_result("d", 3, 0.85) == WAIT  # n = 2 at rung 1: top 1 = b, who waits
+    ladder.on_result("c", 1, 0.4)  # a repeated report changes nothing
+    assert ladder.next_promotion({"a", "b", "c", "d"}) == "b"  # rung 1 before rung 0
+    assert ladder.next_promotion({"a", "c", "d"}) is None
+    # idle group: at least one per rung — already met at both rungs, so a, c, d have lost
+    assert ladder.next_promotion({"a", "c", "d"}, final=True) is None
+
+
+def test_idle_group_promotes_at_least_one_per_rung():
+    ladder = PromotionLadder([2, 4], reduction_factor=2)
+    assert ladder.on_result("real", 2, 0.9) == WAIT
+    assert ladder.on_result("noise", 2, 0.2) == WAIT
+    assert ladder.next_promotion({"real", "noise"}) == "real"
+    assert ladder.on_result("real", 4, 0.93) == WAIT
+    assert ladder.next_promotion({"real", "noise"}) is None  # ⌊1/2⌋ = 0 at rung 1 while others could come
+    assert ladder.quota(1) == 0 and ladder.quota(1, final=True) == 1
+    assert ladder.next_promotion({"real", "noise"}, final=True) == "real"
+    assert ladder.next_promotion({"noise"}, final=True) is None  # rung 0's quota (1) is used by real
+
+
+def test_skipped_rungs_min_mode_and_nan_scores():
+    ladder = PromotionLadder([2, 4, 8], reduction_factor=2, mode="min")
+    assert ladder.on_result("a", 5, 1.0) == WAIT  # first report past two rungs: recorded at both, waits at rung 1
+    assert ladder.level("a") == 1 and set(ladder.recorded(0)) == {"a"} and ladder.promoted(0) == {"a"}
+    assert ladder.on_result("b", 4, 0.5) == CONTINUE  # lower is better: b beats a at rung 1
+    nan = PromotionLadder([1], reduction_factor=2)
+    assert nan.on_result("x", 1, math.nan) == WAIT
+    assert nan.on_result("y", 1, 0.1) == CONTINUE  # NaN ranks last
+    assert nan.on_result("z", 1, None) == WAIT
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rungs": [], "reduction_factor": 2}, "rungs=[] are invalid"),
+    ({"rungs": [4, 2], "reduction_factor": 2}, "rungs=[4, 2] are invalid"),
+    ({"rungs": [2], "reduction_factor": 1}, "reduction_factor=1 is invalid"),
+    ({"rungs": [2], "reduction_factor": 2, "mode": "best"}, "mode='best' is invalid"),
+])
+def test_bad_ladders_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        PromotionLadder(**kwargs)
