@@ -1,0 +1,66 @@
+"""Resident memory after each step of one condensation method, to spot growth across iterations.
+
+Not a test. Found DATM-CLR's open defect (memory grows by one unrolled graph per step when its
+contrastive views use every DSA op; benchmarks/results/fashion_mnist_ipc10_experts20.md):
+
+    python benchmarks/method_memory.py --method datm_clr --store STORE --steps 6
+    python benchmarks/method_memory.py --method datm --store STORE --steps 6     # baseline: flat
+    python benchmarks/method_memory.py --method datm_clr --store STORE --set dsa_strategy=scale_rotate
+
+The store must hold the CPU-scaled benchmark's experts (benchmarks/condense.py accuracy --store);
+the method's config is the CPU-scaled one of condense.py (CPU_SCALED), plus --set overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from condense import CPU_SCALED, Scale, load_data  # noqa: E402
+
+from raydd.methods.base import get_method, make_config  # noqa: E402
+from raydd.store import TrajectoryStore  # noqa: E402
+
+
+def rss_mb() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-root", default="../shared/datasets")
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--syn-steps", type=int, default=20)
+    p.add_argument("--expert-epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
+    args = p.parse_args()
+    import yaml
+
+    train, _ = load_data(args.dataset, args.data_root, args.train_per_class)
+    d = make_config(args.method, args.dataset, args.ipc)
+    scale = Scale(ipc=args.ipc, iterations=200, width=32, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                  pretrain_experts=4, ssd_student_epochs=args.expert_epochs, labelled_fraction=0.1)
+    sets = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = d.with_overrides(**{**CPU_SCALED[args.method](scale, d), **sets})
+    print(f"| step | RSS MB | s | loss | skipped |\n|---:|---:|---:|---:|---:|\n| before | {rss_mb()} | | | |")
+    with get_method(args.method)(config, train, TrajectoryStore(args.store), device="cpu", seed=0) as m:
+        print(f"| built | {rss_mb()} | | | |")
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            out = m.step()
+            print(f"| {i} | {rss_mb()} | {time.perf_counter() - t0:.1f} | {out.get('loss', float('nan')):.3f} | "
+                  f"{int(out.get('skipped', 0))} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
