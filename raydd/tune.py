@@ -474,29 +474,26 @@ def _grouped_asha_class():
             for t in trials:
                 self._scheduler_for(t)
                 by_group.setdefault(self._trial_group[t.trial_id], []).append(t)
-            search_done = tune_controller.search_alg.is_finished()
-            for key, members in by_group.items():  # 1. promote a paused trial (highest rung first)
-                waiting = {t.trial_id for t in members if t.status == Trial.PAUSED}
-                if waiting:
-                    chosen = self._groups[key].next_promotion(waiting)
-                    if chosen is not None:
-                        return next(t for t in members if t.trial_id == chosen)
+            paused = {key: {t.trial_id: t for t in members if t.status == Trial.PAUSED}
+                      for key, members in by_group.items()}
+            for key, waiting in paused.items():  # 1. promote a paused trial (highest rung first)
+                chosen = self._groups[key].next_promotion(set(waiting)) if waiting else None
+                if chosen is not None:
+                    return waiting[chosen]
             for t in trials:  # 2. else a new configuration
                 if t.status == Trial.PENDING:
                     return t
-            for key, members in by_group.items():  # 3. an idle group: close its rungs (at least one reaches max_t)
-                if not search_done or any(t.status in (Trial.PENDING, Trial.RUNNING) for t in members):
+            if not tune_controller.search_alg.is_finished():
+                return None
+            for key, waiting in paused.items():  # 3. an idle group: close its rungs (at least one reaches max_t)
+                if not waiting or any(t.status in (Trial.PENDING, Trial.RUNNING) for t in by_group[key]):
                     continue
-                waiting = {t.trial_id for t in members if t.status == Trial.PAUSED}
-                if not waiting:
-                    continue
-                chosen = self._groups[key].next_promotion(waiting, final=True)
+                chosen = self._groups[key].next_promotion(set(waiting), final=True)
                 if chosen is not None:
-                    return next(t for t in members if t.trial_id == chosen)
-                for t in members:  # nothing promotable any more: the waiting trials have lost
-                    if t.status == Trial.PAUSED:
-                        self._stopped.add(t.trial_id)
-                        tune_controller.stop_trial(t)
+                    return waiting[chosen]
+                for t in waiting.values():  # nothing promotable any more: the waiting trials have lost
+                    self._stopped.add(t.trial_id)
+                    tune_controller.stop_trial(t)
             return None
 
         def debug_string(self) -> str:
