@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.sweep_spec import SweepSpec  # noqa: E402
+from raydd.sweep_spec import ASHA_VARIANTS, SweepSpec  # noqa: E402
 
 # 16-point grids over knobs that matter (a first version swept DM's lr_img x momentum and MTT's
 # lr_img x lr_lr: on digits those landscapes were flat to within the evaluation noise, so "the
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-t", nargs="*", default=[], metavar="METHOD=N",
                    help=f"iterations per trial (default {DEFAULT_MAX_T}); a multiple of reduction_factor^2")
     p.add_argument("--reduction-factor", type=int, default=4)
-    p.add_argument("--variant", choices=("promotion", "stopping"), default="promotion",
+    p.add_argument("--variant", choices=ASHA_VARIANTS, default=ASHA_VARIANTS[0],
                    help="ASHA variant (default promotion: the ASHA paper's rule; stopping: Ray's ASHAScheduler)")
     p.add_argument("--width", type=int, default=32, help="ConvNet width of experts, embedders and evaluation")
     p.add_argument("--eval-epochs", type=int, default=150)
