@@ -198,6 +198,24 @@ def _trial_threads() -> int:
     return max(1, int(cpus))
 
 
+def _segment_writer(writer_cls, logdir: Path):
+    """A SummaryWriter for one run segment of a trial, whose event file sorts after the earlier segments'.
+
+    A paused (ASHA) or failed trial resumes in a new process that writes a new event file into
+    the same directory. TensorBoard reads a run's files in name order, and the name starts with
+    the creation second followed by host and pid, so a segment started within the same second as
+    the previous one could sort before it and show its steps first. Waiting (at most one second)
+    until the clock has passed every existing file's second keeps the order true.
+    """
+    stamps = [int(p.name.split(".")[3]) for p in logdir.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    if stamps:
+        wait = max(stamps) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+    return writer_cls(log_dir=str(logdir))
+
+
 def condensation_trainable(config: dict) -> None:
     """Tune function trainable: one condensation trial (see the module docstring for what it reports)."""
     import torch
@@ -228,7 +246,7 @@ def condensation_trainable(config: dict) -> None:
             load_checkpoint(method, Path(d) / CHECKPOINT_FILE)
             history = json.loads((Path(d) / TRIAL_STATE_FILE).read_text())
         history["restored_from"].append(method.iteration)
-    writer = SummaryWriter(log_dir=str(workdir / "tensorboard"))
+    writer = _segment_writer(SummaryWriter, workdir / "tensorboard")
     if method.iteration == 0:
         writer.add_image("synthetic/images", image_grid(method.synthetic_set()), 0)
     sums: dict[str, float] = {}

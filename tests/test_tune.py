@@ -250,3 +250,27 @@ def test_missing_store_is_refused_before_ray(tmp_path):
                                 "methods": ["mtt"], "ipcs": [1], "iterations": 2, "storage": str(tmp_path)})
     with pytest.raises(ValueError, match="needs 'expert' trajectories of digits but store .* has none"):
         run_sweep(spec, progress=False)
+
+
+def test_resumed_segment_event_file_sorts_after_the_previous_one(tmp_path):
+    """A trial resumed within the same second must not have its TensorBoard steps read first."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from raydd.tune import _segment_writer
+
+    first = _segment_writer(SummaryWriter, tmp_path)
+    first.add_scalar("x", 1.0, 2)
+    first.close()
+    second = _segment_writer(SummaryWriter, tmp_path)  # same second: must wait for the next one
+    second.add_scalar("x", 2.0, 4)
+    second.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and int(names[0].split(".")[3]) < int(names[1].split(".")[3])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("x")] == [2, 4]
+    start = time.time()
+    _segment_writer(SummaryWriter, tmp_path / "fresh").close()  # no earlier segment: no wait
+    assert time.time() - start < 0.5
