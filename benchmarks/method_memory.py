@@ -1,10 +1,12 @@
 """Resident memory after each step of one condensation method, to spot growth across iterations.
 
-Not a test. Found DATM-CLR's open defect (memory grows by one unrolled graph per step when its
-contrastive views use every DSA op; benchmarks/results/fashion_mnist_ipc10_experts20.md):
+Not a test. Found DATM-CLR's memory growth: every step skipped by DATM's threshold leaked its
+whole unrolled graph (~2.3 GB at IPC 10, N = 20), because the saved-tensor meter's pack hook
+returned the tensor itself, which makes a create_graph=True graph a reference cycle that only
+backward breaks (fixed in raydd/methods/mtt.py; benchmarks/results/fashion_mnist_ipc10_experts20.md):
 
     python benchmarks/method_memory.py --method datm_clr --store STORE --steps 6
-    python benchmarks/method_memory.py --method datm --store STORE --steps 6     # baseline: flat
+    python benchmarks/method_memory.py --method datm --store STORE --steps 6     # baseline
     python benchmarks/method_memory.py --method datm_clr --store STORE --set dsa_strategy=scale_rotate
 
 The store must hold the CPU-scaled benchmark's experts (benchmarks/condense.py accuracy --store);

@@ -145,7 +145,10 @@ class _SavedTensorMeter:
             self.storages[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
-        return tensor
+        # A detached alias, not ``tensor`` itself: packing the tensor as-is makes a graph built
+        # with create_graph=True (the unrolled student) a reference cycle that is never freed
+        # unless backward runs, so each skipped step (DATM's threshold) leaked its whole graph.
+        return tensor.detach()
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
