@@ -32,11 +32,16 @@ MODES = ("max", "min")
 
 
 class PromotionLadder:
-    """The rungs of one (method, IPC) group and who has been measured and promoted at each."""
+    """The rungs of one (method, IPC) group and who has been measured and promoted at each.
+
+    No rungs (the grace period is the whole budget): nobody is ever judged, every trial continues.
+    """
 
     def __init__(self, rungs: list[int], reduction_factor: int, mode: str = "max") -> None:
-        if not rungs or any(int(r) != r or r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
-            raise ValueError(f"rungs={rungs!r} are invalid: expected increasing positive iteration counts")
+        if not isinstance(rungs, (list, tuple)) or any(isinstance(r, bool) or int(r) != r or r < 1 for r in rungs) \
+                or list(rungs) != sorted(set(rungs)):
+            raise ValueError(f"rungs={rungs!r} are invalid: expected increasing positive iteration counts "
+                             f"(empty: no rung, every trial continues)")
         if isinstance(reduction_factor, bool) or int(reduction_factor) != reduction_factor or reduction_factor < 2:
             raise ValueError(f"reduction_factor={reduction_factor!r} is invalid: expected an integer >= 2")
         if mode not in MODES:

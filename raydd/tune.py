@@ -454,7 +454,7 @@ def _grouped_asha_class():
                         child.set_search_properties(self._metric, self._mode)
                     else:
                         rungs = asha_rungs(max_t, grace, int(self.reduction_factor))[:-1]  # judged below max_t
-                        child = PromotionLadder(rungs or [max_t], int(self.reduction_factor), self._mode or MODE)
+                        child = PromotionLadder(rungs, int(self.reduction_factor), self._mode or MODE)  # [] : no rung
                     self._groups[key] = child
             return self._groups[key]
 

@@ -67,7 +67,7 @@ def test_skipped_rungs_min_mode_and_nan_scores():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rungs": [], "reduction_factor": 2}, "rungs=[] are invalid"),
+    ({"rungs": [0, 2], "reduction_factor": 2}, "rungs=[0, 2] are invalid"),
     ({"rungs": [4, 2], "reduction_factor": 2}, "rungs=[4, 2] are invalid"),
     ({"rungs": [2], "reduction_factor": 1}, "reduction_factor=1 is invalid"),
     ({"rungs": [2], "reduction_factor": 2, "mode": "best"}, "mode='best' is invalid"),
@@ -75,3 +75,32 @@ def test_skipped_rungs_min_mode_and_nan_scores():
 def test_bad_ladders_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         PromotionLadder(**kwargs)
+
+
+def test_a_ladder_without_rungs_lets_every_trial_continue():
+    """A group whose grace period is its whole budget has no rung: nobody waits at max_t (a trial
+    paused at its last report would be resumed only to report again)."""
+    ladder = PromotionLadder([], reduction_factor=3)
+    assert [ladder.on_result(t, 10, s) for t, s in (("a", 0.1), ("b", 0.9), ("c", 0.5))] == [CONTINUE] * 3
+    assert ladder.next_promotion({"a", "b", "c"}) is None and ladder.next_promotion({"a"}, final=True) is None
+
+
+def test_grouped_asha_does_not_pause_a_group_whose_grace_period_is_its_budget():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from raydd.tune import grouped_asha
+
+    def trial(name, iterations, eval_every):
+        return SimpleNamespace(trial_id=name, config={"method": "dm", "dataset": "digits", "ipc": 2,
+                                                      "iterations": iterations, "eval_every": eval_every})
+
+    whole = grouped_asha(variant="promotion")  # grace = the first evaluation = the whole budget: no rung
+    whole.set_search_properties("eval_acc", "max")
+    decisions = [whole.on_trial_result(None, trial(name, 6, 6), {"iterations": 6, "eval_acc": acc})
+                 for name, acc in (("a", 0.2), ("b", 0.9))]
+    assert decisions == [TrialScheduler.CONTINUE] * 2
+    laddered = grouped_asha(variant="promotion")  # rungs at 2 (< 6): the first arrival waits for η results
+    laddered.set_search_properties("eval_acc", "max")
+    assert laddered.on_trial_result(None, trial("a", 6, 2), {"iterations": 2, "eval_acc": 0.2}) == TrialScheduler.PAUSE
