@@ -505,6 +505,8 @@ class Outcome:
     notes: str = ""
     eval_note: str = ""
     error: str | None = None
+    synthetic: Any = None  # the SyntheticSet (kept for the EDC-protocol baselines)
+    edc_baselines: dict = dataclasses.field(default_factory=dict)  # method -> (acc, std) under EDC's protocol
 
 
 QUICK = {"dataset": "digits", "ipcs": [1], "iterations": 20, "eval_epochs": 20, "num_models": 1,
@@ -539,7 +541,10 @@ def accuracy_farm_jobs(methods: list[str], args) -> list[FarmJob]:
     return jobs
 
 
-def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> Outcome:
+def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, earlier: dict | None = None) -> Outcome:
+    """Condense and evaluate one (method, IPC). For EDC, ``earlier`` (method -> SyntheticSet of this
+    IPC, e.g. Random's) are evaluated under the EDC protocol too, with the same observers as teachers:
+    the same-run baseline of the EDC-protocol column."""
     from raydd.condense import condense
     from raydd.evaluate import evaluate_synthetic
 
@@ -557,6 +562,7 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> 
         seconds = time.perf_counter() - started
         out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
         syn = result.synthetic
+        out.synthetic = syn
         if args.save_dir:
             syn.save(Path(args.save_dir) / f"{method}_ipc{ipc}.safetensors")
         ev = evaluate_synthetic(syn, test, eval_cfg)
@@ -575,6 +581,9 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg) -> 
             teachers = m.observer_models() if hasattr(m, "observer_models") else None
             edc = evaluate_edc(result.synthetic, test, cfg, teachers=teachers)
             out.edc_acc, out.edc_std = 100 * edc.mean, 100 * edc.std
+            for name, other in (earlier or {}).items():
+                ev = evaluate_edc(other, test, cfg, teachers=teachers)
+                out.edc_baselines[name] = (100 * ev.mean, 100 * ev.std)
     return out
 
 
@@ -608,7 +617,8 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
     if "edc" in methods:
         lines.append("- EDC protocol column: raydd.evaluate_edc (EDCEvalConfig.defaults, same ConvNet-W"
                      f"{args.width} student, {args.eval_epochs} epochs, {args.num_models} networks, the observers "
-                     f"relabel every augmented batch)" if edc_protocol_available()
+                     f"relabel every augmented batch); rows other than EDC: their synthetic set under the same "
+                     f"protocol and observers (--edc-baselines)" if edc_protocol_available()
                      else "- EDC protocol column: raydd/evaluate_edc.py does not exist: not evaluated")
     lines.append("- s: condensation wall seconds (method construction + iterations; farm time not included)")
     lines.append("")
@@ -701,7 +711,12 @@ def cmd_accuracy(args) -> str:
             for m in methods:
                 print(f"  {m} IPC {ipc} ...", flush=True)
                 try:
-                    o = run_one(m, ipc, args, train, test, store, sets, eval_cfg)
+                    earlier = {k: outcomes[(k, ipc)].synthetic for k in args.edc_baselines
+                               if m == "edc" and (k, ipc) in outcomes and outcomes[(k, ipc)].synthetic is not None}
+                    o = run_one(m, ipc, args, train, test, store, sets, eval_cfg, earlier)
+                    for k, (acc, std) in o.edc_baselines.items():
+                        outcomes[(k, ipc)].edc_acc, outcomes[(k, ipc)].edc_std = acc, std
+                        print(f"    {k} under the EDC protocol (same observers): {_fmt(acc, std)} %", flush=True)
                     print(f"    {_fmt(o.acc, o.std)} % in {o.seconds:.0f} s ({o.iterations} it; {o.notes}; "
                           f"{o.eval_note})"
                           + (f"; EDC protocol {_fmt(o.edc_acc, o.edc_std)}" if o.edc_acc is not None else ""),
@@ -781,6 +796,9 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--observers", type=int, help="EDC ConvNet-BN observers (default 2)")
     a.add_argument("--observer-epochs", type=int, help="epochs per observer (default 10)")
     a.add_argument("--observer-resnet18", type=int, default=0, help="extra ResNet-18-BN observers (default 0)")
+    a.add_argument("--edc-baselines", nargs="*", default=["random"], metavar="METHOD",
+                   help="methods run before EDC whose sets are also evaluated under the EDC protocol with EDC's "
+                        "observers (default: random)")
     a.add_argument("--ssd-teacher-epochs", type=int, help="SSD FixMatch teacher epochs (default 20)")
     a.add_argument("--ssd-students", type=int, help="SSD student trajectories (default 5)")
     a.add_argument("--ssd-student-epochs", type=int, help="epochs per SSD student (default 10)")
