@@ -579,7 +579,7 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, ear
                                          num_models=args.num_models, epochs=args.eval_epochs, device=args.device,
                                          seed=args.seed)
             teachers = m.observer_models() if hasattr(m, "observer_models") else None
-            edc = evaluate_edc(result.synthetic, test, cfg, teachers=teachers)
+            edc = evaluate_edc(syn, test, cfg, teachers=teachers)
             out.edc_acc, out.edc_std = 100 * edc.mean, 100 * edc.std
             for name, other in (earlier or {}).items():
                 ev = evaluate_edc(other, test, cfg, teachers=teachers)
@@ -711,8 +711,9 @@ def cmd_accuracy(args) -> str:
             for m in methods:
                 print(f"  {m} IPC {ipc} ...", flush=True)
                 try:
-                    earlier = {k: outcomes[(k, ipc)].synthetic for k in args.edc_baselines
-                               if m == "edc" and (k, ipc) in outcomes and outcomes[(k, ipc)].synthetic is not None}
+                    earlier = {} if m != "edc" else {
+                        k: outcomes[(k, ipc)].synthetic for k in args.edc_baselines
+                        if (k, ipc) in outcomes and outcomes[(k, ipc)].synthetic is not None}
                     o = run_one(m, ipc, args, train, test, store, sets, eval_cfg, earlier)
                     for k, (acc, std) in o.edc_baselines.items():
                         outcomes[(k, ipc)].edc_acc, outcomes[(k, ipc)].edc_std = acc, std

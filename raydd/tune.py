@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .sweep_spec import (ASHA_VARIANTS, RUNGS, SHARED_KNOBS, SweepSpec, asha_rungs, default_grace_period, default_trial_iterations,
-                         eval_config, horizon_field, method_class, resolve_knob)
+from .sweep_spec import (ASHA_VARIANTS, RUNGS, SHARED_KNOBS, SweepSpec, asha_rungs, default_grace_period,
+                         default_trial_iterations, eval_config, horizon_field, method_class, resolve_knob)
 
 METRIC = "eval_acc"
 MODE = "max"
@@ -207,8 +207,8 @@ def _segment_writer(writer_cls, logdir: Path):
     the previous one could sort before it and show its steps first. Waiting (at most one second)
     until the clock has passed every existing file's second keeps the order true.
     """
-    stamps = [int(p.name.split(".")[3]) for p in logdir.glob("events.out.tfevents.*")
-              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    seconds = (p.name.split(".")[3:4] for p in logdir.glob("events.out.tfevents.*"))  # [] or [second]
+    stamps = [int(s[0]) for s in seconds if s and s[0].isdigit()]
     if stamps:
         wait = max(stamps) + 1 - time.time()
         if wait > 0:
