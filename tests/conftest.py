@@ -1,9 +1,11 @@
 """Shared fixtures. Ray is started once per test session (2 CPUs) and shut down at the end."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -32,3 +34,55 @@ def digits():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never write into the user's cache directory from tests."""
     monkeypatch.setenv("RAYDD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny convolutions run several times slower with 2 intra-op threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def datm_experts(tmp_path_factory):
+    """Epochs 0..6 of two depth-2 width-16 expert ConvNets on digits (test_datm, test_datm_clr).
+
+    Depth 2: a depth-3 ConvNet instance-normalises 2x2 maps on 8x8 digits and matching turns erratic.
+    """
+    from raydd.farm import FarmSpec, farm
+    from raydd.store import TrajectoryStore
+
+    root = tmp_path_factory.getbasetemp() / "datm_experts"
+    with one_torch_thread():
+        farm(FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=2, recipe="expert",
+                      recipe_options={"epochs": 6, "batch_size": 64}, model={"width": 16, "depth": 2}), progress=False)
+    return TrajectoryStore(root)
+
+
+@pytest.fixture(scope="session")
+def pretrain_experts(tmp_path_factory):
+    """Two DANCE/PTLM pre-trained experts on digits (test_dance, test_ptlm).
+
+    Depth 2 and lr 0.05: 3 epochs reach ~90% test accuracy (depth 3 instance-normalises 2x2 maps on
+    8x8 digits and stays near chance), so calibration and pseudo-labels see meaningful experts.
+    """
+    from raydd.farm import FarmSpec, farm
+    from raydd.store import TrajectoryStore
+
+    root = tmp_path_factory.getbasetemp() / "pretrain_experts"
+    with one_torch_thread():
+        farm(FarmSpec(store=str(root), dataset="digits", recipe="pretrain", backend="local", trajectories=2,
+                      recipe_options={"epochs": 3, "batch_size": 64, "lr": 0.05}, model={"width": 16, "depth": 2}),
+             progress=False)
+    return TrajectoryStore(root)

@@ -1,7 +1,6 @@
 """DANCE on real (tiny) data: 2 pre-trained experts farmed on scikit-learn digits into a temporary store."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -9,51 +8,22 @@ import torch
 from torch.nn import functional as F
 
 import raydd.methods.dance  # noqa: F401  (registers "dance")
-from raydd.farm import FarmSpec, farm
 from raydd.methods import get_method, load_checkpoint, make_config, save_checkpoint
 from raydd.methods.dance import DANCE, DANCEConfig, decode_tiles, encode_tiles
 from raydd.store import TrajectoryStore
 
-# Depth 2 and lr 0.05: 3 epochs then reach ~90% test accuracy (depth 3 instance-normalises 2x2 maps on
-# 8x8 digits and stays near chance), so calibration and pseudo-labels see meaningful experts.
-PRETRAIN = dict(dataset="digits", recipe="pretrain", recipe_options={"epochs": 3, "batch_size": 64, "lr": 0.05},
-                model={"width": 16, "depth": 2}, trajectories=2, backend="local")
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny convolutions run ~10x slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pretrain_store(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "pretrain_experts"  # shared with test_ptlm (the farm skips done work)
-    with one_thread():
-        farm(FarmSpec(store=str(root), **PRETRAIN), progress=False)
-    return TrajectoryStore(root)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(ipc: int = 2, **overrides) -> DANCEConfig:
     return make_config("dance", "digits", ipc, **{"num_experts": 2, **overrides})
 
 
-def test_losses_go_down_on_fixed_encoders(digits, pretrain_store):
+def test_losses_go_down_on_fixed_encoders(digits, pretrain_experts):
     train, _ = digits
-    default = DANCE(config(), train, pretrain_store, device="cpu")
+    default = DANCE(config(), train, pretrain_experts, device="cpu")
     assert default.factor == 2 and default.lr_img == pytest.approx(0.02)  # paper: l = 2, lr 0.01 x IPC
-    method = DANCE(config(lr_img=0.1), train, pretrain_store, device="cpu", seed=0)
+    method = DANCE(config(lr_img=0.1), train, pretrain_experts, device="cpu", seed=0)
 
     def fixed():  # same experts, λ, real batches, subsets and augmentations every time
         match = sum(method.matching_loss(e, lam, seed=5) for e in range(2) for lam in (0.2, 0.8))
@@ -70,11 +40,11 @@ def test_losses_go_down_on_fixed_encoders(digits, pretrain_store):
         assert 0 <= m["lam"] <= 1 and math.isfinite(m["calib_loss"])
 
 
-def test_mid_encoder_lambda_range_and_calibration_interval(digits, pretrain_store):
+def test_mid_encoder_lambda_range_and_calibration_interval(digits, pretrain_experts):
     train, _ = digits
     cfg = config(lam=0.3, calib_interval=3)  # shared symbol λ -> lam_max
     assert cfg.lam_max == 0.3
-    method = DANCE(cfg, train, pretrain_store, device="cpu", seed=1)
+    method = DANCE(cfg, train, pretrain_experts, device="cpu", seed=1)
     expert = method.experts[0]
     assert expert.final_epoch == 3 and not torch.equal(expert.initial, expert.final)
     assert torch.equal(method.mid_encoder(expert, 1.0), expert.initial)  # Eq. 3: λ=1 is φ_0
@@ -84,23 +54,23 @@ def test_mid_encoder_lambda_range_and_calibration_interval(digits, pretrain_stor
     assert all(0 <= m["lam"] <= 0.3 for m in metrics)
     calibrated = [math.isfinite(m["calib_loss"]) for m in metrics]
     assert calibrated == [False, False, True]  # Algorithm 1: i % I_c == 0, i counted from 1
-    off = DANCE(config(calib_interval=0), train, pretrain_store, device="cpu", seed=1)
+    off = DANCE(config(calib_interval=0), train, pretrain_experts, device="cpu", seed=1)
     assert math.isnan(off.step()["calib_loss"])
 
 
-def test_resume_is_bit_exact(digits, pretrain_store, tmp_path):
+def test_resume_is_bit_exact(digits, pretrain_experts, tmp_path):
     train, _ = digits
     cfg = config(calib_interval=2, batch_syn_max=6)  # subsets of the decoded set exercise the generator too
-    straight = DANCE(cfg, train, pretrain_store, device="cpu", seed=3)
+    straight = DANCE(cfg, train, pretrain_experts, device="cpu", seed=3)
     for _ in range(4):
         straight.step()
 
-    first = DANCE(cfg, train, pretrain_store, device="cpu", seed=3)
+    first = DANCE(cfg, train, pretrain_experts, device="cpu", seed=3)
     for _ in range(2):
         first.step()
     save_checkpoint(first, tmp_path / "dance.ckpt")
-    resumed = load_checkpoint(DANCE(cfg, train, pretrain_store, device="cpu", seed=3), tmp_path / "dance.ckpt")
-    in_memory = DANCE(cfg, train, pretrain_store, device="cpu", seed=3)
+    resumed = load_checkpoint(DANCE(cfg, train, pretrain_experts, device="cpu", seed=3), tmp_path / "dance.ckpt")
+    in_memory = DANCE(cfg, train, pretrain_experts, device="cpu", seed=3)
     in_memory.load_state_dict(first.state_dict())
     for method in (resumed, in_memory):
         assert method.iteration == 2
@@ -111,12 +81,12 @@ def test_resume_is_bit_exact(digits, pretrain_store, tmp_path):
                            straight.optimizer.state_dict()["state"][0]["momentum_buffer"])
         assert torch.equal(method.synthetic_set().images, straight.synthetic_set().images)
     with pytest.raises(ValueError, match="config differs"):
-        DANCE(config(), train, pretrain_store, device="cpu", seed=3).load_state_dict(first.state_dict())
+        DANCE(config(), train, pretrain_experts, device="cpu", seed=3).load_state_dict(first.state_dict())
 
 
-def test_factoring_decodes_ipc_times_l_squared_images(digits, pretrain_store):
+def test_factoring_decodes_ipc_times_l_squared_images(digits, pretrain_experts):
     train, _ = digits
-    method = DANCE(config(ipc=3), train, pretrain_store, device="cpu", seed=2)
+    method = DANCE(config(ipc=3), train, pretrain_experts, device="cpu", seed=2)
     assert method.images.shape == (30, 1, 8, 8)  # the encoded state: IPC stored images per class
     syn = method.synthetic_set()
     assert syn.images.shape == (120, 1, 8, 8)  # decoded: IPC·l² = 12 per class at full resolution
@@ -129,7 +99,7 @@ def test_factoring_decodes_ipc_times_l_squared_images(digits, pretrain_store):
         expected = F.interpolate(F.interpolate(reals, size=(4, 4), mode="nearest"), size=(8, 8), mode="bilinear")
         assert (expected - x[i]).abs().flatten(1).amax(1).min() < 1e-5
 
-    plain = DANCE(config(ipc=3, factor=1), train, pretrain_store, device="cpu", seed=2)
+    plain = DANCE(config(ipc=3, factor=1), train, pretrain_experts, device="cpu", seed=2)
     assert plain.synthetic_set().images.shape == (30, 1, 8, 8)
 
 
@@ -146,23 +116,23 @@ def test_tile_codec_geometry():
     assert torch.equal(decode_tiles(constant, 1, fill), constant)
 
 
-def test_errors_are_one_line_value_errors(digits, pretrain_store, tmp_path):
+def test_errors_are_one_line_value_errors(digits, pretrain_experts, tmp_path):
     train, _ = digits
     cases = [
-        (lambda: DANCE(config(ipc=35), train, pretrain_store, device="cpu"),
+        (lambda: DANCE(config(ipc=35), train, pretrain_experts, device="cpu"),
          r"ipc=35 with factor=2 needs 140 real images per class.*smallest class of digits has 139"),
-        (lambda: DANCE(config(ipc=200, factor=1), train, pretrain_store, device="cpu"), r"ipc=200 is larger"),
+        (lambda: DANCE(config(ipc=200, factor=1), train, pretrain_experts, device="cpu"), r"ipc=200 is larger"),
         (lambda: DANCE(config(), train, TrajectoryStore(tmp_path / "empty"), device="cpu"),
          r"no trajectories .* kind=pretrain.*raydd farm --recipe pretrain --dataset digits"),
-        (lambda: DANCE(config(num_experts=5), train, pretrain_store, device="cpu"), r"num_experts=5 but only 2"),
-        (lambda: DANCE(config(model="convnet3-w128-in"), train, pretrain_store, device="cpu"),
+        (lambda: DANCE(config(num_experts=5), train, pretrain_experts, device="cpu"), r"num_experts=5 but only 2"),
+        (lambda: DANCE(config(model="convnet3-w128-in"), train, pretrain_experts, device="cpu"),
          r"model=convnet3-w128-in"),
         (lambda: get_method("dance")(config(), train, None, device="cpu"), "pass a TrajectoryStore"),
         (lambda: config(bogus=1), r"unknown DANCEConfig knob 'bogus'.*lam \(= lam_max\)"),
         (lambda: config(lam=1.5), r"lam_max=1.5 is out of range"),
         (lambda: config(factor=0), r"factor=0 is out of range"),
         (lambda: config(pix_init="zeros"), r"pix_init='zeros' is invalid"),
-        (lambda: DANCE(config(factor=9), train, pretrain_store, device="cpu"), r"factor=9 is larger than"),
+        (lambda: DANCE(config(factor=9), train, pretrain_experts, device="cpu"), r"factor=9 is larger than"),
     ]
     for build, pattern in cases:
         with pytest.raises(ValueError, match=pattern) as err:

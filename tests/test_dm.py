@@ -8,13 +8,7 @@ import raydd.methods.dm  # noqa: F401  (registers "dm")
 from raydd.methods.base import get_method, load_checkpoint, make_config, save_checkpoint
 from raydd.methods.dm import DM, DMConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Small and quick: ConvNet-2 width 32 on 8x8 digits, 64 real images per class.

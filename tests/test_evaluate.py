@@ -16,13 +16,7 @@ from raydd.methods import MTT, SyntheticSet, load_synthetic, make_config
 from raydd.store import TrajectoryStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY = dict(model={"arch": "convnet", "width": 16, "depth": 2}, num_models=2, epochs=15, batch_size=64,

@@ -20,13 +20,7 @@ from raydd.methods.base import check_ipc
 from raydd.methods.serial import load_tree, pack, save_tree, unpack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def one_line(exc_info) -> str:

@@ -9,13 +9,7 @@ from raydd.methods import MTT, get_method, load_checkpoint, make_config, save_ch
 from raydd.store import TrajectoryStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Depth 2: a depth-3 ConvNet on 8x8 digits instance-normalises 2x2 maps in its last block,

@@ -1,46 +1,18 @@
 """PTLM on real (tiny) data: 2 pre-trained experts farmed on scikit-learn digits, plus its formulas."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 import raydd.methods.ptlm  # noqa: F401  (registers "ptlm")
-from raydd.farm import FarmSpec, farm
 from raydd.methods import load_checkpoint, make_config, save_checkpoint
 from raydd.methods.ptlm import PTLM, PTLMConfig, capacity_mask, injection_ratio, pseudo_label
 from raydd.store import TrajectoryStore
 
-# The same store as tests/test_dance.py (depth 2, lr 0.05: ~90% test accuracy after 3 epochs).
-PRETRAIN = dict(dataset="digits", recipe="pretrain", recipe_options={"epochs": 3, "batch_size": 64, "lr": 0.05},
-                model={"width": 16, "depth": 2}, trajectories=2, backend="local")
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny convolutions run ~10x slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pretrain_store(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "pretrain_experts"  # shared with test_dance (the farm skips done work)
-    with one_thread():
-        farm(FarmSpec(store=str(root), **PRETRAIN), progress=False)
-    return TrajectoryStore(root)
+# Experts: the pretrain_experts fixture of conftest.py, shared with tests/test_dance.py.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(ipc: int = 2, **overrides) -> PTLMConfig:
@@ -60,11 +32,11 @@ def test_injection_schedule():
     assert injection_ratio(0, 100, 1.0) == 0.0
 
 
-def test_extractor_follows_eq5(digits, pretrain_store):
+def test_extractor_follows_eq5(digits, pretrain_experts):
     train, _ = digits
     cfg = config(lam=2, total_iterations=100)  # shared symbol λ -> inject_scale
     assert cfg.inject_scale == 2.0
-    method = PTLM(cfg, train, pretrain_store, device="cpu", seed=0)
+    method = PTLM(cfg, train, pretrain_experts, device="cpu", seed=0)
     e = method.experts[1]
     assert torch.allclose(method.extractor(e, 60), 0.3 * e.final + 0.7 * e.initial)
     assert torch.equal(method.extractor(e, 400), e.final)
@@ -98,25 +70,25 @@ def test_capacity_selection_rule():
     assert capacity_mask(torch.full((4,), 0.3), 1.0, typical=True).all()  # all equal: nothing is atypical
 
 
-def test_selection_side_follows_ipc_threshold(digits, pretrain_store):
+def test_selection_side_follows_ipc_threshold(digits, pretrain_experts):
     train, _ = digits
     kept = {}
     for alpha in (50, 2):  # IPC 2 < 50: typical; IPC 2 >= 2: diverse
-        method = PTLM(config(alpha=alpha, total_iterations=1), train, pretrain_store, device="cpu", seed=4)
+        method = PTLM(config(alpha=alpha, total_iterations=1), train, pretrain_experts, device="cpu", seed=4)
         assert method.typical == (alpha == 50)
         kept[alpha] = method.step()["keep_fraction"]  # t/|T| = 1: split at the mean score
     # same seed -> same batches and features: "> s_mean" and "<= s_mean" partition every batch
     assert 0 < kept[50] < 1 and 0 < kept[2] < 1
     assert kept[50] + kept[2] == pytest.approx(1.0)
-    whole = PTLM(config(capacity=False, total_iterations=1), train, pretrain_store, device="cpu", seed=4)
+    whole = PTLM(config(capacity=False, total_iterations=1), train, pretrain_experts, device="cpu", seed=4)
     assert whole.step()["keep_fraction"] == 1.0
 
 
 # --------------------------------------------------------------------------- the method
-def test_losses_go_down_with_two_separate_updates(digits, pretrain_store):
+def test_losses_go_down_with_two_separate_updates(digits, pretrain_experts):
     train, _ = digits
-    assert PTLM(config(), train, pretrain_store, device="cpu").lr_img == pytest.approx(0.02)  # 0.01 x IPC
-    method = PTLM(config(total_iterations=20, lr_img=0.1), train, pretrain_store, device="cpu", seed=0)
+    assert PTLM(config(), train, pretrain_experts, device="cpu").lr_img == pytest.approx(0.02)  # 0.01 x IPC
+    method = PTLM(config(total_iterations=20, lr_img=0.1), train, pretrain_experts, device="cpu", seed=0)
     assert method.factor == 2
     updates = []
     step = method.optimizer.step
@@ -140,22 +112,22 @@ def test_losses_go_down_with_two_separate_updates(digits, pretrain_store):
     assert syn.method == "ptlm" and syn.images.shape == (80, 1, 8, 8)  # decoded: IPC·l² per class
     assert syn.labels.tolist() == [c for c in range(10) for _ in range(8)]
 
-    ptm_only = PTLM(config(plm=False), train, pretrain_store, device="cpu", seed=0)
+    ptm_only = PTLM(config(plm=False), train, pretrain_experts, device="cpu", seed=0)
     m = ptm_only.step()
     assert m["plm_loss"] == 0 and m["loss"] == m["ptm_loss"] and "grad_norm_plm" not in m
 
 
-def test_resume_is_bit_exact(digits, pretrain_store, tmp_path):
+def test_resume_is_bit_exact(digits, pretrain_experts, tmp_path):
     train, _ = digits
     cfg = config(total_iterations=4, batch_syn_max=5)
-    straight = PTLM(cfg, train, pretrain_store, device="cpu", seed=3)
+    straight = PTLM(cfg, train, pretrain_experts, device="cpu", seed=3)
     for _ in range(4):
         straight.step()
-    first = PTLM(cfg, train, pretrain_store, device="cpu", seed=3)
+    first = PTLM(cfg, train, pretrain_experts, device="cpu", seed=3)
     for _ in range(2):
         first.step()
     save_checkpoint(first, tmp_path / "ptlm.ckpt")
-    resumed = load_checkpoint(PTLM(cfg, train, pretrain_store, device="cpu", seed=3), tmp_path / "ptlm.ckpt")
+    resumed = load_checkpoint(PTLM(cfg, train, pretrain_experts, device="cpu", seed=3), tmp_path / "ptlm.ckpt")
     assert resumed.iteration == 2
     for _ in range(2):
         resumed.step()
@@ -164,14 +136,14 @@ def test_resume_is_bit_exact(digits, pretrain_store, tmp_path):
                        straight.optimizer.state_dict()["state"][0]["momentum_buffer"])
 
 
-def test_errors_are_one_line_value_errors(digits, pretrain_store, tmp_path):
+def test_errors_are_one_line_value_errors(digits, pretrain_experts, tmp_path):
     train, _ = digits
     assert config(tau=0.2, alpha=10).sharpen_tau == 0.2 and config(alpha=10).ipc_threshold == 10
     cases = [
-        (lambda: PTLM(config(ipc=35), train, pretrain_store, device="cpu"), r"ipc=35 with factor=2 needs 140"),
+        (lambda: PTLM(config(ipc=35), train, pretrain_experts, device="cpu"), r"ipc=35 with factor=2 needs 140"),
         (lambda: PTLM(config(), train, TrajectoryStore(tmp_path / "empty"), device="cpu"),
          r"no trajectories .* kind=pretrain.*raydd farm --recipe pretrain"),
-        (lambda: PTLM(config(expert_kind="expert"), train, pretrain_store, device="cpu"), r"kind=expert"),
+        (lambda: PTLM(config(expert_kind="expert"), train, pretrain_experts, device="cpu"), r"kind=expert"),
         (lambda: config(zeta=2), r"unknown PTLMConfig knob 'zeta'.*tau \(= sharpen_tau\)"),
         (lambda: config(tau=0), r"sharpen_tau=0.0 is out of range"),
         (lambda: config(lam=-1), r"inject_scale=-1.0 is out of range"),

@@ -23,13 +23,7 @@ TEACHER_OPTS = {"epochs": 3, "batch_size": 16, "mu": 4, "steps_per_epoch": 8, "e
 STUDENT_OPTS = {"epochs": 3, "batch_size": 64, "labelled_fraction": FRACTION}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
