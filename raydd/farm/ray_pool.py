@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import queue as queue_lib
-import time
 import warnings
 from typing import Callable
 

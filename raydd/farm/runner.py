@@ -12,7 +12,6 @@ Backends:
 from __future__ import annotations
 
 import os
-import queue as queue_lib
 import time
 from dataclasses import dataclass, field
 from typing import Callable

@@ -20,6 +20,7 @@ import os
 import random
 import resource
 import sys
+import time
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -127,6 +128,34 @@ def process_peak_rss_mb() -> float:
     """High-water mark of this process's resident memory (MiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+class StepMeter:
+    """Wall time and peak memory of one ``step()``, started when built.
+
+    ``finish(metrics)`` adds ``time_s`` and, on CUDA, ``peak_mem_mb`` = the peak allocation
+    during the step above the allocation at its start; on CPU ``rss_peak_mb`` (the process's
+    resident high-water mark) and, when the method measured its unrolled graph, ``peak_mem_mb``
+    = that graph's size (``graph_mb``).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.started = time.perf_counter()
+        self.base_mem: int | None = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base_mem = torch.cuda.memory_allocated(device)
+
+    def finish(self, metrics: dict[str, float], *, graph_mb: float | None = None) -> dict[str, float]:
+        if self.base_mem is not None:
+            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - self.base_mem) / 2 ** 20
+        else:
+            if graph_mb is not None:
+                metrics["peak_mem_mb"] = graph_mb
+            metrics["rss_peak_mb"] = process_peak_rss_mb()
+        metrics["time_s"] = time.perf_counter() - self.started
+        return metrics
 
 
 def check_range(config: MethodConfig, name: str, *, low: float | None = None, high: float | None = None,

@@ -25,7 +25,6 @@ per class, i.e. ``calib_weight = num_classes`` reproduces its gradient scale).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 from ..data.datasets import ImageDataset
 from ..data.dsa import DSA, DSAConfig
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
+from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
 from .synthetic import SyntheticSet
 
 MATCH_DSA = "color_crop_cutout"  # IDC/DANCE condensation augmentation (arg_condense.py aug_type)
@@ -366,21 +365,6 @@ class PretrainedDM(CondensationMethod):
                                      f"lower lr_img ({self.lr_img})")
 
     # ------------------------------------------------------------------ bookkeeping
-    def _start_step(self) -> tuple[float, int | None]:
-        started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return started, torch.cuda.memory_allocated(self.device)
-        return started, None
-
-    def _finish_step(self, metrics: dict[str, float], started: float, base_mem: int | None) -> dict[str, float]:
-        if base_mem is not None:
-            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - base_mem) / 2 ** 20
-        else:
-            metrics["rss_peak_mb"] = process_peak_rss_mb()
-        metrics["time_s"] = time.perf_counter() - started
-        return metrics
-
     def synthetic_set(self) -> SyntheticSet:
         x, y = self.decoded()
         return SyntheticSet(
@@ -428,7 +412,7 @@ class DANCE(PretrainedDM):
 
     def step(self) -> dict[str, float]:
         cfg = self.config
-        started, base_mem = self._start_step()
+        step_meter = StepMeter(self.device)
         i = self._iteration + 1  # Algorithm 1 counts iterations from 1
         self._clamp()
         e = self.rng.randrange(len(self.experts))
@@ -448,7 +432,7 @@ class DANCE(PretrainedDM):
             metrics["calib_loss"] = calib
             metrics["grad_norm_calib"] = self._update()
         self._iteration = i
-        return self._finish_step(metrics, started, base_mem)
+        return step_meter.finish(metrics)
 
     # ------------------------------------------------------------------ fixed evaluations (no update)
     def matching_loss(self, expert: int = 0, lam: float = 0.5, seed: int = 0) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from ..models import build_model, load_flat_params
-from .base import check_range, clone_tree, process_peak_rss_mb, register_method
+from .base import StepMeter, check_range, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
 
@@ -256,11 +255,7 @@ class DATM(MTT):
 
     def step(self) -> dict[str, float]:
         cfg = self.config
-        started = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base_mem = torch.cuda.memory_allocated(self.device)
+        step_meter = StepMeter(self.device)
         upper = self.start_upper()
         tid, start = self.sample_expert()
         theta_start = self._params(tid, start)
@@ -289,13 +284,7 @@ class DATM(MTT):
             "start_upper": float(upper), "grad_norm_img": grad_img, "grad_norm_lr": grad_lr, "grad_norm_y": grad_y,
             "param_dist": float((theta_start - theta_target).pow(2).sum()), "graph_mem_mb": meter.megabytes,
         }
-        if cuda:
-            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - base_mem) / 2 ** 20
-        else:
-            metrics["peak_mem_mb"] = meter.megabytes
-            metrics["rss_peak_mb"] = process_peak_rss_mb()
-        metrics["time_s"] = time.perf_counter() - started
-        return metrics
+        return step_meter.finish(metrics, graph_mb=meter.megabytes)
 
     # ------------------------------------------------------------------ results and state
     def synthetic_set(self) -> SyntheticSet:

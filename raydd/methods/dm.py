@@ -19,7 +19,6 @@ Randomness: the embedder seed, the real batches and the augmentation seeds are a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ import torch
 from ..data.dsa import DSA, DSAConfig
 from ..models import ModelSpec, build_model, default_depth
 from ..models.spec import ARCHITECTURES, NORMS
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
+from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"  # reference --dsa_strategy default
@@ -181,11 +180,7 @@ class DM(CondensationMethod):
         return total
 
     def step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base_mem = torch.cuda.memory_allocated(self.device)
+        step_meter = StepMeter(self.device)
         self.opt_img.zero_grad(set_to_none=True)
         loss = self._distribution_loss(self.generator, backward=True)
         if not torch.isfinite(loss):
@@ -196,12 +191,7 @@ class DM(CondensationMethod):
         self._iteration += 1
         metrics = {"loss": float(loss), "loss_per_class": float(loss) / self.num_classes,
                    "grad_norm_img": grad_norm}
-        if cuda:
-            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - base_mem) / 2 ** 20
-        else:
-            metrics["rss_peak_mb"] = process_peak_rss_mb()
-        metrics["time_s"] = time.perf_counter() - started
-        return metrics
+        return step_meter.finish(metrics)
 
     def matching_loss(self, seed: int = 0) -> float:
         """Eq. 4 for a fixed embedder/real batches/augmentations (from ``seed``), without updating S.

@@ -25,7 +25,6 @@ as softmax probabilities, the logits themselves in ``meta['logits']``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 
 from ..evaluate_edc import apply_affine, random_resized_crop_params
 from ..models import ModelSpec, build_model, load_flat_params
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
+from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
 from .synthetic import SyntheticSet
 
 TURNS = ("round_robin", "all")
@@ -375,10 +374,7 @@ class EDC(CondensationMethod):
         return totals
 
     def step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        step_meter = StepMeter(self.device)
         observers = self._turn()
         lr = self.lr_at(self._iteration)
         for group in self.opt.param_groups:
@@ -395,13 +391,9 @@ class EDC(CondensationMethod):
                 self.images.copy_(torch.maximum(torch.minimum(self.images, self._pixel_high), self._pixel_low))
             self.ema_images.mul_(self.config.ema_beta).add_(self.images.detach(), alpha=1 - self.config.ema_beta)
         self._iteration += 1
-        metrics.update(lr=lr, grad_norm_img=grad_norm, time_s=time.perf_counter() - started,
+        metrics.update(lr=lr, grad_norm_img=grad_norm,
                        observer=float(self._iteration - 1) % len(self.observers) if len(observers) == 1 else -1.0)
-        if cuda:
-            metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        else:
-            metrics["rss_peak_mb"] = process_peak_rss_mb()
-        return metrics
+        return step_meter.finish(metrics)
 
     def matching_loss(self, seed: int = 0) -> dict[str, float]:
         """The objective on the current S for every observer with a fixed augmentation seed, without

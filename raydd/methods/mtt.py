@@ -18,7 +18,6 @@ accumulates into the two leaves only (not into θ̂_0).
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +27,7 @@ from torch.nn import functional as F
 
 from ..data.dsa import DSA, DSAConfig
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, check_range, clone_tree, process_peak_rss_mb, register_method
+from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
@@ -346,11 +345,7 @@ class MTT(CondensationMethod):
 
     def step(self) -> dict[str, float]:
         cfg = self.config
-        started = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base_mem = torch.cuda.memory_allocated(self.device)
+        step_meter = StepMeter(self.device)
         tid, start = self.sample_expert()
         theta_start = self._params(tid, start)
         theta_target = self._params(tid, start + cfg.expert_epochs)
@@ -374,13 +369,7 @@ class MTT(CondensationMethod):
             "param_dist": float((theta_start - theta_target).pow(2).sum()),
             "graph_mem_mb": meter.megabytes,
         }
-        if cuda:
-            metrics["peak_mem_mb"] = (torch.cuda.max_memory_allocated(self.device) - base_mem) / 2 ** 20
-        else:
-            metrics["peak_mem_mb"] = meter.megabytes
-            metrics["rss_peak_mb"] = process_peak_rss_mb()
-        metrics["time_s"] = time.perf_counter() - started
-        return metrics
+        return step_meter.finish(metrics, graph_mb=meter.megabytes)
 
     def matching_loss(self, trajectory_id: str, start_epoch: int, seed: int = 0) -> float:
         """Eq. 2 for a fixed (expert, start epoch) and a fixed augmentation/batch seed, without updating S.

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from .base import check_range, register_method
+from .base import StepMeter, check_range, register_method
 from .dance import PretrainedDM, PretrainedDMConfig, PretrainedExpert
 
 
@@ -115,7 +115,7 @@ class PTLM(PretrainedDM):
 
     def step(self) -> dict[str, float]:
         cfg = self.config
-        started, base_mem = self._start_step()
+        step_meter = StepMeter(self.device)
         t = self._iteration + 1  # Algorithm 1 counts iterations from 1
         self._clamp()
         e = self.rng.randrange(len(self.experts))
@@ -137,7 +137,7 @@ class PTLM(PretrainedDM):
                 metrics["grad_norm_plm"] = self._update()
         metrics.update(loss=ptm + plm, plm_loss=plm)
         self._iteration = t
-        return self._finish_step(metrics, started, base_mem)
+        return step_meter.finish(metrics)
 
     # ------------------------------------------------------------------ fixed evaluations (no update)
     def matching_loss(self, expert: int = 0, t: int = 1, seed: int = 0) -> float:

@@ -1,7 +1,7 @@
 """Model specifications: plain data that rebuilds the exact module."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 ARCHITECTURES = ("convnet", "resnet10", "resnet18")
