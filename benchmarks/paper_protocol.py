@@ -253,6 +253,12 @@ def run(setting_name: str, args) -> str:
         k = max(1, len(losses) // 10)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         lines.append(f"- matching loss: mean of the first {k} iterations {first:.4g}, of the last {k} {last:.4g}")
+    skipped = [h["skipped"] for h in history if "skipped" in h]
+    if skipped:  # DATM's loss threshold (c): how many updates it skipped in this run
+        k = max(1, len(skipped) // 10)
+        lines.append(f"- updates skipped by the loss threshold: {100 * sum(skipped) / len(skipped):.1f}% of this run's "
+                     f"iterations ({100 * sum(skipped[:k]) / k:.0f}% of its first {k}, "
+                     f"{100 * sum(skipped[-k:]) / k:.0f}% of its last {k})")
     return "\n".join(lines) + "\n"
 
 
