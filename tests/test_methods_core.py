@@ -16,7 +16,7 @@ from raydd.methods import (
     load_synthetic,
     make_config,
 )
-from raydd.methods.base import check_ipc
+from raydd.methods.base import StepMeter, check_ipc
 from raydd.methods.serial import load_tree, pack, save_tree, unpack
 
 
@@ -192,3 +192,12 @@ def test_pack_round_trips_optimizer_and_rng_state(tmp_path):
     opt.load_state_dict(loaded["opt"])
     with pytest.raises(TypeError, match="cannot serialise object"):
         pack({"x": object()})
+
+
+def test_step_meter_reports_time_and_cpu_memory():
+    meter = StepMeter(torch.device("cpu"))
+    plain = meter.finish({"loss": 1.0})
+    assert set(plain) == {"loss", "rss_peak_mb", "time_s"}  # no GPU: no peak_mem_mb unless a graph size is given
+    assert plain["time_s"] >= 0 and plain["rss_peak_mb"] > 0
+    unrolled = StepMeter(torch.device("cpu")).finish({}, graph_mb=12.5)
+    assert unrolled["peak_mem_mb"] == 12.5 and "rss_peak_mb" in unrolled
