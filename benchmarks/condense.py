@@ -38,7 +38,6 @@ import importlib
 import importlib.util
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydd.data.datasets import ImageDataset, load_dataset  # noqa: E402
-from raydd.methods.base import METHODS, MethodConfig, get_method, make_config  # noqa: E402
+from raydd.methods.base import METHODS, MethodConfig, get_method, make_config, process_peak_rss_mb  # noqa: E402
 from raydd.training import resolve_device  # noqa: E402
 
 METHOD_ORDER = ("random", "herding", "kcenter", "mtt", "datm", "datm_clr", "ssd", "dm", "dance", "ptlm", "edc")
@@ -273,11 +272,6 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def _maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
-
-
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator, or resident set on CPU (see the module doc)."""
 
@@ -293,7 +287,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device) / 2 ** 20
             return self
         self._base = _rss_mb()
-        self._maxrss0 = _maxrss_mb()
+        self._maxrss0 = process_peak_rss_mb()
         self._sampled = self._base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -312,7 +306,7 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        maxrss = _maxrss_mb()
+        maxrss = process_peak_rss_mb()
         if maxrss > self._maxrss0 + 1:  # the steps raised the process high-water mark: it is the exact peak
             self.peak_mb, self.source = maxrss - self._base, "ru_maxrss"
         else:

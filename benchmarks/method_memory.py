@@ -22,15 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from condense import CPU_SCALED, Scale, load_data  # noqa: E402
+from condense import CPU_SCALED, Scale, _rss_mb, load_data  # noqa: E402
 
 from raydd.methods.base import get_method, make_config  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
-
-
-def rss_mb() -> int:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
 
 
 def main() -> None:
@@ -54,13 +49,13 @@ def main() -> None:
                   pretrain_experts=4, ssd_student_epochs=args.expert_epochs, labelled_fraction=0.1)
     sets = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = d.with_overrides(**{**CPU_SCALED[args.method](scale, d), **sets})
-    print(f"| step | RSS MB | s | loss | skipped |\n|---:|---:|---:|---:|---:|\n| before | {rss_mb()} | | | |")
+    print(f"| step | RSS MB | s | loss | skipped |\n|---:|---:|---:|---:|---:|\n| before | {_rss_mb():.0f} | | | |")
     with get_method(args.method)(config, train, TrajectoryStore(args.store), device="cpu", seed=0) as m:
-        print(f"| built | {rss_mb()} | | | |")
+        print(f"| built | {_rss_mb():.0f} | | | |")
         for i in range(args.steps):
             t0 = time.perf_counter()
             out = m.step()
-            print(f"| {i} | {rss_mb()} | {time.perf_counter() - t0:.1f} | {out.get('loss', float('nan')):.3f} | "
+            print(f"| {i} | {_rss_mb():.0f} | {time.perf_counter() - t0:.1f} | {out.get('loss', float('nan')):.3f} | "
                   f"{int(out.get('skipped', 0))} |", flush=True)
 
 

@@ -143,8 +143,8 @@ def farm_experts(setting: Setting, config, args) -> tuple[int, float]:
 
 def run(setting_name: str, args) -> str:
     from raydd.evaluate import EvalConfig, evaluate_synthetic
-    from raydd.methods.base import get_method as method_cls
     from raydd.store import TrajectoryStore
+    from raydd.training import resolve_device
 
     setting = SETTINGS[setting_name]
     extra = json.loads(args.set) if args.set else {}
@@ -153,8 +153,7 @@ def run(setting_name: str, args) -> str:
                           num_models=args.num_models or setting.num_models,
                           epochs=args.eval_epochs or setting.eval_epochs, lr=args.eval_lr, device=args.device,
                           seed=args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     print(f"{setting_name}: {config}", flush=True)
     train = load_split(setting, args.data_root, "train")
     if args.train_per_class:
@@ -170,7 +169,7 @@ def run(setting_name: str, args) -> str:
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with method_cls(setting.method)(config, train, store, device=args.device, seed=args.seed) as method:
+    with get_method(setting.method)(config, train, store, device=args.device, seed=args.seed) as method:
         if args.checkpoint and Path(args.checkpoint).exists():
             load_checkpoint(method, args.checkpoint)  # exact resume (e.g. on a second device call)
             print(f"  resumed from {args.checkpoint} at iteration {method.iteration}", flush=True)
@@ -209,7 +208,7 @@ def run(setting_name: str, args) -> str:
     if ev is not None:
         print(f"  evaluated {setting.method}: {100 * ev.mean:.2f} ± {100 * ev.std:.2f} (lr {ev.lr:.4g}) {eval_s:.0f} s",
               flush=True)
-    with method_cls("random")(make_config("random", registry_name(setting), setting.ipc), train, store,
+    with get_method("random")(make_config("random", registry_name(setting), setting.ipc), train, store,
                               device=args.device, seed=args.seed) as rnd:
         rnd.step()
         random_set = rnd.synthetic_set()
@@ -301,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         build_config(SETTINGS[args.setting], json.loads(args.set) if args.set else {})
     except (ValueError, json.JSONDecodeError) as err:
         p.error(f"--set {args.set!r}: {err}")
+    from raydd.training import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        p.error(f"--device {args.device!r}: {err}")
     report = run(args.setting, args)
     print(report, flush=True)
     if args.out:
