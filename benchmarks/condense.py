@@ -458,7 +458,7 @@ def cmd_speed(args) -> str:
                      + (f"; --set {' '.join(args.set)}" if args.set else ""))
         n_train = len(train)
         lines.append(f"- data: {args.dataset} train {n_train} images"
-                     + (f" ({tpc}/class subset)" if tpc else "") + f"; store farmed for this run: "
+                     + (f" ({tpc}/class subset)" if tpc else "") + "; store farmed for this run: "
                      + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed))
         lines.append(f"- s/it: wall seconds, median of {args.iterations} steps after 1 warm-up step (one-shot "
                      f"coresets: the selection step); each method in a fresh process; CPU s/it: process CPU time "

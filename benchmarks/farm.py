@@ -15,7 +15,6 @@ Not a test. Prints two tables. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
 import shutil

@@ -153,7 +153,7 @@ def run(args) -> str:
              "",
              f"- machine: {os.cpu_count()} CPU cores, Ray with {args.cpus} CPUs, 1 CPU per trial; seed {args.seed}; "
              f"load average at the end {os.getloadavg()[0]:.1f}",
-             f"- grid per (method, IPC): " + "; ".join(
+             "- grid per (method, IPC): " + "; ".join(
                  f"{m}: " + " x ".join(f"{k} {v}" for k, v in GRIDS[m].items()) + f" (fixed {FIXED[m]})"
                  for m in methods),
              f"- iterations per trial (max_t): {max_t}; ASHA ({args.variant} variant): reduction factor "
@@ -162,7 +162,7 @@ def run(args) -> str:
              + " (an evaluation at each, eval_every: rungs); FIFO: one evaluation at the end",
              f"- evaluation: ConvNet-3 width {args.width}, {args.num_models} networks x {args.eval_epochs} epochs, "
              f"final test accuracy",
-             f"- compute: sum over trials of Tune's time_total_s (condensation + evaluations); wall: the whole sweep",
+             "- compute: sum over trials of Tune's time_total_s (condensation + evaluations); wall: the whole sweep",
              "",
              "| method | IPC | run | trials | iterations | evaluations | trial-seconds | wall s | "
              "best config | best acc (%) |",

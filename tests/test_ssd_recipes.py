@@ -278,6 +278,7 @@ def test_dual_consistency_loss_uses_only_labelled_labels():
     corrupted[5] = -100  # even invalid class ids are never read
     (l1, p1), (l2, p2) = loss_with(y), loss_with(corrupted)
     assert torch.equal(l1, l2)
+    assert all(torch.equal(getattr(p1, k), getattr(p2, k)) for k in ("ce", "intra", "inter"))
     assert float(p1.ce) > 0 and float(p1.intra) > 0 and float(p1.inter) > 0
     assert torch.allclose(l1, p1.ce + 0.7 * p1.intra + 0.3 * p1.inter)
     changed = y.clone()

@@ -257,9 +257,7 @@ class DATM(MTT):
         cfg = self.config
         step_meter = StepMeter(self.device)
         upper = self.start_upper()
-        tid, start = self.sample_expert()
-        theta_start = self._params(tid, start)
-        theta_target = self._params(tid, start + cfg.expert_epochs)
+        start, theta_start, theta_target = self.sample_segment()
         with _SavedTensorMeter() as meter:
             loss, terms = self._objective(theta_start, theta_target)
         loss_tm, total = float(terms["loss_tm"].detach()), float(loss.detach())

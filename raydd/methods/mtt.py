@@ -343,12 +343,15 @@ class MTT(CondensationMethod):
         # eq. 2: ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²
         return (end - target).pow(2).sum() / (start - target).pow(2).sum()
 
+    def sample_segment(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(start epoch t, θ*_t, θ*_{t+M}) of an expert and start epoch drawn by ``sample_expert``."""
+        tid, start = self.sample_expert()
+        return start, self._params(tid, start), self._params(tid, start + self.config.expert_epochs)
+
     def step(self) -> dict[str, float]:
         cfg = self.config
         step_meter = StepMeter(self.device)
-        tid, start = self.sample_expert()
-        theta_start = self._params(tid, start)
-        theta_target = self._params(tid, start + cfg.expert_epochs)
+        start, theta_start, theta_target = self.sample_segment()
         with _SavedTensorMeter() as meter:
             theta_end = self._unroll(theta_start, self.generator, create_graph=True)
             loss = self._matching_loss(theta_end, theta_start, theta_target)
