@@ -421,8 +421,7 @@ def _grouped_asha_class():
         def __init__(self, grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None,
                      variant: str = "promotion"):
             super().__init__()
-            if variant not in ASHA_VARIANTS:
-                raise ValueError(f"variant={variant!r} is invalid: accepted {', '.join(ASHA_VARIANTS)}")
+            _check_asha_args(grace_period, reduction_factor, max_t, variant)
             self.grace_period = grace_period
             self.reduction_factor = reduction_factor
             self.max_t = max_t
@@ -525,13 +524,21 @@ def _grouped_asha_class():
     return GroupedASHA
 
 
+def _check_asha_args(grace_period, reduction_factor, max_t, variant) -> None:
+    """One validation for both public entry points (grouped_asha and GroupedASHA)."""
+    for key, value in (("grace_period", grace_period), ("max_t", max_t)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1 (or None: the group's default)")
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or not reduction_factor > 1:
+        raise ValueError(f"reduction_factor={reduction_factor!r} is invalid: expected a number > 1")
+    if variant not in ASHA_VARIANTS:
+        raise ValueError(f"variant={variant!r} is invalid: accepted {', '.join(ASHA_VARIANTS)}")
+
+
 def grouped_asha(grace_period: int | None = None, reduction_factor: float = 3, max_t: int | None = None,
                  variant: str = "promotion"):
     """ASHA run separately within each (method, IPC) group (see GroupedASHA); what sweeps use."""
-    if grace_period is not None and grace_period < 1:
-        raise ValueError(f"grace_period={grace_period} is invalid: expected an integer >= 1")
-    if not reduction_factor > 1:
-        raise ValueError(f"reduction_factor={reduction_factor} is invalid: expected > 1")
+    _check_asha_args(grace_period, reduction_factor, max_t, variant)  # before Ray is imported
     return __getattr__("GroupedASHA")(grace_period, reduction_factor, max_t, variant)
 
 

@@ -104,3 +104,21 @@ def test_grouped_asha_does_not_pause_a_group_whose_grace_period_is_its_budget():
     laddered = grouped_asha(variant="promotion")  # rungs at 2 (< 6): the first arrival waits for η results
     laddered.set_search_properties("eval_acc", "max")
     assert laddered.on_trial_result(None, trial("a", 6, 2), {"iterations": 2, "eval_acc": 0.2}) == TrialScheduler.PAUSE
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"grace_period": 0}, "grace_period=0"),
+    ({"max_t": 0}, "max_t=0"),
+    ({"max_t": 2.5}, "max_t=2.5"),
+    ({"reduction_factor": 1}, "reduction_factor=1"),
+    ({"reduction_factor": "4"}, "reduction_factor='4'"),
+    ({"variant": "median"}, "variant='median'"),
+])
+def test_both_asha_entry_points_refuse_the_same_bad_arguments_in_one_line(kwargs, named):
+    from raydd.tune import _check_asha_args, grouped_asha
+
+    args = {"grace_period": None, "reduction_factor": 3, "max_t": None, "variant": "promotion", **kwargs}
+    for call in (lambda: grouped_asha(**kwargs), lambda: _check_asha_args(**args)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert named in str(err.value) and "\n" not in str(err.value)
