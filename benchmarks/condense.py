@@ -501,6 +501,7 @@ class Outcome:
     error: str | None = None
     synthetic: Any = None  # the SyntheticSet (kept for the EDC-protocol baselines)
     edc_baselines: dict = dataclasses.field(default_factory=dict)  # method -> (acc, std) under EDC's protocol
+    along_the_way: list = dataclasses.field(default_factory=list)  # (iteration, acc, std, eval lr) at --eval-at
 
 
 QUICK = {"dataset": "digits", "ipcs": [1], "iterations": 20, "eval_epochs": 20, "num_models": 1,
@@ -551,10 +552,16 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, ear
                   labelled_fraction=args.labelled_fraction)
     config = d.with_overrides(**{**CPU_SCALED[method](scale, d), **sets.get(method, {})})
     started = time.perf_counter()
+    along: list[tuple[int, float, float, float]] = []
     with get_method(method)(config, train, store, device=args.device, seed=args.seed) as m:
+        for k in sorted(i for i in set(args.eval_at or []) if i < n):  # the same run, evaluated on the way
+            condense(m, k, progress=args.progress)  # runs until k iterations in total
+            ev = evaluate_synthetic(m.synthetic_set(), test, eval_cfg)
+            along.append((k, 100 * ev.mean, 100 * ev.std, ev.lr))
+            print(f"    at {k} it: {_fmt(100 * ev.mean, 100 * ev.std)} % (eval lr {ev.lr:.3g})", flush=True)
         result = condense(m, n, progress=args.progress)
-        seconds = time.perf_counter() - started
-        out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
+        seconds = time.perf_counter() - started  # includes the --eval-at evaluations
+        out = Outcome(seconds=seconds, iterations=n, notes=notes(config), along_the_way=along)
         syn = result.synthetic
         out.synthetic = syn
         if args.save_dir:
@@ -663,6 +670,15 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
                      "comparable with the CPU-scaled columns.")
         refs = ", ".join(f"{LABELS[k]} {'/'.join(str(v) for v in vals)}" for k, vals in PAPER_FASHION_MNIST.items())
         lines.append(f"Paper Fashion-MNIST IPC 1/10/50: {refs}.")
+    trend = [(m, ipc, o) for (m, ipc), o in outcomes.items() if o.along_the_way and not o.error]
+    if trend:
+        lines.append("")
+        lines.append("Accuracy along the way (--eval-at; same run, same evaluation; the last column is the table's):")
+        lines.append("")
+        for m, ipc, o in trend:
+            cells = [f"{k} it: {_fmt(a, sd)} (lr {lr:.3g})" for k, a, sd, lr in o.along_the_way]
+            cells.append(f"{o.iterations} it: {_fmt(o.acc, o.std)}")
+            lines.append(f"- {LABELS[m]} IPC {ipc}: " + "; ".join(cells))
     lines.append("")
     lines.append("Settings actually run (after CPU_SCALED and --set):")
     lines.append("")
@@ -800,9 +816,15 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--labelled-fraction", type=float, default=0.1, help="SSD labelled fraction (default 0.1)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", help="also write the markdown report to this file")
+    a.add_argument("--eval-at", type=int, nargs="*", default=[], metavar="K",
+                   help="also evaluate each method's set after K iterations of the same run (K below its "
+                        "iteration count), e.g. --eval-at 200 400 with --iterations 600")
     a.add_argument("--save-dir", help="also save each synthetic set here (METHOD_ipcK.safetensors; "
                    "re-evaluate with `raydd evaluate`)")
     args = p.parse_args(argv)
+    bad = [k for k in getattr(args, "eval_at", None) or [] if k < 1]
+    if bad:
+        p.error(f"--eval-at {bad[0]} is invalid: expected iteration counts >= 1")
     if args.command == "speed":
         report = cmd_speed(args)
     else:
