@@ -613,8 +613,9 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
     lines.append(f"- evaluation (every row, standard protocol): EvalConfig(model={{'arch': 'convnet', 'width': "
                  f"{args.width}}}, num_models={args.num_models}, epochs={args.eval_epochs}) — SGD mom 0.9, wd 5e-4, "
                  f"batch 256, DSA, lr ×0.1 at half, lr = learned α (TM) else 0.01; final accuracy mean ± std (%)")
-    lines.append(f"- full data: same protocol on the whole training subset with --full-epochs {args.full_epochs} "
-                 f"epochs ({args.num_models} networks)")
+    if args.full_epochs > 0:
+        lines.append(f"- full data: same protocol on the whole training {'subset' if args.train_per_class else 'split'}"
+                     f" with --full-epochs {args.full_epochs} epochs ({args.num_models} networks)")
     if "edc" in methods:
         lines.append("- EDC protocol column: raydd.evaluate_edc (EDCEvalConfig.defaults, same ConvNet-W"
                      f"{args.width} student, {args.eval_epochs} epochs, {args.num_models} networks, the observers "
