@@ -55,19 +55,35 @@ def single_thread():
 
 
 @pytest.fixture(scope="session")
-def datm_experts(tmp_path_factory):
-    """Epochs 0..6 of two depth-2 width-16 expert ConvNets on digits (test_datm, test_datm_clr).
+def one_thread():
+    """``with one_thread():`` one intra-op thread for a block (the ``one_torch_thread`` context manager)."""
+    return one_torch_thread
+
+
+@pytest.fixture(scope="session")
+def farm_digits_experts():
+    """``farm_digits_experts(root, zca=False, trajectories=2, epochs=6)`` farms depth-2 width-16 expert
+    ConvNets on digits into ``root`` with one thread (ids already stored are skipped) -> TrajectoryStore.
 
     Depth 2: a depth-3 ConvNet instance-normalises 2x2 maps on 8x8 digits and matching turns erratic.
     """
     from raydd.farm import FarmSpec, farm
     from raydd.store import TrajectoryStore
 
-    root = tmp_path_factory.getbasetemp() / "datm_experts"
-    with one_torch_thread():
-        farm(FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=2, recipe="expert",
-                      recipe_options={"epochs": 6, "batch_size": 64}, model={"width": 16, "depth": 2}), progress=False)
-    return TrajectoryStore(root)
+    def run(root, *, zca: bool = False, trajectories: int = 2, epochs: int = 6):
+        with one_torch_thread():
+            farm(FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=trajectories, zca=zca,
+                          recipe="expert", recipe_options={"epochs": epochs, "batch_size": 64},
+                          model={"width": 16, "depth": 2}), progress=False)
+        return TrajectoryStore(root)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def digits_experts(tmp_path_factory, farm_digits_experts):
+    """Epochs 0..6 of two expert ConvNets on digits (test_mtt, test_datm, test_datm_clr, test_evaluate)."""
+    return farm_digits_experts(tmp_path_factory.getbasetemp() / "digits_experts")
 
 
 @pytest.fixture(scope="session")

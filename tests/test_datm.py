@@ -36,7 +36,7 @@ def test_defaults_follow_the_reference_configs():
     assert make_config("datm", "digits", 2, alpha=0.02).syn_lr_init == 0.02
 
 
-def test_start_epoch_window_grows_linearly(digits, datm_experts):
+def test_start_epoch_window_grows_linearly(digits, digits_experts):
     cfg = small(current_max_start_epoch=2, max_start_epoch=6, expansion_end_epoch=8)
     # upper = min(T+, T0 + floor((T+ - T0) * it / E)) with T0=2, T+=6, E=8
     assert [start_epoch_upper(cfg, it) for it in (0, 1, 2, 4, 7, 8, 100)] == [2, 2, 3, 4, 5, 6, 6]
@@ -44,7 +44,7 @@ def test_start_epoch_window_grows_linearly(digits, datm_experts):
 
     train, _ = digits
     method = DATM(small(min_start_epoch=1, current_max_start_epoch=2, max_start_epoch=4, expansion_end_epoch=4),
-                  train, datm_experts, device="cpu", seed=0)
+                  train, digits_experts, device="cpu", seed=0)
     seen = {}
     for it in (0, 2, 4, 9):
         method._iteration = it  # the window follows the iteration count
@@ -52,9 +52,9 @@ def test_start_epoch_window_grows_linearly(digits, datm_experts):
     assert seen == {0: {1}, 2: {1, 2}, 4: {1, 2, 3}, 9: {1, 2, 3}}
 
 
-def test_soft_label_init_picks_correctly_classified_images(digits, datm_experts, tmp_path):
+def test_soft_label_init_picks_correctly_classified_images(digits, digits_experts, tmp_path):
     train, _ = digits
-    method = DATM(small(ipc=3), train, datm_experts, device="cpu", seed=4)
+    method = DATM(small(ipc=3), train, digits_experts, device="cpu", seed=4)
     classes = torch.arange(10).repeat_interleave(3)
     assert torch.equal(method.classes, classes)
     logits = torch.stack([method_logits(method, e.trajectory_id, method.images) for e in method.experts])
@@ -71,7 +71,7 @@ def test_soft_label_init_picks_correctly_classified_images(digits, datm_experts,
     first = method_logits(method, method.experts[0].trajectory_id, method.images).argmax(1)
     assert torch.equal(first, classes)
 
-    plain = DATM(small(ipc=3, init_correct=False), train, datm_experts, device="cpu", seed=4)
+    plain = DATM(small(ipc=3, init_correct=False), train, digits_experts, device="cpu", seed=4)
     assert torch.allclose(plain.labels.detach(), method_logits(plain, plain.experts[0].trajectory_id, plain.images))
 
     syn = method.synthetic_set()
@@ -82,7 +82,7 @@ def test_soft_label_init_picks_correctly_classified_images(digits, datm_experts,
     assert loaded.method == "datm" and torch.equal(loaded.hard_labels, classes)
 
     with pytest.raises(ValueError, match="classified correctly") as err:  # a random-init expert is right for few
-        DATM(small(ipc=100, label_epoch=0), train, datm_experts, device="cpu")
+        DATM(small(ipc=100, label_epoch=0), train, digits_experts, device="cpu")
     assert "\n" not in str(err.value)
 
 
@@ -97,9 +97,9 @@ def method_logits(method: DATM, trajectory_id: str, images: torch.Tensor) -> tor
         return net(images.detach())
 
 
-def test_matching_loss_goes_down_on_fixed_problems(digits, datm_experts):
+def test_matching_loss_goes_down_on_fixed_problems(digits, digits_experts):
     train, _ = digits
-    method = DATM(small(), train, datm_experts, device="cpu", seed=0)
+    method = DATM(small(), train, digits_experts, device="cpu", seed=0)
     problems = [(e.trajectory_id, t) for e in method.experts for t in (0, 2)]
 
     def fixed_loss():
@@ -115,9 +115,9 @@ def test_matching_loss_goes_down_on_fixed_problems(digits, datm_experts):
         assert m["skipped"] == 0.0 and m["loss"] == m["loss_tm"]
 
 
-def test_threshold_skips_the_update(digits, datm_experts):
+def test_threshold_skips_the_update(digits, digits_experts):
     train, _ = digits
-    method = DATM(small(threshold=1e-3), train, datm_experts, device="cpu", seed=1)
+    method = DATM(small(threshold=1e-3), train, digits_experts, device="cpu", seed=1)
     images, labels, lr = method.images.detach().clone(), method.labels.detach().clone(), float(method.syn_lr.detach())
     metrics = [method.step() for _ in range(3)]
     assert [m["skipped"] for m in metrics] == [1.0, 1.0, 1.0] and method.iteration == 3
@@ -126,22 +126,22 @@ def test_threshold_skips_the_update(digits, datm_experts):
     assert float(method.syn_lr.detach()) == lr
     assert method.opt_img.state_dict()["state"] == {}  # no optimiser ever stepped
 
-    loose = DATM(small(threshold=10.0), train, datm_experts, device="cpu", seed=1)
+    loose = DATM(small(threshold=10.0), train, digits_experts, device="cpu", seed=1)
     assert loose.step()["skipped"] == 0.0 and not torch.equal(loose.images, images)
 
 
-def test_resume_is_bit_exact(digits, datm_experts, tmp_path):
+def test_resume_is_bit_exact(digits, digits_experts, tmp_path):
     train, _ = digits
     config = small(syn_steps=4, batch_syn=7, threshold=0.97, current_max_start_epoch=2, expansion_end_epoch=4)
-    straight = DATM(config, train, datm_experts, device="cpu", seed=3)
+    straight = DATM(config, train, digits_experts, device="cpu", seed=3)
     skipped = [straight.step()["skipped"] for _ in range(6)]
 
-    first = DATM(config, train, datm_experts, device="cpu", seed=3)
+    first = DATM(config, train, digits_experts, device="cpu", seed=3)
     for _ in range(3):
         first.step()
     save_checkpoint(first, tmp_path / "datm.ckpt")
     first.close()
-    resumed = load_checkpoint(DATM(config, train, datm_experts, device="cpu", seed=3), tmp_path / "datm.ckpt")
+    resumed = load_checkpoint(DATM(config, train, digits_experts, device="cpu", seed=3), tmp_path / "datm.ckpt")
     assert resumed.iteration == 3 and resumed.labels.requires_grad
     assert [resumed.step()["skipped"] for _ in range(3)] == skipped[3:]
     assert torch.equal(resumed.images, straight.images)
@@ -158,7 +158,7 @@ def test_soft_cross_entropy():
     assert torch.allclose(soft_cross_entropy(logits, hard), F.cross_entropy(logits, torch.tensor([0])))
 
 
-def test_errors(digits, datm_experts, tmp_path):
+def test_errors(digits, digits_experts, tmp_path):
     train, _ = digits
     cases = [
         (dict(pix_init="noise"), "pix_init='noise' is invalid"),
@@ -172,8 +172,8 @@ def test_errors(digits, datm_experts, tmp_path):
             small(**overrides)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="ipc=500 is larger than the smallest class"):
-        DATM(small(ipc=500), train, datm_experts, device="cpu")
+        DATM(small(ipc=500), train, digits_experts, device="cpu")
     with pytest.raises(ValueError, match="no trajectories in store .* match dataset=digits"):
         DATM(small(), train, TrajectoryStore(tmp_path / "empty"), device="cpu")
     with pytest.raises(ValueError, match="label_epoch=99 is not stored"):
-        DATM(small(label_epoch=99), train, datm_experts, device="cpu")
+        DATM(small(label_epoch=99), train, digits_experts, device="cpu")

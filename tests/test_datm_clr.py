@@ -69,7 +69,7 @@ def test_defaults_and_aliases():
     assert (tuned.con_weight, tuned.temperature, tuned.update_weight) == (0.3, 0.2, 0.5)
 
 
-def test_config_errors(digits, datm_experts, tmp_path):
+def test_config_errors(digits, digits_experts, tmp_path):
     cases = [
         (dict(strategy="both"), "strategy='both' is invalid: accepted fusion, update"),
         (dict(tau=0.0), r"temperature=0.0 is out of range: expected \(0"),
@@ -84,16 +84,16 @@ def test_config_errors(digits, datm_experts, tmp_path):
         assert "\n" not in str(err.value)
     train, _ = digits
     with pytest.raises(ValueError, match="ipc=1000 is larger than the smallest class"):
-        DATMCLR(small(ipc=1000), train, datm_experts, device="cpu")
+        DATMCLR(small(ipc=1000), train, digits_experts, device="cpu")
     with pytest.raises(ValueError, match="no trajectories in store .* farm experts first"):
         DATMCLR(small(), train, TrajectoryStore(tmp_path / "empty"), device="cpu")
 
 
 # ----------------------------------------------------------------------------- the method
 @pytest.mark.parametrize("strategy", ["fusion", "update"])
-def test_strategies_run_and_report_both_terms(digits, datm_experts, strategy):
+def test_strategies_run_and_report_both_terms(digits, digits_experts, strategy):
     train, _ = digits
-    method = DATMCLR(small(strategy=strategy, alpha=0.5), train, datm_experts, device="cpu", seed=0)
+    method = DATMCLR(small(strategy=strategy, alpha=0.5), train, digits_experts, device="cpu", seed=0)
     problems = [(e.trajectory_id, t) for e in method.experts for t in (0, 2)]
 
     def fixed_loss():
@@ -114,10 +114,10 @@ def test_strategies_run_and_report_both_terms(digits, datm_experts, strategy):
     assert syn.method == "datm_clr" and syn.soft and syn.config["strategy"] == strategy
 
 
-def test_inner_steps_use_momentum_sgd(digits, datm_experts):
+def test_inner_steps_use_momentum_sgd(digits, digits_experts):
     """θ̂_{n+1} = θ̂_n − α·v_{n+1}, v_{n+1} = μ·v_n + ∇L_ce(x1) (fusion: CE only inside the loop)."""
     train, _ = digits
-    method = DATMCLR(small(syn_steps=3, inner_momentum=0.5), train, datm_experts, device="cpu", seed=2)
+    method = DATMCLR(small(syn_steps=3, inner_momentum=0.5), train, digits_experts, device="cpu", seed=2)
     theta0 = method._params(method.experts[0].trajectory_id, 1)
     got = method._unroll(theta0, torch.Generator().manual_seed(5), create_graph=False)
 
@@ -133,22 +133,22 @@ def test_inner_steps_use_momentum_sgd(digits, datm_experts):
         velocity = 0.5 * velocity + grad
         params = (params - alpha * velocity).detach()
     assert torch.allclose(got, params, atol=1e-6)
-    plain = DATMCLR(small(syn_steps=3, inner_momentum=0.0), train, datm_experts, device="cpu", seed=2)
+    plain = DATMCLR(small(syn_steps=3, inner_momentum=0.0), train, digits_experts, device="cpu", seed=2)
     assert not torch.allclose(plain._unroll(theta0, torch.Generator().manual_seed(5), create_graph=False), got)
 
 
-def test_resume_is_bit_exact(digits, datm_experts, tmp_path):
+def test_resume_is_bit_exact(digits, digits_experts, tmp_path):
     train, _ = digits
     config = small(syn_steps=3, batch_syn=8, threshold=0.97)
-    straight = DATMCLR(config, train, datm_experts, device="cpu", seed=3)
+    straight = DATMCLR(config, train, digits_experts, device="cpu", seed=3)
     for _ in range(4):
         straight.step()
 
-    first = DATMCLR(config, train, datm_experts, device="cpu", seed=3)
+    first = DATMCLR(config, train, digits_experts, device="cpu", seed=3)
     for _ in range(2):
         first.step()
     save_checkpoint(first, tmp_path / "clr.ckpt")
-    resumed = load_checkpoint(DATMCLR(config, train, datm_experts, device="cpu", seed=3), tmp_path / "clr.ckpt")
+    resumed = load_checkpoint(DATMCLR(config, train, digits_experts, device="cpu", seed=3), tmp_path / "clr.ckpt")
     for _ in range(2):
         resumed.step()
     assert torch.equal(resumed.images, straight.images)
@@ -158,14 +158,14 @@ def test_resume_is_bit_exact(digits, datm_experts, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_skipped_step_frees_its_unrolled_graph(digits, datm_experts):
+def test_a_skipped_step_frees_its_unrolled_graph(digits, digits_experts):
     """A tiny threshold skips every step (no backward): the unrolled graph built with create_graph=True
     must still be freed when the step returns (it once leaked ~2 GB per skipped step)."""
     import gc
     import weakref
 
     train, _ = digits
-    method = DATMCLR(small(threshold=1e-12), train, datm_experts, device="cpu", seed=0)
+    method = DATMCLR(small(threshold=1e-12), train, digits_experts, device="cpu", seed=0)
     embed, outputs = method.flat_model.embed, []
 
     def recording_embed(params, x):

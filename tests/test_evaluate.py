@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,7 @@ import torch
 from raydd.condense import condense, image_grid
 from raydd.condense_cli import add_condense_parser, add_evaluate_parser, parse_overrides
 from raydd.evaluate import EvalConfig, evaluate_synthetic, full_data
-from raydd.farm import FarmSpec, farm
 from raydd.methods import MTT, SyntheticSet, load_synthetic, make_config
-from raydd.store import TrajectoryStore
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,24 +83,10 @@ def test_mismatched_test_set_is_refused(digits):
 
 
 # --------------------------------------------------------------------------- condense + CLI
-@pytest.fixture(scope="session")
-def store_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "mtt_experts"  # shared with test_mtt.py (farm skips stored ids)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        farm(FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=2,
-                      recipe_options={"epochs": 6, "batch_size": 64}, model={"width": 16, "depth": 2}),
-             progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return root
-
-
-def test_condense_logs_evaluates_checkpoints_and_resumes(digits, store_root, tmp_path):
+def test_condense_logs_evaluates_checkpoints_and_resumes(digits, digits_experts, tmp_path):
     train, test = digits
     cfg = make_config("mtt", "digits", 1, syn_steps=3, expert_epochs=2, max_start_epoch=4, lr_img=100.0)
-    store = TrajectoryStore(store_root)
+    store = digits_experts
     eval_cfg = EvalConfig(**{**TINY, "num_models": 1, "epochs": 2})
     ckpt = tmp_path / "run.ckpt"
     result = condense(MTT(cfg, train, store, device="cpu"), 4, eval_every=2, eval_config=eval_cfg, test=test,
@@ -132,10 +115,10 @@ def _parser():
     return parser
 
 
-def test_cli_condense_then_evaluate(store_root, tmp_path, capsys):
+def test_cli_condense_then_evaluate(digits_experts, tmp_path, capsys):
     out = tmp_path / "digits.safetensors"
     args = _parser().parse_args([
-        "condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--store", str(store_root),
+        "condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--store", str(digits_experts.root),
         "--iterations", "2", "--set", "syn_steps=2", "--set", "max_start_epoch=4", "--set", "expert_epochs=2",
         "--out", str(out), "--quiet", "--device", "cpu"])
     assert args.func(args) == 0
@@ -148,8 +131,8 @@ def test_cli_condense_then_evaluate(store_root, tmp_path, capsys):
     assert "final test accuracy, 2 networks" in text and "per network:" in text
 
 
-def test_cli_refuses_bad_input_before_work(store_root, tmp_path):
-    base = ["condense", "--method", "mtt", "--dataset", "digits", "--store", str(store_root), "--quiet"]
+def test_cli_refuses_bad_input_before_work(digits_experts, tmp_path):
+    base = ["condense", "--method", "mtt", "--dataset", "digits", "--store", str(digits_experts.root), "--quiet"]
     for extra, message in ((["--ipc", "0"], "ipc=0 is invalid"),
                            (["--ipc", "1", "--set", "nope=1"], "unknown MTTConfig knob 'nope'"),
                            (["--ipc", "1", "--method", "xyz"], "unknown method 'xyz'")):

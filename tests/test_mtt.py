@@ -1,37 +1,14 @@
-"""MTT on real (tiny) data: 2 experts farmed on scikit-learn digits into a temporary store."""
+"""MTT on real (tiny) data: 2 experts farmed on scikit-learn digits (the shared digits_experts store)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raydd.farm import FarmSpec, farm
 from raydd.methods import MTT, get_method, load_checkpoint, make_config, save_checkpoint
 from raydd.store import TrajectoryStore
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-# Depth 2: a depth-3 ConvNet on 8x8 digits instance-normalises 2x2 maps in its last block,
-# which makes the unrolled matching loss erratic (it rises under every lr_img tried).
-EXPERT_MODEL = {"width": 16, "depth": 2}
-
-
-def farm_experts(root, *, zca: bool = False, trajectories: int = 2, epochs: int = 6) -> TrajectoryStore:
-    spec = FarmSpec(store=str(root), dataset="digits", backend="local", trajectories=trajectories, zca=zca,
-                    recipe_options={"epochs": epochs, "batch_size": 64}, model=EXPERT_MODEL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        farm(spec, progress=False)  # skips trajectories already in the store
-    finally:
-        torch.set_num_threads(threads)
-    return TrajectoryStore(root)
-
-
-@pytest.fixture(scope="session")
-def expert_store(tmp_path_factory):
-    return farm_experts(tmp_path_factory.getbasetemp() / "mtt_experts")
 
 
 def small_config(**overrides):
@@ -40,9 +17,9 @@ def small_config(**overrides):
     return make_config("mtt", "digits", 2, **knobs)
 
 
-def test_matching_loss_goes_down_on_fixed_problems(digits, expert_store):
+def test_matching_loss_goes_down_on_fixed_problems(digits, digits_experts):
     train, _ = digits
-    method = MTT(small_config(), train, expert_store, device="cpu", seed=0)
+    method = MTT(small_config(), train, digits_experts, device="cpu", seed=0)
     problems = [(e.trajectory_id, t) for e in method.experts for t in (0, 2)]
 
     def fixed_loss():  # same experts, start epochs, minibatches and augmentations every time
@@ -58,19 +35,19 @@ def test_matching_loss_goes_down_on_fixed_problems(digits, expert_store):
         assert m["peak_mem_mb"] > 0
 
 
-def test_resume_is_bit_exact(digits, expert_store, tmp_path):
+def test_resume_is_bit_exact(digits, digits_experts, tmp_path):
     train, _ = digits
     config = small_config(syn_steps=4, batch_syn=10)  # minibatches: exercises the permutation state too
-    straight = MTT(config, train, expert_store, device="cpu", seed=3)
+    straight = MTT(config, train, digits_experts, device="cpu", seed=3)
     for _ in range(6):
         straight.step()
 
-    first = MTT(config, train, expert_store, device="cpu", seed=3)
+    first = MTT(config, train, digits_experts, device="cpu", seed=3)
     for _ in range(3):
         first.step()
     save_checkpoint(first, tmp_path / "mtt.ckpt")
     first.close()
-    resumed = load_checkpoint(MTT(config, train, expert_store, device="cpu", seed=3), tmp_path / "mtt.ckpt")
+    resumed = load_checkpoint(MTT(config, train, digits_experts, device="cpu", seed=3), tmp_path / "mtt.ckpt")
     assert resumed.iteration == 3
     for _ in range(3):
         resumed.step()
@@ -78,28 +55,28 @@ def test_resume_is_bit_exact(digits, expert_store, tmp_path):
     assert torch.equal(resumed.syn_lr, straight.syn_lr)
     assert resumed.iteration == straight.iteration == 6
 
-    in_memory = MTT(config, train, expert_store, device="cpu", seed=3)
+    in_memory = MTT(config, train, digits_experts, device="cpu", seed=3)
     in_memory.load_state_dict(first.state_dict())
     assert torch.equal(in_memory.images, first.images)
 
 
-def test_unrolled_graph_memory_is_linear_in_steps(digits, expert_store):
+def test_unrolled_graph_memory_is_linear_in_steps(digits, digits_experts):
     train, _ = digits
     mem = {}
     for steps in (4, 8):
-        method = MTT(small_config(syn_steps=steps, dsa=False), train, expert_store, device="cpu", seed=0)
+        method = MTT(small_config(syn_steps=steps, dsa=False), train, digits_experts, device="cpu", seed=0)
         mem[steps] = method.step()["graph_mem_mb"]
     ratio = mem[8] / mem[4]
     assert 1.7 < ratio < 2.2, mem
 
 
-def test_zca_experts_and_space_mismatch(digits, expert_store, tmp_path):
+def test_zca_experts_and_space_mismatch(digits, digits_experts, farm_digits_experts, tmp_path):
     train, _ = digits
     with pytest.raises(ValueError, match="trained without ZCA.*--set zca=false") as err:
-        MTT(small_config(zca=True), train, expert_store, device="cpu")
+        MTT(small_config(zca=True), train, digits_experts, device="cpu")
     assert "\n" not in str(err.value)
 
-    zca_store = farm_experts(tmp_path / "zca", zca=True, trajectories=1, epochs=3)
+    zca_store = farm_digits_experts(tmp_path / "zca", zca=True, trajectories=1, epochs=3)
     method = MTT(small_config(zca=None, max_start_epoch=1, syn_steps=3), train, zca_store, device="cpu")
     assert method.uses_zca
     method.step()
@@ -111,27 +88,27 @@ def test_zca_experts_and_space_mismatch(digits, expert_store, tmp_path):
         MTT(small_config(zca=False, max_start_epoch=1), train, zca_store, device="cpu")
 
 
-def test_store_checks_name_filters_and_farm_command(digits, expert_store, tmp_path):
+def test_store_checks_name_filters_and_farm_command(digits, digits_experts, tmp_path):
     train, _ = digits
     with pytest.raises(ValueError, match=r"raydd farm --recipe expert --dataset digits") as err:
         MTT(small_config(), train, TrajectoryStore(tmp_path / "empty"), device="cpu")
     assert "dataset=digits" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="model=convnet3-w128-in"):
-        MTT(small_config(model="convnet3-w128-in"), train, expert_store, device="cpu")
+        MTT(small_config(model="convnet3-w128-in"), train, digits_experts, device="cpu")
     with pytest.raises(ValueError, match=r"stores epochs t and t\+10 for some t < 50 \(longest stores up to epoch 6\)"):
-        MTT(small_config(max_start_epoch=50, expert_epochs=10), train, expert_store, device="cpu")
+        MTT(small_config(max_start_epoch=50, expert_epochs=10), train, digits_experts, device="cpu")
     with pytest.raises(ValueError, match="pass a TrajectoryStore"):
         get_method("mtt")(small_config(), train, None, device="cpu")
 
 
-def test_synthetic_set_of_mtt(digits, expert_store, tmp_path):
+def test_synthetic_set_of_mtt(digits, digits_experts, tmp_path):
     train, _ = digits
-    method = MTT(small_config(syn_steps=2), train, expert_store, device="cpu", seed=1)
+    method = MTT(small_config(syn_steps=2), train, digits_experts, device="cpu", seed=1)
     method.step()
     syn = method.synthetic_set()
     assert syn.images.shape == (20, 1, 8, 8) and syn.labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert syn.syn_lr == pytest.approx(float(method.syn_lr.detach()))
     assert syn.method == "mtt" and syn.iteration == 1 and syn.config["syn_steps"] == 2
     # experts' lr is the initial step size of the digits fallback (syn_lr_init=None)
-    fresh = MTT(small_config(), train, expert_store, device="cpu")
+    fresh = MTT(small_config(), train, digits_experts, device="cpu")
     assert float(fresh.syn_lr.detach()) == pytest.approx(0.01)

@@ -197,7 +197,7 @@ def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, cap
         run_sweep(changed, progress=False, storage=storage, resume=True)
 
 
-def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, tmp_path):
+def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, one_thread, tmp_path):
     """Fault at iteration 3: Tune retries the trial from its iteration-2 checkpoint (max_failures=1).
     Fault at iteration 5: retries used up, the trial errors and the sweep ends; ``resume=True``
     restarts it from its iteration-4 checkpoint. The result equals an uninterrupted run."""
@@ -225,14 +225,10 @@ def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, tmp_path)
     settings = TrialSettings.from_config({"method": "dm", "dataset": "digits", "ipc": 2, "iterations": 6,
                                           "lr_img": 0.5, "width": 16, "batch_real": 32})
     train, _ = load_train_test("digits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         method = get_method("dm")(settings.method_config(), train, None, device="cpu", seed=0)
         for _ in range(6):
             method.step()
-    finally:
-        torch.set_num_threads(threads)
     final = load_synthetic(resumed.rows[0].synthetic_path)
     torch.testing.assert_close(final.images, method.synthetic_set().images, rtol=1e-5, atol=1e-6)
 
