@@ -59,14 +59,21 @@ def test_rerun_trains_nothing(farmed):
 
 def test_killed_worker_is_retried_and_store_stays_valid(ray_session, tmp_path):
     root = tmp_path / "store"
+    epochs = 60
     spec = FarmSpec(store=str(root), **{**TINY, "trajectories": 3, "train_per_class": 100,
-                                        "recipe_options": {"epochs": 8, "batch_size": 128}})
+                                        "recipe_options": {"epochs": epochs, "batch_size": 128}})
     killed: list[int] = []
     partial_at_kill: list[str] = []
 
     def kill_once(event):
-        if event["type"] == "epoch" and event["epoch"] == 2 and not killed and event["pid"] != os.getpid():
-            partial_at_kill.extend(p.name for p in _files(root) if p.name.startswith(f".{event['trajectory_id']}."))
+        # Progress events reach the driver through a queue polled every 0.2 s, so an event can arrive after
+        # its trajectory was published. Kill only a worker whose trajectory is still being written (its
+        # temp file is there) and has many epochs left, so the kill lands mid-trajectory.
+        if event["type"] != "epoch" or killed or event["pid"] == os.getpid() or event["epoch"] > epochs // 3:
+            return
+        partial = [p.name for p in _files(root) if p.name.startswith(f".{event['trajectory_id']}.")]
+        if partial:
+            partial_at_kill.extend(partial)
             killed.append(event["pid"])
             os.kill(event["pid"], signal.SIGKILL)  # a worker process this test's farm started
 
@@ -80,7 +87,7 @@ def test_killed_worker_is_retried_and_store_stays_valid(ray_session, tmp_path):
     assert len(results) == 3 and all(r.ok for r in results), results
     assert [p.name for p in _files(root) if not p.name.endswith(".arrow")] == []  # no partial left behind
     for tid in report.trajectory_ids:
-        assert store.open(tid).epochs == list(range(9))
+        assert store.open(tid).epochs == list(range(epochs + 1))
 
 
 def test_local_backend_matches_ray(farmed, tmp_path):
