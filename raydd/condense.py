@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int = 0
     evals: list[tuple[int, EvalResult]] = []
     started = time.perf_counter()
     step_time = 0.0
+    warned_step_size = False
 
     def run_eval() -> None:
         syn = method.synthetic_set()
@@ -117,6 +119,12 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int = 0
             metrics = method.step()
             step_time += time.perf_counter() - t0
             history.append({"iteration": method.iteration, **metrics})
+            if not warned_step_size and metrics.get("syn_lr", 1.0) <= 0:
+                warned_step_size = True
+                warnings.warn(f"the learned step size α became {metrics['syn_lr']:.3g} at iteration "
+                              f"{method.iteration}: the unrolled student now moves away from the expert and the "
+                              f"set cannot be evaluated with its own α; lower lr_lr or pass an explicit "
+                              f"evaluation lr", RuntimeWarning, stacklevel=2)
             if writer is not None:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and math.isfinite(value):
