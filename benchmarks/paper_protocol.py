@@ -74,6 +74,11 @@ SETTINGS: dict[str, Setting] = {
     "datm_clr_cifar10_ipc1": Setting(
         "datm_clr", "cifar10_jpeg", 1, 10000, (53.0, float("nan"), "DATM-CLR Table 1"),
         (14.4, 2.0, "DATM Table 1"), published_as="cifar10", farm_epochs=5),
+    "datm_clr_cifar10_ipc10": Setting(
+        "datm_clr", "cifar10_jpeg", 10, 10000, (70.2, 0.3, "DATM-CLR Table 1"),
+        (31.0, 0.5, "DATM-CLR Table 1"), published_as="cifar10", farm_epochs=22,
+        notes="Table 3 (fusion): Multiple 70.23, Single 68.24; run once as is (multi_aug=True: every DSA op "
+              "per view) and once with --set '{\"multi_aug\": false}' to see which reading matches"),
     "dm_fashion_mnist_ipc10": Setting(
         "dm", "fashion_mnist", 10, 20000, (83.5, float("nan"), "METHODS.md (DANCE/PTLM tables)"),
         (73.8, float("nan"), "METHODS.md"), num_models=10,

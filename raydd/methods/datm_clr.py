@@ -25,6 +25,12 @@ The paper lists S, the soft labels and α_syn as what is optimised (Sec. 3.3, 4.
 not say how the projection head is trained. Here the head is learned with the synthetic
 set on the same loss by SGD(lr_head, momentum 0.5) — our choice; lr_head=0 keeps it a
 fixed random projection. DATM's skip threshold applies to L_tm.
+
+Two settings are read literally and are ambiguous in the paper: the momentum student (the MTT/DATM
+codes use momentum 0.5 for the outer optimisers and a plain-SGD student) and "Multiple" as every DSA
+op per view (the Table 3 caption speaks of "multiple synthetic trajectories"). Both are knobs
+(``inner_momentum``, ``multi_aug``); their measured cost on Fashion-MNIST is in
+benchmarks/results/fashion_mnist_ipc10_datm_clr_readings.md.
 """
 from __future__ import annotations
 
