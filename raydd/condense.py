@@ -119,7 +119,7 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int = 0
             metrics = method.step()
             step_time += time.perf_counter() - t0
             history.append({"iteration": method.iteration, **metrics})
-            if not warned_step_size and metrics.get("syn_lr", 1.0) <= 0:
+            if not warned_step_size and "syn_lr" in metrics and not metrics["syn_lr"] > 0:  # <= 0 or NaN
                 warned_step_size = True
                 warnings.warn(f"the learned step size α became {metrics['syn_lr']:.3g} at iteration "
                               f"{method.iteration}: the unrolled student now moves away from the expert and the "

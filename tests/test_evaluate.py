@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -112,13 +113,11 @@ def test_condense_warns_once_when_the_learned_step_size_is_not_positive(digits, 
     cfg = make_config("mtt", "digits", 1, syn_steps=3, expert_epochs=2, max_start_epoch=4, lr_lr=0.0)
     method = MTT(cfg, train, digits_experts, device="cpu")
     with torch.no_grad():
-        method.syn_lr.fill_(-0.01)  # what a too-large lr_lr does over many iterations
+        method.syn_lr.fill_(-0.01)  # what a too-large lr_lr does over many iterations (a NaN loss raises instead)
     with pytest.warns(RuntimeWarning, match=r"learned step size α became -0.01 at iteration 1") as caught:
         condense(method, 3, progress=False)
     assert len([w for w in caught if "learned step size" in str(w.message)]) == 1
     healthy = MTT(cfg, train, digits_experts, device="cpu")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         condense(healthy, 2, progress=False)
