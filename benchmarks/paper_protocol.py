@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from raydd.condense import StepSizeWatch  # noqa: E402
 from raydd.methods.base import get_method, load_checkpoint, make_config, save_checkpoint  # noqa: E402
 
 
@@ -180,9 +181,11 @@ def run(setting_name: str, args) -> str:
             print(f"  resumed from {args.checkpoint} at iteration {method.iteration}", flush=True)
         resumed_at = method.iteration
         step_s = []
+        step_size = StepSizeWatch()
         for i in range(resumed_at, total):
             t0 = time.perf_counter()
             metrics = method.step()
+            step_size.check(metrics, method.iteration)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_s.append(time.perf_counter() - t0)

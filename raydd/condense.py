@@ -62,6 +62,27 @@ def image_grid(syn: SyntheticSet, max_per_class: int = 10) -> torch.Tensor:
     return make_grid(grid_in, nrow=per_class, padding=2, pad_value=1.0)
 
 
+class StepSizeWatch:
+    """Warns once (RuntimeWarning, naming the value and the iteration) when a method's learned step
+    size α (``metrics["syn_lr"]``) stops being > 0: from then on the unrolled student walks away
+    from the expert, and evaluation refuses the set unless it is given an explicit lr. Every loop
+    that steps a method (``condense``, the Tune trainable, benchmarks/paper_protocol.py) uses it."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def check(self, metrics: dict, iteration: int) -> bool:
+        """True when this call warned."""
+        value = metrics.get("syn_lr")
+        if self.warned or value is None or value > 0:  # NaN is not > 0 either
+            return False
+        self.warned = True
+        warnings.warn(f"the learned step size α became {value:.3g} at iteration {iteration}: the unrolled "
+                      f"student now moves away from the expert and the set cannot be evaluated with its own α; "
+                      f"lower lr_lr or pass an explicit evaluation lr", RuntimeWarning, stacklevel=3)
+        return True
+
+
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -97,7 +118,7 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int = 0
     evals: list[tuple[int, EvalResult]] = []
     started = time.perf_counter()
     step_time = 0.0
-    warned_step_size = False
+    step_size = StepSizeWatch()
 
     def run_eval() -> None:
         syn = method.synthetic_set()
@@ -119,12 +140,7 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int = 0
             metrics = method.step()
             step_time += time.perf_counter() - t0
             history.append({"iteration": method.iteration, **metrics})
-            if not warned_step_size and "syn_lr" in metrics and not metrics["syn_lr"] > 0:  # <= 0 or NaN
-                warned_step_size = True
-                warnings.warn(f"the learned step size α became {metrics['syn_lr']:.3g} at iteration "
-                              f"{method.iteration}: the unrolled student now moves away from the expert and the "
-                              f"set cannot be evaluated with its own α; lower lr_lr or pass an explicit "
-                              f"evaluation lr", RuntimeWarning, stacklevel=2)
+            step_size.check(metrics, method.iteration)
             if writer is not None:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and math.isfinite(value):

@@ -48,6 +48,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}lr", dest="eval_lr", type=float,
                    help="evaluation lr (default: the set's learned step size, else 0.01)")
     p.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=256)
+    p.add_argument(f"--{prefix}dsa-mode", dest="eval_dsa_mode", choices=("single", "all"), default="single",
+                   help="DSA per training batch: one random op (single, the standard protocol) or every op (all)")
 
 
 def _eval_config(args):
@@ -64,7 +66,8 @@ def _eval_config(args):
             model["depth"] = args.eval_depth
     return EvalConfig(model=model, num_models=args.num_models,
                       epochs=300 if args.eval_epochs is None else args.eval_epochs, lr=args.eval_lr,
-                      batch_size=args.eval_batch_size, device=args.device, seed=args.seed)
+                      batch_size=args.eval_batch_size, dsa_single_per_call=args.eval_dsa_mode == "single",
+                      device=args.device, seed=args.seed)
 
 
 def add_condense_parser(subparsers) -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # flip dropped where the dataset forbids it
+    dsa_single_per_call: bool = True  # reference aug_mode 'S' (one op per batch, the standard); False: 'M', every op
     lr_decay_at: float | None = 0.5  # lr ×0.1 after this fraction of the epochs; None: constant lr
     device: str = "auto"
     seed: int = 0
@@ -58,7 +59,10 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.weight_decay={self.weight_decay!r} is invalid: expected >= 0")
         if self.lr_decay_at is not None and not 0 < self.lr_decay_at <= 1:
             raise ValueError(f"EvalConfig.lr_decay_at={self.lr_decay_at!r} is invalid: expected a fraction in (0, 1]")
-        DSAConfig(strategy=self.dsa_strategy)
+        if not isinstance(self.dsa_single_per_call, bool):
+            raise ValueError(f"EvalConfig.dsa_single_per_call={self.dsa_single_per_call!r} is invalid: "
+                             f"expected True (one DSA op per batch) or False (every op)")
+        DSAConfig(strategy=self.dsa_strategy, single_per_call=self.dsa_single_per_call)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"EvalConfig.seed={self.seed!r} is invalid: expected an integer >= 0")
 
@@ -132,7 +136,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     spec = config.model_spec(info)
     dsa = None
     if config.dsa:
-        dsa_cfg = DSAConfig(strategy=config.dsa_strategy)
+        dsa_cfg = DSAConfig(strategy=config.dsa_strategy, single_per_call=config.dsa_single_per_call)
         dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip())
     augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))

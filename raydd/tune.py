@@ -222,7 +222,7 @@ def condensation_trainable(config: dict) -> None:
     from ray import tune
     from torch.utils.tensorboard import SummaryWriter
 
-    from .condense import image_grid
+    from .condense import StepSizeWatch, image_grid
     from .data.datasets import load_train_test
     from .methods.base import load_checkpoint, save_checkpoint
     from .store import TrajectoryStore
@@ -256,12 +256,14 @@ def condensation_trainable(config: dict) -> None:
     steps = 0
     reported = False
     points = set(s.eval_points())
+    step_size = StepSizeWatch()  # the warning lands in the trial's log
     try:
         while method.iteration < s.iterations:
             t0 = time.perf_counter()
             metrics = method.step()
             step_time += time.perf_counter() - t0
             steps += 1
+            step_size.check(metrics, method.iteration)
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     sums[key] = sums.get(key, 0.0) + float(value)

@@ -55,6 +55,20 @@ def test_soft_labels_syn_lr_and_zca(digits):
         evaluate_synthetic(bad, test, EvalConfig(**TINY))
 
 
+def test_all_op_augmentation_is_an_option_not_the_protocol(digits):
+    train, test = digits
+    config = EvalConfig(**{**TINY, "num_models": 1, "epochs": 3})
+    assert config.dsa_single_per_call  # the standard protocol: one DSA op per batch (reference aug_mode 'S')
+    single = evaluate_synthetic(real_init_set(train), test, config)
+    every = evaluate_synthetic(real_init_set(train), test, dataclasses.replace(config, dsa_single_per_call=False))
+    assert every.accuracies != single.accuracies and every.config["dsa_single_per_call"] is False
+    args = _parser().parse_args(["evaluate", "x.safetensors", "--dsa-mode", "all"])
+    from raydd.condense_cli import _eval_config
+    assert _eval_config(args).dsa_single_per_call is False
+    with pytest.raises(ValueError, match="EvalConfig.dsa_single_per_call='yes' is invalid"):
+        EvalConfig(dsa_single_per_call="yes")
+
+
 def test_full_data_and_cross_architecture_spec(digits):
     train, test = digits
     result = full_data(train.per_class(30), test, EvalConfig(**{**TINY, "num_models": 1, "epochs": 3}))
@@ -121,6 +135,20 @@ def test_condense_warns_once_when_the_learned_step_size_is_not_positive(digits, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         condense(healthy, 2, progress=False)
+
+
+def test_step_size_watch_used_by_every_stepping_loop_warns_once():
+    from raydd.condense import StepSizeWatch
+
+    watch = StepSizeWatch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert not watch.check({"loss": 1.0}, 1) and not watch.check({"syn_lr": 0.01}, 2)  # no α, healthy α
+    with pytest.warns(RuntimeWarning, match="became nan at iteration 3"):
+        assert watch.check({"syn_lr": float("nan")}, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert not watch.check({"syn_lr": -1.0}, 4)  # once per run
 
 
 def _parser():
