@@ -76,7 +76,7 @@ TM_METHODS = ("mtt", "datm", "datm_clr")  # read 'expert' trajectories with a st
 # Config fields shown in the tables when a method has them (the knobs that set its cost).
 NOTE_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "current_max_start_epoch", "batch_syn", "batch_real",
                "width", "factor", "num_experts", "batch_syn_max", "total_iterations", "iterations",
-               "observer_turns", "strategy")
+               "observer_turns", "strategy", "multi_aug")
 
 # Papers' numbers, from /work/shared/METHODS.md (Fashion-MNIST, IPC 1/10/50; final accuracy, %).
 # Paper protocol: full 60k training set, ConvNet-3 width 128, 1000s of iterations — NOT comparable.
