@@ -337,7 +337,10 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     )
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
-    normalised = ((tensor - m) / s).float().contiguous()
+    # Standard strides, also along size-1 dims: a [N, 1, H, W] tensor with channel stride 1 passes as
+    # channels-last too, which sends convolutions down oneDNN's channels-last path (heap corruption in
+    # backward seen with torch 2.14.1 on CPU).
+    normalised = ((tensor - m) / s).float().clone(memory_format=torch.contiguous_format)
     source = {"root": str(root_path) if src.needs_root else None, "resolution": list(info.resolution)}
     return ImageDataset(normalised, torch.from_numpy(np.ascontiguousarray(labels)), info, split, source)
 
