@@ -18,24 +18,22 @@ the steps raised it, else a 1 ms RSS sampler), next to the method's own ``peak_m
 metric when it reports one. Baseline: one SGD step of the same ConvNet on a batch of 256
 real images.
 
-``accuracy``: a CPU-SCALED version of the papers' Fashion-MNIST table. Short experts are
-farmed with the ``local`` farm backend (no Ray) into a temporary store (or ``--store``);
-each method condenses for min(``--iterations``, its published count) iterations with the
-per-method overrides of ``CPU_SCALED`` below; every synthetic set is then evaluated with the
-SAME standard protocol (raydd.evaluate: ConvNet-3 width ``--width``, ``--num-models``
-networks, ``--eval-epochs`` epochs), EDC additionally with its soft-label protocol
-(raydd.evaluate_edc). Baselines: Random (Δ column) and full-data training with the same
-protocol. The papers' numbers are printed next to it, marked as a different protocol.
-
-Methods whose module does not exist yet are skipped with a printed reason; a method that
-fails is reported in its row with the error, the others still run.
+``accuracy``: a CPU-SCALED version of the papers' Fashion-MNIST table. The trajectories every
+method's config declares it reads (``MethodConfig.needs()``) are farmed, short, with the ``local``
+farm backend (no Ray) into a temporary store (or ``--store``); each method condenses for
+min(``--iterations``, its published count) iterations at its published defaults planned for that
+length and shrunk by its own ``MethodConfig.scaled`` (``scaled_config`` below); every synthetic set
+is then evaluated in the same ``condense()`` run with the SAME standard protocol (ConvNet-3 width
+``--width``, ``--num-models`` networks, ``--eval-epochs`` epochs), methods with teacher models (EDC)
+additionally with EDC's soft-label protocol. Baselines: Random (Δ column) and full-data training
+with the same protocol. The papers' numbers (each config's ``reported``) are printed next to it,
+marked as a different protocol. Every registered method takes part; a method that fails is reported
+in its row with the error, the others still run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -48,148 +46,55 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydd.data.datasets import ImageDataset, load_dataset  # noqa: E402
-from raydd.methods.base import METHODS, MethodConfig, get_method, make_config, process_peak_rss_mb  # noqa: E402
+from raydd.methods import METHODS, Scale, get_method, make_config  # noqa: E402
+from raydd.methods.base import MethodConfig, process_peak_rss_mb  # noqa: E402
 from raydd.training import resolve_device  # noqa: E402
 
-METHOD_ORDER = ("random", "herding", "kcenter", "mtt", "datm", "datm_clr", "ssd", "dm", "dance", "ptlm", "edc")
-LABELS = {"random": "Random", "herding": "Herding", "kcenter": "K-Center", "mtt": "MTT", "datm": "DATM",
-          "datm_clr": "DATM-CLR", "ssd": "SSD (10% labels)", "dm": "DM", "dance": "DANCE", "ptlm": "PTLM",
-          "edc": "EDC"}
-# The module(s) whose import registers each method (the first one that exists is used).
-MODULES = {"random": ("raydd.methods.coreset",), "herding": ("raydd.methods.coreset",),
-           "kcenter": ("raydd.methods.coreset",), "mtt": ("raydd.methods.mtt",), "datm": ("raydd.methods.datm",),
-           "datm_clr": ("raydd.methods.datm_clr", "raydd.methods.datm"), "ssd": ("raydd.methods.ssd",),
-           "dm": ("raydd.methods.dm",), "dance": ("raydd.methods.dance",), "ptlm": ("raydd.methods.ptlm",),
-           "edc": ("raydd.methods.edc",)}
-# Farm recipes whose trajectories each method reads from the store.
-NEEDS = {"random": (), "herding": ("expert",), "kcenter": ("expert",), "mtt": ("expert",), "datm": ("expert",),
-         "datm_clr": ("expert",), "ssd": ("ssd_teacher", "ssd_student"), "dm": (), "dance": ("pretrain",),
-         "ptlm": ("pretrain",), "edc": ("observer",)}
-TM_METHODS = ("mtt", "datm", "datm_clr")  # read 'expert' trajectories with a start-epoch window
+METHOD_ORDER = tuple(METHODS)  # the registry's order: baselines, trajectory matching, distribution matching
 # Config fields shown in the tables when a method has them (the knobs that set its cost).
-NOTE_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "current_max_start_epoch", "batch_syn", "batch_real",
-               "width", "factor", "num_experts", "batch_syn_max", "total_iterations", "iterations",
-               "observer_turns", "strategy", "multi_aug")
-
-# Papers' numbers, from /work/shared/METHODS.md (Fashion-MNIST, IPC 1/10/50; final accuracy, %).
-# Paper protocol: full 60k training set, ConvNet-3 width 128, 1000s of iterations — NOT comparable.
-PAPER_FASHION_MNIST = {
-    "random": (51.4, 73.8, 82.5), "herding": (67.0, 71.1, 71.9), "kcenter": (66.9, 54.7, 68.3),
-    "dm": (70.7, 83.5, 88.1), "dance": (81.5, 86.3, 86.9), "ptlm": (82.5, 87.3, 88.7), "ssd": (77.41, 87.59, 90.56),
-}
+NOTE_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "current_max_start_epoch", "expansion_end_epoch",
+               "batch_syn", "batch_real", "width", "factor", "num_experts", "batch_syn_max", "total_iterations",
+               "iterations", "observer_turns", "strategy", "multi_aug")
 PAPER_IPCS = (1, 10, 50)
+# What the CLI's farm flags set for each farm recipe: (count flag, epochs flag); the SSD teacher is one network.
+RECIPE_FLAGS = {"expert": ("experts", "expert_epochs"), "pretrain": ("pretrain_experts", "pretrain_epochs"),
+                "observer": ("observers", "observer_epochs"), "ssd_teacher": (None, "ssd_teacher_epochs"),
+                "ssd_student": ("ssd_students", "ssd_student_epochs")}
 
 
-@dataclass(frozen=True)
-class Scale:
-    """The CPU-scaling choices (all CLI flags) a CPU_SCALED entry may read."""
-
-    ipc: int
-    iterations: int  # iterations this method runs: min(--iterations, its published count)
-    width: int  # --width
-    syn_steps: int  # --syn-steps: cap on unrolled student steps
-    expert_epochs: int  # --expert-epochs: epochs of the farmed 'expert' trajectories
-    pretrain_experts: int  # --pretrain-experts
-    ssd_student_epochs: int  # --ssd-student-epochs
-    labelled_fraction: float  # --labelled-fraction
+def label(method: str) -> str:
+    return get_method(method).label
 
 
-def tm_window(d: MethodConfig, epochs: int, s: Scale) -> dict[str, Any]:
-    """Trajectory matching on short experts: N capped at --syn-steps; the start-epoch window shrunk so
-    that θ*_t and θ*_{t+M} are stored (t < T+ <= E − M + 1); DATM's growing window keeps its shape
-    (T0/T+ ratio) and grows over the same fraction of the (fewer) iterations."""
-    out: dict[str, Any] = {"syn_steps": min(d.syn_steps, s.syn_steps)}
-    m = min(d.expert_epochs, max(1, epochs - 1))
-    top = max(1, min(d.max_start_epoch, epochs - m + 1))
-    out.update(expert_epochs=m, max_start_epoch=top)
-    if hasattr(d, "min_start_epoch"):  # DATM family
-        low = min(d.min_start_epoch, top - 1)
-        out["min_start_epoch"] = low
-        if d.current_max_start_epoch is not None:
-            cur = round(d.current_max_start_epoch * top / d.max_start_epoch)
-            out["current_max_start_epoch"] = min(top, max(low + 1, cur))
-            fraction = s.iterations / type(d).default_iterations
-            out["expansion_end_epoch"] = max(1, round(d.expansion_end_epoch * fraction))
-    return out
+def scale_of(args) -> Scale:
+    """The CPU-scaling choices (CLI flags) every method's ``MethodConfig.scaled`` reads."""
+    epochs = {r: getattr(args, e) for r, (_, e) in RECIPE_FLAGS.items() if getattr(args, e, None) is not None}
+    counts = {r: getattr(args, c) for r, (c, _) in RECIPE_FLAGS.items() if c and getattr(args, c, None) is not None}
+    return Scale(width=args.width, syn_steps=getattr(args, "syn_steps", None) or 10 ** 9, epochs=epochs,
+                 counts=counts)
 
 
-# --------------------------------------------------------------------------- CPU-scaled overrides
-# The ONE place where the accuracy table departs from each method's published defaults
-# (make_config(method, dataset, ipc)). Each entry: (Scale, default config) -> overrides.
-# Learning rates, momenta, augmentation, label handling etc. stay the papers' values; add
-# --set METHOD.KEY=VALUE on the command line to try others (printed in the table header).
-CPU_SCALED: dict[str, Callable[[Scale, MethodConfig], dict[str, Any]]] = {
-    # Random: nothing to scale (class-balanced sample of the training subset).
-    "random": lambda s, d: {},
-    # Herding: embeds with the final snapshot of the first farmed ConvNet-W32 expert (kind 'expert').
-    "herding": lambda s, d: {},
-    # K-Center: same embedding as Herding; first center nearest the class mean (default).
-    "kcenter": lambda s, d: {},
-    # MTT: N <= --syn-steps (paper 50/30); window fitted to the --expert-epochs experts (paper 50 epochs).
-    "mtt": lambda s, d: tm_window(d, s.expert_epochs, s),
-    # DATM: N <= --syn-steps (paper 80); window T0 -> T+ scaled to the short experts, expansion over
-    # the same fraction of the iterations (CIFAR-10 IPC10: 1000 of 10000).
-    "datm": lambda s, d: tm_window(d, s.expert_epochs, s),
-    # DATM-CLR: as DATM (its paper's N = 20 is already <= the usual cap).
-    "datm_clr": lambda s, d: tm_window(d, s.expert_epochs, s),
-    # SSD: MTT stage on the --ssd-student-epochs students (paper: MTT's settings); the split
-    # (--labelled-fraction) is read from the students in the store, set here only if the config has it.
-    "ssd": lambda s, d: {**tm_window(d, s.ssd_student_epochs, s),
-                         **({"labelled_fraction": s.labelled_fraction} if hasattr(d, "labelled_fraction") else {})},
-    # DM: embedder = the evaluation ConvNet (paper: ConvNet-128) at --width.
-    "dm": lambda s, d: {"width": s.width},
-    # DANCE: N = --pretrain-experts (paper 5) ConvNet-W32 experts of --pretrain-epochs (paper 60).
-    "dance": lambda s, d: {"num_experts": min(d.num_experts, s.pretrain_experts)},
-    # PTLM: as DANCE; |T| of Eq. 4-5 = the iterations actually run (so injection reaches θ* at the end).
-    "ptlm": lambda s, d: {"num_experts": min(d.num_experts, s.pretrain_experts), "total_iterations": s.iterations},
-    # EDC: cosine-lr horizon = the iterations actually run (CIFAR-10 row: 75, which is already short).
-    "edc": lambda s, d: {"iterations": s.iterations},
-}
-# The speed table's one fixed setting: published defaults, networks at --width.
-SPEED_FIXED: dict[str, Callable[[int], dict[str, Any]]] = {
-    "dm": lambda width: {"width": width},  # DM samples its embedder itself; the others read width-W stores
-}
-
-
-# --------------------------------------------------------------------------- registry
-def load_methods(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Import each wanted method's module; returns (available, {skipped: reason})."""
-    available, skipped = [], {}
-    for name in wanted:
-        reason = None
-        for module in MODULES[name]:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    reason = f"import of {module} failed: {exc}"
-                    break
-                reason = f"module {module} does not exist yet"
-                continue
-            except Exception as exc:  # a module being written may be broken: say so, run the rest
-                reason = f"import of {module} failed: {type(exc).__name__}: {exc}"
-                break
-            reason = None if name in METHODS else f"{module} does not register {name!r}"
-            if reason is None:
-                break
-        if reason is None:
-            available.append(name)
-        else:
-            skipped[name] = reason
-    return available, skipped
+def scaled_config(method: str, ipc: int, iterations: int, args, sets: dict[str, Any]) -> MethodConfig:
+    """The ONE place where the accuracy table departs from each method's published defaults: the run
+    planned for ``iterations`` (``for_run``: EDC's cosine horizon, PTLM's |T|, DATM's window growth), then
+    ``MethodConfig.scaled`` (each method's own file says how it shrinks: N capped at --syn-steps, the
+    start-epoch window fitted to the short experts, at most --pretrain-experts experts, DM's embedder at
+    --width), then --set METHOD.KNOB=VALUE. Learning rates, momenta, augmentation and label handling stay
+    the papers' values."""
+    config = make_config(method, args.dataset, ipc, iterations=iterations).scaled(scale_of(args))
+    return config.with_overrides(**sets.get(method, {}))
 
 
 def iterations_for(config: MethodConfig, cap: int) -> int:
-    """min(cap, the method's published iteration count) (EDC's count is its config's ``iterations``)."""
-    published = getattr(config, "iterations", None) or type(config).default_iterations
-    return max(1, min(cap, int(published)))
+    """min(cap, the setting's published iteration count)."""
+    return max(1, min(cap, config.planned_iterations))
 
 
 def notes(config: MethodConfig) -> str:
@@ -264,6 +169,51 @@ def farm_all(jobs: list[FarmJob], store: str, dataset: str, data_root: str | Non
 
 def _ssd_teacher_model(arch: str, width: int) -> dict[str, Any]:
     return {"arch": arch, "width": width, "norm": "batch"} if arch == "convnet" else {"arch": arch, "norm": "batch"}
+
+
+def farm_jobs(configs: list[MethodConfig], args, *, least: bool) -> list[FarmJob]:
+    """The farm jobs the configs' declared needs (``MethodConfig.needs()``) call for, one per farm recipe.
+
+    Every network is a ConvNet at --width (the SSD teacher: --ssd-teacher-arch), with the normalisation a
+    need asks for (EDC's observers: BatchNorm). ``least`` (the speed table): as many trajectories and
+    epochs as the configs need, at least one of each; otherwise the accuracy table's --<recipe> counts and
+    epochs. A need that several kinds serve (the coresets' trained network) is met by any job of those.
+    """
+    from raydd.farm import get_recipe
+
+    jobs: dict[str, FarmJob] = {}
+
+    def add(need) -> None:
+        count_flag, epochs_flag = RECIPE_FLAGS[need.recipe]
+        if need.recipe == "ssd_teacher":
+            model, count, epochs = _ssd_teacher_model(args.ssd_teacher_arch, args.width), 1, args.ssd_teacher_epochs
+        elif least:
+            model, count, epochs = {"width": args.width}, need.count, need.epochs or 1
+        else:
+            model, count, epochs = {"width": args.width}, getattr(args, count_flag), getattr(args, epochs_flag)
+        if need.norm is not None and need.recipe != "ssd_teacher":
+            model["norm"] = need.norm
+        options = {"epochs": epochs}
+        if need.recipe.startswith("ssd_") and getattr(args, "labelled_fraction", None) is not None:
+            options["labelled_fraction"] = args.labelled_fraction
+        old = jobs.get(need.recipe)
+        if old is not None:  # the largest of what several methods need
+            count = max(count, old.trajectories)
+            options["epochs"] = max(options["epochs"], old.options["epochs"])
+        jobs[need.recipe] = FarmJob(need.recipe, count, options, model)
+
+    needs = [n for config in configs for n in config.needs()]
+    for need in needs:
+        if len(need.store_kinds()) == 1:
+            add(need)
+    for need in needs:
+        if len(need.store_kinds()) > 1 and not any(get_recipe(r).kind in need.store_kinds() for r in jobs):
+            add(need)
+    out = list(jobs.values())
+    if not least and "observer" in jobs and args.observer_resnet18:
+        out.append(FarmJob("observer", args.observer_resnet18, {"epochs": args.observer_epochs},
+                           {"arch": "resnet18", "norm": "batch"}))
+    return out
 
 
 # --------------------------------------------------------------------------- speed
@@ -345,10 +295,10 @@ def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
         one_shot, config_notes, close = False, f"ConvNet-3 w{payload['width']}, batch 256 real", lambda: None
     else:
-        load_methods([payload["method"]])
         from raydd.store import TrajectoryStore
 
-        config = make_config(payload["method"], payload["dataset"], payload["ipc"], **payload["overrides"])
+        config = make_config(payload["method"], payload["dataset"], payload["ipc"]).scaled(
+            Scale(width=payload["width"], syn_steps=10 ** 9)).with_overrides(**payload["overrides"])
         method = get_method(payload["method"])(config, train, TrajectoryStore(payload["store"]), device=device,
                                                 seed=0)
         step, close = method.step, method.close
@@ -385,39 +335,15 @@ def run_speed_worker(payload: dict[str, Any], timeout: int) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def speed_farm_jobs(configs: dict[str, MethodConfig], width: int, teacher_arch: str, teacher_epochs: int
-                    ) -> list[FarmJob]:
-    """The least the defaults need: one expert as long as the largest start window, N pretrain experts, ..."""
-    jobs = []
-    needed = [c.max_start_epoch + c.expert_epochs for m, c in configs.items() if m in TM_METHODS]
-    if needed or any(m in configs for m in ("herding", "kcenter")):
-        jobs.append(FarmJob("expert", 1, {"epochs": max(needed or [1])}, {"width": width}))
-    pretrain = [c.num_experts for m, c in configs.items() if m in ("dance", "ptlm")]
-    if pretrain:
-        jobs.append(FarmJob("pretrain", max(pretrain), {"epochs": 1}, {"width": width}))
-    if "edc" in configs:
-        jobs.append(FarmJob("observer", 1, {"epochs": 1}, {"width": width, "norm": "batch"}))
-    if "ssd" in configs:
-        c = configs["ssd"]
-        epochs = c.max_start_epoch + c.expert_epochs if hasattr(c, "max_start_epoch") else 2
-        fraction = {"labelled_fraction": c.labelled_fraction} if hasattr(c, "labelled_fraction") else {}
-        # the teacher must be good enough to label a class-balanced S (SSD's syn_labels='teacher')
-        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": teacher_epochs, **fraction},
-                            _ssd_teacher_model(teacher_arch, width)))
-        jobs.append(FarmJob("ssd_student", 1, {"epochs": epochs, **fraction}, {"width": width}))
-    return jobs
-
-
 def cmd_speed(args) -> str:
     tpc = args.train_per_class if args.train_per_class is not None else (None if args.dataset == "digits" else 500)
     wanted = [m for m in METHOD_ORDER if m in (args.methods or METHOD_ORDER)]
-    available, skipped = load_methods(wanted)
     sets = parse_sets(args.set)
     configs, failed = {}, {}
-    for m in available:
+    for m in wanted:  # published defaults, networks at --width (DM's embedder; the farmed ones below)
         try:
-            overrides = {**SPEED_FIXED.get(m, lambda w: {})(args.width), **sets.get(m, {})}
-            configs[m] = make_config(m, args.dataset, args.ipc, **overrides)
+            configs[m] = make_config(m, args.dataset, args.ipc).scaled(
+                Scale(width=args.width, syn_steps=10 ** 9)).with_overrides(**sets.get(m, {}))
         except ValueError as exc:
             failed[m] = f"config: {exc}"
     train, test = load_data(args.dataset, args.data_root, tpc)
@@ -426,7 +352,7 @@ def cmd_speed(args) -> str:
     lines = []
     try:
         print(f"farming the trajectories the defaults need into {store} ...", flush=True)
-        jobs = speed_farm_jobs(configs, args.width, args.ssd_teacher_arch, args.ssd_teacher_epochs)
+        jobs = farm_jobs(list(configs.values()), args, least=True)
         farmed = farm_all(jobs, store, args.dataset, args.data_root, tpc, train, test, device, args.progress)
         rows = []
         base = run_speed_worker({"method": "_baseline", "dataset": args.dataset, "data_root": args.data_root,
@@ -434,20 +360,18 @@ def cmd_speed(args) -> str:
                                  "width": args.width}, args.timeout)
         rows.append(("baseline: SGD step", base))
         for m in wanted:
-            if m in skipped or m in failed:
-                why = f"skipped: {skipped[m]}" if m in skipped else f"failed: {failed[m]}"
-                rows.append((LABELS[m], {"error": why}))
+            if m in failed:
+                rows.append((label(m), {"error": f"failed: {failed[m]}"}))
                 continue
             cfg = configs[m]
             payload = {"method": m, "dataset": args.dataset, "data_root": args.data_root, "train_per_class": tpc,
                        "device": device, "iterations": args.iterations, "ipc": args.ipc, "store": store,
-                       "overrides": {**SPEED_FIXED.get(m, lambda w: {})(args.width), **sets.get(m, {})},
-                       "width": args.width}
+                       "overrides": sets.get(m, {}), "width": args.width}
             print(f"  timing {m} ({notes(cfg)}) ...", flush=True)
             try:
-                rows.append((LABELS[m], run_speed_worker(payload, args.timeout)))
+                rows.append((label(m), run_speed_worker(payload, args.timeout)))
             except subprocess.TimeoutExpired:
-                rows.append((LABELS[m], {"error": f"failed: timed out after {args.timeout} s"}))
+                rows.append((label(m), {"error": f"failed: timed out after {args.timeout} s"}))
         cores, load = os.cpu_count(), os.getloadavg()[0]
         lines.append(f"## Condensation speed — {args.dataset}, IPC {args.ipc}, device {device}"
                      + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else
@@ -472,14 +396,14 @@ def cmd_speed(args) -> str:
         lines.append("| method | s/it | CPU s/it | × baseline | peak MiB | reported MiB | settings |")
         lines.append("|---|---:|---:|---:|---:|---:|---|")
         b = base.get("seconds")
-        for label, r in rows:
+        for name, r in rows:
             if "error" in r:
-                lines.append(f"| {label} | — | — | — | — | — | {r['error']} |")
+                lines.append(f"| {name} | — | — | — | — | — | {r['error']} |")
                 continue
             ratio = f"{r['seconds'] / b:.1f}" if b else "—"
             rep = f"{r['reported_peak_mb']:.1f}" if r.get("reported_peak_mb") is not None else "—"
             note = "; ".join(x for x in (r["notes"], "one-shot selection" if r.get("one_shot") else "") if x)
-            lines.append(f"| {label} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} | {r['peak_mb']:.1f} | "
+            lines.append(f"| {name} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {ratio} | {r['peak_mb']:.1f} | "
                          f"{rep} | {note} |")
     finally:
         if own_store:
@@ -514,89 +438,84 @@ ACCURACY_DEFAULTS = {"dataset": "fashion_mnist", "ipcs": [1, 10], "iterations": 
                      "ssd_teacher_epochs": 20, "ssd_students": 5, "ssd_student_epochs": 10, "full_epochs": 30}
 
 
-def accuracy_farm_jobs(methods: list[str], args) -> list[FarmJob]:
-    recipes = {r for m in methods for r in NEEDS[m]}
-    w, jobs = args.width, []
-    if "expert" in recipes:
-        jobs.append(FarmJob("expert", args.experts, {"epochs": args.expert_epochs}, {"width": w}))
-    if "pretrain" in recipes:
-        jobs.append(FarmJob("pretrain", args.pretrain_experts, {"epochs": args.pretrain_epochs}, {"width": w}))
-    if "observer" in recipes:
-        jobs.append(FarmJob("observer", args.observers, {"epochs": args.observer_epochs},
-                            {"width": w, "norm": "batch"}))
-        if args.observer_resnet18:
-            jobs.append(FarmJob("observer", args.observer_resnet18, {"epochs": args.observer_epochs},
-                                {"arch": "resnet18", "norm": "batch"}))
-    if "ssd_teacher" in recipes:
-        frac = {"labelled_fraction": args.labelled_fraction}
-        jobs.append(FarmJob("ssd_teacher", 1, {"epochs": args.ssd_teacher_epochs, **frac},
-                            _ssd_teacher_model(args.ssd_teacher_arch, w)))
-        jobs.append(FarmJob("ssd_student", args.ssd_students, {"epochs": args.ssd_student_epochs, **frac},
-                            {"width": w}))
-    return jobs
+class EvalClock:
+    """A condense() sink: the seconds the run spent evaluating (kept out of the 's' column)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def on_start(self, run) -> None:
+        pass
+
+    def on_step(self, run, metrics) -> None:
+        pass
+
+    def on_eval(self, run, record) -> None:
+        self.seconds += record.seconds
+
+    def on_end(self, run, status) -> None:
+        pass
+
+
+def edc_eval_config(args):
+    """EDC's protocol at the table's scale: ConvNet at --width, --eval-epochs, --num-models, the observers
+    relabelling every batch."""
+    from raydd.evaluation import protocol_config
+
+    return protocol_config(args.dataset, {"protocol": "edc", "model": {"arch": "convnet", "width": args.width},
+                                          "num_models": args.num_models, "epochs": args.eval_epochs,
+                                          "device": args.device, "seed": args.seed, "teachers": True})
 
 
 def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, earlier: dict | None = None) -> Outcome:
-    """Condense and evaluate one (method, IPC). For EDC, ``earlier`` (method -> SyntheticSet of this
-    IPC, e.g. Random's) are evaluated under the EDC protocol too, with the same observers as teachers:
-    the same-run baseline of the EDC-protocol column."""
+    """Condense and evaluate one (method, IPC) in one condense() run: evaluated at each --eval-at point and
+    at the end with the standard protocol; a method with teacher models (EDC) also under EDC's protocol.
+    For EDC, ``earlier`` (method -> SyntheticSet of this IPC, e.g. Random's) are evaluated under the EDC
+    protocol too, with the same observers as teachers: the same-run baseline of the EDC-protocol column."""
     from raydd.condense import condense
-    from raydd.evaluate import evaluate_synthetic
+    from raydd.evaluation import evaluate
 
-    d = make_config(method, args.dataset, ipc)
     # --set METHOD.iterations=K (EDC's planned count) raises the published count the cap applies to
-    n = iterations_for(d.with_overrides(**{k: v for k, v in sets.get(method, {}).items() if k == "iterations"}),
-                       args.iterations)
-    scale = Scale(ipc=ipc, iterations=n, width=args.width, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                  pretrain_experts=args.pretrain_experts, ssd_student_epochs=args.ssd_student_epochs,
-                  labelled_fraction=args.labelled_fraction)
-    config = d.with_overrides(**{**CPU_SCALED[method](scale, d), **sets.get(method, {})})
+    planned = make_config(method, args.dataset, ipc, **{k: v for k, v in sets.get(method, {}).items()
+                                                       if k == "iterations"})
+    n = iterations_for(planned, args.iterations)
+    config = scaled_config(method, ipc, n, args, sets)
     started = time.perf_counter()
-    along: list[tuple[int, float, float, float]] = []
+    clock = EvalClock()
     with get_method(method)(config, train, store, device=args.device, seed=args.seed) as m:
-        for k in sorted(i for i in set(args.eval_at or []) if i < n):  # the same run, evaluated on the way
-            condense(m, k, progress=args.progress)  # runs until k iterations in total
-            ev = evaluate_synthetic(m.synthetic_set(), test, eval_cfg)
-            along.append((k, 100 * ev.mean, 100 * ev.std, ev.lr))
+        edc_cfg = edc_eval_config(args) if m.teacher_models() is not None else None
+        points = sorted({i for i in set(args.eval_at or []) if i < n} | {n})
+        result = condense(m, n, eval_every=points, eval_config=eval_cfg, final_eval_config=edc_cfg, test=test,
+                          sinks=[clock], progress=args.progress)
+        seconds = time.perf_counter() - started - clock.seconds
+        out = Outcome(seconds=seconds, iterations=n, notes=notes(config))
+        for k, ev in result.evals[:-1]:  # the same run, evaluated on the way
+            out.along_the_way.append((k, 100 * ev.mean, 100 * ev.std, ev.lr))
             print(f"    at {k} it: {_fmt(100 * ev.mean, 100 * ev.std)} % (eval lr {ev.lr:.3g})", flush=True)
-        result = condense(m, n, progress=args.progress)
-        seconds = time.perf_counter() - started  # includes the --eval-at evaluations
-        out = Outcome(seconds=seconds, iterations=n, notes=notes(config), along_the_way=along)
         syn = result.synthetic
         out.synthetic = syn
         if args.save_dir:
             syn.save(Path(args.save_dir) / f"{method}_ipc{ipc}.safetensors")
-        ev = evaluate_synthetic(syn, test, eval_cfg)
+        ev = result.final_eval
         out.acc, out.std = 100 * ev.mean, 100 * ev.std
         out.eval_note = f"eval lr {ev.lr:.3g}" + ("" if syn.syn_lr is None else " (learned α)") \
             + f", {'soft' if syn.soft else 'hard'} labels, {len(syn)} images"
         final = result.history[-1] if result.history else {}
         if "loss" in final:
             out.eval_note += f", final loss {final['loss']:.4g}"
-        if method == "edc" and edc_protocol_available():
-            from raydd.evaluate_edc import EDCEvalConfig, evaluate_edc
-
-            cfg = EDCEvalConfig.defaults(args.dataset, model={"arch": "convnet", "width": args.width},
-                                         num_models=args.num_models, epochs=args.eval_epochs, device=args.device,
-                                         seed=args.seed)
-            teachers = m.observer_models() if hasattr(m, "observer_models") else None
-            edc = evaluate_edc(syn, test, cfg, teachers=teachers)
-            out.edc_acc, out.edc_std = 100 * edc.mean, 100 * edc.std
+        if result.final is not None:
+            out.edc_acc, out.edc_std = 100 * result.final.mean, 100 * result.final.std
             for name, other in (earlier or {}).items():
-                ev = evaluate_edc(other, test, cfg, teachers=teachers)
+                ev = evaluate(other, test, edc_cfg, teachers=m.teacher_models())
                 out.edc_baselines[name] = (100 * ev.mean, 100 * ev.std)
     return out
-
-
-def edc_protocol_available() -> bool:
-    return importlib.util.find_spec("raydd.evaluate_edc") is not None
 
 
 def _fmt(mean: float, std: float) -> str:
     return "—" if mean != mean else f"{mean:.2f} ± {std:.2f}"
 
 
-def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, store_note, sets) -> str:
+def accuracy_report(args, methods, outcomes, full, farmed, n_train, store_note, sets) -> str:
     dev = str(resolve_device(args.device))
     lines = [f"## {args.dataset} condensation accuracy — CPU-SCALED (not the papers' protocol)", ""]
     lines.append(f"- data: {args.dataset} train "
@@ -608,8 +527,8 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
                  + "; ".join(f"{j.describe()} {s:.0f} s" for j, s in farmed)
                  + f"; SSD labelled fraction {args.labelled_fraction}")
     lines.append(f"- condensation: min(--iterations {args.iterations}, the method's published count) iterations; "
-                 f"unrolled steps capped at --syn-steps {args.syn_steps}; per-method overrides: CPU_SCALED in "
-                 f"benchmarks/condense.py" + (f"; --set {' '.join(args.set)}" if args.set else ""))
+                 f"unrolled steps capped at --syn-steps {args.syn_steps}; departures from the published defaults: "
+                 f"each method's MethodConfig.for_run + scaled (scaled_config in benchmarks/condense.py)" + (f"; --set {' '.join(args.set)}" if args.set else ""))
     lines.append(f"- evaluation (every row, standard protocol): EvalConfig(model={{'arch': 'convnet', 'width': "
                  f"{args.width}}}, num_models={args.num_models}, epochs={args.eval_epochs}) — SGD mom 0.9, wd 5e-4, "
                  f"batch 256, DSA, lr ×0.1 at half, lr = learned α (TM) else 0.01; final accuracy mean ± std (%)")
@@ -620,9 +539,9 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
         lines.append("- EDC protocol column: raydd.evaluate_edc (EDCEvalConfig.defaults, same ConvNet-W"
                      f"{args.width} student, {args.eval_epochs} epochs, {args.num_models} networks, the observers "
                      f"relabel every augmented batch); rows other than EDC: their synthetic set under the same "
-                     f"protocol and observers (--edc-baselines)" if edc_protocol_available()
-                     else "- EDC protocol column: raydd/evaluate_edc.py does not exist: not evaluated")
-    lines.append("- s: condensation wall seconds (method construction + iterations; farm time not included)")
+                     f"protocol and observers (--edc-baselines)")
+    lines.append("- s: condensation wall seconds (method construction + iterations; evaluations and farm time "
+                 "not included)")
     lines.append("")
     paper_cols = [i for i in args.ipcs if i in PAPER_IPCS] if args.dataset == "fashion_mnist" else []
     head = ["method"]
@@ -639,20 +558,19 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
             return "—"
         return f"{acc - r.acc:+.2f}"
 
-    for m in list(methods) + list(skipped):
-        row = [LABELS[m]]
+    for m in methods:
+        row = [label(m)]
         for ipc in args.ipcs:
             o = outcomes.get((m, ipc))
-            if m in skipped or o is None or o.error:
-                why = skipped.get(m) or (o.error if o else "not run")
-                row += [f"skipped: {why}" if m in skipped else f"failed: {why}", "—", "—"]
+            if o is None or o.error:
+                row += [f"failed: {o.error if o else 'not run'}", "—", "—"]
             else:
                 row += [_fmt(o.acc, o.std), delta(o.acc, ipc), f"{o.seconds:.0f}"]
             if "edc" in methods:
                 row.append(_fmt(o.edc_acc, o.edc_std) if o is not None and o.edc_acc is not None else "—")
             if ipc in paper_cols:
-                ref = PAPER_FASHION_MNIST.get(m)
-                row.append(f"{ref[PAPER_IPCS.index(ipc)]:.1f}" if ref else "—")
+                ref = get_method(m).config_cls.reported.get((args.dataset, ipc))
+                row.append(f"{ref:.1f}" if ref is not None else "—")
         lines.append("| " + " | ".join(row) + " |")
     if full is not None:
         row = [f"Full data ({args.full_epochs} ep)"]
@@ -669,7 +587,9 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
         lines.append("† Papers' numbers (/work/shared/METHODS.md; SSD with 10% labels): paper protocol — full 60k "
                      "training set, ConvNet-3 width 128, thousands of iterations, 300-1000 evaluation epochs. NOT "
                      "comparable with the CPU-scaled columns.")
-        refs = ", ".join(f"{LABELS[k]} {'/'.join(str(v) for v in vals)}" for k, vals in PAPER_FASHION_MNIST.items())
+        refs = ", ".join(f"{label(k)} {'/'.join(str(c.reported[(args.dataset, i)]) for i in PAPER_IPCS)}"
+                         for k, c in ((k, get_method(k).config_cls) for k in METHOD_ORDER)
+                         if all((args.dataset, i) in c.reported for i in PAPER_IPCS))
         lines.append(f"Paper Fashion-MNIST IPC 1/10/50: {refs}.")
     trend = [(m, ipc, o) for (m, ipc), o in outcomes.items() if o.along_the_way and not o.error]
     if trend:
@@ -679,15 +599,15 @@ def accuracy_report(args, methods, skipped, outcomes, full, farmed, n_train, sto
         for m, ipc, o in trend:
             cells = [f"{k} it: {_fmt(a, sd)} (lr {lr:.3g})" for k, a, sd, lr in o.along_the_way]
             cells.append(f"{o.iterations} it: {_fmt(o.acc, o.std)}")
-            lines.append(f"- {LABELS[m]} IPC {ipc}: " + "; ".join(cells))
+            lines.append(f"- {label(m)} IPC {ipc}: " + "; ".join(cells))
     lines.append("")
-    lines.append("Settings actually run (after CPU_SCALED and --set):")
+    lines.append("Settings actually run (after for_run, scaled and --set):")
     lines.append("")
     for m in methods:
         for ipc in args.ipcs:
             o = outcomes.get((m, ipc))
             if o is not None and not o.error:
-                lines.append(f"- {LABELS[m]} IPC {ipc}: {o.iterations} iterations; {o.notes or 'no knobs'}; "
+                lines.append(f"- {label(m)} IPC {ipc}: {o.iterations} iterations; {o.notes or 'no knobs'}; "
                              f"{o.eval_note}")
     return "\n".join(lines)
 
@@ -699,13 +619,11 @@ def cmd_accuracy(args) -> str:
             setattr(args, key, value)
     if args.train_per_class == 0:  # 0: the whole training split
         args.train_per_class = None
-    wanted = [m for m in METHOD_ORDER if m in (args.methods or METHOD_ORDER)]
-    methods, skipped = load_methods(wanted)
-    for m, why in skipped.items():
-        print(f"SKIP {m}: {why}", flush=True)
+    methods = [m for m in METHOD_ORDER if m in (args.methods or METHOD_ORDER)]
     sets = parse_sets(args.set)
+    configs = [scaled_config(m, ipc, args.iterations, args, sets) for m in methods for ipc in args.ipcs]  # checks
     train, test = load_data(args.dataset, args.data_root, args.train_per_class)
-    from raydd.evaluate import EvalConfig, full_data
+    from raydd.evaluation import EvalConfig, full_data
     from raydd.store import TrajectoryStore
 
     eval_cfg = EvalConfig(model={"arch": "convnet", "width": args.width}, num_models=args.num_models,
@@ -714,7 +632,7 @@ def cmd_accuracy(args) -> str:
     store_note = f"store {args.store}" if args.store else "temporary store, removed afterwards"
     try:
         print(f"farming into {store_root} ...", flush=True)
-        farmed = farm_all(accuracy_farm_jobs(methods, args), store_root, args.dataset, args.data_root,
+        farmed = farm_all(farm_jobs(configs, args, least=False), store_root, args.dataset, args.data_root,
                           args.train_per_class, train, test, args.device, args.progress)
         store = TrajectoryStore(store_root)
         outcomes: dict[tuple[str, int], Outcome] = {}
@@ -722,9 +640,8 @@ def cmd_accuracy(args) -> str:
             for m in methods:
                 print(f"  {m} IPC {ipc} ...", flush=True)
                 try:
-                    earlier = {} if m != "edc" else {
-                        k: outcomes[(k, ipc)].synthetic for k in args.edc_baselines
-                        if (k, ipc) in outcomes and outcomes[(k, ipc)].synthetic is not None}
+                    earlier = {k: outcomes[(k, ipc)].synthetic for k in args.edc_baselines
+                               if (k, ipc) in outcomes and outcomes[(k, ipc)].synthetic is not None}
                     o = run_one(m, ipc, args, train, test, store, sets, eval_cfg, earlier)
                     for k, (acc, std) in o.edc_baselines.items():
                         outcomes[(k, ipc)].edc_acc, outcomes[(k, ipc)].edc_std = acc, std
@@ -750,7 +667,7 @@ def cmd_accuracy(args) -> str:
                 traceback.print_exc()
                 full.error = f"{type(exc).__name__}: {exc}"
             full.seconds = time.perf_counter() - started
-        return accuracy_report(args, methods, skipped, outcomes, full, farmed, len(train), store_note, sets)
+        return accuracy_report(args, methods, outcomes, full, farmed, len(train), store_note, sets)
     finally:
         if own:
             shutil.rmtree(store_root, ignore_errors=True)

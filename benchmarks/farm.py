@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.data.dsa import DSA, DSAConfig  # noqa: E402
+from raydd.data.augment import DSA, DSAConfig  # noqa: E402
 from raydd.farm import FarmSpec, farm, prepare_data  # noqa: E402
 from raydd.farm.task import model_spec_for  # noqa: E402
 from raydd.models import ParamLayout, build_model  # noqa: E402

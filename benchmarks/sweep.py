@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.sweep_spec import ASHA_VARIANTS, SweepSpec  # noqa: E402
+from raydd.sweep.spec import ASHA_VARIANTS, SweepSpec  # noqa: E402
 
 # 16-point grids over knobs that matter (a first version swept DM's lr_img x momentum and MTT's
 # lr_img x lr_lr: on digits those landscapes were flat to within the evaluation noise, so "the
@@ -119,7 +119,7 @@ def fmt_grid(grid: dict[str, Any]) -> str:
 def run(args) -> str:
     import ray
 
-    from raydd.tune import farm_for_sweep, run_sweep
+    from raydd.sweep.runner import farm_for_sweep, run_sweep
 
     methods = args.methods
     max_t = parse_max_t(args.max_t, methods)

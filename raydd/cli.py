@@ -4,6 +4,7 @@
     raydd store ls|info|verify <root>
     raydd condense --method mtt --dataset digits --ipc 10 [--store raydd-store] ...
     raydd evaluate <synthetic set>
+    raydd methods [NAME]
     raydd sweep sweeps/quick.yaml [--farm] [--resume]
     raydd quickstart
 """
@@ -153,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _farm_parser(sub)
     _store_parser(sub)
-    from .condense_cli import add_condense_parser, add_evaluate_parser
-
+    from .condense_cli import add_condense_parser, add_evaluate_parser, add_methods_parser
     from .quickstart import add_quickstart_parser
-    from .tune import add_sweep_parser
+    from .sweep.cli import add_sweep_parser
 
     add_condense_parser(sub)
     add_evaluate_parser(sub)
+    add_methods_parser(sub)
     add_sweep_parser(sub)
     add_quickstart_parser(sub)
     return parser
@@ -167,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .tune import cmd_sweep
-
-    handlers = {"farm": cmd_farm, "store": cmd_store, "sweep": cmd_sweep}
+    handlers = {"farm": cmd_farm, "store": cmd_store}
     try:
         return handlers[args.command](args) if args.command in handlers else args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

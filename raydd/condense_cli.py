@@ -1,8 +1,11 @@
-"""`raydd condense` and `raydd evaluate` sub-commands (wired into raydd.cli by the lead).
+"""`raydd condense`, `raydd evaluate` and `raydd methods`.
 
     raydd condense --method mtt --dataset digits --ipc 2 --store raydd-store --iterations 500 \
         --set syn_steps=10 --set max_start_epoch=4 --eval-every 100 --logdir runs/mtt --out digits.safetensors
+    raydd condense --method edc --dataset digits --ipc 10 --store raydd-store --evaluate --eval-protocol edc
     raydd evaluate digits.safetensors --model convnet --num-models 5 --epochs 300
+    raydd methods            # every registered method: what it reads, published settings, shared knobs
+    raydd methods mtt --dataset cifar10 --ipc 10
 """
 from __future__ import annotations
 
@@ -36,53 +39,72 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- evaluation flags
 def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .evaluation import PROTOCOLS
+
+    p.add_argument(f"--{prefix}protocol", dest="eval_protocol", choices=tuple(PROTOCOLS), default="standard",
+                   help="evaluation protocol: " + "; ".join(f"{n}: {p.summary}" for n, p in PROTOCOLS.items()))
     p.add_argument(f"--{prefix}model", dest="eval_model", default=None,
-                   help="evaluation network: convnet (default; edc protocol: resnet18), resnet10, resnet18, "
-                        "or a JSON dict of ModelSpec fields")
+                   help="evaluation network: convnet (standard default), resnet10, resnet18 (edc default), or a "
+                        "JSON dict of ModelSpec fields")
     p.add_argument(f"--{prefix}width", dest="eval_width", type=int, help="evaluation network width")
     p.add_argument(f"--{prefix}depth", dest="eval_depth", type=int, help="evaluation ConvNet depth")
-    p.add_argument("--num-models", dest="num_models", type=int, default=5, help="networks trained (default 5)")
-    p.add_argument(f"--{prefix}epochs", dest="eval_epochs", type=int, default=None,
-                   help="epochs per evaluation network (default 300; edc protocol: 1000)")
+    p.add_argument("--num-models", dest="num_models", type=int, help="networks trained (default 5)")
+    p.add_argument(f"--{prefix}epochs", dest="eval_epochs", type=int,
+                   help="epochs per evaluation network (default: standard 300, edc 1000)")
     p.add_argument(f"--{prefix}lr", dest="eval_lr", type=float,
-                   help="evaluation lr (default: the set's learned step size, else 0.01)")
-    p.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=256)
-    p.add_argument(f"--{prefix}dsa-mode", dest="eval_dsa_mode", choices=("single", "all"), default="single",
-                   help="DSA per training batch: one random op (single, the standard protocol) or every op (all)")
+                   help="evaluation lr (standard default: the set's learned step size, else 0.01; edc: 1e-3)")
+    p.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int,
+                   help="evaluation batch (default: standard 256, edc the dataset's row)")
+    p.add_argument(f"--{prefix}dsa-mode", dest="eval_dsa_mode", choices=("single", "all"),
+                   help="standard protocol: one random DSA op per batch (single, the default) or every op (all)")
+    p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
+    p.add_argument("--teachers", action="store_true", default=None,
+                   help="edc protocol: relabel every augmented batch with the method's observers (condense only)")
 
 
-def _eval_config(args):
-    from .evaluate import EvalConfig
+def eval_config_from_args(args, dataset: str):
+    """The evaluation config the flags ask for: the protocol's rows for ``dataset`` with the given flags."""
+    from .evaluation import protocol_config
 
-    model = args.eval_model or "convnet"
+    settings: dict = {"protocol": args.eval_protocol}
+    model = args.eval_model
     if isinstance(model, str) and model.strip().startswith("{"):
         model = json.loads(model)
     if args.eval_width is not None or args.eval_depth is not None:
-        model = dict(model) if isinstance(model, dict) else {"arch": model}
+        default = "convnet" if args.eval_protocol == "standard" else "resnet18"
+        model = dict(model) if isinstance(model, dict) else {"arch": model or default}
         if args.eval_width is not None:
             model["width"] = args.eval_width
         if args.eval_depth is not None:
             model["depth"] = args.eval_depth
-    return EvalConfig(model=model, num_models=args.num_models,
-                      epochs=300 if args.eval_epochs is None else args.eval_epochs, lr=args.eval_lr,
-                      batch_size=args.eval_batch_size, dsa_single_per_call=args.eval_dsa_mode == "single",
-                      device=args.device, seed=args.seed)
+    flags = {"model": model, "num_models": args.num_models, "epochs": args.eval_epochs, "lr": args.eval_lr,
+             "batch_size": args.eval_batch_size, "zeta": args.zeta, "teachers": args.teachers,
+             "device": args.device, "seed": args.seed}
+    if args.eval_dsa_mode is not None:
+        flags["dsa_single_per_call"] = args.eval_dsa_mode == "single"
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return protocol_config(dataset, settings)
 
 
+# --------------------------------------------------------------------------- parsers
 def add_condense_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "condense", help="distill a dataset into a small synthetic set",
         description="Run one condensation method. Settings start from the method's published defaults for "
-                    "(dataset, ipc); --set KEY=VALUE overrides any knob (unknown knobs are listed).")
-    p.add_argument("--method", required=True, help="condensation method, e.g. mtt")
+                    "(dataset, ipc); --set KEY=VALUE overrides any knob (unknown knobs are listed). "
+                    "See `raydd methods` for what each method reads and its knobs.")
+    p.add_argument("--method", required=True, help="condensation method, e.g. mtt (raydd methods lists them)")
     p.add_argument("--dataset", required=True, help="digits, mnist, fashion_mnist, cifar10, cifar100, imagefolder")
     p.add_argument("--ipc", type=int, required=True, help="images per class")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"trajectory store root (default {DEFAULT_STORE})")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files (e.g. ../shared/datasets)")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--resolution", type=int, help="resize images to this side length (as the farm did)")
-    p.add_argument("--iterations", type=int, help="iterations in total (default: the method's published count)")
+    p.add_argument("--iterations", type=int,
+                   help="iterations in total (default: the method's published count); also the horizon of the "
+                        "method's schedules (EDC's cosine lr, PTLM's |T|, DATM's window growth)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method knob, e.g. --set syn_steps=20 --set lr_img=100 (repeatable)")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=0,
@@ -102,13 +124,10 @@ def add_condense_parser(subparsers) -> argparse.ArgumentParser:
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate", help="train fresh networks on a synthetic set and test them",
-        description="Standard protocol: N fresh networks, SGD momentum 0.9, wd 5e-4, DSA, lr x0.1 at half; "
-                    "reports mean ± std of the FINAL test accuracy.")
+        description="Train N fresh networks on a synthetic set under an evaluation protocol (standard: SGD "
+                    "momentum 0.9, wd 5e-4, DSA, lr x0.1 at half; edc: EDC's soft-label protocol) and report "
+                    "mean ± std of the FINAL test accuracy.")
     p.add_argument("synthetic", help="a synthetic set written by raydd condense (.safetensors)")
-    p.add_argument("--protocol", choices=("standard", "edc"), default="standard",
-                   help="standard (SGD, DSA, hard or soft CE) or edc (EDC post-evaluation: AdamW, small batch, "
-                        "smoothing LR schedule with --zeta, model EMA, soft labels at a temperature)")
-    p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")
     p.add_argument("--download", action="store_true")
     _add_eval_flags(p)
@@ -119,6 +138,21 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_methods_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "methods", help="the registered condensation methods: what they read, published settings, knobs",
+        description="Without a name: one line per registered method. With a name: what it reads from the store "
+                    "(and the farm command that writes it), the datasets and IPCs with published settings, and "
+                    "every knob with its default for --dataset/--ipc.")
+    p.add_argument("name", nargs="?", help="a method, e.g. mtt")
+    p.add_argument("--dataset", default="digits", help="show defaults and needs for this dataset (default digits)")
+    p.add_argument("--ipc", type=int, default=10, help="show defaults and needs for this IPC (default 10)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store root used in the farm command")
+    p.set_defaults(func=cmd_methods)
+    return p
+
+
+# --------------------------------------------------------------------------- commands
 def cmd_condense(args) -> int:
     from .condense import condense
     from .data.datasets import load_dataset
@@ -126,30 +160,24 @@ def cmd_condense(args) -> int:
     from .store import TrajectoryStore
 
     cls = get_method(args.method)
-    config = make_config(args.method, args.dataset, args.ipc, **parse_overrides(args.options))
-    eval_config = _eval_config(args)  # validated before any data is loaded
-    planned = getattr(config, "iterations", None)  # methods whose schedules have a horizon (EDC, PTLM)
-    if args.iterations is not None:
-        iterations = args.iterations
-    else:
-        iterations = planned if isinstance(planned, int) else cls.config_cls.default_iterations
-    if iterations < 0:
-        raise ValueError(f"--iterations {iterations} is invalid: expected >= 0")
+    if args.iterations is not None and args.iterations < 0:
+        raise ValueError(f"--iterations {args.iterations} is invalid: expected an integer >= 0")
+    config = make_config(args.method, args.dataset, args.ipc, iterations=args.iterations or None,
+                         **parse_overrides(args.options))
+    iterations = config.planned_iterations if args.iterations is None else args.iterations
+    eval_config = eval_config_from_args(args, args.dataset)  # validated before any data is loaded
     train = load_dataset(args.dataset, "train", args.data_root, download=args.download, resolution=args.resolution)
     test = None
     if args.eval_every or args.evaluate:
         test = load_dataset(args.dataset, "test", args.data_root, download=args.download, resolution=args.resolution)
-    store = TrajectoryStore(args.store)  # methods that read no trajectories ignore it
+    store = TrajectoryStore(args.store) if config.needs() else None
     out = args.out or f"{args.method}_{args.dataset}_ipc{args.ipc}.safetensors"
-    print(f"raydd condense: {args.method} on {args.dataset}, ipc {args.ipc}, {iterations} iterations -> {out}",
-          file=sys.stderr)
-    with cls(config, train, store, device=args.device, seed=args.seed) as method:
-        result = condense(method, iterations, eval_every=args.eval_every, eval_config=eval_config, test=test,
-                          logdir=args.logdir, progress=not args.quiet, checkpoint_path=args.checkpoint)
-        if args.evaluate and not args.eval_every:
-            from .evaluate import evaluate_synthetic
-
-            result.evals.append((method.iteration, evaluate_synthetic(result.synthetic, test, eval_config)))
+    with cls(config, train, store, device=args.device, seed=args.seed) as method:  # checks before any work
+        print(f"raydd condense: {args.method} on {args.dataset}, ipc {args.ipc}, {iterations} iterations -> {out}",
+              file=sys.stderr)
+        result = condense(method, iterations, eval_every=args.eval_every or ([iterations] if args.evaluate else 0),
+                          eval_config=eval_config, test=test, logdir=args.logdir, progress=not args.quiet,
+                          checkpoint_path=args.checkpoint)
     path = result.synthetic.save(out)
     print(f"saved {len(result.synthetic)} images to {path} ({result.seconds_per_iteration:.3f} s/iteration)")
     if result.final_eval is not None:
@@ -159,30 +187,14 @@ def cmd_condense(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import load_dataset
-    from .evaluate import evaluate_synthetic
+    from .evaluation import evaluate
     from .methods import load_synthetic
 
     syn = load_synthetic(args.synthetic)
-    if args.protocol == "edc":
-        import dataclasses
-
-        from .evaluate_edc import EDCEvalConfig, evaluate_edc
-
-        changes = {"num_models": args.num_models, "device": args.device, "seed": args.seed}
-        if args.zeta is not None:
-            changes["zeta"] = args.zeta
-        if args.eval_epochs is not None:
-            changes["epochs"] = args.eval_epochs
-        if args.eval_model is not None or args.eval_width or args.eval_depth:
-            changes["model"] = _eval_config(args).model
-        eval_config = dataclasses.replace(EDCEvalConfig.defaults(syn.dataset["name"]), **changes)
-        run = evaluate_edc
-    else:
-        eval_config = _eval_config(args)
-        run = evaluate_synthetic
+    eval_config = eval_config_from_args(args, syn.dataset["name"])
     resolution = tuple(syn.dataset["resolution"])
     test = load_dataset(syn.dataset["name"], "test", args.data_root, download=args.download, resolution=resolution)
-    result = run(syn, test, eval_config)
+    result = evaluate(syn, test, eval_config)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -190,3 +202,59 @@ def cmd_evaluate(args) -> int:
         print(f"{args.synthetic}: {syn.method}, {len(syn)} images, iteration {syn.iteration}")
         print(f"{result}\nper network: {per_model}")
     return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS, get_method
+
+    if args.name is None:
+        print(methods_table(args.dataset, args.ipc, args.store))
+        print(f"\nDetails of one method: raydd methods NAME [--dataset D --ipc K] ({', '.join(METHODS)})")
+        return 0
+    print(method_card(get_method(args.name), args.dataset, args.ipc, args.store))
+    return 0
+
+
+def _published(config_cls) -> str:
+    by_dataset: dict[str, list[int]] = {}
+    for dataset, ipc in config_cls.published:
+        by_dataset.setdefault(dataset, []).append(ipc)
+    return "; ".join(f"{d} IPC {'/'.join(map(str, sorted(i)))}" for d, i in by_dataset.items()) or "none"
+
+
+def methods_table(dataset: str, ipc: int, store: str) -> str:
+    from .methods import METHODS, make_config
+
+    lines = [f"Registered methods (what they read at {dataset} IPC {ipc}):", "",
+             "| method | reads from the store | published settings | shared knobs |", "|---|---|---|---|"]
+    for name, cls in METHODS.items():
+        config = make_config(name, dataset, ipc)
+        reads = "; ".join(n.describe() for n in config.needs()) or "nothing (no store)"
+        shared = ", ".join(f"{a} = {t}" for a, t in cls.config_cls.aliases.items()) or "—"
+        lines.append(f"| {name} ({cls.label}) | {reads} | {_published(cls.config_cls)} | {shared} |")
+    return "\n".join(lines)
+
+
+def method_card(cls, dataset: str, ipc: int, store: str) -> str:
+    import dataclasses
+
+    from .methods import farm_commands, make_config
+
+    config = make_config(cls.name, dataset, ipc)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    lines = [f"{cls.name} — {doc[0]}" if doc else cls.name, ""]
+    needs = config.needs()
+    lines.append(f"reads ({dataset}, IPC {ipc}): " + ("; ".join(n.describe() for n in needs) or "nothing (no store)"))
+    if needs:
+        lines.append(f"farm it: {farm_commands(needs, dataset, store)}")
+    lines.append(f"published settings: {_published(cls.config_cls)}")
+    lines.append(f"iterations: {config.planned_iterations} by default"
+                 + (f"; --iterations N also sets {cls.config_cls.horizon}" if cls.config_cls.horizon else ""))
+    shared = ", ".join(f"{a} = {t}" for a, t in cls.config_cls.aliases.items())
+    lines.append(f"shared sweep knobs: {shared or 'none'}")
+    lines.append("")
+    lines.append(f"knobs (defaults for {dataset}, IPC {ipc}; --set KEY=VALUE):")
+    for f in dataclasses.fields(config):
+        if f.name not in ("dataset", "ipc"):
+            lines.append(f"  {f.name} = {getattr(config, f.name)!r}")
+    return "\n".join(lines)

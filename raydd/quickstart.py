@@ -12,7 +12,7 @@ from importlib import resources
 
 
 def quickstart_spec(**overrides):
-    from .sweep_spec import SweepSpec
+    from .sweep.spec import SweepSpec
 
     with resources.as_file(resources.files("raydd") / "specs" / "quickstart.yaml") as path:
         return SweepSpec.from_yaml(path, **overrides)
@@ -33,7 +33,7 @@ def add_quickstart_parser(subparsers) -> None:
 
 def _farm_curves_dir(spec) -> str | None:
     """Where the farmed experts' TensorBoard curves go: next to the sweep, under its (local) storage."""
-    from .tune import _absolute
+    from .sweep.runner import _absolute
 
     if "://" in spec.storage:
         return None  # TensorBoard curves need a local directory: `raydd store tensorboard` writes them later
@@ -43,7 +43,7 @@ def _farm_curves_dir(spec) -> str | None:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import ray
 
-    from .tune import _connect, farm_for_sweep, run_sweep
+    from .sweep.runner import _connect, farm_for_sweep, run_sweep
 
     spec = quickstart_spec(store=args.store, storage=args.storage)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))

@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    from raydd.sweep_spec import SweepSpec
-    from raydd.tune import farm_for_sweep, run_sweep
+    from raydd.sweep.spec import SweepSpec
 
     try:
         overrides = {"store": args.store}
@@ -73,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     storage = args.storage or default_storage(spec.store)
 
     import ray
+
+    from raydd.sweep.runner import farm_for_sweep, run_sweep
 
     ray.init(address=args.address)
     try:

@@ -90,7 +90,7 @@ def test_grouped_asha_does_not_pause_a_group_whose_grace_period_is_its_budget():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from raydd.tune import grouped_asha
+    from raydd.sweep.scheduler import grouped_asha
 
     def trial(name, iterations, eval_every):
         return SimpleNamespace(trial_id=name, config={"method": "dm", "dataset": "digits", "ipc": 2,
@@ -115,10 +115,11 @@ def test_grouped_asha_does_not_pause_a_group_whose_grace_period_is_its_budget():
     ({"variant": "median"}, "variant='median'"),
 ])
 def test_both_asha_entry_points_refuse_the_same_bad_arguments_in_one_line(kwargs, named):
-    from raydd.tune import _check_asha_args, grouped_asha
+    from raydd.sweep.rungs import check_asha
+    from raydd.sweep.scheduler import grouped_asha
 
     args = {"grace_period": None, "reduction_factor": 3, "max_t": None, "variant": "promotion", **kwargs}
-    for call in (lambda: grouped_asha(**kwargs), lambda: _check_asha_args(**args)):
+    for call in (lambda: grouped_asha(**kwargs), lambda: check_asha(**args)):
         with pytest.raises(ValueError) as err:
             call()
         assert named in str(err.value) and "\n" not in str(err.value)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raydd.data.dsa import DSA, DSA_OPS, DSAConfig, dsa_for_dataset
+from raydd.data.augment import DSA, DSA_OPS, DSAConfig, dsa_for_dataset
 
 
 def _images(n=4, c=3, h=16, w=16, seed=0, dtype=torch.float32):

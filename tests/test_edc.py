@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from raydd.evaluate_edc import EDCEvalConfig, ModelEMA, evaluate_edc, smoothing_lr_factor
+from raydd.evaluation.edc import EDCEvalConfig, evaluate_edc, smoothing_lr_factor
+from raydd.models.ema import ModelEMA
 from raydd.farm import FarmSpec, farm
 from raydd.methods import load_checkpoint, load_synthetic, make_config, save_checkpoint
 from raydd.methods.edc import EDC

@@ -10,7 +10,7 @@ import torch
 
 from raydd.condense import condense, image_grid
 from raydd.condense_cli import add_condense_parser, add_evaluate_parser, parse_overrides
-from raydd.evaluate import EvalConfig, evaluate_synthetic, full_data
+from raydd.evaluation import EvalConfig, evaluate_synthetic, full_data
 from raydd.methods import MTT, SyntheticSet, load_synthetic, make_config
 
 
@@ -63,8 +63,8 @@ def test_all_op_augmentation_is_an_option_not_the_protocol(digits):
     every = evaluate_synthetic(real_init_set(train), test, dataclasses.replace(config, dsa_single_per_call=False))
     assert every.accuracies != single.accuracies and every.config["dsa_single_per_call"] is False
     args = _parser().parse_args(["evaluate", "x.safetensors", "--dsa-mode", "all"])
-    from raydd.condense_cli import _eval_config
-    assert _eval_config(args).dsa_single_per_call is False
+    from raydd.condense_cli import eval_config_from_args
+    assert eval_config_from_args(args, "digits").dsa_single_per_call is False
     with pytest.raises(ValueError, match="EvalConfig.dsa_single_per_call='yes' is invalid"):
         EvalConfig(dsa_single_per_call="yes")
 
@@ -81,8 +81,8 @@ def test_full_data_and_cross_architecture_spec(digits):
     ({"model": "vgg"}, "unknown evaluation model 'vgg'"),
     ({"model": {"arch": "convnet", "colour": 1}}, r"unknown evaluation model option\(s\) \['colour'\]"),
     ({"num_models": 0}, "num_models=0 is invalid"),
-    ({"lr": -0.1}, "lr=-0.1 is invalid"),
-    ({"lr_decay_at": 2.0}, "lr_decay_at=2.0 is invalid"),
+    ({"lr": -0.1}, "lr=-0.1 is out of range"),
+    ({"lr_decay_at": 2.0}, "lr_decay_at=2.0 is out of range"),
 ])
 def test_bad_eval_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from raydd.cli import build_parser
 from raydd.quickstart import quickstart_spec
-from raydd.sweep_spec import SweepSpec
+from raydd.sweep.spec import SweepSpec
 
 QUICK = Path(__file__).resolve().parents[1] / "sweeps" / "quick.yaml"
 

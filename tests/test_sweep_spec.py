@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydd.sweep_spec import Knob, SweepSpec, default_trial_iterations, import_methods
+from raydd.sweep.spec import Knob, SweepSpec, default_trial_iterations
 
 REPO = Path(__file__).resolve().parents[1]
-import_methods()
 
 GOOD = {
     "name": "quick-digits", "dataset": "digits", "store": "raydd-store", "methods": ["dm", "mtt"],
@@ -128,7 +127,7 @@ def test_invalid_specs_are_refused_with_one_line(changes, message):
 
 
 def test_rungs_evaluation_follows_the_asha_rule():
-    from raydd.sweep_spec import asha_rungs
+    from raydd.sweep.rungs import asha_rungs
 
     assert asha_rungs(800, 50, 4) == [50, 200, 800]
     assert asha_rungs(200, None, 3) == [22, 66, 198, 200]  # grace = max_t // 9, like GroupedASHA
@@ -176,7 +175,7 @@ def test_validation_is_pure_no_ray(tmp_path):
     bad.write_text(yaml.safe_dump({**GOOD, "ipcs": [0]}))
     code = textwrap.dedent(f"""
         import sys
-        from raydd.sweep_spec import SweepSpec
+        from raydd.sweep.spec import SweepSpec
         SweepSpec.from_yaml({str(good)!r})
         try:
             SweepSpec.from_yaml({str(bad)!r})

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydd.sweep_spec import SweepSpec, import_methods
-from raydd.tune import (TEST_FAULT_KEY, TEST_FAULT_MARKER, TIME_ATTR, SweepResourceError, TrialSettings, asha,
-                        knob_space, run_sweep)
-
-import_methods()
+from raydd.condense import Sink
+from raydd.sweep.runner import SweepResourceError, run_sweep
+from raydd.sweep.scheduler import asha
+from raydd.sweep.space import knob_space
+from raydd.sweep.spec import SweepSpec
+from raydd.sweep.trial import TIME_ATTR, TrialSettings, condensation_trainable
 
 EVAL = {"model": {"arch": "convnet", "width": 16}, "num_models": 1, "epochs": 100, "lr": 0.05}
 
@@ -78,7 +79,7 @@ def test_trial_settings_flat_nested_and_horizon():
 
 
 def test_leaderboard_prefers_complete_trials_and_flags_unfinished_sweeps():
-    from raydd.tune import build_leaderboard, leaderboard_markdown
+    from raydd.sweep.leaderboard import build_leaderboard, leaderboard_markdown
 
     def rec(acc, iterations, target=10, error=False, **knobs):
         return {"method": "dm", "ipc": 1, "seed": 0, "knobs": knobs, "iterations": iterations,
@@ -175,7 +176,7 @@ def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, cap
 
     import yaml
 
-    from raydd.tune import add_sweep_parser, cmd_sweep
+    from raydd.sweep.cli import add_sweep_parser, cmd_sweep
 
     spec, result = asha_sweep
     storage = str(Path(result.experiment_path).parent)
@@ -197,6 +198,31 @@ def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, cap
         run_sweep(changed, progress=False, storage=storage, resume=True)
 
 
+FAULT_MARKER = ".test_fault_injected_at_{}"
+
+
+class FaultAt(Sink):
+    """Raises once at each of ``points`` (a marker file in the trial directory remembers it), some time
+    after the last report, like a real crash: Tune has registered the checkpoint by then."""
+
+    def __init__(self, points) -> None:
+        self.points = set(points)
+
+    def on_step(self, run, metrics) -> None:
+        import time
+
+        marker = Path.cwd() / FAULT_MARKER.format(run.method.iteration)
+        if run.method.iteration in self.points and not marker.exists():
+            marker.write_text(str(run.method.iteration))
+            time.sleep(1.0)
+            raise RuntimeError(f"test fault injected at iteration {run.method.iteration}")
+
+
+def faulty_trainable(config: dict) -> None:
+    """The sweep trainable with a fault at iterations 3 and 5 (a wrapper the test passes to run_sweep)."""
+    condensation_trainable(config, sinks=[FaultAt([3, 5])])
+
+
 def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, one_thread, tmp_path):
     """Fault at iteration 3: Tune retries the trial from its iteration-2 checkpoint (max_failures=1).
     Fault at iteration 5: retries used up, the trial errors and the sweep ends; ``resume=True``
@@ -207,14 +233,19 @@ def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, one_threa
         "knobs": {"dm": {"lr_img": 0.5, "width": 16, "batch_real": 32}}, "scheduler": {"type": "fifo"},
         "max_failures": 1, "storage": str(tmp_path),
     })
-    first = run_sweep(spec, progress=False, _test_trial_config={TEST_FAULT_KEY: [3, 5]})
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+    first = run_sweep(spec, progress=False, trainable=faulty_trainable)
     (trial,) = first.trials
     assert trial["error"] and trial["iterations"] == 4 and first.num_errors == 1
-    resumed = run_sweep(spec, progress=False, resume=True)
+    resumed = run_sweep(spec, progress=False, resume=True, trainable=faulty_trainable)
     (trial,) = resumed.trials
     assert not trial["error"] and trial["iterations"] == 6 and resumed.num_errors == 0
     for it in (3, 5):  # both faults did happen
-        assert Path(trial["path"], TEST_FAULT_MARKER.format(it)).read_text() == str(it)
+        assert Path(trial["path"], FAULT_MARKER.format(it)).read_text() == str(it)
     progress = list(csv.DictReader(open(Path(trial["path"]) / "progress.csv")))
     assert [int(float(r["restored_from"])) for r in progress] == [0, 2, 4]  # one report per restart
     # exact: the twice-restored trial ends where an uninterrupted run of the same method ends
@@ -254,7 +285,7 @@ def test_resumed_segment_event_file_sorts_after_the_previous_one(tmp_path, monke
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from raydd.tune import _segment_writer
+    from raydd.condense import segment_writer as _segment_writer
 
     first = _segment_writer(SummaryWriter, tmp_path)
     first.add_scalar("x", 1.0, 2)

@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from raydd.sweep_spec import SweepSpec
-    from raydd.tune import run_sweep
+    from raydd.sweep.spec import SweepSpec
+    from raydd.sweep.runner import run_sweep
 
     store, storage, eval_cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..data.datasets import ImageDataset
-from ..data.dsa import DSA, DSAConfig
+from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
 from ..training import evaluate_model, train_epoch
+from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
 
@@ -63,25 +64,15 @@ class TrainingConfig:
     eval_every: int = 1  # test-set evaluation every k epochs (and always after the last)
 
     def __post_init__(self) -> None:
-        _positive_int(self, "epochs")
-        _positive_int(self, "batch_size")
-        _positive_int(self, "eval_every")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is invalid: expected a number > 0")
-        if not (0 <= self.momentum < 1):
-            raise ValueError(f"momentum={self.momentum!r} is invalid: expected 0 <= momentum < 1")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} is invalid: expected >= 0")
+        for key in ("epochs", "batch_size", "eval_every"):
+            check_int(key, getattr(self, key))
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_range("weight_decay", self.weight_decay, low=0)
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _positive_int(cfg, key: str) -> None:
-    value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}={value!r} is invalid: expected an integer > 0")
 
 
 @dataclass(frozen=True)
@@ -93,8 +84,7 @@ class ExpertConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep_epochs is not None and (not isinstance(self.keep_epochs, int) or self.keep_epochs < 0):
-            raise ValueError(f"keep_epochs={self.keep_epochs!r} is invalid: expected an integer >= 0 or None")
+        check_int("keep_epochs", self.keep_epochs, low=0, none_ok=True)
 
 
 @dataclass(frozen=True)
@@ -114,10 +104,9 @@ class PretrainConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not all(0 < m <= 1 for m in self.milestones):
-            raise ValueError(f"milestones={self.milestones!r} are invalid: expected fractions in (0, 1]")
-        if not 0 <= self.cutmix_prob <= 1:
-            raise ValueError(f"cutmix_prob={self.cutmix_prob!r} is invalid: expected 0..1")
+        for i, m in enumerate(self.milestones):
+            check_range(f"milestones[{i}]", m, low=0, high=1, low_open=True)
+        check_range("cutmix_prob", self.cutmix_prob, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -146,8 +135,7 @@ def _build(ctx: RecipeContext) -> nn.Module:
 def _augment(cfg: TrainingConfig, ctx: RecipeContext):
     if not cfg.dsa:
         return None
-    dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy)
-    dsa = DSA(dsa_cfg if ctx.train.info.flip_ok else dsa_cfg.without_flip())
+    dsa = make_dsa(cfg.dsa_strategy, flip_ok=ctx.train.info.flip_ok)
     return lambda x, g: dsa(x, generator=g)
 
 
@@ -252,6 +240,15 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: accepted {', '.join(sorted(RECIPES))}")
     return RECIPES[name]
+
+
+def recipe_for_kind(kind: str) -> str:
+    """The registered recipe that writes store kind ``kind``."""
+    for name, recipe in RECIPES.items():
+        if recipe.kind == kind:
+            return name
+    raise ValueError(f"no farm recipe writes store kind {kind!r}: known kinds "
+                     f"{', '.join(sorted({r.kind for r in RECIPES.values()}))}")
 
 
 register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert))

@@ -10,6 +10,7 @@ import yaml
 
 from ..data.datasets import check_dataset_name
 from ..models.spec import ModelSpec
+from ..validation import check_choice, check_int, check_range
 from .recipes import get_recipe
 
 STORE_DTYPES = ("float32", "float16", "bfloat16")
@@ -57,21 +58,13 @@ class FarmSpec:
                              f"{sorted(k for k in ModelSpec.__dataclass_fields__ if k not in ('channels', 'num_classes', 'resolution'))}")
         ModelSpec(**{"norm": recipe.default_norm, **self.model})  # validates arch/norm/width values
         for key in ("trajectories", "workers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{key}={value!r} is invalid: expected an integer > 0")
-        if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is invalid: accepted {', '.join(STORE_DTYPES)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is invalid: accepted {', '.join(BACKENDS)}")
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r} is invalid: expected > 0")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r} is invalid: expected >= 0")
-        if self.train_per_class is not None and self.train_per_class <= 0:
-            raise ValueError(f"train_per_class={self.train_per_class!r} is invalid: expected > 0 or None")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries={self.max_retries!r} is invalid: expected >= 0")
+            check_int(key, getattr(self, key))
+        check_choice("dtype", self.dtype, STORE_DTYPES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_range("cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)
+        check_range("gpus_per_worker", self.gpus_per_worker, low=0)
+        check_int("train_per_class", self.train_per_class, none_ok=True)
+        check_int("max_retries", self.max_retries, low=0)
         if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard
                                              or "://" in self.tensorboard):
             raise ValueError(f"tensorboard={self.tensorboard!r} is invalid: expected a local directory (or None)")

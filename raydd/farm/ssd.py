@@ -24,21 +24,22 @@ Where the paper is silent the FixMatch paper's values are used and marked as suc
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data.dsa import DSA, DSAConfig
+from ..data.augment import DSA, StrongAugment, make_dsa
 from ..data.semisup import SemiSupervisedSplit, semi_supervised_split
 from ..models import ModelSpec, build_model, load_flat_params
+from ..models.ema import ModelEMA
 from ..store import TrajectoryStore
 from ..training import evaluate_model, minibatches
+from ..validation import check_bool, check_choice, check_int, check_range
 from .recipes import (
     Recipe,
     RecipeContext,
@@ -46,7 +47,6 @@ from .recipes import (
     TrainingConfig,
     _augment,
     _build,
-    _positive_int,
     _snapshot,
     register_recipe,
 )
@@ -58,24 +58,6 @@ STUDENT_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "ce
 LR_SCHEDULES = ("cosine", "constant")
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- validation helpers
-def _check_fraction(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 1:
-        raise ValueError(f"labelled_fraction={value!r} is invalid: expected a number in (0, 1]")
-
-
-def _check_seed(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"split_seed={value!r} is invalid: expected an integer >= 0")
-
-
-def _check_nonneg(cfg, key: str) -> None:
-    value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key}={value!r} is invalid: expected a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -112,28 +94,18 @@ class SSDTeacherConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.labelled_fraction)
-        _check_seed(self.split_seed)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold={self.threshold!r} is invalid: expected a confidence in [0, 1]")
-        _check_nonneg(self, "lambda_u")
-        _positive_int(self, "mu")
-        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
-                or not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: expected 0 <= ema_decay < 1 (0: no EMA)")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: accepted {', '.join(LR_SCHEDULES)}")
-        if self.steps_per_epoch is not None:
-            _positive_int(self, "steps_per_epoch")
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"nesterov={self.nesterov!r} is invalid: expected true or false")
+        _check_split(self)
+        check_range("threshold", self.threshold, low=0, high=1)
+        check_range("lambda_u", self.lambda_u, low=0)
+        check_int("mu", self.mu)
+        check_range("ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_int("steps_per_epoch", self.steps_per_epoch, none_ok=True)
+        check_bool("nesterov", self.nesterov)
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0: pass --set nesterov=false with momentum=0")
-        if isinstance(self.strong_ops, bool) or not isinstance(self.strong_ops, int) or self.strong_ops < 0:
-            raise ValueError(f"strong_ops={self.strong_ops!r} is invalid: expected an integer >= 0")
-        if isinstance(self.cutout, bool) or not isinstance(self.cutout, (int, float)) or not 0 <= self.cutout <= 1:
-            raise ValueError(f"cutout={self.cutout!r} is invalid: expected a fraction of the side in [0, 1]")
+        check_int("strong_ops", self.strong_ops, low=0)
+        check_range("cutout", self.cutout, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -157,15 +129,17 @@ class SSDStudentConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep_epochs is not None and (isinstance(self.keep_epochs, bool) or
-                                             not isinstance(self.keep_epochs, int) or self.keep_epochs < 0):
-            raise ValueError(f"keep_epochs={self.keep_epochs!r} is invalid: expected an integer >= 0 or None")
+        check_int("keep_epochs", self.keep_epochs, low=0, none_ok=True)
         if not isinstance(self.teacher, str) or not self.teacher.strip():
             raise ValueError(f"teacher={self.teacher!r} is invalid: expected 'auto' or an ssd_teacher trajectory id")
-        _check_fraction(self.labelled_fraction)
-        _check_seed(self.split_seed)
-        _check_nonneg(self, "lambda_intra")
-        _check_nonneg(self, "lambda_inter")
+        _check_split(self)
+        check_range("lambda_intra", self.lambda_intra, low=0)
+        check_range("lambda_inter", self.lambda_inter, low=0)
+
+
+def _check_split(cfg) -> None:
+    check_range("labelled_fraction", cfg.labelled_fraction, low=0, high=1, low_open=True)
+    check_int("split_seed", cfg.split_seed, low=0)
 
 
 def _split(labels: torch.Tensor, cfg) -> SemiSupervisedSplit:
@@ -176,123 +150,10 @@ def _fingerprint(dataset) -> str:
     return dataset.fingerprint()
 
 
-# ----------------------------------------------------------------------------- augmentations
+# ----------------------------------------------------------------------------- augmentation
 def weak_augment(cfg: TrainingConfig, flip_ok: bool) -> DSA | None:
-    """α(·): the ops of ``dsa_strategy`` all applied (not one per call), flip dropped where not ok."""
-    if not cfg.dsa:
-        return None
-    dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy, single_per_call=False)
-    return DSA(dsa_cfg if flip_ok else dsa_cfg.without_flip())
-
-
-class StrongAugment:
-    """A(·): a RandAugment-like chain on tensors (FixMatch's RA variant, App. "RandAugment").
-
-    weak(x) -> ``num_ops`` ops per sample, each drawn uniformly from STRONG_OPS with its own
-    magnitude m ~ U(0, 1) -> Cutout of side U(0, ``cutout``)·size filled with 0.
-
-    Ranges follow FixMatch Table 12: brightness/color/contrast/sharpness blend factor in
-    [0.05, 0.95] towards the degenerate image (black / greyscale / mean / smoothed), rotate
-    ±30°, shear ±0.3, translate ±30% of the side. The data is normalised (maybe ZCA-whitened)
-    floats, not 8-bit pixels, so: "black" is the training set's per-channel minimum, greyscale
-    is the channel mean, geometric ops and Cutout fill with 0 (≈ the mean, FixMatch's grey), and
-    the 8-bit-only ops AutoContrast, Equalize, Posterize and Solarize are left out.
-    All draws come from the generator passed in (per-sample parameters).
-    """
-
-    OPS = ("identity", "brightness", "color", "contrast", "sharpness", "rotate", "shear_x", "shear_y",
-           "translate_x", "translate_y")
-
-    def __init__(self, weak: DSA | None, floor: torch.Tensor, num_ops: int = 2, cutout: float = 0.5):
-        self.weak = weak
-        self.floor = floor.detach().view(1, -1, 1, 1)
-        self.num_ops = num_ops
-        self.cutout = cutout
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.weak is not None:
-            x = self.weak(x, generator=generator)
-        n = x.shape[0]
-        for _ in range(self.num_ops):
-            choice = torch.randint(len(self.OPS), (n,), generator=generator).to(x.device)
-            mag = torch.rand(n, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
-            out = x.clone()
-            for i, op in enumerate(self.OPS):
-                idx = torch.nonzero(choice == i, as_tuple=False).flatten()
-                if op == "identity" or idx.numel() == 0:
-                    continue
-                out[idx] = getattr(self, "_" + op)(x[idx], mag[idx])
-            x = out
-        if self.cutout > 0:
-            x = self._cutout(x, generator)
-        return x.contiguous()
-
-    @staticmethod
-    def _blend(x: torch.Tensor, degenerate: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        factor = (0.05 + 0.9 * m).view(-1, 1, 1, 1)  # FixMatch Table 12: [0.05, 0.95]
-        return degenerate + factor * (x - degenerate)
-
-    def _brightness(self, x, m):
-        return self._blend(x, self.floor.to(x.device, x.dtype).expand_as(x), m)
-
-    def _color(self, x, m):
-        return self._blend(x, x.mean(dim=1, keepdim=True).expand_as(x), m)
-
-    def _contrast(self, x, m):
-        return self._blend(x, x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x), m)
-
-    def _sharpness(self, x, m):
-        c = x.shape[1]
-        kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-        kernel[1, 1] = 5.0
-        kernel = (kernel / 13.0).expand(c, 1, 3, 3)  # PIL's SMOOTH filter, the Sharpness degenerate
-        smooth = x.clone()
-        if x.shape[-1] > 2 and x.shape[-2] > 2:
-            smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
-        return self._blend(x, smooth, m)
-
-    @staticmethod
-    def _warp(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tx: torch.Tensor,
-              c: torch.Tensor, d: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
-        theta = torch.stack([torch.stack([a, b, tx], -1), torch.stack([c, d, ty], -1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    def _rotate(self, x, m):
-        angle = (2 * m - 1) * (30.0 / 180.0 * math.pi)  # ±30°
-        cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(m)
-        return self._warp(x, cos, -sin, zero, sin, cos, zero)
-
-    def _shear_x(self, x, m):
-        s, one, zero = (2 * m - 1) * 0.3, torch.ones_like(m), torch.zeros_like(m)
-        return self._warp(x, one, s, zero, zero, one, zero)
-
-    def _shear_y(self, x, m):
-        s, one, zero = (2 * m - 1) * 0.3, torch.ones_like(m), torch.zeros_like(m)
-        return self._warp(x, one, zero, zero, s, one, zero)
-
-    def _translate_x(self, x, m):
-        t, one, zero = (2 * m - 1) * 0.3 * 2, torch.ones_like(m), torch.zeros_like(m)  # grid spans 2
-        return self._warp(x, one, zero, t, zero, one, zero)
-
-    def _translate_y(self, x, m):
-        t, one, zero = (2 * m - 1) * 0.3 * 2, torch.ones_like(m), torch.zeros_like(m)
-        return self._warp(x, one, zero, zero, zero, one, t)
-
-    def _cutout(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
-        frac = torch.rand(n, generator=g, dtype=torch.float64) * self.cutout
-        cy = torch.randint(h, (n,), generator=g)
-        cx = torch.randint(w, (n,), generator=g)
-        sh = (frac * h).round().long()
-        sw = (frac * w).round().long()
-        top, left = cy - sh // 2, cx - sw // 2
-        ar_h, ar_w = torch.arange(h)[None, :], torch.arange(w)[None, :]
-        in_h = (ar_h >= top[:, None]) & (ar_h < (top + sh)[:, None])
-        in_w = (ar_w >= left[:, None]) & (ar_w < (left + sw)[:, None])
-        keep = ~(in_h[:, :, None] & in_w[:, None, :])
-        return x * keep.unsqueeze(1).to(x.device, x.dtype)
+    """α(·): every op of ``dsa_strategy`` on each call (not one at random), flip dropped where not ok."""
+    return make_dsa(cfg.dsa_strategy, flip_ok=flip_ok, single_per_call=False) if cfg.dsa else None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -397,22 +258,6 @@ class _IndexStream:
         return out
 
 
-@torch.no_grad()
-def _ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int) -> None:
-    """EMA of the weights (FixMatch evaluates it); BatchNorm buffers are copied from ``net``.
-
-    The decay is warmed up as min(decay, (1 + k) / (10 + k)) after k updates (TensorFlow's
-    ExponentialMovingAverage with num_updates): FixMatch's 2^20 steps make the initial weights'
-    share vanish either way, but without the warm-up a short run (0.999^1000 ≈ 0.37) would keep a
-    large share of the random initialisation and give a needlessly soft teacher.
-    """
-    decay = min(decay, (1.0 + step) / (10.0 + step))
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
-
-
 def run_ssd_teacher(cfg: SSDTeacherConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
     train = ctx.train
     split = _split(train.labels, cfg)
@@ -438,7 +283,7 @@ def run_ssd_teacher(cfg: SSDTeacherConfig, ctx: RecipeContext, sink: SnapshotSin
             optimizer, lambda k: math.cos(7 * math.pi * k / (16 * total_steps)))
     else:
         schedule = None
-    ema = copy.deepcopy(net) if cfg.ema_decay > 0 else None
+    ema = ModelEMA(net, cfg.ema_decay, warmup=True) if cfg.ema_decay > 0 else None
     labelled_stream = _IndexStream(int(lab_idx.numel()), gen)
     unlabelled_stream = _IndexStream(n_u, gen) if n_u else None
 
@@ -450,7 +295,6 @@ def run_ssd_teacher(cfg: SSDTeacherConfig, ctx: RecipeContext, sink: SnapshotSin
                "mask_rate": nan}
     _snapshot(sink, net, 0, metrics)
     net.train()
-    step = 0
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         loss_sum, correct, seen, mask_sum, mask_seen = 0.0, 0, 0, 0.0, 0
@@ -471,9 +315,8 @@ def run_ssd_teacher(cfg: SSDTeacherConfig, ctx: RecipeContext, sink: SnapshotSin
             optimizer.step()
             if schedule is not None:
                 schedule.step()
-            step += 1
             if ema is not None:
-                _ema_update(ema, net, cfg.ema_decay, step)
+                ema.update(net)
             loss_sum += float(loss.detach()) * len(li)
             correct += int((parts.logits_l.argmax(1) == y_l).sum())
             seen += len(li)
@@ -481,7 +324,7 @@ def run_ssd_teacher(cfg: SSDTeacherConfig, ctx: RecipeContext, sink: SnapshotSin
             mask_seen += int(parts.mask.numel())
         metrics = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "test_loss": nan, "test_acc": nan,
                    "lr": lr, "mask_rate": mask_sum / mask_seen if mask_seen else nan}
-        eval_net = ema if ema is not None else net
+        eval_net = ema.model(net) if ema is not None else net
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             test = evaluate_model(eval_net, ctx.test.images, ctx.test.labels, device=ctx.device)
             metrics.update(test_loss=test.loss, test_acc=test.acc)

@@ -1,11 +1,21 @@
 """The one interface every condensation method implements, its config base and the registry.
 
-A method is built from ``(config, train, store, *, device, seed)``, checks the config
-against the data (and the store) before doing any work, then advances one iteration
-per ``step()``. ``state_dict()`` captures everything needed to resume bit-exactly,
-including the states of the method's own random generators: methods draw randomness
-only from ``self.rng`` (random.Random) and ``self.generator`` (a CPU torch.Generator),
-never from the global RNGs.
+The contract (docs/ADDING_A_METHOD.md walks through it):
+
+- A config (``MethodConfig`` subclass: frozen, typed, validated once) holds every knob with the
+  published defaults (``defaults(dataset, ipc)``), names the shared sweep symbols it maps
+  (``aliases``), declares what it reads from the store (``needs()``: ``TrajectoryNeed``s), how a
+  run of N iterations is planned (``horizon`` / ``for_run(N)``: the length of its schedules),
+  which (dataset, IPC) settings its paper publishes (``published``) and how it shrinks for a
+  small machine (``scaled``).
+- A method (``CondensationMethod`` subclass) is built from ``(config, train, store, *, device,
+  seed)``, checks the config against the data and the store before doing any work (the store
+  through ``self.inputs``, a ``StoreInputs``), then advances one iteration per ``step()``.
+  ``state_dict()`` captures everything needed to resume bit-exactly, including the states of the
+  method's own random generators: methods draw randomness only from ``self.rng`` (random.Random)
+  and ``self.generator`` (a CPU torch.Generator), never from the global RNGs.
+- ``@register_method`` and one import line in ``raydd/methods/__init__.py`` make it available to
+  every entry point (``raydd condense``, ``raydd methods``, sweeps, benchmarks).
 
 >>> cfg = make_config("mtt", "digits", ipc=2, syn_steps=10)
 >>> method = get_method("mtt")(cfg, train, TrajectoryStore("raydd-store"), seed=0)
@@ -31,6 +41,8 @@ import torch
 
 from ..data.datasets import ImageDataset, check_dataset_name
 from ..training import resolve_device
+from ..validation import check_range
+from .inputs import StoreInputs, TrajectoryNeed
 from .serial import load_tree, save_tree
 from .synthetic import SyntheticSet
 
@@ -53,7 +65,10 @@ class MethodConfig:
     ipc: int
 
     aliases: ClassVar[dict[str, str]] = {}
-    default_iterations: ClassVar[int] = 1000
+    default_iterations: ClassVar[int] = 1000  # the paper's iteration count (see planned_iterations)
+    horizon: ClassVar[str | None] = None  # the field holding the planned run length (an lr/injection schedule's)
+    published: ClassVar[tuple[tuple[str, int], ...]] = ()  # (dataset, ipc) rows of ``defaults`` from the paper
+    reported: ClassVar[dict[tuple[str, int], float]] = {}  # the paper's accuracy (%) at (dataset, ipc), own protocol
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -64,10 +79,39 @@ class MethodConfig:
         if self.ipc < 1:
             raise ValueError(f"ipc={self.ipc} is invalid: expected an integer >= 1 (images per class)")
 
+    def check(self, name: str, **bounds: Any) -> None:
+        """One-line ValueError when field ``name`` is outside the bounds of ``validation.check_range``
+        (``low``, ``high``, ``low_open``, ``high_open``); None (an unset optional field) passes."""
+        check_range(f"{type(self).__name__}.{name}", getattr(self, name), none_ok=True, **bounds)
+
     @classmethod
     def defaults(cls, dataset: str, ipc: int) -> "MethodConfig":
         """The published settings for (dataset, ipc); subclasses override."""
         return cls(dataset=dataset, ipc=ipc)
+
+    # ------------------------------------------------------------------ what the method reads and plans
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """The trajectories this configuration reads from the store (none: it needs no store)."""
+        return ()
+
+    @property
+    def planned_iterations(self) -> int:
+        """The iterations this setting runs by default: the horizon field's value where the config has
+        one (EDC's per-dataset counts), else the paper's count ``default_iterations``."""
+        return int(getattr(self, self.horizon)) if self.horizon else int(self.default_iterations)
+
+    def for_run(self, iterations: int) -> "MethodConfig":
+        """This config for a run of ``iterations`` iterations: the one way every entry point sets the
+        horizon of a method's schedules (EDC's cosine lr, PTLM's |T|; DATM overrides it for its window
+        growth). Knobs set explicitly afterwards (``with_overrides``) win."""
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations={iterations!r} is invalid: expected an integer >= 1")
+        return dataclasses.replace(self, **{self.horizon: iterations}) if self.horizon else self
+
+    def scaled(self, scale: "Scale") -> "MethodConfig":
+        """This setting shrunk to ``scale`` (fewer/shorter trajectories, narrower networks, fewer unrolled
+        steps), for CPU-sized runs; every departure is a knob value, printed with the config."""
+        return self
 
     @classmethod
     def knobs(cls) -> list[str]:
@@ -95,6 +139,17 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}: accepted {sorted(known)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How far a published setting is shrunk for a small machine (``MethodConfig.scaled``): the CPU-scaled
+    benchmark table, the contract tests and CPU-sized reproductions use it."""
+
+    width: int = 32  # ConvNet width of the networks a method builds itself (DM's embedders)
+    syn_steps: int = 20  # cap on unrolled student steps (trajectory matching)
+    epochs: dict[str, int] = dataclasses.field(default_factory=dict)  # farm recipe -> epochs of its trajectories
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # farm recipe -> trajectories farmed
 
 
 def _check_type(owner: str, name: str, hint: Any, value: Any) -> Any:
@@ -158,20 +213,6 @@ class StepMeter:
         return metrics
 
 
-def check_range(config: MethodConfig, name: str, *, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    """One-line ValueError when ``config.<name>`` is outside [low, high] (None fields are skipped)."""
-    value = getattr(config, name)
-    if value is None:
-        return
-    ok = (low is None or (value >= low if low_inclusive else value > low)) and \
-         (high is None or (value <= high if high_inclusive else value < high))
-    if not ok:
-        lo = "-inf" if low is None else f"{'[' if low_inclusive else '('}{low}"
-        hi = "inf" if high is None else f"{high}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{type(config).__name__}.{name}={value!r} is out of range: expected {lo}, {hi}")
-
-
 def check_ipc(ipc: int, train: ImageDataset) -> None:
     """IPC must be >= 1 and at most the size of the smallest class of ``train``."""
     if ipc < 1:
@@ -189,8 +230,8 @@ class CondensationMethod(ABC):
     """A condensation method: ``step()`` advances one iteration and returns its metrics."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # display name (tables, raydd methods); default: the name
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    needs_store: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, train: ImageDataset, store=None, *,
                  device: str | torch.device = "auto", seed: int = 0) -> None:
@@ -203,17 +244,25 @@ class CondensationMethod(ABC):
             raise ValueError(f"config is for dataset {config.dataset!r} but the training data is {train.info.name!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
-        if self.needs_store and store is None:
-            raise ValueError(f"{self.name} reads expert trajectories: pass a TrajectoryStore (--store ROOT)")
-        check_ipc(config.ipc, train)
+        needs = config.needs()
+        if needs and store is None:
+            roles = " and ".join(dict.fromkeys(n.role for n in needs))
+            raise ValueError(f"{self.name} reads {roles} from the trajectory store: pass a TrajectoryStore "
+                             f"(--store ROOT)")
         self.config = config
         self.train = train
         self.store = store
+        self.inputs = StoreInputs(store, train, config.dataset, needs) if needs else None
         self.device = resolve_device(device)
         self.seed = seed
         self.rng = random.Random(seed)  # host-side choices (which expert, which start epoch)
         self.generator = torch.Generator().manual_seed(seed)  # tensor draws (init, batches, augmentation)
         self._iteration = 0
+        self._check_ipc()
+
+    def _check_ipc(self) -> None:
+        """IPC against the smallest class of the training data (methods whose pool differs override it)."""
+        check_ipc(self.config.ipc, self.train)
 
     @property
     def iteration(self) -> int:
@@ -252,8 +301,14 @@ class CondensationMethod(ABC):
         self.rng.setstate((r["version"], tuple(r["words"]), r["gauss"]))
         self.generator.set_state(state["generator"].clone())
 
+    def teacher_models(self) -> list | None:
+        """Networks an evaluation protocol may relabel with (EDC's observers); None: the method has none."""
+        return None
+
     def close(self) -> None:
         """Release resources (open trajectory files); the method stays usable where it can."""
+        if self.inputs is not None:
+            self.inputs.close()
 
     def __enter__(self):
         return self
@@ -299,6 +354,8 @@ def register_method(cls: type[CondensationMethod]) -> type[CondensationMethod]:
         raise ValueError(f"{cls.__name__}.name={cls.name!r} is invalid: expected a lower-case name")
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} is already registered by {METHODS[cls.name].__name__}")
+    if not cls.label:
+        cls.label = cls.name
     METHODS[cls.name] = cls
     return cls
 
@@ -310,7 +367,11 @@ def get_method(name: str) -> type[CondensationMethod]:
     return METHODS[key]
 
 
-def make_config(method: str, dataset: str, ipc: int, **overrides: Any) -> MethodConfig:
-    """The published settings of ``method`` for (dataset, ipc), with ``overrides`` applied."""
-    cls = get_method(method).config_cls
-    return cls.defaults(dataset, ipc).with_overrides(**overrides)
+def make_config(method: str, dataset: str, ipc: int, *, iterations: int | None = None,
+                **overrides: Any) -> MethodConfig:
+    """The published settings of ``method`` for (dataset, ipc), planned for a run of ``iterations``
+    iterations (``MethodConfig.for_run``; None: the published count), with ``overrides`` applied last."""
+    config = get_method(method).config_cls.defaults(dataset, ipc)
+    if iterations is not None:
+        config = config.for_run(iterations)
+    return config.with_overrides(**overrides)

@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models import ModelSpec, build_model, load_flat_params
-from .base import CondensationMethod, MethodConfig, check_range, register_method
+from .base import CondensationMethod, MethodConfig, register_method
+from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 
 AUTO_KINDS = ("expert", "pretrain")  # store kinds searched by expert_kind="auto", in this order
@@ -48,6 +48,10 @@ class RandomConfig(MethodConfig):
     """Random selection has no knobs beyond dataset and ipc (the seed decides the sample)."""
 
     default_iterations: ClassVar[int] = 1
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple((d, i) for d in ("fashion_mnist", "cifar10")
+                                                             for i in (1, 10, 50))
+    reported: ClassVar[dict[tuple[str, int], float]] = {  # METHODS.md (DANCE/PTLM tables)
+        ("fashion_mnist", 1): 51.4, ("fashion_mnist", 10): 73.8, ("fashion_mnist", 50): 82.5}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,16 @@ class ExpertCoresetConfig(MethodConfig):
     #                                 CUDA, on CPU a batch whose first activation fits in 16 MiB
 
     default_iterations: ClassVar[int] = 1
+    published: ClassVar[tuple[tuple[str, int], ...]] = RandomConfig.published
+
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """One trained network (the first that fits, in store order; ``auto``: an expert, else a pretrain one)."""
+        from ..farm.recipes import recipe_for_kind
+
+        kinds = AUTO_KINDS if self.expert_kind == "auto" else (self.expert_kind,)
+        recipe = "pretrain" if self.expert_kind == "auto" else recipe_for_kind(self.expert_kind)
+        ids = None if self.trajectory == "auto" else (self.trajectory,)
+        return (TrajectoryNeed(recipe, "trained networks", kinds=kinds, model=self.model, ids=ids, one_model=False),)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,17 +85,23 @@ class ExpertCoresetConfig(MethodConfig):
         if not self.expert_kind.strip():
             raise ValueError(f"{type(self).__name__}.expert_kind={self.expert_kind!r} is invalid: "
                              f"expected 'auto' or a store kind such as expert, pretrain")
-        check_range(self, "embed_batch", low=1)
+        self.check("embed_batch", low=1)
 
 
 @dataclass(frozen=True)
 class HerdingConfig(ExpertCoresetConfig):
     """Herding: no knobs of its own."""
 
+    reported: ClassVar[dict[tuple[str, int], float]] = {
+        ("fashion_mnist", 1): 67.0, ("fashion_mnist", 10): 71.1, ("fashion_mnist", 50): 71.9}
+
 
 @dataclass(frozen=True)
 class KCenterConfig(ExpertCoresetConfig):
     start: str = "mean"  # first center: 'mean' (nearest the class mean) or 'random' (seeded)
+
+    reported: ClassVar[dict[tuple[str, int], float]] = {
+        ("fashion_mnist", 1): 66.9, ("fashion_mnist", 10): 54.7, ("fashion_mnist", 50): 68.3}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,55 +155,6 @@ def selection_metrics(features: torch.Tensor, labels: torch.Tensor, selected: to
 
 
 # --------------------------------------------------------------------------- the expert embedding
-def find_expert(store, dataset: str, info, *, trajectory: str = "auto", kind: str = "auto",
-                model: str | None = None):
-    """The TrajectoryInfo of the expert whose final snapshot embeds the data (see the module doc)."""
-    kinds = AUTO_KINDS if kind == "auto" else (kind,)
-    recipe = "pretrain" if kind == "auto" else kind
-    hint = f"raydd farm --recipe {recipe} --dataset {dataset} --store {store.root}"
-    candidates = [i for k in kinds for i in store.list(dataset=dataset, kind=k, model=model)]
-    shown = f"dataset={dataset}, kind={' or '.join(kinds)}" + (f", model={model}" if model else "")
-    if trajectory != "auto":
-        match = [i for i in candidates if i.trajectory_id == trajectory]
-        if not match:
-            ids = ", ".join(i.trajectory_id for i in candidates[:5]) or "none"
-            raise ValueError(f"trajectory {trajectory!r} is not in store {store.root} among the trajectories "
-                             f"matching {shown} (available: {ids}): use trajectory=auto or one of those ids")
-        candidates = match
-    if not candidates:
-        raise ValueError(f"no trajectories in store {store.root} match {shown}: herding and k-center embed the "
-                         f"data with a trained network; farm one first: {hint}")
-    fitting = [i for i in candidates if _fits(i.meta["model"], info)]
-    if not fitting:
-        spec = candidates[0].meta["model"]
-        raise ValueError(f"the {len(candidates)} trajectories matching {shown} in {store.root} ({spec['name']}: "
-                         f"{spec['channels']}ch, {tuple(spec['resolution'])}, {spec['num_classes']} classes) do "
-                         f"not fit the training data ({info.channels}ch, {tuple(info.resolution)}, "
-                         f"{info.num_classes} classes): load the dataset at the experts' resolution")
-    return fitting[0]
-
-
-def _fits(spec: dict, info) -> bool:
-    return (spec["channels"] == info.channels and spec["num_classes"] == info.num_classes
-            and tuple(spec["resolution"]) == tuple(info.resolution))
-
-
-def load_expert_network(store, expert, device: torch.device) -> torch.nn.Module:
-    """The expert's network at its final stored epoch (BN buffers included), eval mode, frozen."""
-    final = max(expert.epochs)
-    with store.open(expert.trajectory_id) as traj:
-        params = traj.params(final, dtype=torch.float32).clone()
-        buffers = traj.buffers(final, dtype=torch.float32)
-        buffers = None if buffers is None else buffers.clone()
-    with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten; keep the global RNG intact
-        net = build_model(ModelSpec.from_dict(expert.meta["model"]))
-    load_flat_params(net, params, buffers)
-    net = net.to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
-
-
 @torch.no_grad()
 def embed_images(net: torch.nn.Module, images: torch.Tensor, *, batch: int, device: torch.device) -> torch.Tensor:
     """Features ``net.embed`` of ``images`` [N, C, H, W], computed in batches (float32, on ``device``)."""
@@ -256,8 +227,8 @@ class CoresetMethod(CondensationMethod):
 @register_method
 class RandomCoreset(CoresetMethod):
     name = "random"
+    label = "Random"
     config_cls = RandomConfig
-    needs_store = False
 
     def _space(self) -> torch.Tensor:
         return self.train.images.flatten(1)  # pixels: random selection loads no network
@@ -269,28 +240,17 @@ class RandomCoreset(CoresetMethod):
 class ExpertCoreset(CoresetMethod):
     """Selection in the embedding of a farmed expert's final snapshot."""
 
-    needs_store = True
-
     def __init__(self, config, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
-        cfg = self.config
-        self.expert = find_expert(store, cfg.dataset, train.info, trajectory=cfg.trajectory,
-                                  kind=cfg.expert_kind, model=cfg.model)
+        self.expert = self.inputs.find(self.config.needs()[0])[0]
         self._features: torch.Tensor | None = None
 
     @property
     def features(self) -> torch.Tensor:
         """Expert features of every training image [N, d] (computed once; L2-normalised if configured)."""
         if self._features is None:
-            net = load_expert_network(self.store, self.expert, self.device)
-            images = self.train.images
-            ds = self.expert.meta["dataset"]
-            if ds.get("zca"):
-                from ..data.zca import ZCAWhitening
-
-                per_class = ds.get("train_per_class")
-                base = self.train.per_class(per_class, seed=0) if per_class else self.train
-                images = ZCAWhitening(eps=0.1).fit(base.images).transform(images)  # the farm's fit
+            net = self.inputs.network(self.expert, self.device)
+            images = self.inputs.training_view(self.expert.meta).model_space(self.train.images)  # the farm's ZCA
             batch = self.config.embed_batch or self._default_embed_batch(images)
             feats = embed_images(net, images, batch=batch, device=self.device)
             if self.config.normalize:
@@ -330,6 +290,7 @@ class ExpertCoreset(CoresetMethod):
 @register_method
 class HerdingCoreset(ExpertCoreset):
     name = "herding"
+    label = "Herding"
     config_cls = HerdingConfig
 
     def _select_class(self, features: torch.Tensor) -> torch.Tensor:
@@ -339,6 +300,7 @@ class HerdingCoreset(ExpertCoreset):
 @register_method
 class KCenterCoreset(ExpertCoreset):
     name = "kcenter"
+    label = "K-Center"
     config_cls = KCenterConfig
 
     def _select_class(self, features: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ per class, i.e. ``calib_weight = num_classes`` reproduces its gradient scale).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,10 +32,11 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
+from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import ImageDataset
-from ..data.dsa import DSA, DSAConfig
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, Scale, StepMeter, clone_tree, register_method
+from .inputs import StoreInputs, TrajectoryNeed
 from .synthetic import SyntheticSet
 
 MATCH_DSA = "color_crop_cutout"  # IDC/DANCE condensation augmentation (arg_condense.py aug_type)
@@ -114,13 +116,26 @@ class PretrainedDMConfig(MethodConfig):
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     expert_kind: str = "pretrain"  # store kind of the experts (farm recipe 'pretrain')
 
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple(
+        (d, i) for d in ("fashion_mnist", "cifar10", "cifar100") for i in (1, 10, 50))
+
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """``num_experts`` pre-trained experts, each storing its initialisation (epoch 0) and its trained weights."""
+        return (TrajectoryNeed("pretrain", "pre-trained experts", kinds=(self.expert_kind,), count=self.num_experts,
+                               model=self.model, zca=False),)
+
+    def scaled(self, scale: Scale) -> "PretrainedDMConfig":
+        """At most ``scale.counts['pretrain']`` experts."""
+        return dataclasses.replace(self, num_experts=min(self.num_experts, scale.counts.get("pretrain",
+                                                                                          self.num_experts)))
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "factor", low=1)
-        check_range(self, "lr_img", low=0, low_inclusive=False)
-        check_range(self, "img_momentum", low=0, high=1, high_inclusive=False)
+        self.check("factor", low=1)
+        self.check("lr_img", low=0, low_open=True)
+        self.check("img_momentum", low=0, high=1, high_open=True)
         for key in ("num_experts", "batch_real", "batch_syn_max"):
-            check_range(self, key, low=1)
+            self.check(key, low=1)
         if self.pix_init not in ("real", "noise"):
             raise ValueError(f"{type(self).__name__}.pix_init={self.pix_init!r} is invalid: accepted real, noise")
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
@@ -141,12 +156,15 @@ class DANCEConfig(PretrainedDMConfig):
 
     aliases: ClassVar[dict[str, str]] = {"lam": "lam_max"}
     default_iterations: ClassVar[int] = 10000  # reference reproduce_condense.py niter
+    reported: ClassVar[dict[tuple[str, int], float]] = {
+        ("fashion_mnist", 1): 81.5, ("fashion_mnist", 10): 86.3, ("fashion_mnist", 50): 86.9,
+        ("cifar10", 1): 47.1, ("cifar10", 10): 70.8, ("cifar10", 50): 76.1}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "lam_max", low=0, high=1, low_inclusive=False)
-        check_range(self, "calib_interval", low=0)
-        check_range(self, "calib_weight", low=0)
+        self.check("lam_max", low=0, high=1, low_open=True)
+        self.check("calib_interval", low=0)
+        self.check("calib_weight", low=0)
 
 
 # --------------------------------------------------------------------------- experts
@@ -158,42 +176,21 @@ class PretrainedExpert:
     final_epoch: int
 
 
-def load_pretrained_experts(store, config: PretrainedDMConfig, train: ImageDataset, device: torch.device
+def load_pretrained_experts(inputs: StoreInputs, config: PretrainedDMConfig, device: torch.device
                             ) -> tuple[list[PretrainedExpert], dict]:
-    """The first ``num_experts`` experts of ``store`` (sorted by path) with their initial and final weights."""
-    cfg = config
-    filters = {"dataset": cfg.dataset, "kind": cfg.expert_kind, "model": cfg.model}
-    shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
-    hint = (f"raydd farm --recipe pretrain --dataset {cfg.dataset} --store {store.root} "
-            f"--trajectories {cfg.num_experts}")
-    infos = store.list(**filters)
-    if not infos:
-        raise ValueError(f"no trajectories in store {store.root} match {shown}; farm pre-trained experts first: {hint}")
-    models = sorted({i.model_name for i in infos})
-    if len(models) > 1:
-        raise ValueError(f"store {store.root} holds experts matching {shown} for several models {models}: "
-                         f"choose one with --set model=NAME")
-    if any(i.meta["dataset"].get("zca", False) for i in infos):
-        raise ValueError(f"experts matching {shown} in {store.root} were trained on ZCA-whitened data: this "
-                         f"method matches in the normalised pixel space; farm them without --zca")
+    """The first ``num_experts`` experts of the store (sorted by path) with their initial and final weights."""
+    (need,) = config.needs()
+    infos = inputs.find(need)
     usable = [i for i in infos if 0 in i.epochs and max(i.epochs) > 0]
-    if len(usable) < cfg.num_experts:
-        raise ValueError(f"num_experts={cfg.num_experts} but only {len(usable)} of the {len(infos)} trajectories "
-                         f"matching {shown} in {store.root} store both epoch 0 and a trained epoch: lower "
-                         f"num_experts with --set or farm more: {hint}")
-    spec, info = infos[0].meta["model"], train.info
-    if (spec["channels"], spec["num_classes"], tuple(spec["resolution"])) != \
-            (info.channels, info.num_classes, tuple(info.resolution)):
-        raise ValueError(f"experts ({spec['name']}: {spec['channels']}ch, {tuple(spec['resolution'])}, "
-                         f"{spec['num_classes']} classes) do not fit the training data {info.name} "
-                         f"({info.channels}ch, {tuple(info.resolution)}, {info.num_classes} classes)")
+    if len(usable) < config.num_experts:
+        raise inputs.missing(f"num_experts={config.num_experts} but only {len(usable)} of the {len(infos)} "
+                             f"trajectories matching {need.filters(config.dataset)} in {inputs.store.root} store "
+                             f"both epoch 0 and a trained epoch: lower num_experts with --set or farm more")
     experts = []
-    for entry in usable[:cfg.num_experts]:
-        with store.open(entry.trajectory_id) as traj:
-            last = max(traj.epochs)
-            experts.append(PretrainedExpert(
-                entry.trajectory_id, traj.params(0, dtype=torch.float32).to(device, copy=True),
-                traj.params(last, dtype=torch.float32).to(device, copy=True), last))
+    for entry in usable[:config.num_experts]:
+        last = max(entry.epochs)
+        experts.append(PretrainedExpert(entry.trajectory_id, inputs.params(entry.trajectory_id, 0, device),
+                                        inputs.params(entry.trajectory_id, last, device), last))
     return experts, infos[0].meta
 
 
@@ -202,8 +199,6 @@ class PretrainedDM(CondensationMethod):
     """Factored synthetic set + pre-trained experts + per-class feature-mean matching (DANCE, PTLM)."""
 
     config_cls: ClassVar[type[MethodConfig]] = PretrainedDMConfig
-    needs_store = True
-    farm_recipe: ClassVar[str] = "pretrain"  # the farm recipe that writes the experts it reads
 
     def __init__(self, config: PretrainedDMConfig, train: ImageDataset, store=None, *, device="auto",
                  seed: int = 0) -> None:
@@ -220,7 +215,7 @@ class PretrainedDM(CondensationMethod):
                              f"initialise, but the smallest class of {info.name} has {smallest}: use "
                              f"ipc <= {smallest // self.factor ** 2} or --set factor=1")
         self.lr_img = cfg.lr_img if cfg.lr_img is not None else (0.01 if max(info.resolution) <= 64 else 0.1) * cfg.ipc
-        self.experts, self.expert_meta = load_pretrained_experts(store, cfg, train, self.device)
+        self.experts, self.expert_meta = load_pretrained_experts(self.inputs, cfg, self.device)
         self.model_spec = ModelSpec.from_dict(self.expert_meta["model"])
         with torch.random.fork_rng(devices=[]):  # the network's own init is never used: weights come from the store
             torch.manual_seed(seed)
@@ -229,8 +224,8 @@ class PretrainedDM(CondensationMethod):
         if self.flat_model.layout.numel != self.experts[0].final.numel():
             raise ValueError(f"experts store {self.experts[0].final.numel()} parameters but {self.model_spec.name} "
                              f"has {self.flat_model.layout.numel}: the store metadata and the model code disagree")
-        dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy, single_per_call=not cfg.dsa_all_ops)
-        self.dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip()) if cfg.dsa else None
+        self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=info.flip_ok, single_per_call=not cfg.dsa_all_ops) \
+            if cfg.dsa else None
         mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(info.std, dtype=torch.float32, device=self.device)
         self._pixel_low, self._pixel_high = ((0 - mean) / std).view(1, -1, 1, 1), ((1 - mean) / std).view(1, -1, 1, 1)
@@ -404,6 +399,7 @@ class PretrainedDM(CondensationMethod):
 @register_method
 class DANCE(PretrainedDM):
     name = "dance"
+    label = "DANCE"
     config_cls = DANCEConfig
 
     def mid_encoder(self, expert: PretrainedExpert, lam: float) -> torch.Tensor:

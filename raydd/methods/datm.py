@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from ..models import build_model, load_flat_params
-from .base import StepMeter, check_range, clone_tree, register_method
+from .base import StepMeter, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
 
@@ -93,13 +93,34 @@ class DATMConfig(MTTConfig):
     label_epoch: int | None = None  # expert snapshot for selection and label logits; None: each expert's last
 
     default_iterations: ClassVar[int] = 10000
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple(_PUBLISHED)
+    reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM Table 1 (METHODS.md)
+        ("cifar10", 1): 46.9, ("cifar10", 10): 66.8, ("cifar10", 50): 76.1}
+
+    def for_run(self, iterations: int) -> "DATMConfig":
+        """The window grows over the same fraction of a run of ``iterations`` as in the published row
+        (``expansion_end_epoch`` of ``default_iterations``: CIFAR-10 IPC 10, 1000 of 10000)."""
+        super().for_run(iterations)  # validates
+        fraction = iterations / type(self).default_iterations
+        return dataclasses.replace(self, expansion_end_epoch=max(1, round(self.expansion_end_epoch * fraction)))
+
+    def _window_for(self, epochs: int) -> dict[str, Any]:
+        """MTT's window, with [min_start_epoch, T0) kept inside it and T0/T+ keeping its ratio."""
+        out = super()._window_for(epochs)
+        top = out["max_start_epoch"]
+        low = min(self.min_start_epoch, top - 1)
+        out["min_start_epoch"] = low
+        if self.current_max_start_epoch is not None:
+            cur = round(self.current_max_start_epoch * top / self.max_start_epoch)
+            out["current_max_start_epoch"] = min(top, max(low + 1, cur))
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pix_init != "real":
             raise ValueError(f"{type(self).__name__}.pix_init={self.pix_init!r} is invalid: DATM initialises S "
                              f"from real images and the experts' logits on them (accepted: real)")
-        check_range(self, "min_start_epoch", low=0)
+        self.check("min_start_epoch", low=0)
         upper0 = self.max_start_epoch if self.current_max_start_epoch is None else self.current_max_start_epoch
         if self.current_max_start_epoch is not None and not (
                 self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch):
@@ -109,11 +130,11 @@ class DATMConfig(MTTConfig):
         if self.min_start_epoch >= upper0:
             raise ValueError(f"{type(self).__name__}.min_start_epoch={self.min_start_epoch} is invalid: expected "
                              f"< max_start_epoch ({self.max_start_epoch})")
-        check_range(self, "expansion_end_epoch", low=1)
-        check_range(self, "lr_y", low=0)
-        check_range(self, "label_momentum", low=0, high=1, high_inclusive=False)
-        check_range(self, "threshold", low=0, low_inclusive=False)
-        check_range(self, "label_epoch", low=0)
+        self.check("expansion_end_epoch", low=1)
+        self.check("lr_y", low=0)
+        self.check("label_momentum", low=0, high=1, high_open=True)
+        self.check("threshold", low=0, low_open=True)
+        self.check("label_epoch", low=0)
 
     @classmethod
     def defaults(cls, dataset: str, ipc: int) -> "DATMConfig":
@@ -137,6 +158,7 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
 @register_method
 class DATM(MTT):
     name = "datm"
+    label = "DATM"
     config_cls = DATMConfig
     label_batch = 1024  # images per forward pass when the experts label the real data
 
@@ -153,10 +175,10 @@ class DATM(MTT):
         if not any(cfg.min_start_epoch <= s < upper for e in experts for s in e.starts):
             raise ValueError(f"no expert stores epochs t and t+{cfg.expert_epochs} for some t in the initial window "
                              f"[{cfg.min_start_epoch}, {upper}): lower min_start_epoch or farm longer experts: "
-                             f"{self._farm_hint(cfg.zca)}")
+                             f"{self.inputs.farm_command()}")
         if cfg.label_epoch is not None:
             lacking = [e.trajectory_id for e in experts
-                       if cfg.label_epoch not in self._trajectory(e.trajectory_id).epochs]
+                       if cfg.label_epoch not in self.inputs.open(e.trajectory_id).epochs]
             if lacking:
                 raise ValueError(f"label_epoch={cfg.label_epoch} is not stored in {len(lacking)} of the {len(experts)} "
                                  f"experts (e.g. {lacking[0]}): use --set label_epoch=null (each expert's last epoch)")
@@ -176,7 +198,7 @@ class DATM(MTT):
 
     # ------------------------------------------------------------------ soft-label initialisation (a)
     def _label_epoch(self, trajectory_id: str) -> int:
-        traj = self._trajectory(trajectory_id)
+        traj = self.inputs.open(trajectory_id)
         return max(traj.epochs) if self.config.label_epoch is None else self.config.label_epoch
 
     @torch.no_grad()
@@ -186,7 +208,7 @@ class DATM(MTT):
             with torch.random.fork_rng(devices=[]):  # its random init is overwritten by every snapshot
                 torch.manual_seed(self.seed)
                 self._label_net = build_model(self.model_spec).to(self.device).eval()
-        traj, epoch = self._trajectory(trajectory_id), self._label_epoch(trajectory_id)
+        traj, epoch = self.inputs.open(trajectory_id), self._label_epoch(trajectory_id)
         buffers = traj.buffers(epoch, dtype=torch.float32)
         load_flat_params(self._label_net, self._params(trajectory_id, epoch),
                          None if buffers is None else buffers.to(self.device))

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data.dsa import DSA
-from .base import check_range, clone_tree, register_method
+from ..data.augment import DSA
+from .base import clone_tree, register_method
 from .datm import DATM, DATMConfig, published_row, soft_cross_entropy
 
 STRATEGIES = ("fusion", "update")
@@ -96,18 +96,21 @@ class DATMCLRConfig(DATMConfig):
     head_momentum: float = 0.5
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "con_weight", "tau": "temperature", "lam": "update_weight"}
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple((d, i) for d in MULTIPLE_VIEW_DATASETS for i in (1, 10, 50))
+    reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM-CLR Table 1
+        ("cifar10", 1): 53.0, ("cifar10", 10): 70.2, ("cifar10", 50): 77.6}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"DATMCLRConfig.strategy={self.strategy!r} is invalid: accepted {', '.join(STRATEGIES)}")
-        check_range(self, "temperature", low=0, low_inclusive=False)
+        self.check("temperature", low=0, low_open=True)
         for key in ("con_weight", "tm_weight", "update_weight", "lr_head"):
-            check_range(self, key, low=0)
+            self.check(key, low=0)
         for key in ("inner_momentum", "head_momentum"):
-            check_range(self, key, low=0, high=1, high_inclusive=False)
-        check_range(self, "proj_dim", low=1)
-        check_range(self, "proj_hidden", low=1)
+            self.check(key, low=0, high=1, high_open=True)
+        self.check("proj_dim", low=1)
+        self.check("proj_hidden", low=1)
         if not self.dsa or self.dsa_strategy.strip().lower() == "none":
             raise ValueError("DATMCLRConfig.dsa=False is invalid: the two views of the contrastive loss (eq. 2) are "
                              "DSA augmentations; accepted: dsa=True with a non-empty dsa_strategy")
@@ -123,6 +126,7 @@ class DATMCLRConfig(DATMConfig):
 @register_method
 class DATMCLR(DATM):
     name = "datm_clr"
+    label = "DATM-CLR"
     config_cls = DATMCLRConfig
 
     def __init__(self, config: DATMCLRConfig, train, store=None, *, device="auto", seed: int = 0) -> None:

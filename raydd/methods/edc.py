@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..evaluate_edc import apply_affine, random_resized_crop_params
-from ..models import ModelSpec, build_model, load_flat_params
-from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
+from ..data.augment import apply_affine, random_resized_crop_params
+from .base import CondensationMethod, MethodConfig, StepMeter, clone_tree, register_method
+from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 
 TURNS = ("round_robin", "all")
@@ -73,20 +73,31 @@ class EDCConfig(MethodConfig):
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "alpha", "tau": "tau"}
     default_iterations: ClassVar[int] = 2000
+    horizon: ClassVar[str] = "iterations"  # the cosine lr runs over the run's own length
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple((d, i) for d in ("cifar10", "cifar100") for i in (1, 10, 50))
+    reported: ClassVar[dict[tuple[str, int], float]] = {  # EDC, ResNet-18 (METHODS.md)
+        ("cifar10", 1): 32.6, ("cifar10", 10): 79.1, ("cifar10", 50): 87.0}
+
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """BatchNorm observers (their final weights and running statistics): every matching one, or the
+        ``observers`` ids; any models (the paper mixes ResNet-18, ConvNet and others)."""
+        return (TrajectoryNeed("observer", "observers", kinds=(self.observer_kind,), model=self.model, zca=False,
+                               norm="batch", ids=self.observer_ids and tuple(self.observer_ids), one_model=False,
+                               farm_model=(("arch", "resnet18"),)),)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "alpha", low=0, high=1)
-        check_range(self, "tau", low=0, low_inclusive=False)
-        check_range(self, "ema_beta", low=0, high=1, high_inclusive=False)
+        self.check("alpha", low=0, high=1)
+        self.check("tau", low=0, low_open=True)
+        self.check("ema_beta", low=0, high=1, high_open=True)
         for key in ("flatness_weight", "stat_weight", "first_bn_multiplier", "ce_weight"):
-            check_range(self, key, low=0)
-        check_range(self, "lr", low=0, low_inclusive=False)
+            self.check(key, low=0)
+        self.check("lr", low=0, low_open=True)
         for key in ("adam_beta1", "adam_beta2"):
-            check_range(self, key, low=0, high=1, high_inclusive=False)
-        check_range(self, "iterations", low=1)
-        check_range(self, "batch_syn", low=1)
-        check_range(self, "crop_scale_min", low=0, high=1, low_inclusive=False)
+            self.check(key, low=0, high=1, high_open=True)
+        self.check("iterations", low=1)
+        self.check("batch_syn", low=1)
+        self.check("crop_scale_min", low=0, high=1, low_open=True)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"EDCConfig.lr_schedule={self.lr_schedule!r} is invalid: "
                              f"accepted {', '.join(LR_SCHEDULES)}")
@@ -157,14 +168,14 @@ def _channel_stats(feat: torch.Tensor, y: torch.Tensor, num_classes: int
 @register_method
 class EDC(CondensationMethod):
     name = "edc"
+    label = "EDC"
     config_cls = EDCConfig
-    needs_store = True
     stats_batch_size = 512  # real images per forward pass when computing the class statistics
 
     def __init__(self, config: EDCConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
         cfg, info = self.config, train.info
-        infos = self._find_observers()  # validation first: raises before any work
+        infos = self.inputs.find(config.needs()[0])  # validation first: raises before any work
         self.observers = [self._load_observer(i) for i in infos]
         counts = torch.bincount(train.labels, minlength=info.num_classes).double()
         self.class_prior = (counts / counts.sum()).float().to(self.device)  # p(c): GMM weights (Def. 3.1)
@@ -181,62 +192,12 @@ class EDC(CondensationMethod):
         self.chunks = self._chunks()
 
     # ------------------------------------------------------------------ setup
-    def _farm_hint(self) -> str:
-        return (f"raydd farm --recipe observer --norm batch --dataset {self.config.dataset} "
-                f"--store {self.store.root} --arch resnet18 (and --arch convnet)")
-
-    def _find_observers(self):
-        cfg, store = self.config, self.store
-        filters = {"dataset": cfg.dataset, "kind": cfg.observer_kind, "model": cfg.model}
-        shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
-        infos = store.list(**filters)
-        if not infos:
-            raise ValueError(f"no observers in store {store.root} match {shown}; farm BatchNorm observers first: "
-                             f"{self._farm_hint()}")
-        wanted = cfg.observer_ids
-        if wanted is not None:
-            by_id = {i.trajectory_id: i for i in infos}
-            missing = [t for t in wanted if t not in by_id]
-            if missing:
-                raise ValueError(f"observer(s) {missing} are not in store {store.root} among the {len(infos)} "
-                                 f"matching {shown}: list them with raydd store ls {store.root} --kind "
-                                 f"{cfg.observer_kind}")
-            infos = [by_id[t] for t in dict.fromkeys(wanted)]
-        info = self.train.info
-        for i in infos:
-            spec = i.meta["model"]
-            if spec.get("norm") != "batch":
-                raise ValueError(f"observer {i.trajectory_id} ({i.model_name}) has norm={spec.get('norm')!r}: EDC "
-                                 f"matches BatchNorm statistics, it needs BatchNorm observers: {self._farm_hint()}")
-            if i.meta["dataset"].get("zca"):
-                raise ValueError(f"observer {i.trajectory_id} was trained on ZCA-whitened images: EDC works in the "
-                                 f"dataset's normalisation; farm observers without --zca")
-            fits = (spec["channels"] == info.channels and spec["num_classes"] == info.num_classes
-                    and tuple(spec["resolution"]) == tuple(info.resolution))
-            if not fits:
-                raise ValueError(f"observer {i.trajectory_id} ({spec['name']}: {spec['channels']}ch, "
-                                 f"{tuple(spec['resolution'])}, {spec['num_classes']} classes) does not fit the "
-                                 f"training data {info.name} ({info.channels}ch, {tuple(info.resolution)}, "
-                                 f"{info.num_classes} classes)")
-        return infos
-
     def _load_observer(self, info) -> _Observer:
-        with self.store.open(info.trajectory_id) as traj:
-            epoch = max(traj.epochs)
-            params = traj.params(epoch, dtype=torch.float32).clone()
-            buffers = traj.buffers(epoch, dtype=torch.float32)
-            buffers = None if buffers is None else buffers.clone()
-        with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten: no global RNG use
-            torch.manual_seed(0)
-            net = build_model(ModelSpec.from_dict(info.meta["model"]))
+        net = self.inputs.network(info, self.device)  # final weights and BN running statistics, frozen
         bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not bn or buffers is None:
-            raise ValueError(f"observer {info.trajectory_id} ({info.model_name}) stores no BatchNorm running "
-                             f"statistics: EDC needs BatchNorm observers: {self._farm_hint()}")
-        load_flat_params(net, params, buffers)
-        net = net.to(self.device).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
+        if not bn or self.inputs.open(info.trajectory_id).buffers(max(info.epochs)) is None:
+            raise self.inputs.missing(f"observer {info.trajectory_id} ({info.model_name}) stores no BatchNorm "
+                                      f"running statistics: EDC needs BatchNorm observers")
         return _Observer(info.trajectory_id, info.model_name, net, bn)
 
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +225,10 @@ class EDC(CondensationMethod):
     def observer_models(self) -> list[nn.Module]:
         """The observer networks (eval mode, frozen), e.g. as ``teachers`` of ``evaluate_edc``."""
         return [o.net for o in self.observers]
+
+    def teacher_models(self) -> list[nn.Module]:
+        """The observers relabel batches under the EDC evaluation protocol (``teachers: true``)."""
+        return self.observer_models()
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()

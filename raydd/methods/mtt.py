@@ -17,17 +17,18 @@ accumulates into the two leaves only (not into θ̂_0).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
 
-from ..data.dsa import DSA, DSAConfig
+from ..data.augment import DSAConfig, make_dsa
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, StepMeter, check_range, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, Scale, StepMeter, clone_tree, register_method
+from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
@@ -75,18 +76,42 @@ class MTTConfig(MethodConfig):
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "syn_lr_init"}
     default_iterations: ClassVar[int] = 5000
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple(_PUBLISHED)
+    reported: ClassVar[dict[tuple[str, int], float]] = {  # MTT Table 1
+        ("cifar10", 1): 46.3, ("cifar10", 10): 65.3, ("cifar10", 50): 71.6, ("cifar100", 1): 24.3}
+    matched_recipe: ClassVar[str] = "expert"  # the farm recipe whose trajectories are matched
+    matched_role: ClassVar[str] = "experts"
+
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """Expert trajectories storing epochs 0..max_start_epoch + expert_epochs (the window it samples)."""
+        return (TrajectoryNeed(self.matched_recipe, self.matched_role, kinds=(self.expert_kind,),
+                               epochs=self.max_start_epoch + self.expert_epochs, model=self.model, zca=self.zca,
+                               zca_knob=True),)
+
+    def scaled(self, scale: Scale) -> "MTTConfig":
+        """N capped at ``scale.syn_steps``; the start-epoch window shrunk to experts of
+        ``scale.epochs[matched_recipe]`` epochs (θ*_t and θ*_{t+M} stored: t < T+ <= E − M + 1)."""
+        changes: dict[str, Any] = {"syn_steps": min(self.syn_steps, scale.syn_steps)}
+        epochs = scale.epochs.get(self.matched_recipe)
+        if epochs is not None:
+            changes.update(self._window_for(epochs))
+        return dataclasses.replace(self, **changes)
+
+    def _window_for(self, epochs: int) -> dict[str, Any]:
+        m = min(self.expert_epochs, max(1, epochs - 1))
+        return {"expert_epochs": m, "max_start_epoch": max(1, min(self.max_start_epoch, epochs - m + 1))}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "syn_steps", low=1)
-        check_range(self, "expert_epochs", low=1)
-        check_range(self, "max_start_epoch", low=1)
+        self.check("syn_steps", low=1)
+        self.check("expert_epochs", low=1)
+        self.check("max_start_epoch", low=1)
         for key in ("lr_img", "lr_lr"):
-            check_range(self, key, low=0)
-        check_range(self, "syn_lr_init", low=0, low_inclusive=False)
+            self.check(key, low=0)
+        self.check("syn_lr_init", low=0, low_open=True)
         for key in ("img_momentum", "lr_momentum"):
-            check_range(self, key, low=0, high=1, high_inclusive=False)
-        check_range(self, "batch_syn", low=1)
+            self.check(key, low=0, high=1, high_open=True)
+        self.check("batch_syn", low=1)
         if self.pix_init not in ("real", "noise"):
             raise ValueError(f"MTTConfig.pix_init={self.pix_init!r} is invalid: accepted real, noise")
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
@@ -165,28 +190,30 @@ class _SavedTensorMeter:
 @register_method
 class MTT(CondensationMethod):
     name = "mtt"
+    label = "MTT"
     config_cls = MTTConfig
-    needs_store = True
-    max_open_trajectories = 32
 
     def __init__(self, config: MTTConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
-        self._open: dict[str, Any] = {}  # trajectory id -> open Trajectory (LRU order)
-        self.experts, meta = self._find_experts()  # validation: raises before any work
+        self._build()
+
+    def _build(self) -> None:
+        """Everything after the base checks: experts (validated before any work), student, S, α, optimisers."""
+        cfg = self.config
+        self.experts, meta = self._find_experts()
         self.expert_meta = meta
+        self._check_trained_data(meta)
         self.zca_whitening = self._fit_zca(meta) if self.uses_zca else None
         self.model_spec = ModelSpec.from_dict(meta["model"])
         with torch.random.fork_rng(devices=[]):  # the student's own init is never used: θ̂_0 = θ*_t
-            torch.manual_seed(seed)
+            torch.manual_seed(self.seed)
             self.student = build_model(self.model_spec).to(self.device).train()
         self.flat_model = FlatModel(self.student)
         stored = sum(math.prod(s) for _, s in meta["param_layout"])
         if self.flat_model.layout.numel != stored:
             raise ValueError(f"experts store {stored} parameters but {self.model_spec.name} has "
                              f"{self.flat_model.layout.numel}: the store metadata and the model code disagree")
-        cfg = self.config
-        dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy)
-        self.dsa = DSA(dsa_cfg if train.info.flip_ok else dsa_cfg.without_flip()) if cfg.dsa else None
+        self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=self.train.info.flip_ok) if cfg.dsa else None
         self.images, self.labels = self._init_synthetic()
         self.images.requires_grad_(True)
         alpha0 = cfg.syn_lr_init if cfg.syn_lr_init is not None else self._expert_lr()
@@ -199,36 +226,13 @@ class MTT(CondensationMethod):
     def uses_zca(self) -> bool:
         return bool(self.expert_meta["dataset"].get("zca", False))
 
-    def _farm_hint(self, zca: bool | None) -> str:
-        cfg = self.config
-        cmd = (f"raydd farm --recipe expert --dataset {cfg.dataset} --store {self.store.root} "
-               f"--epochs {cfg.max_start_epoch + cfg.expert_epochs}")
-        return cmd + (" --zca" if zca else "")
+    @property
+    def matched_need(self) -> TrajectoryNeed:
+        return self.config.needs()[-1]  # the trajectories it matches (SSD's come after their teacher)
 
     def _find_experts(self) -> tuple[list[_Expert], dict]:
-        cfg, store = self.config, self.store
-        filters = {"dataset": cfg.dataset, "kind": cfg.expert_kind, "model": cfg.model}
-        shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
-        infos = store.list(**filters)
-        if not infos:
-            raise ValueError(f"no trajectories in store {store.root} match {shown}; farm experts first: "
-                             f"{self._farm_hint(cfg.zca)}")
-        zca_of = {i.trajectory_id: bool(i.meta["dataset"].get("zca", False)) for i in infos}
-        if cfg.zca is not None:
-            matching = [i for i in infos if zca_of[i.trajectory_id] == cfg.zca]
-            if not matching:
-                space = "with" if not cfg.zca else "without"
-                raise ValueError(f"zca={cfg.zca} but the {len(infos)} experts matching {shown} in {store.root} were "
-                                 f"trained {space} ZCA whitening: use --set zca={str(not cfg.zca).lower()} or farm "
-                                 f"experts in the same space: {self._farm_hint(cfg.zca)}")
-            infos = matching
-        elif len(set(zca_of.values())) > 1:
-            raise ValueError(f"store {store.root} holds experts matching {shown} both with and without ZCA: "
-                             f"choose one space with --set zca=true or --set zca=false")
-        models = sorted({i.model_name for i in infos})
-        if len(models) > 1:
-            raise ValueError(f"store {store.root} holds experts matching {shown} for several models {models}: "
-                             f"choose one with --set model=NAME")
+        cfg, need = self.config, self.matched_need
+        infos = self.inputs.find(need)
         M, T = cfg.expert_epochs, cfg.max_start_epoch
         experts = []
         for info in infos:
@@ -238,35 +242,17 @@ class MTT(CondensationMethod):
                 experts.append(_Expert(info.trajectory_id, info.path, starts, info.meta["recipe_config"].get("lr")))
         if not experts:
             longest = max(max(i.epochs) for i in infos)
-            raise ValueError(f"none of the {len(infos)} experts matching {shown} in {store.root} stores epochs t and "
-                             f"t+{M} for some t < {T} (longest stores up to epoch {longest}): lower max_start_epoch/"
-                             f"expert_epochs with --set, or farm longer experts: {self._farm_hint(cfg.zca)}")
-        meta = infos[0].meta
-        self._check_data(meta)
-        return experts, meta
+            raise self.inputs.missing(
+                f"none of the {len(infos)} {need.role} matching {need.filters(cfg.dataset)} in {self.store.root} "
+                f"stores epochs t and t+{M} for some t < {T} (longest stores up to epoch {longest}): lower "
+                f"max_start_epoch/expert_epochs with --set, or farm longer {need.role}")
+        return experts, infos[0].meta
 
-    def _check_data(self, meta: dict) -> None:
-        info, spec = self.train.info, meta["model"]
-        fits = (spec["channels"] == info.channels and spec["num_classes"] == info.num_classes
-                and tuple(spec["resolution"]) == tuple(info.resolution))
-        if not fits:
-            raise ValueError(f"experts ({spec['name']}: {spec['channels']}ch, {tuple(spec['resolution'])}, "
-                             f"{spec['num_classes']} classes) do not fit the training data {info.name} "
-                             f"({info.channels}ch, {tuple(info.resolution)}, {info.num_classes} classes): "
-                             f"load the dataset at the experts' resolution")
-        expected = meta["dataset"].get("fingerprint")
-        per_class = meta["dataset"].get("train_per_class")
-        seen = self.train.per_class(per_class, seed=0) if per_class else self.train  # what the farm trained on
-        if expected and not meta["dataset"].get("zca") and seen.fingerprint() != expected:
-            warnings.warn(f"the training data differs from the data the experts were trained on "
-                          f"(fingerprint {expected}); matching still runs", stacklevel=3)
+    def _check_trained_data(self, meta: dict) -> None:
+        self.inputs.check_fingerprint(meta, self.matched_need.role)
 
     def _fit_zca(self, meta: dict):
-        from ..data.zca import ZCAWhitening
-
-        per_class = meta["dataset"].get("train_per_class")
-        base = self.train.per_class(per_class, seed=0) if per_class else self.train
-        return ZCAWhitening(eps=0.1).fit(base.images)  # the farm's fit (raydd.farm.task.prepare_data)
+        return self.inputs.training_view(meta).zca  # the farm's fit (raydd.farm.task.prepare_data)
 
     def _expert_lr(self) -> float:
         lrs = {e.lr for e in self.experts}
@@ -292,18 +278,8 @@ class MTT(CondensationMethod):
         return images.float().to(self.device), labels.to(self.device)
 
     # ------------------------------------------------------------------ trajectories
-    def _trajectory(self, trajectory_id: str):
-        traj = self._open.pop(trajectory_id, None)
-        if traj is None:
-            traj = self.store.open(trajectory_id)
-            while len(self._open) >= self.max_open_trajectories:
-                self._open.pop(next(iter(self._open))).close()
-        self._open[trajectory_id] = traj
-        return traj
-
     def _params(self, trajectory_id: str, epoch: int) -> torch.Tensor:
-        flat = self._trajectory(trajectory_id).params(epoch, dtype=torch.float32)
-        return flat.to(self.device, copy=True)
+        return self.inputs.params(trajectory_id, epoch, self.device)
 
     def sample_expert(self) -> tuple[str, int]:
         """(trajectory id, start epoch t): a uniform expert, then a uniform stored t < max_start_epoch."""
@@ -393,7 +369,7 @@ class MTT(CondensationMethod):
             dataset={**self.train.info.to_dict(), "zca": self.uses_zca}, method=self.name,
             config=self.config.to_dict(), syn_lr=float(self.syn_lr.detach()), iteration=self._iteration,
             zca=self.zca_whitening.state_dict() if self.zca_whitening is not None else None,
-            meta={"expert_model": self.model_spec.to_dict(), "store": str(self.store.root),
+            meta={"expert_model": self.model_spec.to_dict(), "store": str(self.inputs.store.root),
                   "experts": len(self.experts), "seed": self.seed},
         )
 
@@ -422,7 +398,3 @@ class MTT(CondensationMethod):
         self.labels = state["labels"].to(self.device).clone()
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
-
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from .base import StepMeter, check_range, register_method
+from .base import StepMeter, register_method
 from .dance import PretrainedDM, PretrainedDMConfig, PretrainedExpert
 
 
@@ -56,13 +56,17 @@ class PTLMConfig(PretrainedDMConfig):
 
     aliases: ClassVar[dict[str, str]] = {"lam": "inject_scale", "tau": "sharpen_tau", "alpha": "ipc_threshold"}
     default_iterations: ClassVar[int] = 10000
+    horizon: ClassVar[str] = "total_iterations"  # |T|: a run of N iterations injects θ* fully at its end
+    reported: ClassVar[dict[tuple[str, int], float]] = {
+        ("fashion_mnist", 1): 82.5, ("fashion_mnist", 10): 87.3, ("fashion_mnist", 50): 88.7,
+        ("cifar10", 1): 48.9, ("cifar10", 10): 71.3, ("cifar10", 50): 78.1}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "inject_scale", low=0, low_inclusive=False)
-        check_range(self, "sharpen_tau", low=0, low_inclusive=False)
-        check_range(self, "ipc_threshold", low=1)
-        check_range(self, "total_iterations", low=1)
+        self.check("inject_scale", low=0, low_open=True)
+        self.check("sharpen_tau", low=0, low_open=True)
+        self.check("ipc_threshold", low=1)
+        self.check("total_iterations", low=1)
 
 
 def injection_ratio(t: int, total: int, scale: float) -> float:
@@ -90,6 +94,7 @@ def capacity_mask(sim: torch.Tensor, progress: float, *, typical: bool) -> torch
 @register_method
 class PTLM(PretrainedDM):
     name = "ptlm"
+    label = "PTLM"
     config_cls = PTLMConfig
 
     @property

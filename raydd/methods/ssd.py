@@ -25,7 +25,6 @@ pseudo-labels.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,9 +33,8 @@ from torch.nn import functional as F
 
 from ..data.datasets import ImageDataset
 from ..data.semisup import SemiSupervisedSplit, semi_supervised_split
-from ..models import ModelSpec, build_model, load_flat_params
-from ..training import resolve_device
-from .base import check_range, register_method
+from .base import CondensationMethod, check_ipc, register_method
+from .inputs import TrajectoryNeed
 from .mtt import MTT, MTTConfig
 from .synthetic import SyntheticSet
 
@@ -66,6 +64,21 @@ class SSDConfig(MTTConfig):
     pseudo_threshold: float = 0.0  # top-ups need teacher confidence >= this (not in the paper: 0 = any)
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "syn_lr_init"}
+    published: ClassVar[tuple[tuple[str, int], ...]] = tuple(
+        (d, i) for d in ("mnist", "fashion_mnist", "cifar10") for i in (1, 10, 50))  # [SSD] Table 1, 10% labels
+    reported: ClassVar[dict[tuple[str, int], float]] = {
+        ("mnist", 1): 91.18, ("mnist", 10): 97.35, ("mnist", 50): 99.08,
+        ("fashion_mnist", 1): 77.41, ("fashion_mnist", 10): 87.59, ("fashion_mnist", 50): 90.56,
+        ("cifar10", 1): 42.19, ("cifar10", 10): 58.67, ("cifar10", 50): 63.27}
+    matched_recipe: ClassVar[str] = STUDENT_RECIPE
+    matched_role: ClassVar[str] = "student trajectories"
+
+    def needs(self) -> tuple[TrajectoryNeed, ...]:
+        """A FixMatch teacher (ResNet-18 in the paper), then its dual-consistency students storing epochs
+        0..max_start_epoch + expert_epochs."""
+        teacher = TrajectoryNeed(TEACHER_RECIPE, "teacher", ids=(self.teacher,) if self.teacher else None,
+                                 zca=self.zca, farm_model=(("arch", "resnet18"),))
+        return (teacher, *super().needs())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,7 +90,7 @@ class SSDConfig(MTTConfig):
         if self.teacher is not None and not self.teacher.strip():
             raise ValueError(f"SSDConfig.teacher={self.teacher!r} is invalid: expected an {TEACHER_RECIPE} "
                              f"trajectory id or None (the students' teacher)")
-        check_range(self, "pseudo_threshold", low=0, high=1)
+        self.check("pseudo_threshold", low=0, high=1)
         if self.pix_init == "noise" and self.syn_labels != "hard":
             raise ValueError(f"SSDConfig.syn_labels={self.syn_labels!r} is invalid with pix_init='noise': the "
                              f"teacher's predictions on noise do not give a class-balanced S (accepted: hard)")
@@ -87,139 +100,99 @@ class SSDConfig(MTTConfig):
         return dataclasses.replace(super().defaults(dataset, ipc), syn_lr_init=None)
 
 
-class _StudentStore:
-    """The store as MTT sees it: ``list`` only returns the ssd_student trajectories of one teacher."""
-
-    def __init__(self, store, teacher_id: str) -> None:
-        self._store, self.teacher_id = store, teacher_id
-
-    def list(self, **filters):
-        filters["recipe"] = STUDENT_RECIPE
-        return [i for i in self._store.list(**filters) if _teacher_of(i) == self.teacher_id]
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
-
-
 def _teacher_of(info) -> str | None:
     return info.meta.get("recipe_config", {}).get("teacher")
-
-
-def farm_commands(dataset: str, store_root, epochs: int, zca: bool | None = None) -> str:
-    """The two farm commands that make what SSD matches: a FixMatch teacher, then its students."""
-    z = " --zca" if zca else ""
-    return (f"raydd farm --recipe {TEACHER_RECIPE} --arch resnet18 --dataset {dataset} --store {store_root} "
-            f"--trajectories 1{z}, then raydd farm --recipe {STUDENT_RECIPE} --dataset {dataset} "
-            f"--store {store_root} --epochs {epochs}{z}")
 
 
 @register_method
 class SSD(MTT):
     name = "ssd"
+    label = "SSD"
     config_cls = SSDConfig
     teacher_batch = 1024  # images per teacher forward pass when pseudo-labelling
 
     def __init__(self, config: SSDConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
-        if not isinstance(config, SSDConfig):
-            raise ValueError(f"ssd needs an SSDConfig, got {type(config).__name__}; "
-                             f"build one with make_config('ssd', dataset, ipc, ...)")
-        if not isinstance(train, ImageDataset):
-            raise ValueError(f"train must be an ImageDataset, got {type(train).__name__}")
-        if config.dataset != train.info.name:
-            raise ValueError(f"config is for dataset {config.dataset!r} but the training data is {train.info.name!r}")
-        if store is None:
-            raise ValueError("ssd reads student trajectories and their teacher: pass a TrajectoryStore (--store ROOT)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
-        # Everything MTT's __init__ needs from the teacher is prepared here, before it runs.
-        self.config, self.trajectory_store, self._info = config, store, train.info
-        self.teacher_id = self._find_teacher(store)
-        self.store = _StudentStore(store, self.teacher_id)
+        # The base checks run on the real data; the teacher, the students' split and the pseudo-labelled
+        # pool are prepared before MTT's setup (``_build``) runs on that pool.
+        CondensationMethod.__init__(self, config, train, store, device=device, seed=seed)
+        self.teacher_id = self._find_teacher()
+        self._student_need = dataclasses.replace(super().matched_need, recipe_config=(("teacher", self.teacher_id),))
         self._found = super()._find_experts()  # MTT's checks (zca, model, stored epochs) before any work
         student_meta = self._found[1]  # the students of one teacher share its data and split
         self.labelled_fraction = student_meta["recipe_config"]["labelled_fraction"]
         self.split_seed = student_meta["recipe_config"]["split_seed"]
-        data_meta = student_meta["dataset"]
-        per_class = data_meta.get("train_per_class")
-        pool = train.per_class(per_class, seed=0) if per_class else train  # what the farm trained on
-        if not data_meta.get("zca") and data_meta.get("fingerprint") and pool.fingerprint() != data_meta["fingerprint"]:
-            warnings.warn(f"the training data differs from the data the students were trained on (fingerprint "
-                          f"{data_meta['fingerprint']}): its labelled split may differ from theirs", stacklevel=2)
+        self.inputs.check_fingerprint(student_meta, "students", "its labelled split may differ from theirs")
+        view = self.inputs.training_view(student_meta)  # the farm's pool and ZCA fit
+        pool = view.pool
         self.split: SemiSupervisedSplit = semi_supervised_split(pool.labels, self.labelled_fraction, self.split_seed)
         self._pool_images = pool.images
         labelled_y = pool.labels[self.split.labelled].clone()  # the only labels this method reads
-        self._zca = None
-        if data_meta.get("zca"):
-            from ..data.zca import ZCAWhitening
-
-            self._zca = ZCAWhitening(eps=0.1).fit(pool.images)  # the farm's fit (raydd.farm.task.prepare_data)
-        self._teacher_device = resolve_device(device)
-        self._teacher_net, self.teacher_meta = self._load_teacher(store, student_meta)
+        self._zca = view.zca
+        self._teacher_net, self.teacher_meta = self._load_teacher(student_meta)
         probs = self.teacher_probs(pool.images)  # [N, K]: the teacher on the unaugmented training pool
         self.teacher_conf, self.teacher_pred = probs.max(1)
         del probs
         visible = torch.empty_like(pool.labels)
         visible[self.split.labelled] = labelled_y
         visible[self.split.unlabelled] = self.teacher_pred[self.split.unlabelled]
+        seen = ImageDataset(pool.images, visible, pool.info, pool.split, pool.source)
         if config.pix_init == "real":
             self._check_ipc_semi(config.ipc, labelled_y, train.info.num_classes)
-        seen = ImageDataset(pool.images, visible, pool.info, pool.split, pool.source)
-        super().__init__(config, seen, self.store, device=device, seed=seed)
+        else:
+            check_ipc(config.ipc, seen)
+        self.train = seen  # SSD's view of the pool: labelled samples with labels, the others pseudo-labelled
+        self._build()
         del self._teacher_net  # only needed for the initial labels
 
-    # ------------------------------------------------------------------ students and teacher
-    def _farm_hint(self, zca: bool | None) -> str:
-        cfg = self.config
-        return farm_commands(cfg.dataset, self.trajectory_store.root, cfg.max_start_epoch + cfg.expert_epochs, zca)
+    def _check_ipc(self) -> None:
+        """IPC is checked against the semi-supervised pool once the teacher has labelled it (__init__)."""
 
-    def _find_teacher(self, store) -> str:
+    def _check_trained_data(self, meta: dict) -> None:
+        """Checked in __init__ on the real pool (here the pool carries pseudo-labels)."""
+
+    # ------------------------------------------------------------------ students and teacher
+    @property
+    def matched_need(self) -> TrajectoryNeed:
+        return getattr(self, "_student_need", None) or super().matched_need
+
+    def _find_teacher(self) -> str:
         """The teacher whose ssd_student trajectories SSD matches; ValueError naming the farm commands."""
-        cfg = self.config
-        filters = {"dataset": cfg.dataset, "kind": STUDENT_KIND, "recipe": STUDENT_RECIPE, "model": cfg.model}
-        shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
-        infos = store.list(**filters)
+        cfg, need = self.config, super().matched_need
+        infos = self.inputs.list(need)
         if not infos:
-            raise ValueError(f"no student trajectories in store {store.root} match {shown}; SSD needs a teacher and "
-                             f"its students: {self._farm_hint(cfg.zca)}")
+            raise self.inputs.missing(f"no student trajectories in store {self.store.root} match "
+                                      f"{need.filters(cfg.dataset)}; SSD needs a teacher and its students")
         teachers = sorted({str(_teacher_of(i)) for i in infos})
         if cfg.teacher is not None:
             if cfg.teacher not in teachers:
-                raise ValueError(f"teacher={cfg.teacher!r} has no students in store {store.root} matching {shown}: "
-                                 f"the students there have teachers {teachers}")
+                raise ValueError(f"teacher={cfg.teacher!r} has no students in store {self.store.root} matching "
+                                 f"{need.filters(cfg.dataset)}: the students there have teachers {teachers}")
             return cfg.teacher
         if len(teachers) > 1:
-            raise ValueError(f"the students in store {store.root} matching {shown} have {len(teachers)} different "
-                             f"teachers {teachers}: pick one with --set teacher=ID")
+            raise ValueError(f"the students in store {self.store.root} matching {need.filters(cfg.dataset)} have "
+                             f"{len(teachers)} different teachers {teachers}: pick one with --set teacher=ID")
         return teachers[0]
 
-    def _load_teacher(self, store, student_meta: dict):
-        tid = self.teacher_id
+    def _load_teacher(self, student_meta: dict):
+        tid, store = self.teacher_id, self.store
         if not store.exists(tid):
-            raise ValueError(f"teacher {tid} of the students is not in store {store.root}: farm it again "
-                             f"({farm_commands(self.config.dataset, store.root, 1)})")
-        with store.open(tid) as traj:
-            meta = traj.meta
-            if meta.get("recipe") != TEACHER_RECIPE:
-                raise ValueError(f"teacher {tid} in store {store.root} is a {meta.get('recipe')!r} trajectory, "
-                                 f"not {TEACHER_RECIPE}")
-            if meta["dataset"].get("fingerprint") != student_meta["dataset"].get("fingerprint"):
-                raise ValueError(f"teacher {tid} was trained on other data (fingerprint "
-                                 f"{meta['dataset'].get('fingerprint')}) than its students "
-                                 f"({student_meta['dataset'].get('fingerprint')})")
-            rc = meta.get("recipe_config", {})
-            if (rc.get("labelled_fraction"), rc.get("split_seed")) != (self.labelled_fraction, self.split_seed):
-                raise ValueError(f"teacher {tid} used labelled_fraction={rc.get('labelled_fraction')}, split_seed="
-                                 f"{rc.get('split_seed')} but its students {self.labelled_fraction}, {self.split_seed}")
-            last = traj.epochs[-1]  # the final (EMA) weights and BatchNorm buffers
-            params = traj.params(last, dtype=torch.float32).clone()
-            buffers = traj.buffers(last, dtype=torch.float32)
-            buffers = buffers.clone() if buffers is not None else None
-            spec = ModelSpec.from_dict(meta["model"])
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten by the stored weights
-            torch.manual_seed(0)
-            net = build_model(spec)
-        net = load_flat_params(net, params, buffers).to(self._teacher_device).eval().requires_grad_(False)
-        return net, {"trajectory_id": tid, "model": spec.name, "epoch": last}
+            raise self.inputs.missing(f"teacher {tid} of the students is not in store {store.root}: farm it again",
+                                      self.config.needs()[0])
+        info = self.inputs.open(tid).info
+        meta = info.meta
+        if meta.get("recipe") != TEACHER_RECIPE:
+            raise ValueError(f"teacher {tid} in store {store.root} is a {meta.get('recipe')!r} trajectory, "
+                             f"not {TEACHER_RECIPE}")
+        if meta["dataset"].get("fingerprint") != student_meta["dataset"].get("fingerprint"):
+            raise ValueError(f"teacher {tid} was trained on other data (fingerprint "
+                             f"{meta['dataset'].get('fingerprint')}) than its students "
+                             f"({student_meta['dataset'].get('fingerprint')})")
+        rc = meta.get("recipe_config", {})
+        if (rc.get("labelled_fraction"), rc.get("split_seed")) != (self.labelled_fraction, self.split_seed):
+            raise ValueError(f"teacher {tid} used labelled_fraction={rc.get('labelled_fraction')}, split_seed="
+                             f"{rc.get('split_seed')} but its students {self.labelled_fraction}, {self.split_seed}")
+        net = self.inputs.network(info, self.device)  # its final (EMA) weights and BatchNorm buffers
+        return net, {"trajectory_id": tid, "model": info.model_name, "epoch": max(info.epochs)}
 
     @torch.no_grad()
     def teacher_probs(self, images: torch.Tensor, *, model_space: bool = False) -> torch.Tensor:
@@ -228,7 +201,7 @@ class SSD(MTT):
         for chunk in images.split(self.teacher_batch):
             if self._zca is not None and not model_space:
                 chunk = self._zca.transform(chunk)
-            out.append(F.softmax(self._teacher_net(chunk.to(self._teacher_device)).float(), dim=1).cpu())
+            out.append(F.softmax(self._teacher_net(chunk.to(self.device)).float(), dim=1).cpu())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ the candidates of each class
@@ -266,10 +239,6 @@ class SSD(MTT):
     # ------------------------------------------------------------------ MTT hooks
     def _find_experts(self):
         return self._found  # found and checked before MTT's __init__ ran
-
-    def _check_data(self, meta: dict) -> None:
-        # MTT's shape check; its fingerprint check would hash the pseudo-labels: done on the real pool above.
-        _check_fits(self._info, meta)
 
     def _fit_zca(self, meta: dict):
         return self._zca
@@ -316,7 +285,7 @@ class SSD(MTT):
     def synthetic_set(self) -> SyntheticSet:
         syn = super().synthetic_set()
         syn.meta.update({
-            "store": str(self.trajectory_store.root), "students": len(self.experts), "student_recipe": STUDENT_RECIPE,
+            "store": str(self.store.root), "students": len(self.experts), "student_recipe": STUDENT_RECIPE,
             "teacher": self.teacher_id, "teacher_model": self.teacher_meta["model"],
             "teacher_epoch": self.teacher_meta["epoch"], "labelled_fraction": self.labelled_fraction,
             "split_seed": self.split_seed, "num_labelled": self.split.num_labelled,
@@ -337,14 +306,3 @@ class SSD(MTT):
             raise ValueError(f"checkpoint was made with teacher {state.get('teacher')!r}, this run uses "
                              f"{self.teacher_id!r}: resume needs the same teacher and students")
         super().load_state_dict(state)
-
-
-def _check_fits(info, meta: dict) -> None:
-    """The students' model fits the data (channels, resolution, classes): one-line ValueError."""
-    spec = meta["model"]
-    if (spec["channels"], spec["num_classes"], tuple(spec["resolution"])) != \
-            (info.channels, info.num_classes, tuple(info.resolution)):
-        raise ValueError(f"students ({spec['name']}: {spec['channels']}ch, {tuple(spec['resolution'])}, "
-                         f"{spec['num_classes']} classes) do not fit the training data {info.name} "
-                         f"({info.channels}ch, {tuple(info.resolution)}, {info.num_classes} classes): "
-                         f"load the dataset at the students' resolution")

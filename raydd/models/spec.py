@@ -76,6 +76,30 @@ class ModelSpec:
         return replace(self, **changes)
 
 
+_NORM_CODES = {"in": "instance", "bn": "batch", "nn": "none"}
+
+
+def fields_from_name(name: str) -> dict[str, Any]:
+    """The ModelSpec fields a ``ModelSpec.name`` fixes (arch, depth, width, norm): the inverse of ``name``.
+
+    >>> fields_from_name("convnet3-w128-in")
+    {'arch': 'convnet', 'depth': 3, 'width': 128, 'norm': 'instance'}
+    """
+    parts = str(name).split("-")
+    try:
+        if parts[0].startswith("convnet") and len(parts) == 3 and parts[1].startswith("w"):
+            return {"arch": "convnet", "depth": int(parts[0][len("convnet"):]), "width": int(parts[1][1:]),
+                    "norm": _NORM_CODES[parts[2]]}
+        if parts[0] in ARCHITECTURES and len(parts) in (2, 3):
+            width = int(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("w") else 64
+            if len(parts) == 3 and not parts[2].startswith("w"):
+                raise ValueError
+            return {"arch": parts[0], "width": width, "norm": _NORM_CODES[parts[1]]}
+    except (KeyError, ValueError):
+        pass
+    raise ValueError(f"model name {name!r} is not a ModelSpec name such as convnet3-w128-in or resnet18-bn")
+
+
 def _check_choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"unknown model {key} {value!r}: accepted {', '.join(accepted)}")

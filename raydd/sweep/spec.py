@@ -25,54 +25,22 @@ knob fails here, not in trial 37 an hour in. Nothing here imports or starts Ray.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..evaluation import protocol_config, protocol_fields
+from ..methods import get_method, make_config
+from ..validation import check_int, is_number
+from .rungs import ASHA_VARIANTS, RUNGS, check_asha
+
 SHARED_KNOBS = ("lam", "tau", "alpha", "zeta")
 KNOB_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
-ASHA_VARIANTS = ("promotion", "stopping")  # the ASHA paper's promotion rule (raydd.asha), Ray's ASHAScheduler
-RUNGS = "rungs"  # eval_every value: evaluate exactly where ASHA decides
-_NOT_METHODS = {"base", "serial", "synthetic"}
-_IMPORT_ERRORS: dict[str, str] = {}
-
-
-def import_methods() -> dict[str, str]:
-    """Import every module of ``raydd.methods`` so its methods register; return {module: error} of failures.
-
-    A module that fails to import (e.g. a missing optional dependency) does not stop the
-    others; a spec naming one of its methods reports the import error.
-    """
-    import raydd.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_") or info.name in _NOT_METHODS or info.name in _IMPORT_ERRORS:
-            continue
-        try:
-            importlib.import_module(f"raydd.methods.{info.name}")
-        except Exception as exc:  # noqa: BLE001 - reported when a spec needs the module
-            _IMPORT_ERRORS[info.name] = f"{type(exc).__name__}: {exc}"
-    return dict(_IMPORT_ERRORS)
-
-
-def method_class(name: str):
-    """The registered method class; an unknown name lists the registered ones (and modules that failed)."""
-    from .methods.base import METHODS
-
-    import_methods()
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in METHODS:
-        broken = "".join(f"; module raydd.methods.{m} failed to import ({e})"
-                         for m, e in sorted(_IMPORT_ERRORS.items()))
-        raise ValueError(f"unknown method {name!r}: accepted {', '.join(sorted(METHODS))}{broken}")
-    return METHODS[key]
 
 
 # --------------------------------------------------------------------------- knobs
@@ -97,7 +65,7 @@ class Knob:
                 if not values:
                     raise ValueError(f"{where}.{kind} is an empty list: give at least one value")
                 return cls(kind, values)
-            if len(values) != 2 or not all(_is_number(v) for v in values):
+            if len(values) != 2 or not all(is_number(v) for v in values):
                 raise ValueError(f"{where}.{kind}={list(values)!r} is invalid: expected [low, high] (two numbers)")
             low, high = values
             if not low < high:
@@ -129,55 +97,6 @@ class Knob:
         return self.values[0] if self.kind == "const" else {self.kind: list(self.values)}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(where: str, value: Any, *, zero_ok: bool = False) -> int:
-    low = 0 if zero_ok else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{where}={value!r} is invalid: expected an integer >= {low}")
-    return value
-
-
-EVAL_PROTOCOLS = ("standard", "edc")
-
-
-def _eval_class(protocol: str):
-    if protocol == "standard":
-        from .evaluate import EvalConfig
-
-        return EvalConfig
-    if protocol == "edc":
-        from .evaluate_edc import EDCEvalConfig
-
-        return EDCEvalConfig
-    raise ValueError(f"eval protocol {protocol!r} is invalid: accepted {', '.join(EVAL_PROTOCOLS)}")
-
-
-def eval_fields(settings: dict | None) -> set[str]:
-    """The fields an evaluation protocol's config accepts (``settings['protocol']``, default standard)."""
-    cls = _eval_class((settings or {}).get("protocol", "standard"))
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def eval_config(dataset: str, settings: dict | None, **overrides: Any):
-    """The evaluation config of ``settings``: ``protocol`` standard (raydd.evaluate.EvalConfig) or edc
-    (raydd.evaluate_edc.EDCEvalConfig with the dataset's paper row), other keys its fields."""
-    settings = {**(settings or {}), **overrides}
-    protocol = settings.pop("protocol", "standard")
-    teachers = settings.pop("teachers", False)
-    cls = _eval_class(protocol)
-    if not isinstance(teachers, bool) or (teachers and protocol != "edc"):
-        raise ValueError(f"eval teachers={teachers!r} is invalid: true only with protocol edc (observer relabelling)")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown {protocol} evaluation setting(s) {unknown}: accepted protocol, "
-                         f"{'teachers, ' if protocol == 'edc' else ''}{', '.join(sorted(known))}")
-    return cls.defaults(dataset, **settings) if protocol == "edc" else cls(**settings)
-
-
 def resolve_knob(method: str, name: str, eval_settings: dict | None = None) -> tuple[str, str]:
     """Where a knob name lands: ('method', config field) or ('eval', evaluation field).
 
@@ -186,8 +105,8 @@ def resolve_knob(method: str, name: str, eval_settings: dict | None = None) -> t
     evaluation LR-smoothing ζ) when the method does not map it itself but the evaluation
     protocol has it (protocol edc). Anything else is a ValueError naming what is accepted.
     """
-    config_cls = method_class(method).config_cls
-    fields = eval_fields(eval_settings)
+    config_cls = get_method(method).config_cls
+    fields = protocol_fields(eval_settings)
     if name.startswith("eval."):
         target = name[len("eval."):]
         if target not in fields or target == "device":
@@ -207,14 +126,6 @@ def resolve_knob(method: str, name: str, eval_settings: dict | None = None) -> t
         raise ValueError(f"method {method!r} does not use the shared knob {name!r}: its shared knobs are {shared}")
     raise ValueError(f"method {method!r} has no knob {name!r}: accepted {', '.join(config_cls.knobs())}; "
                      f"shared knobs {shared}; evaluation settings as eval.<name>")
-
-
-def resolve_knob_name(method: str, name: str) -> str:
-    """The method config field a knob name sets; a name the method does not use is a ValueError."""
-    where, target = resolve_knob(method, name)
-    if where != "method":
-        raise ValueError(f"knob {name!r} is an evaluation setting, not a {method!r} knob")
-    return target
 
 
 # --------------------------------------------------------------------------- the spec
@@ -247,7 +158,7 @@ class SweepSpec:
     farm: dict[str, Any] = field(default_factory=dict)  # recipe -> FarmSpec fields, or a list of them (--farm)
 
     def __post_init__(self) -> None:
-        from .data.datasets import check_dataset_name
+        from ..data.datasets import check_dataset_name
 
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.strip() != self.name:
             raise ValueError(f"name={self.name!r} is invalid: expected a non-empty name without '/'")
@@ -255,22 +166,22 @@ class SweepSpec:
         if not self.methods:
             raise ValueError("methods is empty: list at least one method")
         for m in self.methods:
-            method_class(m)
+            get_method(m)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods={list(self.methods)} lists a method twice")
         if not self.ipcs:
             raise ValueError("ipcs is empty: list at least one IPC (images per class), e.g. [1, 10, 50]")
         for ipc in self.ipcs:
-            _positive_int("ipc", ipc)
+            check_int("ipc", ipc)
         if not self.seeds:
             raise ValueError("seeds is empty: list at least one seed, e.g. [0]")
         for seed in self.seeds:
-            _positive_int("seed", seed, zero_ok=True)
+            check_int("seed", seed, low=0)
         for m in self.methods:
             if m not in self.iterations:
                 raise ValueError(f"iterations has no entry for method {m!r}")
             if self.iterations[m] != "default":
-                _positive_int(f"iterations[{m}]", self.iterations[m])
+                check_int(f"iterations[{m}]", self.iterations[m])
         if isinstance(self.eval_every, dict):
             unknown = sorted(set(self.eval_every) - set(self.methods) - {"default"})
             if unknown:
@@ -285,13 +196,13 @@ class SweepSpec:
                 continue
             if isinstance(every, str):
                 raise ValueError(f"{where}={every!r} is invalid: expected an integer >= 0 or 'rungs'")
-            _positive_int(where, every, zero_ok=True)
-        _positive_int("samples", self.samples)
-        _positive_int("max_failures", self.max_failures, zero_ok=True)
+            check_int(where, every, low=0)
+        check_int("samples", self.samples)
+        check_int("max_failures", self.max_failures, low=0)
         if self.max_concurrent is not None:
-            _positive_int("max_concurrent", self.max_concurrent)
+            check_int("max_concurrent", self.max_concurrent)
         if self.resolution is not None:
-            _positive_int("resolution", self.resolution)
+            check_int("resolution", self.resolution)
         for key in ("store", "data_root"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
@@ -318,9 +229,9 @@ class SweepSpec:
             raise ValueError("final_eval.protocol is not accepted: final_eval overrides settings of each method's "
                              "eval (same protocol); set the protocol in eval or method_eval")
         for method in self.methods:
-            eval_config(self.dataset, self.eval_settings(method))
+            protocol_config(self.dataset, self.eval_settings(method))
             if self.final_eval is not None:
-                eval_config(self.dataset, self.final_eval_settings(method))
+                protocol_config(self.dataset, self.final_eval_settings(method))
         self._check_knobs()
         self._check_farm()
 
@@ -330,9 +241,9 @@ class SweepSpec:
         if unknown:
             raise ValueError(f"unknown resources key(s) {unknown}: accepted cpu, gpu")
         cpu, gpu = self.resources.get("cpu", 1.0), self.resources.get("gpu", 0.0)
-        if not _is_number(cpu) or cpu <= 0:
+        if not is_number(cpu) or cpu <= 0:
             raise ValueError(f"resources.cpu={cpu!r} is invalid: expected a number > 0 per trial")
-        if not _is_number(gpu) or gpu < 0:
+        if not is_number(gpu) or gpu < 0:
             raise ValueError(f"resources.gpu={gpu!r} is invalid: expected a number >= 0 per trial "
                              f"(fractions share a GPU)")
         if gpu > 1 and gpu != int(gpu):
@@ -349,24 +260,14 @@ class SweepSpec:
             raise ValueError(f"unknown scheduler key(s) {unknown} for type {kind}: accepted {sorted(allowed)}")
         if kind == "asha":
             variant = s.get("variant", ASHA_VARIANTS[0])
-            if variant not in ASHA_VARIANTS:
-                raise ValueError(f"scheduler.variant={variant!r} is invalid: accepted {', '.join(ASHA_VARIANTS)}")
+            max_t = s.get("max_t", self.max_iterations)
+            check_asha(s.get("grace_period"), s.get("reduction_factor", 3), max_t, variant, where="scheduler.")
             if variant == "promotion" and self.max_concurrent is not None:
                 raise ValueError(f"max_concurrent={self.max_concurrent} is invalid with scheduler.variant='promotion': "
                                  f"Tune counts the trials paused at a rung as running, so new trials never start; "
                                  f"limit concurrency with resources (cpu/gpu per trial) or use variant: stopping")
-            max_t = s.get("max_t", self.max_iterations)
-            _positive_int("scheduler.max_t", max_t)
-            rf = s.get("reduction_factor", 3)
-            if isinstance(rf, bool) or not isinstance(rf, int) or rf < 2:
-                raise ValueError(f"scheduler.reduction_factor={rf!r} is invalid: expected an integer >= 2 "
-                                 f"(rungs at grace_period * reduction_factor^k must be evaluation points)")
             if "grace_period" in s:
                 grace = s["grace_period"]
-                _positive_int("scheduler.grace_period", grace)
-                if grace > max_t:
-                    raise ValueError(f"scheduler.grace_period={grace} is invalid: expected <= max_t ({max_t} "
-                                     f"iterations)")
                 for m in self.methods:
                     every = self.method_eval_every(m)
                     if every and every != RUNGS and grace % every:
@@ -374,8 +275,8 @@ class SweepSpec:
                                          f"eval_every of {m} ({every}), so that every ASHA rung is an evaluation")
 
     def _check_knobs(self) -> None:
-        from .methods.base import make_config
-
+        """Resolves every knob name once (``self.targets``) and tries every candidate value on each IPC."""
+        targets: dict[str, dict[str, tuple[str, str]]] = {}
         for method, knobs in self.knobs.items():
             if method not in self.methods:
                 raise ValueError(f"knobs given for method {method!r}, which is not in methods {list(self.methods)}")
@@ -386,6 +287,7 @@ class SweepSpec:
                     other = next(n for n, t in where.items() if t == target)
                     raise ValueError(f"knobs for {method!r} set {target[1]!r} twice ({other!r} and {name!r})")
                 where[name] = target
+            targets[method] = where
             base = {name: knob.first for name, knob in knobs.items()}
             for ipc in self.ipcs:
                 for name, knob in [(None, None), *knobs.items()]:
@@ -395,16 +297,17 @@ class SweepSpec:
                         eval_knobs = {where[k][1]: v for k, v in values.items() if where[k][0] == "eval"}
                         try:
                             make_config(method, self.dataset, ipc, **method_knobs)
-                            eval_config(self.dataset, self.eval_settings(method), **eval_knobs)
+                            protocol_config(self.dataset, self.eval_settings(method), **eval_knobs)
                             if self.final_eval is not None:
-                                eval_config(self.dataset, self.final_eval_settings(method), **eval_knobs)
+                                protocol_config(self.dataset, self.final_eval_settings(method), **eval_knobs)
                         except ValueError as err:
                             what = f"knobs.{method} (IPC {ipc})" if name is None else \
                                 f"knobs.{method}.{name}: value {value!r} (IPC {ipc})"
                             raise ValueError(f"{what} is refused: {err}") from None
+        object.__setattr__(self, "targets", targets)  # derived, not a field: {method: {knob name: (where, field)}}
 
     def _check_farm(self) -> None:
-        from .farm.recipes import get_recipe
+        from ..farm.recipes import get_recipe
 
         for recipe, entries in self.farm.items():
             get_recipe(recipe)
@@ -464,6 +367,33 @@ class SweepSpec:
                 points = [{**p, name: v} for p in points for v in knob.values]
         return points
 
+    def arms(self, pinned: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The plain trial plans: one per method x grid point, knob names resolved to the fields they set
+        (``method_knobs``: config fields, ``eval_knobs``: evaluation fields; values are constants or Knobs
+        still to sample). ``pinned``: {method: {field: value}} constants added where the spec sets none
+        (the model a sweep farmed)."""
+        arms = []
+        for method in self.methods:
+            knobs, where = self.knobs.get(method, {}), getattr(self, "targets", {}).get(method, {})
+            for point in self.grid_points(method):
+                method_knobs: dict[str, Any] = {}
+                eval_knobs: dict[str, Any] = {}
+                for name, knob in knobs.items():
+                    kind, target = where[name]
+                    value = point[name] if name in point else knob.values[0] if knob.kind == "const" else knob
+                    (method_knobs if kind == "method" else eval_knobs)[target] = value
+                for key, value in (pinned or {}).get(method, {}).items():
+                    method_knobs.setdefault(key, value)
+                arm = {"method": method, "iterations": self.iterations[method], "method_knobs": method_knobs,
+                       "eval_knobs": eval_knobs, "eval_every": self.method_eval_every(method),
+                       "eval": self.eval_settings(method)}
+                if self.final_eval is not None:
+                    arm["final_eval"] = self.final_eval_settings(method)
+                if arm["eval_every"] == RUNGS:
+                    arm["asha"] = self.asha_settings()
+                arms.append(arm)
+        return arms
+
     @property
     def num_trials(self) -> int:
         arms = sum(len(self.grid_points(m)) for m in self.methods)
@@ -472,7 +402,7 @@ class SweepSpec:
     def farm_specs(self, **extra: Any) -> list:
         """The FarmSpecs of the ``farm`` section (a mapping or a list of mappings per recipe) on this
         sweep's store, dataset and data; ``extra`` fills fields an entry does not set (e.g. backend)."""
-        from .farm.spec import FarmSpec
+        from ..farm.spec import FarmSpec
 
         specs = []
         for recipe, entries in self.farm.items():
@@ -509,7 +439,7 @@ class SweepSpec:
         if not isinstance(methods, (list, tuple)):
             raise ValueError(f"methods={methods!r} is invalid: expected a list of method names")
         for m in methods:
-            method_class(m)
+            get_method(m)
         data["methods"] = tuple(str(m).strip().lower().replace("-", "_") for m in methods)
         for key in ("ipcs", "seeds"):
             if key in data:
@@ -552,59 +482,9 @@ class SweepSpec:
         return cls.from_dict(data)
 
 
-def asha_rungs(iterations: int, grace_period: int | None = None, reduction_factor: int = 3,
-               max_t: int | None = None) -> list[int]:
-    """The iterations at which GroupedASHA judges a trial of ``iterations`` iterations, plus its end.
-
-    Same rule as the scheduler: max_t = ``max_t`` or the trial's count, grace =
-    ``grace_period`` or ``default_grace_period(max_t)``, rungs at grace·rf^k below max_t.
-    """
-    top = max_t or iterations
-    grace = min(grace_period or default_grace_period(top), top)
-    points, r = [], grace
-    while r < top:
-        points.append(r)
-        r *= reduction_factor
-    return sorted({p for p in points if p < iterations} | {iterations})
-
-
-def default_grace_period(max_t: int, eval_every: int | str = 0) -> int:
-    """ASHA's first rung: the first evaluation (``eval_every``), else a ninth of the budget.
-
-    Rungs sit at grace·rf^k. A trial is only judged when it reports, i.e. at evaluations; a
-    rung between two evaluations would be filled late (ASHA compares the trial's later
-    accuracy against the others' at that rung, or records a stopped trial's last value
-    there), so rungs must be evaluation points: grace a multiple of eval_every, rf an integer.
-    """
-    if eval_every and eval_every != RUNGS:
-        return min(eval_every, max_t)
-    return max(1, max_t // 9)
-
-
-HORIZON_FIELDS = ("total_iterations", "iterations")
-
-
-def horizon_field(config_cls) -> str | None:
-    """The config field holding the planned number of iterations (an lr or injection schedule's length).
-
-    A config names it with ``horizon_field`` (ClassVar); otherwise a field called
-    ``total_iterations`` or ``iterations`` is taken to be it. Trials set it to their own
-    iteration count unless the spec sets it explicitly.
-    """
-    named = getattr(config_cls, "horizon_field", None)
-    if named:
-        return named
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    return next((f for f in HORIZON_FIELDS if f in fields), None)
-
-
 def default_trial_iterations(method: str, dataset: str, ipc: int) -> int:
-    """'default' iterations: the published horizon for (dataset, IPC) if the config has one, else the method's count."""
-    config_cls = method_class(method).config_cls
-    horizon = horizon_field(config_cls)
-    if horizon is not None:
-        return int(getattr(config_cls.defaults(dataset, ipc), horizon))
-    return int(config_cls.default_iterations)
+    """'default' iterations: the published count of the method's setting for (dataset, IPC)."""
+    return make_config(method, dataset, ipc).planned_iterations
 
 
 def _iterations(raw: Any, methods: tuple[str, ...]) -> dict[str, int | str]:

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DSA", "DSAConfig", "DSA_OPS", "NO_FLIP_DATASETS", "dsa_for_dataset"]
+from ...validation import check_bool, check_range
+
+__all__ = ["DSA", "DSAConfig", "DSA_OPS", "NO_FLIP_DATASETS", "dsa_for_dataset", "make_dsa"]
 
 #: Accepted operation names, in the order they are applied when ``single_per_call`` is False.
 DSA_OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -38,18 +40,6 @@ NO_FLIP_DATASETS: frozenset[str] = frozenset({"digits", "mnist"})
 
 _FLIP_PROBABILITY = 0.5  # reference prob_flip
 _NO_OP_STRATEGIES = ("none",)
-
-
-def _check_number(name: str, value: object, *, low: float, high: float | None = None,
-                  low_inclusive: bool = False, high_inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"DSAConfig.{name}={value!r} is invalid; expected a finite number")
-    ok_low = value >= low if low_inclusive else value > low
-    ok_high = True if high is None else (value <= high if high_inclusive else value < high)
-    if not (ok_low and ok_high):
-        lo = "[" if low_inclusive else "("
-        hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
-        raise ValueError(f"DSAConfig.{name}={value!r} is out of range; accepted: {lo}{low}, {hi}")
 
 
 def _parse_strategy(strategy: object) -> tuple[str, ...]:
@@ -89,15 +79,14 @@ class DSAConfig:
 
     def __post_init__(self) -> None:
         _parse_strategy(self.strategy)
-        _check_number("scale", self.scale, low=1.0, low_inclusive=True)
-        _check_number("rotate_degrees", self.rotate_degrees, low=0.0, high=180.0)
-        _check_number("crop_pad_fraction", self.crop_pad_fraction, low=0.0, high=1.0, high_inclusive=False)
-        _check_number("cutout_fraction", self.cutout_fraction, low=0.0, high=1.0)
-        _check_number("brightness", self.brightness, low=0.0)
-        _check_number("saturation", self.saturation, low=0.0)
-        _check_number("contrast", self.contrast, low=0.0)
-        if not isinstance(self.single_per_call, bool):
-            raise ValueError(f"DSAConfig.single_per_call={self.single_per_call!r} is invalid; expected True or False")
+        check_range("DSAConfig.scale", self.scale, low=1.0)
+        check_range("DSAConfig.rotate_degrees", self.rotate_degrees, low=0.0, high=180.0, low_open=True)
+        check_range("DSAConfig.crop_pad_fraction", self.crop_pad_fraction, low=0.0, high=1.0, low_open=True,
+                    high_open=True)
+        check_range("DSAConfig.cutout_fraction", self.cutout_fraction, low=0.0, high=1.0, low_open=True)
+        for name in ("brightness", "saturation", "contrast"):
+            check_range(f"DSAConfig.{name}", getattr(self, name), low=0.0, low_open=True)
+        check_bool("DSAConfig.single_per_call", self.single_per_call, "one op per call, or every op")
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -261,3 +250,9 @@ def dsa_for_dataset(dataset_name: str, config: DSAConfig | None = None) -> DSA:
     if key in NO_FLIP_DATASETS:
         config = config.without_flip()
     return DSA(config)
+
+
+def make_dsa(strategy: str = DSAConfig.strategy, *, flip_ok: bool, single_per_call: bool = True) -> DSA:
+    """DSA with ``strategy`` for data whose ``DatasetInfo.flip_ok`` is ``flip_ok`` (flip dropped when False)."""
+    config = DSAConfig(strategy=strategy, single_per_call=single_per_call)
+    return DSA(config if flip_ok else config.without_flip())

@@ -21,7 +21,6 @@ the reference code (FKD-style relabelling); without, the stored labels are used.
 """
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -32,11 +31,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data.datasets import DatasetInfo, ImageDataset
-from .data.dsa import DSA, DSAConfig
-from .evaluate import EvalResult, check_eval_model, eval_model_spec
-from .models import ModelSpec, build_model
-from .training import evaluate_model, minibatches, resolve_device
+from ..data.augment import apply_affine, make_dsa, random_resized_crop_params
+from ..data.datasets import DatasetInfo, ImageDataset
+from ..models import ModelSpec, build_model
+from ..models.ema import ModelEMA
+from ..training import evaluate_model, minibatches, resolve_device
+from ..validation import check_bool, check_choice, check_int, check_range
+from .standard import EvalResult, check_eval_model, eval_model_spec
 
 SCHEDULES = ("smoothing", "multistep", "ssrs")
 LOSSES = ("kl", "mse_gt")
@@ -46,10 +47,8 @@ AUGMENTS = ("rrc", "dsa", "none")
 # --------------------------------------------------------------------------- LR schedules
 def smoothing_lr_factor(i: float, total: int, zeta: float) -> float:
     """μ(i) = (1 + cos(iπ/(ζN)))/2 (EDC Sec. 3.2); 0 once i ≥ ζN. ζ = 1 is the plain cosine schedule."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise ValueError(f"total={total!r} is invalid: expected an integer >= 1 (epochs)")
-    if not (isinstance(zeta, (int, float)) and math.isfinite(zeta) and zeta > 0):
-        raise ValueError(f"zeta={zeta!r} is invalid: expected a number > 0")
+    check_int("total", total)
+    check_range("zeta", zeta, low=0, low_open=True)
     if i >= zeta * total:
         return 0.0
     return 0.5 * (1.0 + math.cos(i * math.pi / (zeta * total)))
@@ -68,81 +67,7 @@ def multistep_lr_factor(i: int, total: int, milestones: Sequence[float], gamma: 
     return gamma ** reached
 
 
-# --------------------------------------------------------------------------- augmentation
-def random_resized_crop_params(n: int, generator: torch.Generator, *, scale: tuple[float, float],
-                               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
-    """Affine matrices [n, 2, 3] of per-sample RandomResizedCrop (+ horizontal flip).
-
-    Area fraction ~ U(scale), aspect ratio log-uniform in ``ratio``, crop sides clipped to
-    the image, centre uniform over the valid positions; drawn on the CPU from ``generator``.
-    """
-    area = torch.empty(n, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(n, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                          generator=generator)
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the side
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, dtype=torch.float64, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, dtype=torch.float64, generator=generator) * 2 - 1) * (1 - h)
-    sign = torch.ones(n, dtype=torch.float64)
-    if flip:
-        sign = torch.where(torch.rand(n, dtype=torch.float64, generator=generator) < 0.5, -sign, sign)
-    zero = torch.zeros_like(w)
-    return torch.stack([torch.stack([w * sign, zero, cx], -1), torch.stack([zero, h, cy], -1)], 1)
-
-
-def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Bilinear resampling of ``x`` [N, C, H, W] by ``theta`` [N, 2, 3]; differentiable in ``x``."""
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-# --------------------------------------------------------------------------- EMA of weights
-class ModelEMA:
-    """EMA of a model's parameters: ema ← d·ema + (1 − d)·θ after every optimiser step.
-
-    Starts from the model's initial parameters. ``model()`` is a copy of the raw model with the
-    EMA parameters and the raw model's buffers (BatchNorm running statistics), as the
-    reference code's parameter swap.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay={decay!r} is invalid: expected 0 <= decay < 1")
-        self.decay = float(decay)
-        self.shadow = [p.detach().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema, p in zip(self.shadow, model.parameters()):
-            ema.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
-
-    @torch.no_grad()
-    def model(self, model: nn.Module) -> nn.Module:
-        out = copy.deepcopy(model)
-        for p, ema in zip(out.parameters(), self.shadow):
-            p.copy_(ema)
-        return out.eval()
-
-
 # --------------------------------------------------------------------------- config
-def _check_int(owner: str, name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}.{name}={value!r} is invalid: expected an integer >= {low}")
-
-
-def _check_float(owner: str, name: str, value: Any, *, low: float, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        lo = f"{'(' if low_open else '['}{low}"
-        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}.{name}={value!r} is out of range: expected a number in {lo}, {hi}")
-
-
 @dataclass(frozen=True)
 class EDCEvalConfig:
     """EDC post-evaluation knobs; ``defaults(dataset)`` gives the paper's per-dataset rows.
@@ -170,6 +95,7 @@ class EDCEvalConfig:
     ce_weight: float = 0.025
     augment: str = "rrc"  # 'rrc' (RandomResizedCrop + flip), 'dsa' or 'none'
     crop_scale_min: float = 0.08
+    teachers: bool = False  # relabel every augmented batch with the method's teacher models (EDC: its observers)
     device: str = "auto"
     seed: int = 0
 
@@ -177,25 +103,25 @@ class EDCEvalConfig:
         owner = "EDCEvalConfig"
         check_eval_model(owner, self.model)
         for key in ("num_models", "epochs", "batch_size"):
-            _check_int(owner, key, getattr(self, key))
-        _check_int(owner, "seed", self.seed, low=0)
-        _check_float(owner, "lr", self.lr, low=0, low_open=True)
-        _check_float(owner, "weight_decay", self.weight_decay, low=0)
-        _check_float(owner, "zeta", self.zeta, low=0, low_open=True)
-        _check_float(owner, "gamma", self.gamma, low=0, high=1)
-        _check_float(owner, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
-        _check_float(owner, "temperature", self.temperature, low=0, low_open=True)
-        _check_float(owner, "ce_weight", self.ce_weight, low=0)
-        _check_float(owner, "crop_scale_min", self.crop_scale_min, low=0, high=1, low_open=True)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{owner}.schedule={self.schedule!r} is invalid: accepted {', '.join(SCHEDULES)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"{owner}.loss={self.loss!r} is invalid: accepted {', '.join(LOSSES)}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"{owner}.augment={self.augment!r} is invalid: accepted {', '.join(AUGMENTS)}")
+            check_int(f"{owner}.{key}", getattr(self, key))
+        check_int(f"{owner}.seed", self.seed, low=0)
+        check_range(f"{owner}.lr", self.lr, low=0, low_open=True)
+        check_range(f"{owner}.weight_decay", self.weight_decay, low=0)
+        check_range(f"{owner}.zeta", self.zeta, low=0, low_open=True)
+        check_range(f"{owner}.gamma", self.gamma, low=0, high=1)
+        check_range(f"{owner}.ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        check_range(f"{owner}.temperature", self.temperature, low=0, low_open=True)
+        check_range(f"{owner}.ce_weight", self.ce_weight, low=0)
+        check_range(f"{owner}.crop_scale_min", self.crop_scale_min, low=0, high=1, low_open=True)
+        check_choice(f"{owner}.schedule", self.schedule, SCHEDULES)
+        check_choice(f"{owner}.loss", self.loss, LOSSES)
+        check_choice(f"{owner}.augment", self.augment, AUGMENTS)
+        check_bool(f"{owner}.teachers", self.teachers, "relabel with the method's teacher models")
         milestones = tuple(self.milestones) if isinstance(self.milestones, (list, tuple)) else None
-        if not milestones or not all(isinstance(m, (int, float)) and 0 < m <= 1 for m in milestones):
+        if not milestones:
             raise ValueError(f"{owner}.milestones={self.milestones!r} is invalid: expected fractions in (0, 1]")
+        for i, m in enumerate(milestones):
+            check_range(f"{owner}.milestones[{i}]", m, low=0, high=1, low_open=True)
         object.__setattr__(self, "milestones", tuple(float(m) for m in milestones))
 
     @classmethod
@@ -266,6 +192,9 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
         raise ValueError(f"synthetic set ({info.name}: {info.channels}ch, {tuple(info.resolution)}, "
                          f"{info.num_classes} classes) does not match the test set ({t.name}: {t.channels}ch, "
                          f"{tuple(t.resolution)}, {t.num_classes} classes)")
+    if config.teachers and teachers is None:
+        raise ValueError("EDCEvalConfig.teachers=True relabels with teacher models, but none were given: pass "
+                         "teachers=[...] (e.g. EDC.observer_models()), or evaluate through a method that has them")
     if teachers is not None:
         teachers = list(teachers)
         if not teachers or not all(isinstance(m, nn.Module) for m in teachers):
@@ -339,8 +268,7 @@ def _augmenter(config: EDCEvalConfig, info: DatasetInfo):
     if config.augment == "none":
         return None
     if config.augment == "dsa":
-        dsa_cfg = DSAConfig()
-        dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip())
+        dsa = make_dsa(flip_ok=info.flip_ok)
         return lambda x, g: dsa(x, generator=g)
     scale = (config.crop_scale_min, 1.0)
     return lambda x, g: apply_affine(x, random_resized_crop_params(len(x), g, scale=scale, flip=info.flip_ok))

@@ -17,10 +17,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data.datasets import DatasetInfo, ImageDataset
-from .data.dsa import DSA, DSAConfig
-from .models import ARCHITECTURES, ModelSpec, build_model
-from .training import evaluate_model, resolve_device, train_epoch
+from ..data.augment import DSAConfig, make_dsa
+from ..data.datasets import DatasetInfo, ImageDataset
+from ..models import ARCHITECTURES, ModelSpec, build_model
+from ..training import evaluate_model, resolve_device, train_epoch
+from ..validation import check_bool, check_int, check_range
 
 DEFAULT_LR = 0.01
 
@@ -48,23 +49,20 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_eval_model("EvalConfig", self.model)
         for key in ("num_models", "epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalConfig.{key}={value!r} is invalid: expected an integer >= 1")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"EvalConfig.lr={self.lr!r} is invalid: expected a number > 0 or None")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"EvalConfig.momentum={self.momentum!r} is invalid: expected 0 <= momentum < 1")
-        if self.weight_decay < 0:
-            raise ValueError(f"EvalConfig.weight_decay={self.weight_decay!r} is invalid: expected >= 0")
-        if self.lr_decay_at is not None and not 0 < self.lr_decay_at <= 1:
-            raise ValueError(f"EvalConfig.lr_decay_at={self.lr_decay_at!r} is invalid: expected a fraction in (0, 1]")
-        if not isinstance(self.dsa_single_per_call, bool):
-            raise ValueError(f"EvalConfig.dsa_single_per_call={self.dsa_single_per_call!r} is invalid: "
-                             f"expected True (one DSA op per batch) or False (every op)")
+            check_int(f"EvalConfig.{key}", getattr(self, key))
+        check_range("EvalConfig.lr", self.lr, low=0, low_open=True, none_ok=True)
+        check_range("EvalConfig.momentum", self.momentum, low=0, high=1, high_open=True)
+        check_range("EvalConfig.weight_decay", self.weight_decay, low=0)
+        check_range("EvalConfig.lr_decay_at", self.lr_decay_at, low=0, high=1, low_open=True, none_ok=True)
+        check_bool("EvalConfig.dsa_single_per_call", self.dsa_single_per_call,
+                   "True: one DSA op per batch, False: every op")
         DSAConfig(strategy=self.dsa_strategy, single_per_call=self.dsa_single_per_call)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"EvalConfig.seed={self.seed!r} is invalid: expected an integer >= 0")
+        check_int("EvalConfig.seed", self.seed, low=0)
+
+    @classmethod
+    def defaults(cls, dataset: str, **overrides: Any) -> "EvalConfig":
+        """The standard protocol is the same for every dataset: the fields' defaults with ``overrides``."""
+        return cls(**overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,8 +134,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     spec = config.model_spec(info)
     dsa = None
     if config.dsa:
-        dsa_cfg = DSAConfig(strategy=config.dsa_strategy, single_per_call=config.dsa_single_per_call)
-        dsa = DSA(dsa_cfg if info.flip_ok else dsa_cfg.without_flip())
+        dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call)
     augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
     started = time.perf_counter()
