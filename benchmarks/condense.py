@@ -61,7 +61,7 @@ METHOD_ORDER = tuple(METHODS)  # the registry's order: baselines, trajectory mat
 # Config fields shown in the tables when a method has them (the knobs that set its cost).
 NOTE_FIELDS = ("syn_steps", "expert_epochs", "max_start_epoch", "current_max_start_epoch", "expansion_end_epoch",
                "batch_syn", "batch_real", "width", "factor", "num_experts", "batch_syn_max", "total_iterations",
-               "iterations", "observer_turns", "strategy", "multi_aug")
+               "observer_turns", "strategy", "multi_aug")
 PAPER_IPCS = (1, 10, 50)
 # What the CLI's farm flags set for each farm recipe: (count flag, epochs flag); the SSD teacher is one network.
 RECIPE_FLAGS = {"expert": ("experts", "expert_epochs"), "pretrain": ("pretrain_experts", "pretrain_epochs"),
@@ -177,10 +177,8 @@ def farm_jobs(configs: list[MethodConfig], args, *, least: bool) -> list[FarmJob
     Every network is a ConvNet at --width (the SSD teacher: --ssd-teacher-arch), with the normalisation a
     need asks for (EDC's observers: BatchNorm). ``least`` (the speed table): as many trajectories and
     epochs as the configs need, at least one of each; otherwise the accuracy table's --<recipe> counts and
-    epochs. A need that several kinds serve (the coresets' trained network) is met by any job of those.
+    epochs.
     """
-    from raydd.farm import get_recipe
-
     jobs: dict[str, FarmJob] = {}
 
     def add(need) -> None:
@@ -202,12 +200,8 @@ def farm_jobs(configs: list[MethodConfig], args, *, least: bool) -> list[FarmJob
             options["epochs"] = max(options["epochs"], old.options["epochs"])
         jobs[need.recipe] = FarmJob(need.recipe, count, options, model)
 
-    needs = [n for config in configs for n in config.needs()]
-    for need in needs:
-        if len(need.store_kinds()) == 1:
-            add(need)
-    for need in needs:
-        if len(need.store_kinds()) > 1 and not any(get_recipe(r).kind in need.store_kinds() for r in jobs):
+    for config in configs:
+        for need in config.needs():
             add(need)
     out = list(jobs.values())
     if not least and "observer" in jobs and args.observer_resnet18:
@@ -268,11 +262,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Wall and process CPU seconds of every step (synchronised on CUDA) and the method's own peak_mem_mb;
+    a ``condense()`` sink (the baseline's plain SGD step calls ``time`` directly)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.cpu_times, self.reported = device, [], [], []
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def stop(self, metrics: dict[str, float]) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter() - self.t0)
+        self.cpu_times.append(time.process_time() - self.c0)
+        if "peak_mem_mb" in metrics:
+            self.reported.append(float(metrics["peak_mem_mb"]))
+        self.start()
+
+    def on_start(self, run) -> None:
+        self.start()
+
+    def on_step(self, run, metrics) -> None:
+        self.stop(metrics)
+
+    def on_eval(self, run, record) -> None:
+        pass
+
+    def on_end(self, run, status) -> None:
+        pass
+
+
 def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process: build one method (or the baseline), time its steps, measure peak memory."""
+    """Runs in a fresh process: build one method (or the baseline), time its steps, measure peak memory.
+
+    A method runs through ``condense()`` for one warm-up step (lazy setup, allocator growth, first-call
+    overheads; not timed) plus ``iterations`` timed steps; a one-shot coreset for its one selection step."""
+    from raydd.condense import condense
+
     device = resolve_device(payload["device"])
     train, _ = load_data(payload["dataset"], payload["data_root"], payload["train_per_class"])
     steps = payload["iterations"]
+    clock = StepClock(device)
     if payload["method"] == "_baseline":
         from raydd.models import ModelSpec, build_model
 
@@ -293,35 +325,27 @@ def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
             opt.step()
             return {"loss": float(loss)}
 
-        one_shot, config_notes, close = False, f"ConvNet-3 w{payload['width']}, batch 256 real", lambda: None
+        one_shot, config_notes = False, f"ConvNet-3 w{payload['width']}, batch 256 real"
+        with PeakMemory(device) as mem:
+            step()  # warm-up
+            for _ in range(steps):
+                clock.start()
+                clock.stop(step())
     else:
         from raydd.store import TrajectoryStore
 
         config = make_config(payload["method"], payload["dataset"], payload["ipc"]).scaled(
             Scale(width=payload["width"], syn_steps=10 ** 9)).with_overrides(**payload["overrides"])
-        method = get_method(payload["method"])(config, train, TrajectoryStore(payload["store"]), device=device,
-                                                seed=0)
-        step, close = method.step, method.close
         one_shot = type(config).default_iterations == 1
         config_notes = notes(config)
-    times, cpu_times, reported = [], [], []
-    with PeakMemory(device) as mem:
+        with get_method(payload["method"])(config, train, TrajectoryStore(payload["store"]), device=device,
+                                           seed=0) as method, PeakMemory(device) as mem:
+            condense(method, 1 if one_shot else steps + 1, sinks=[clock], progress=False)
         if not one_shot:
-            step()  # warm-up (lazy setup, allocator growth, first-call overheads)
-        for _ in range(1 if one_shot else steps):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            metrics = step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-            if "peak_mem_mb" in metrics:
-                reported.append(float(metrics["peak_mem_mb"]))
-    close()
-    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "timed": len(times),
-            "one_shot": one_shot,
-            "peak_mb": mem.peak_mb, "peak_source": mem.source,
-            "reported_peak_mb": max(reported) if reported else None, "notes": config_notes}
+            del clock.times[0], clock.cpu_times[0], clock.reported[:1]  # the warm-up step
+    return {"seconds": statistics.median(clock.times), "cpu_seconds": statistics.median(clock.cpu_times),
+            "timed": len(clock.times), "one_shot": one_shot, "peak_mb": mem.peak_mb, "peak_source": mem.source,
+            "reported_peak_mb": max(clock.reported) if clock.reported else None, "notes": config_notes}
 
 
 def run_speed_worker(payload: dict[str, Any], timeout: int) -> dict[str, Any]:
@@ -475,9 +499,9 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, ear
     from raydd.condense import condense
     from raydd.evaluation import evaluate
 
-    # --set METHOD.iterations=K (EDC's planned count) raises the published count the cap applies to
+    # --set METHOD.total_iterations=K (EDC's, PTLM's planned count) raises the published count the cap applies to
     planned = make_config(method, args.dataset, ipc, **{k: v for k, v in sets.get(method, {}).items()
-                                                       if k == "iterations"})
+                                                       if k == get_method(method).config_cls.horizon})
     n = iterations_for(planned, args.iterations)
     config = scaled_config(method, ipc, n, args, sets)
     started = time.perf_counter()
@@ -536,7 +560,7 @@ def accuracy_report(args, methods, outcomes, full, farmed, n_train, store_note, 
         lines.append(f"- full data: same protocol on the whole training {'subset' if args.train_per_class else 'split'}"
                      f" with --full-epochs {args.full_epochs} epochs ({args.num_models} networks)")
     if "edc" in methods:
-        lines.append("- EDC protocol column: raydd.evaluate_edc (EDCEvalConfig.defaults, same ConvNet-W"
+        lines.append("- EDC protocol column: raydd.evaluation.edc (EDCEvalConfig.defaults, same ConvNet-W"
                      f"{args.width} student, {args.eval_epochs} epochs, {args.num_models} networks, the observers "
                      f"relabel every augmented batch); rows other than EDC: their synthetic set under the same "
                      f"protocol and observers (--edc-baselines)")

@@ -10,7 +10,8 @@ backward breaks (fixed in raydd/methods/mtt.py; benchmarks/results/fashion_mnist
     python benchmarks/method_memory.py --method datm_clr --store STORE --set dsa_strategy=scale_rotate
 
 The store must hold the CPU-scaled benchmark's experts (benchmarks/condense.py accuracy --store);
-the method's config is the CPU-scaled one of condense.py (CPU_SCALED), plus --set overrides.
+the method's config is the CPU-scaled one of condense.py (scaled_config), plus --set overrides. The
+steps run through raydd.condense.condense with a sink that prints the resident memory after each.
 """
 from __future__ import annotations
 
@@ -22,10 +23,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from condense import CPU_SCALED, Scale, _rss_mb, load_data  # noqa: E402
+from condense import _rss_mb, load_data, scaled_config  # noqa: E402
 
-from raydd.methods.base import get_method, make_config  # noqa: E402
+from raydd.condense import Sink, condense  # noqa: E402
+from raydd.methods.base import get_method  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
+
+
+class MemoryRows(Sink):
+    """One table row per step: resident memory, seconds, loss, skipped."""
+
+    def on_start(self, run) -> None:
+        self.last = time.perf_counter()
+
+    def on_step(self, run, metrics) -> None:
+        now = time.perf_counter()
+        print(f"| {run.method.iteration - 1} | {_rss_mb():.0f} | {now - self.last:.1f} | "
+              f"{metrics.get('loss', float('nan')):.3f} | {int(metrics.get('skipped', 0))} |", flush=True)
+        self.last = now
 
 
 def main() -> None:
@@ -44,19 +59,14 @@ def main() -> None:
     import yaml
 
     train, _ = load_data(args.dataset, args.data_root, args.train_per_class)
-    d = make_config(args.method, args.dataset, args.ipc)
-    scale = Scale(ipc=args.ipc, iterations=200, width=32, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                  pretrain_experts=4, ssd_student_epochs=args.expert_epochs, labelled_fraction=0.1)
-    sets = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    config = d.with_overrides(**{**CPU_SCALED[args.method](scale, d), **sets})
+    sets = {args.method: {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}}
+    scale = argparse.Namespace(dataset=args.dataset, width=32, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                               ssd_student_epochs=args.expert_epochs, pretrain_experts=4)
+    config = scaled_config(args.method, args.ipc, 200, scale, sets)
     print(f"| step | RSS MB | s | loss | skipped |\n|---:|---:|---:|---:|---:|\n| before | {_rss_mb():.0f} | | | |")
     with get_method(args.method)(config, train, TrajectoryStore(args.store), device="cpu", seed=0) as m:
         print(f"| built | {_rss_mb():.0f} | | | |")
-        for i in range(args.steps):
-            t0 = time.perf_counter()
-            out = m.step()
-            print(f"| {i} | {_rss_mb():.0f} | {time.perf_counter() - t0:.1f} | {out.get('loss', float('nan')):.3f} | "
-                  f"{int(out.get('skipped', 0))} |", flush=True)
+        condense(m, args.steps, sinks=[MemoryRows()], progress=False)
 
 
 if __name__ == "__main__":

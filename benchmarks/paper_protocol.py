@@ -44,8 +44,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raydd.condense import StepSizeWatch  # noqa: E402
-from raydd.methods.base import get_method, load_checkpoint, make_config, save_checkpoint  # noqa: E402
+from raydd.condense import Sink, TimeBudget, condense  # noqa: E402
+from raydd.methods.base import get_method, make_config  # noqa: E402
+
+
+class StepTimer(Sink):
+    """Seconds of every step (synchronised on CUDA) and a progress line every 5 % of the run."""
+
+    def __init__(self, device, total: int, started: float) -> None:
+        self.device, self.total, self.started, self.seconds = device, total, started, []
+        self.last = None
+
+    def on_start(self, run) -> None:
+        self.last, self.first = time.perf_counter(), run.method.iteration
+
+    def on_step(self, run, metrics) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+        i = run.method.iteration
+        if i % max(1, self.total // 20) == 0 or i == self.first + 1:
+            shown = {k: round(float(v), 5) for k, v in metrics.items() if isinstance(v, (int, float))}
+            print(f"  it {i}/{self.total} {now - self.started:.0f} s {shown}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -148,7 +170,7 @@ def farm_experts(setting: Setting, config, args) -> tuple[int, float]:
 
 
 def run(setting_name: str, args) -> str:
-    from raydd.evaluate import EvalConfig, evaluate_synthetic
+    from raydd.evaluation import EvalConfig, evaluate_synthetic
     from raydd.store import TrajectoryStore
     from raydd.training import resolve_device
 
@@ -176,30 +198,17 @@ def run(setting_name: str, args) -> str:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with get_method(setting.method)(config, train, store, device=args.device, seed=args.seed) as method:
+        timer = StepTimer(device, total, started)
+        sinks: list = [timer]
+        budget = min([b for b in (args.time_budget, args.stop_by and args.stop_by - time.time()) if b] or [0])
+        if budget:
+            sinks.append(TimeBudget(max(budget, 1e-3)))
         if args.checkpoint and Path(args.checkpoint).exists():
-            load_checkpoint(method, args.checkpoint)  # exact resume (e.g. on a second device call)
-            print(f"  resumed from {args.checkpoint} at iteration {method.iteration}", flush=True)
-        resumed_at = method.iteration
-        step_s = []
-        step_size = StepSizeWatch()
-        for i in range(resumed_at, total):
-            t0 = time.perf_counter()
-            metrics = method.step()
-            step_size.check(metrics, method.iteration)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_s.append(time.perf_counter() - t0)
-            history.append(metrics)
-            if (i + 1) % max(1, total // 20) == 0 or i == resumed_at:
-                shown = {k: round(float(v), 5) for k, v in metrics.items() if isinstance(v, (int, float))}
-                print(f"  it {i + 1}/{total} {time.perf_counter() - started:.0f} s {shown}", flush=True)
-            if (args.time_budget and time.perf_counter() - started > args.time_budget) or \
-                    (args.stop_by and time.time() > args.stop_by):
-                print(f"  time budget reached at iteration {i + 1}", flush=True)
-                break
-        done = method.iteration
-        if args.checkpoint:
-            save_checkpoint(method, args.checkpoint)
+            print(f"  resuming from {args.checkpoint}", flush=True)
+        result = condense(method, total, sinks=sinks, checkpoint_path=args.checkpoint, progress=False)
+        resumed_at, done, history, step_s = result.resumed_from, method.iteration, result.history, timer.seconds
+        if result.stopped_early:
+            print(f"  time budget reached at iteration {done}", flush=True)
         syn = method.synthetic_set()
     condense_s = time.perf_counter() - started
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")

@@ -19,7 +19,7 @@ finished) with trials still waiting. Then each rung promotes up to max(1, ⌊n_k
 like synchronous successive halving, so that at least one configuration reaches max_t;
 whoever still waits when nothing more is promotable has lost and is stopped.
 
-Tune glue: ``raydd.tune.GroupedASHA`` pauses a waiting trial (its checkpoint holds the full
+Tune glue: ``raydd.sweep.scheduler.GroupedASHA`` pauses a waiting trial (its checkpoint holds the full
 method state) and resumes it from that checkpoint when it is promoted.
 """
 from __future__ import annotations

@@ -153,18 +153,26 @@ def add_methods_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- commands
-def cmd_condense(args) -> int:
-    from .condense import condense
-    from .data.datasets import load_dataset
-    from .methods import get_method, make_config
-    from .store import TrajectoryStore
+def method_plan(args):
+    """(method config, iterations) of ``raydd condense``: the published defaults planned for --iterations
+    (``make_config(..., iterations=)``, the same call the sweep trials and benchmarks make), then --set."""
+    from .methods import make_config
 
-    cls = get_method(args.method)
     if args.iterations is not None and args.iterations < 0:
         raise ValueError(f"--iterations {args.iterations} is invalid: expected an integer >= 0")
     config = make_config(args.method, args.dataset, args.ipc, iterations=args.iterations or None,
                          **parse_overrides(args.options))
-    iterations = config.planned_iterations if args.iterations is None else args.iterations
+    return config, config.planned_iterations if args.iterations is None else args.iterations
+
+
+def cmd_condense(args) -> int:
+    from .condense import condense
+    from .data.datasets import load_dataset
+    from .methods import get_method
+    from .store import TrajectoryStore
+
+    cls = get_method(args.method)
+    config, iterations = method_plan(args)
     eval_config = eval_config_from_args(args, args.dataset)  # validated before any data is loaded
     train = load_dataset(args.dataset, "train", args.data_root, download=args.download, resolution=args.resolution)
     test = None

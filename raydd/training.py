@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,8 +27,15 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator, shuffle: bo
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Generator
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """CutMix (Yun et al. 2019): paste a box from a shuffled batch; returns (x, y_a, y_b, lam)."""
-    lam = float(torch.distributions.Beta(beta, beta).sample()) if beta > 0 else 1.0
+    """CutMix (Yun et al. 2019): paste a box from a shuffled batch; returns (x, y_a, y_b, lam).
+
+    Every draw comes from ``generator`` (λ ~ Beta(β, β) through a NumPy generator seeded from it: torch's
+    Beta sampler only reads the global RNG), so a trajectory is a function of its seed."""
+    if beta > 0:
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(beta, beta))
+    else:
+        lam = 1.0
     perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
     h, w = x.shape[-2:]
     cut = math.sqrt(1.0 - lam)

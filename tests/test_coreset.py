@@ -131,7 +131,7 @@ def test_errors(digits, store, tmp_path):
         _method("herding", train, store, ipc=1000)
     empty = TrajectoryStore(tmp_path / "empty")
     for name in ("herding", "kcenter"):
-        with pytest.raises(ValueError, match="no trajectories in store .* raydd farm --recipe pretrain "
+        with pytest.raises(ValueError, match="no trajectories in store .* raydd farm --recipe expert "
                                              "--dataset digits"):
             _method(name, train, empty)
         with pytest.raises(ValueError, match="pass a TrajectoryStore"):

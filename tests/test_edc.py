@@ -73,12 +73,11 @@ def test_loss_goes_down_on_fixed_observers(digits, store):
     assert after["loss_stat"] < 0.95 * before["loss_stat"], (before, after)
 
 
-def test_resume_is_bit_exact(digits, store, tmp_path):
+def test_class_statistics_come_back_from_the_checkpoint(digits, store, tmp_path):
+    """Exact resume is the contract's (tests/test_method_contract.py); here: the per-class statistics of the
+    observers used before the checkpoint are restored, not recomputed."""
     train, _ = digits
     cfg = make_config("edc", "digits", 2, batch_syn=10, iterations=6)  # 3 observers, 2 chunks
-    straight = EDC(cfg, train, store, device="cpu", seed=3)
-    for _ in range(4):
-        straight.step()
     first = EDC(cfg, train, store, device="cpu", seed=3)
     for _ in range(2):
         first.step()
@@ -87,8 +86,6 @@ def test_resume_is_bit_exact(digits, store, tmp_path):
     assert resumed.iteration == 2 and set(resumed.class_stats) == set(first.class_stats)
     for _ in range(2):
         resumed.step()
-    assert torch.equal(resumed.images, straight.images)
-    assert torch.equal(resumed.ema_images, straight.ema_images)
     assert resumed.class_stat_computations == 1  # two observers' statistics came from the checkpoint
     with pytest.raises(ValueError, match="config differs"):
         EDC(cfg.with_overrides(alpha=0.4), train, store, device="cpu", seed=3).load_state_dict(first.state_dict())

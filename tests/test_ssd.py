@@ -10,7 +10,7 @@ import raydd.methods.ssd as ssd_module
 from raydd.data.datasets import ImageDataset
 from raydd.data.semisup import semi_supervised_split
 from raydd.farm import FarmSpec, farm, prepare_data
-from raydd.methods import MTTConfig, load_checkpoint, make_config, save_checkpoint
+from raydd.methods import MTTConfig, make_config
 from raydd.methods.ssd import SSD, SSDConfig
 from raydd.models import ModelSpec, build_model, load_flat_params
 from raydd.store import TrajectoryStore
@@ -91,22 +91,11 @@ def test_matching_loss_goes_down_on_fixed_problems(digits, ssd_store):
     assert all({"loss", "syn_lr", "peak_mem_mb", "time_s"} <= set(m) for m in metrics)
 
 
-def test_resume_is_bit_exact(digits, ssd_store, tmp_path):
+def test_a_checkpoint_of_another_teacher_is_refused(digits, ssd_store):
     store, _ = ssd_store
     cfg = config(ipc=4, syn_steps=4, batch_syn=16)
-    straight = SSD(cfg, digits[0], store, device="cpu", seed=3)
-    for _ in range(4):
-        straight.step()
     first = SSD(cfg, digits[0], store, device="cpu", seed=3)
-    for _ in range(2):
-        first.step()
-    save_checkpoint(first, tmp_path / "ssd.ckpt")
-    resumed = load_checkpoint(SSD(cfg, digits[0], store, device="cpu", seed=3), tmp_path / "ssd.ckpt")
-    for _ in range(2):
-        resumed.step()
-    assert resumed.iteration == straight.iteration == 4
-    assert torch.equal(resumed.images, straight.images) and torch.equal(resumed.syn_lr, straight.syn_lr)
-    assert torch.equal(resumed.labels, straight.labels)
+    first.step()
     bad = first.state_dict() | {"teacher": "0" * 20}
     with pytest.raises(ValueError, match="teacher"):
         SSD(cfg, digits[0], store, device="cpu", seed=3).load_state_dict(bad)

@@ -302,3 +302,30 @@ def test_resumed_segment_event_file_sorts_after_the_previous_one(tmp_path, monke
     monkeypatch.setattr(time, "sleep", slept.append)
     _segment_writer(SummaryWriter, tmp_path / "fresh").close()  # no earlier segment: no wait
     assert slept == []
+
+
+def test_a_sweep_reads_the_model_its_farm_section_farms(tmp_path, digits):
+    """The README's order (``raydd farm``, then a sweep with its own ``farm:`` section) leaves two expert
+    models in the store: the sweep's MTT trials read the one its section farms, and the check before
+    Ray says which model it is; without a farm section the ambiguity is refused before Ray starts."""
+    from raydd.farm import FarmSpec, farm
+    from raydd.sweep.runner import check_store, pinned_models
+
+    store = str(tmp_path / "store")
+    for width in (8, 12):  # e.g. `raydd farm` at one width, the sweep's farm section at another
+        farm(FarmSpec(store=store, dataset="digits", recipe="expert", recipe_options={"epochs": 2, "batch_size": 64},
+                      model={"width": width, "depth": 2}, trajectories=1, backend="local"), progress=False)
+    base = {"name": "pin", "dataset": "digits", "store": store, "methods": ["mtt", "dm"], "ipcs": [1],
+            "iterations": 2, "storage": str(tmp_path), "knobs": {"mtt": {"max_start_epoch": 1, "expert_epochs": 1}}}
+    farmed = SweepSpec.from_dict({**base, "farm": {"expert": {"model": {"width": 12, "depth": 2}}}})
+    pinned = pinned_models(farmed, digits[0])
+    assert pinned == {"mtt": {"model": "convnet2-w12-in"}}  # DM reads no store and chooses no model
+    check_store(farmed, store, digits[0], pinned)  # no ambiguity left
+    assert all(arm["method_knobs"].get("model") == "convnet2-w12-in" for arm in farmed.arms(pinned)
+               if arm["method"] == "mtt")
+    unpinned = SweepSpec.from_dict(base)
+    with pytest.raises(ValueError, match=r"method 'mtt' \(IPC 1\): .*several models .*choose one with --set model"):
+        check_store(unpinned, store, digits[0], pinned_models(unpinned, digits[0]))
+    chosen = SweepSpec.from_dict({**base, "farm": {"expert": {"model": {"width": 12, "depth": 2}}},
+                                  "knobs": {"mtt": {**base["knobs"]["mtt"], "model": "convnet2-w8-in"}}})
+    assert pinned_models(chosen, digits[0]) == {}  # a model the spec chooses itself is kept

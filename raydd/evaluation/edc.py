@@ -33,11 +33,11 @@ from torch.nn import functional as F
 
 from ..data.augment import apply_affine, make_dsa, random_resized_crop_params
 from ..data.datasets import DatasetInfo, ImageDataset
-from ..models import ModelSpec, build_model
+from ..models import ModelSpec
 from ..models.ema import ModelEMA
 from ..training import evaluate_model, minibatches, resolve_device
 from ..validation import check_bool, check_choice, check_int, check_range
-from .standard import EvalResult, check_eval_model, eval_model_spec
+from .standard import EvalResult, check_eval_model, eval_model_spec, fresh_network
 
 SCHEDULES = ("smoothing", "multistep", "ssrs")
 LOSSES = ("kl", "mse_gt")
@@ -182,7 +182,7 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                  on_model: Callable[[int, float], None] | None = None) -> EvalResult:
     """Train ``config.num_models`` fresh students on ``syn`` with the EDC protocol; test their EMA weights.
 
-    Returns raydd.evaluate.EvalResult: ``accuracies`` are the final EMA-model test accuracies;
+    Returns raydd.evaluation.EvalResult: ``accuracies`` are the final EMA-model test accuracies;
     ``extra['raw_accuracies']`` those of the raw (non-EMA) weights, for reference.
     """
     config = config or EDCEvalConfig()
@@ -214,11 +214,7 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
     started = time.perf_counter()
     accs, raw_accs, train_accs = [], [], []
     for m in range(config.num_models):
-        seed = config.seed + m
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net: nn.Module = build_model(spec).to(device)
-        gen = torch.Generator().manual_seed(seed)
+        net, gen = fresh_network(spec, config.seed + m, device)
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         ema = ModelEMA(net, config.ema_decay)
         correct = seen = 0

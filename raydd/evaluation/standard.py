@@ -126,6 +126,15 @@ class EvalResult:
                 f"(final test accuracy, {len(self.accuracies)} networks, lr {self.lr:g})")
 
 
+def fresh_network(spec: ModelSpec, seed: int, device: torch.device) -> tuple[nn.Module, torch.Generator]:
+    """An evaluation network initialised from ``seed`` alone (the global RNG is restored) and its own
+    generator for batch order and augmentation, seeded alike: network i of a protocol uses seed + i."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net: nn.Module = build_model(spec).to(device)
+    return net, torch.Generator().manual_seed(seed)
+
+
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDataset, info: DatasetInfo,
                    config: EvalConfig, *, lr: float,
                    on_model: Callable[[int, float], None] | None = None) -> EvalResult:
@@ -140,11 +149,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     started = time.perf_counter()
     accs, train_accs = [], []
     for i in range(config.num_models):
-        seed = config.seed + i
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net: nn.Module = build_model(spec).to(device)
-        gen = torch.Generator().manual_seed(seed)
+        net, gen = fresh_network(spec, config.seed + i, device)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         stats = None
         for epoch in range(config.epochs):

@@ -73,7 +73,7 @@ class ExpertCoresetConfig(MethodConfig):
         from ..farm.recipes import recipe_for_kind
 
         kinds = AUTO_KINDS if self.expert_kind == "auto" else (self.expert_kind,)
-        recipe = "pretrain" if self.expert_kind == "auto" else recipe_for_kind(self.expert_kind)
+        recipe = recipe_for_kind(kinds[0])  # what is searched first is what to farm
         ids = None if self.trajectory == "auto" else (self.trajectory,)
         return (TrajectoryNeed(recipe, "trained networks", kinds=kinds, model=self.model, ids=ids, one_model=False),)
 

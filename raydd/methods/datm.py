@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from ..models import build_model, load_flat_params
 from .base import StepMeter, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
@@ -99,8 +98,11 @@ class DATMConfig(MTTConfig):
 
     def for_run(self, iterations: int) -> "DATMConfig":
         """The window grows over the same fraction of a run of ``iterations`` as in the published row
-        (``expansion_end_epoch`` of ``default_iterations``: CIFAR-10 IPC 10, 1000 of 10000)."""
+        (``expansion_end_epoch`` of ``default_iterations``: CIFAR-10 IPC 10, 1000 of 10000); rows without a
+        growing window (``current_max_start_epoch`` None) are unchanged."""
         super().for_run(iterations)  # validates
+        if self.current_max_start_epoch is None:  # no growing window (the IPC 1 rows): nothing to plan
+            return self
         fraction = iterations / type(self).default_iterations
         return dataclasses.replace(self, expansion_end_epoch=max(1, round(self.expansion_end_epoch * fraction)))
 
@@ -204,14 +206,9 @@ class DATM(MTT):
     @torch.no_grad()
     def expert_logits(self, trajectory_id: str, images: torch.Tensor) -> torch.Tensor:
         """Logits of one expert's label snapshot (eval mode, its stored buffers) on ``images`` (model space)."""
-        if self._label_net is None:
-            with torch.random.fork_rng(devices=[]):  # its random init is overwritten by every snapshot
-                torch.manual_seed(self.seed)
-                self._label_net = build_model(self.model_spec).to(self.device).eval()
-        traj, epoch = self.inputs.open(trajectory_id), self._label_epoch(trajectory_id)
-        buffers = traj.buffers(epoch, dtype=torch.float32)
-        load_flat_params(self._label_net, self._params(trajectory_id, epoch),
-                         None if buffers is None else buffers.to(self.device))
+        if self._label_net is None:  # one module, reloaded with each expert's snapshot
+            self._label_net = self.inputs.network(self.inputs.open(trajectory_id).info, self.device, epoch=0)
+        self.inputs.load_network(self._label_net, trajectory_id, self._label_epoch(trajectory_id))
         out = [self._label_net(chunk.to(self.device)) for chunk in images.split(self.label_batch)]
         return torch.cat(out).float() if out else images.new_zeros(0, self.train.info.num_classes)
 

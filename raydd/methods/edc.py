@@ -18,7 +18,7 @@ forward hooks capture the input of every BN layer, and the loss is
 and variance of the real training set at that BN input (computed once per observer, cached and
 checkpointed); p(c) the class frequency of the real data (the GMM weights of Def. 3.1),
 renormalised over the classes of the chunk. Images: Adam(lr 0.05, betas (0.5, 0.9)) with a
-cosine lr over ``iterations`` (reference code), clipped to the valid pixel range. Real-image
+cosine lr over ``total_iterations`` (reference code), clipped to the valid pixel range. Real-image
 initialisation (Sec. 3.2 ③). Soft labels (eq. 4): the observers' mean logits on S, stored
 as softmax probabilities, the logits themselves in ``meta['logits']``.
 """
@@ -60,8 +60,8 @@ class EDCConfig(MethodConfig):
     lr: float = 0.05  # Adam lr on the pixels
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
-    lr_schedule: str = "cosine"  # 'cosine' over ``iterations`` (reference code) or 'constant'
-    iterations: int = 2000  # planned synthesis iterations (horizon of the cosine lr)
+    lr_schedule: str = "cosine"  # 'cosine' over ``total_iterations`` (reference code) or 'constant'
+    total_iterations: int = 2000  # planned synthesis iterations (horizon of the cosine lr)
     batch_syn: int | None = None  # images of S per chunk (None: all of S at once; CIFAR-10 "All")
     augment: bool = True  # RandomResizedCrop (+ flip where the dataset allows) on S and S_EMA alike
     crop_scale_min: float = 0.5  # weak augmentation: crop area in [crop_scale_min, 1] (Table 5, ④)
@@ -73,7 +73,7 @@ class EDCConfig(MethodConfig):
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "alpha", "tau": "tau"}
     default_iterations: ClassVar[int] = 2000
-    horizon: ClassVar[str] = "iterations"  # the cosine lr runs over the run's own length
+    horizon: ClassVar[str] = "total_iterations"  # the cosine lr runs over the run's own length
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple((d, i) for d in ("cifar10", "cifar100") for i in (1, 10, 50))
     reported: ClassVar[dict[tuple[str, int], float]] = {  # EDC, ResNet-18 (METHODS.md)
         ("cifar10", 1): 32.6, ("cifar10", 10): 79.1, ("cifar10", 50): 87.0}
@@ -95,7 +95,7 @@ class EDCConfig(MethodConfig):
         self.check("lr", low=0, low_open=True)
         for key in ("adam_beta1", "adam_beta2"):
             self.check(key, low=0, high=1, high_open=True)
-        self.check("iterations", low=1)
+        self.check("total_iterations", low=1)
         self.check("batch_syn", low=1)
         self.check("crop_scale_min", low=0, high=1, low_open=True)
         if self.lr_schedule not in LR_SCHEDULES:
@@ -111,8 +111,8 @@ class EDCConfig(MethodConfig):
     @classmethod
     def defaults(cls, dataset: str, ipc: int) -> "EDCConfig":
         if dataset == "cifar100":
-            return cls(dataset=dataset, ipc=ipc, iterations=2000, batch_syn=100)
-        return cls(dataset=dataset, ipc=ipc, iterations=75, batch_syn=None)
+            return cls(dataset=dataset, ipc=ipc, total_iterations=2000, batch_syn=100)
+        return cls(dataset=dataset, ipc=ipc, total_iterations=75, batch_syn=None)
 
     @property
     def observer_ids(self) -> list[str] | None:
@@ -318,8 +318,8 @@ class EDC(CondensationMethod):
         cfg = self.config
         if cfg.lr_schedule == "constant":
             return cfg.lr
-        t = min(iteration, cfg.iterations)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t / cfg.iterations))
+        t = min(iteration, cfg.total_iterations)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t / cfg.total_iterations))
 
     def _objective(self, observers: list[_Observer], generator: torch.Generator, *, backward: bool
                    ) -> dict[str, float]:

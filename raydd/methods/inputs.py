@@ -257,18 +257,22 @@ class StoreInputs:
     def network(self, info, device: torch.device, epoch: int | None = None) -> nn.Module:
         """The trajectory's network at ``epoch`` (default: its last), BatchNorm buffers included: eval mode,
         frozen. Its random initialisation is overwritten, so the global RNG is left untouched."""
-        traj = self.open(info.trajectory_id)
-        epoch = max(traj.epochs) if epoch is None else epoch
-        params = traj.params(epoch, dtype=torch.float32).clone()
-        buffers = traj.buffers(epoch, dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = build_model(ModelSpec.from_dict(info.meta["model"]))
-        load_flat_params(net, params, None if buffers is None else buffers.clone())
-        net = net.to(device).eval()
+        net = self.load_network(net.to(device), info.trajectory_id, epoch).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         return net
+
+    def load_network(self, net: nn.Module, trajectory_id: str, epoch: int | None = None) -> nn.Module:
+        """Load one snapshot (parameters and BatchNorm buffers; default: the last) into ``net``, in place."""
+        traj = self.open(trajectory_id)
+        epoch = max(traj.epochs) if epoch is None else epoch
+        device = next(net.parameters()).device
+        buffers = traj.buffers(epoch, dtype=torch.float32)
+        return load_flat_params(net, traj.params(epoch, dtype=torch.float32).to(device, copy=True),
+                                None if buffers is None else buffers.to(device, copy=True))
 
     def close(self) -> None:
         while self._open:
