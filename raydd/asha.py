@@ -103,9 +103,28 @@ class PromotionLadder:
                     return trial_id
         return None
 
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        """Everything recorded so far, as plain JSON data (a sweep saves it with the experiment)."""
+        return {"rungs": self.rungs, "scores": [list(s.items()) for s in self._scores],
+                "promoted": [sorted(p) for p in self._promoted], "level": dict(self._level)}
+
+    def load_state(self, state: dict) -> None:
+        """Restore ``state()`` output; rungs that differ from this ladder's are a ValueError."""
+        if list(state.get("rungs", [])) != self.rungs:
+            raise ValueError(f"saved ASHA rungs {state.get('rungs')} differ from this ladder's {self.rungs}")
+        self._scores = [{t: float(v) for t, v in items} for items in state["scores"]]
+        self._promoted = [set(p) for p in state["promoted"]]
+        self._level = {t: int(k) for t, k in state["level"].items()}
+
     # ------------------------------------------------------------------ views
     def level(self, trial_id: str) -> int | None:
         return self._level.get(trial_id)
+
+    def is_waiting(self, trial_id: str) -> bool:
+        """Measured at its highest rung and not promoted from it: it may not run on until promoted."""
+        top = self._level.get(trial_id)
+        return top is not None and trial_id not in self._promoted[top]
 
     def promoted(self, rung: int) -> set[str]:
         return set(self._promoted[rung])

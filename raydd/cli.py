@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_STORE = "raydd-store"
@@ -59,15 +60,18 @@ def _farm_parser(sub) -> None:
 def _store_parser(sub) -> None:
     p = sub.add_parser("store", help="inspect a trajectory store")
     ssub = p.add_subparsers(dest="store_cmd", required=True)
-    ls = ssub.add_parser("ls", help="summary table of the stored trajectories")
+    ls = ssub.add_parser("ls", help="summary table of the stored trajectories (every snapshot's crc32 checked)")
     ls.add_argument("root", nargs="?", default=DEFAULT_STORE)
     for key in ("dataset", "model", "kind", "recipe"):
         ls.add_argument(f"--{key}")
+    ls.add_argument("--quick", action="store_true", help="read footers only (no crc32 check of the snapshots)")
     info = ssub.add_parser("info", help="one trajectory's metadata and per-epoch metrics")
     info.add_argument("root")
-    info.add_argument("trajectory_id")
-    verify = ssub.add_parser("verify", help="integrity check of every file")
+    info.add_argument("trajectory_id", help="a trajectory id, or a unique prefix of one")
+    verify = ssub.add_parser("verify", help="integrity check of every file (exit 1 if a trajectory is damaged)")
     verify.add_argument("root", nargs="?", default=DEFAULT_STORE)
+    gc = ssub.add_parser("gc", help="remove what dead writers left: dead claims and their temp files")
+    gc.add_argument("root", nargs="?", default=DEFAULT_STORE)
     tb = ssub.add_parser("tensorboard", help="write the stored trajectories' per-epoch curves as TensorBoard runs")
     tb.add_argument("root")
     tb.add_argument("logdir", help="local directory; then: tensorboard --logdir LOGDIR")
@@ -116,9 +120,16 @@ def cmd_farm(args) -> int:
     spec = farm_spec_from_args(args)
     print(f"raydd farm: {spec.trajectories} x {spec.recipe} on {spec.dataset} -> {spec.store} "
           f"({spec.backend}, {spec.workers} worker(s))", file=sys.stderr)
-    report = farm(spec, progress=not args.quiet)
+    try:
+        report = farm(spec, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("raydd farm: interrupted; what was published stays, the unfinished trajectories' temp files and "
+              "claims were removed: run the same command again to continue", file=sys.stderr)
+        return 130
     print(report.table())
-    print(f"\n{len(report.trained)} trained, {len(report.skipped)} already stored, "
+    others = f", {len(report.by_others)} trained by another farm" if report.by_others else ""
+    cleaned = f", {len(report.cleaned)} leftover file(s) of dead writers removed" if report.cleaned else ""
+    print(f"\n{len(report.trained)} trained, {len(report.skipped)} already stored{others}{cleaned}, "
           f"{report.wall_time_s:.1f} s; inspect with: raydd store ls {spec.store}"
           + (f"; curves: tensorboard --logdir {spec.tensorboard}" if spec.tensorboard else ""))
     return 0
@@ -126,15 +137,18 @@ def cmd_farm(args) -> int:
 
 def cmd_store(args) -> int:
     from .store import TrajectoryStore
-    from .store.cli import format_info, format_ls, format_verify
+    from .store.cli import format_gc, format_info, format_ls, format_verify
 
-    store = TrajectoryStore(args.root)
+    store = TrajectoryStore(args.root).require_existing()
     if args.store_cmd == "ls":
         filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
-        print(format_ls(store, **filters))
+        print(format_ls(store, check=not args.quick, **filters))
         return 0
     if args.store_cmd == "info":
         print(format_info(store, args.trajectory_id))
+        return 0
+    if args.store_cmd == "gc":
+        print(format_gc(store))
         return 0
     if args.store_cmd == "tensorboard":
         from .store.tensorboard import write_curves
@@ -149,8 +163,23 @@ def cmd_store(args) -> int:
     return code
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("raydd")
+    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line (``raydd: warning: ...``), without the source line Python prints by default."""
+    print(f"raydd: warning: {message}", file=file or sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydd", description="Dataset distillation at cluster scale.")
+    parser.add_argument("--version", action="version", version=f"raydd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _farm_parser(sub)
     _store_parser(sub)
@@ -167,14 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     handlers = {"farm": cmd_farm, "store": cmd_store}
-    try:
-        return handlers[args.command](args) if args.command in handlers else args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"raydd {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restored on return (main() may run inside another program)
+        warnings.showwarning = _one_line_warnings
+        try:
+            return handlers[args.command](args) if args.command in handlers else args.func(args)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"raydd {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # e.g. `raydd store ls | head`: the reader left, nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
 
 if __name__ == "__main__":

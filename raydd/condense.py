@@ -25,6 +25,7 @@ protocol's config works, and ``final_eval_config`` adds one more evaluation at t
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -146,10 +147,13 @@ class StepSizeWatch(Sink):
 
 
 class ProgressBar(Sink):
-    """A tqdm bar: iterations done/total, the step loss, the last evaluation, rate and ETA."""
+    """A tqdm bar: iterations done/total, the step loss, the last evaluation, rate and ETA; and once, after
+    the first ``estimate_after`` steps, a line with the estimated duration of the whole run (kept in logs
+    where the bar is not)."""
 
-    def __init__(self, enabled: bool = True, desc: str = "condense") -> None:
+    def __init__(self, enabled: bool = True, desc: str = "condense", estimate_after: int = 3) -> None:
         self.enabled, self.desc, self.bar, self.acc = enabled, desc, None, None
+        self.estimate_after = estimate_after
 
     def on_start(self, run: Run) -> None:
         from tqdm.auto import tqdm
@@ -163,6 +167,11 @@ class ProgressBar(Sink):
             shown["acc"] = self.acc
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
+        if self.enabled and run.steps == self.estimate_after and run.iterations > run.method.iteration:
+            per_step = run.step_seconds / run.steps
+            left = run.iterations - run.method.iteration
+            self.bar.write(f"{self.desc}: {per_step:.2f} s/iteration -> about {format_duration(per_step * left)} "
+                           f"for the {left} iterations left (evaluations extra)", file=sys.stderr)
 
     def on_eval(self, run: Run, record: EvalRecord) -> None:
         self.acc = f"{100 * record.result.mean:.2f}"
@@ -170,6 +179,15 @@ class ProgressBar(Sink):
     def on_end(self, run: Run, status: str) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class TensorBoard(Sink):
@@ -313,10 +331,10 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
         started = time.perf_counter()
         syn = method.synthetic_set()
         teachers = method.teacher_models()
-        result = evaluate(syn, test, eval_config, teachers=teachers)
+        result = evaluate(syn, test, eval_config, teachers=teachers, progress=progress)
         record = EvalRecord(method.iteration, syn, result)
         if is_last and final_eval_config is not None:
-            record.final = final = evaluate(syn, test, final_eval_config, teachers=teachers)
+            record.final = final = evaluate(syn, test, final_eval_config, teachers=teachers, progress=progress)
         record.seconds = time.perf_counter() - started
         evals.append((method.iteration, result))
         for sink in sinks:

@@ -134,6 +134,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -202,7 +203,7 @@ def cmd_evaluate(args) -> int:
     eval_config = eval_config_from_args(args, syn.dataset["name"])
     resolution = tuple(syn.dataset["resolution"])
     test = load_dataset(syn.dataset["name"], "test", args.data_root, download=args.download, resolution=resolution)
-    result = evaluate(syn, test, eval_config)
+    result = evaluate(syn, test, eval_config, progress=not (args.json or args.quiet))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -26,8 +26,8 @@ def add_quickstart_parser(subparsers) -> None:
                     "Ray Tune + ASHA, prints the leaderboard and where to point TensorBoard.")
     p.add_argument("--store", default="raydd-store", help="trajectory store root (default raydd-store)")
     p.add_argument("--storage", default="raydd-sweeps", help="sweep output directory (default raydd-sweeps)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart sweep")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's status tables instead of raydd's progress line")
     p.set_defaults(func=cmd_quickstart)
 
 
@@ -43,11 +43,12 @@ def _farm_curves_dir(spec) -> str | None:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import ray
 
+    from .sweep.cli import sweep_exit_code
     from .sweep.runner import _connect, farm_for_sweep, run_sweep
 
     spec = quickstart_spec(store=args.store, storage=args.storage)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"raydd quickstart 1/3: farm -> {spec.store}")
+    say(f"raydd quickstart 1/3: farm -> {spec.store} (what it holds already is reused)")
     started = _connect(None)
     try:
         farm_curves = _farm_curves_dir(spec)
@@ -55,7 +56,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             say(report.table())
         say(f"raydd quickstart 2/3: sweep {', '.join(spec.methods)} x IPC {list(spec.ipcs)} "
             f"({spec.num_trials} trials, ASHA) -> {spec.storage}/{spec.name}")
-        result = run_sweep(spec, progress=not args.quiet, resume=args.resume)
+        result = run_sweep(spec, progress=not args.quiet, verbose=args.verbose, resume=True)
     finally:
         if started:
             ray.shutdown()
@@ -64,4 +65,4 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"\nleaderboard: {result.leaderboard_csv}\nbest synthetic sets: {result.experiment_path}/best/\n"
           f"TensorBoard (sweep trials and the farmed experts' curves): tensorboard --logdir {spec.storage}\n"
           f"  trials: {result.experiment_path}" + (f"   experts: {farm_curves}" if farm_curves else ""))
-    return 0 if result.rows else 1
+    return sweep_exit_code(result)

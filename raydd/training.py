@@ -96,6 +96,14 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return EpochStats(total_loss / n, correct / n)
 
 
+def check_gpus_here(gpus: float, what: str) -> None:
+    """``gpus`` per worker on this machine alone (no cluster joined): torch must see at least that many."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 0 and have < gpus:
+        raise ValueError(f"{what}={gpus:g} but this machine has {have} GPU(s) and no Ray cluster is joined "
+                         f"(--address / RAY_ADDRESS): use {what}=0, or join a cluster with GPUs")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (or None) picks CUDA when available, else CPU; an unavailable CUDA request is an error."""
     if device in (None, "auto"):

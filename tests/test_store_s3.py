@@ -110,3 +110,26 @@ def test_store_on_s3_from_uri_alone(s3_endpoint):
     assert [i.trajectory_id for i in store.list()] == ["s3traj2"]
     with store.open("s3traj2") as traj:
         assert torch.equal(traj.params(2).view(torch.int16), written[2].view(torch.int16))
+
+
+def test_two_farms_into_one_s3_store_train_each_trajectory_once(s3_endpoint):
+    """Claims on an object store (check, put, read back): two farms started together into the same S3
+    prefix train every trajectory once, publish each as one object, and leave no claim behind."""
+    import threading
+
+    from raydd.farm import FarmSpec, farm
+
+    endpoint, client = s3_endpoint
+    uri = f"s3://{BUCKET}/farmed?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    spec = FarmSpec(store=uri, dataset="digits", recipe="expert", recipe_options={"epochs": 2, "batch_size": 128},
+                    model={"width": 8, "depth": 2}, train_per_class=20, trajectories=3, backend="local")
+    reports: list = []
+    threads = [threading.Thread(target=lambda: reports.append(farm(spec, progress=False))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trained = sorted(r.trajectory_id for report in reports for r in report.trained)
+    assert trained == sorted(reports[0].trajectory_ids)  # each once
+    objects = [k.rsplit("/", 1)[1] for k in keys(client, "farmed/") if not k.endswith("/")]  # pyarrow's delete_file
+    assert objects == sorted(f"{t}.arrow" for t in trained)  # leaves empty "directory" markers: not files

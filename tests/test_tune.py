@@ -157,6 +157,9 @@ def test_tensorboard_has_scalars_images_and_hparams(asha_sweep):
     assert [e.step for e in images] == [0, 2, 4, 6] and images[-1].width > 0
     tune_events = EventAccumulator(full["path"]).Reload()  # Tune's TBXLogger: every reported number
     assert "ray/tune/eval_acc" in tune_events.Tags()["scalars"]
+    for events in {p.parent for p in Path(full["path"]).rglob("events.out.tfevents.*")}:  # one HParams
+        with pytest.raises(KeyError):  # session per trial: the leaderboard's, none from Tune in the trial dir
+            EventAccumulator(str(events)).Reload().PluginTagToContent("hparams")
     runs = sorted(p for p in Path(result.hparams_dir).iterdir() if p.is_dir())
     assert len(runs) == 4
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -180,11 +183,14 @@ def test_resume_refuses_silent_overwrite_and_continues(asha_sweep, tmp_path, cap
 
     spec, result = asha_sweep
     storage = str(Path(result.experiment_path).parent)
-    with pytest.raises(ValueError, match="already exists: pass --resume"):
+    with pytest.raises(ValueError, match=r"has finished already \(leaderboard: .*leaderboard.md\): pass --resume"):
         run_sweep(spec, progress=False, storage=storage)
-    again = run_sweep(spec, progress=False, storage=storage, resume=True)  # all finished: nothing re-runs
+    board = Path(result.leaderboard_md).stat().st_mtime_ns
+    again = run_sweep(spec, storage=storage, resume=True)  # finished: nothing runs, Ray does not start
+    assert "has finished already, nothing to run; leaderboard: " in capsys.readouterr().err
     assert [(r.method, r.ipc, r.trial_id, r.acc_mean) for r in again.rows] == \
            [(r.method, r.ipc, r.trial_id, r.acc_mean) for r in result.rows]
+    assert Path(result.leaderboard_md).stat().st_mtime_ns == board  # not rewritten
     # the CLI: raydd sweep <spec.yaml> --resume --storage PATH
     path = tmp_path / "asha.yaml"
     path.write_text(yaml.safe_dump(spec.to_dict()))
@@ -241,6 +247,11 @@ def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, one_threa
     first = run_sweep(spec, progress=False, trainable=faulty_trainable)
     (trial,) = first.trials
     assert trial["error"] and trial["iterations"] == 4 and first.num_errors == 1
+    from raydd.sweep.cli import sweep_exit_code
+
+    assert sweep_exit_code(first) == 1  # errored trials: the sweep exits non-zero, the leaderboard says why
+    assert "- dm IPC 2 (trial" in first.markdown() and \
+        "RuntimeError: test fault injected at iteration 5" in first.markdown()
     resumed = run_sweep(spec, progress=False, resume=True, trainable=faulty_trainable)
     (trial,) = resumed.trials
     assert not trial["error"] and trial["iterations"] == 6 and resumed.num_errors == 0

@@ -303,6 +303,16 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}: accepted {', '.join(DATASETS)}")
 
 
+def check_resolution(resolution) -> tuple[int, int]:
+    """An image side (int) or (height, width), each >= 1 -> (height, width); else a one-line ValueError."""
+    sides = (resolution, resolution) if isinstance(resolution, int) and not isinstance(resolution, bool) \
+        else tuple(resolution) if isinstance(resolution, (tuple, list)) else ()
+    if len(sides) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sides):
+        raise ValueError(f"resolution={resolution!r} is invalid: expected an image side in pixels >= 1 "
+                         f"(or [height, width])")
+    return sides
+
+
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, *,
                  download: bool = False, resolution: int | tuple[int, int] | None = None) -> ImageDataset:
     """Load one split of a registered dataset as normalised tensors.
@@ -313,10 +323,13 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     check_dataset_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: accepted {', '.join(SPLITS)}")
-    if isinstance(resolution, int):
-        resolution = (resolution, resolution)
+    if resolution is not None:
+        resolution = check_resolution(resolution)
     src = DATASETS[name]
     root_path = Path(root).expanduser() if root is not None else default_root()
+    if not src.needs_root and root is not None and not root_path.exists():
+        raise DataNotFoundError(f"{name}: data root {root_path} does not exist ({name} is built in and reads "
+                                f"no data root: drop --data-root)")
     if src.needs_root and not root_path.exists() and not download:
         raise DataNotFoundError(f"{name}: data root {root_path} does not exist; pass --data-root "
                                 f"(e.g. ../shared/datasets) or --download (needs internet)")

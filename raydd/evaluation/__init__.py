@@ -12,7 +12,7 @@ benchmarks):
 
 Every protocol reports the mean ± std over networks of the FINAL test accuracy (``EvalResult``).
 A protocol is a config dataclass with ``defaults(dataset, **fields)`` and a function
-``run(syn, test, config, *, teachers, on_model) -> EvalResult``; adding one is adding a row here.
+``run(syn, test, config, *, teachers, on_model, on_epoch) -> EvalResult``; adding one is adding a row here.
 
 >>> config = protocol_config("digits", {"protocol": "edc", "epochs": 50})
 >>> evaluate(synthetic_set, test, config, teachers=method.teacher_models())
@@ -27,15 +27,15 @@ from .edc import EDCEvalConfig, evaluate_edc
 from .standard import DEFAULT_LR, EvalConfig, EvalResult, evaluate_synthetic, full_data, train_and_test
 
 
-def _standard(syn, test, config: EvalConfig, *, teachers=None, on_model=None) -> EvalResult:
-    return evaluate_synthetic(syn, test, config, on_model=on_model)  # hard or soft labels as stored
+def _standard(syn, test, config: EvalConfig, *, teachers=None, on_model=None, on_epoch=None) -> EvalResult:
+    return evaluate_synthetic(syn, test, config, on_model=on_model, on_epoch=on_epoch)  # labels as stored
 
 
 @dataclass(frozen=True)
 class Protocol:
     name: str
     config_cls: type
-    run: Callable[..., EvalResult]  # (syn, test, config, *, teachers, on_model) -> EvalResult
+    run: Callable[..., EvalResult]  # (syn, test, config, *, teachers, on_model, on_epoch) -> EvalResult
     summary: str
 
     @property
@@ -89,15 +89,24 @@ def protocol_config(dataset: str, settings: dict | None = None, **overrides: Any
     return protocol.config_cls.defaults(dataset, **settings)
 
 
-def evaluate(syn, test, config, *, teachers: Sequence | None = None, on_model=None) -> EvalResult:
+def evaluate(syn, test, config, *, teachers: Sequence | None = None, on_model=None,
+             progress: bool = False) -> EvalResult:
     """Evaluate ``syn`` on the real ``test`` split with ``config``'s protocol.
 
     ``teachers``: the method's teacher models (``CondensationMethod.teacher_models()``), used by
-    protocols whose config asks for them (EDC's ``teachers=True``).
+    protocols whose config asks for them (EDC's ``teachers=True``). ``progress``: a bar over the
+    networks' epochs (with rate and ETA) on stderr.
     """
     protocol = protocol_of(config)
     use = teachers if getattr(config, "teachers", False) else None
-    return protocol.run(syn, test, config, teachers=use, on_model=on_model)
+    if not progress:
+        return protocol.run(syn, test, config, teachers=use, on_model=on_model)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=config.num_models * config.epochs, unit="epoch", leave=False, dynamic_ncols=True,
+              desc=f"evaluate ({config.num_models} net{'s' if config.num_models > 1 else ''})") as bar:
+        return protocol.run(syn, test, config, teachers=use, on_model=on_model,
+                            on_epoch=lambda model, epoch: bar.update(1))
 
 
 __all__ = ["DEFAULT_LR", "EDCEvalConfig", "EvalConfig", "EvalResult", "PROTOCOLS", "Protocol", "evaluate",

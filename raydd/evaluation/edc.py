@@ -179,7 +179,8 @@ def _kl_at_temperature(student: torch.Tensor, teacher_log: torch.Tensor, tau: fl
 
 def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *,
                  teachers: Sequence[nn.Module] | None = None,
-                 on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+                 on_model: Callable[[int, float], None] | None = None,
+                 on_epoch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Train ``config.num_models`` fresh students on ``syn`` with the EDC protocol; test their EMA weights.
 
     Returns raydd.evaluation.EvalResult: ``accuracies`` are the final EMA-model test accuracies;
@@ -246,6 +247,8 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                 ema.update(net)
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(idx)
+            if on_epoch is not None:
+                on_epoch(m, epoch)
         acc = evaluate_model(ema.model(net), test.images, test.labels, device=device).acc
         raw_accs.append(evaluate_model(net, test.images, test.labels, device=device).acc)
         accs.append(acc)

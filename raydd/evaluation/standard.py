@@ -137,8 +137,11 @@ def fresh_network(spec: ModelSpec, seed: int, device: torch.device) -> tuple[nn.
 
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDataset, info: DatasetInfo,
                    config: EvalConfig, *, lr: float,
-                   on_model: Callable[[int, float], None] | None = None) -> EvalResult:
-    """The protocol on any labelled tensor set (synthetic or real), tested on ``test``."""
+                   on_model: Callable[[int, float], None] | None = None,
+                   on_epoch: Callable[[int, int], None] | None = None) -> EvalResult:
+    """The protocol on any labelled tensor set (synthetic or real), tested on ``test``.
+
+    ``on_model(i, acc)`` after each network, ``on_epoch(i, epoch)`` after each of its epochs (progress)."""
     device = resolve_device(config.device)
     spec = config.model_spec(info)
     dsa = None
@@ -158,6 +161,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
                     group["lr"] = lr * 0.1
             stats = train_epoch(net, opt, images, labels, batch_size=config.batch_size, generator=gen,
                                 device=device, augment=augment)
+            if on_epoch is not None:
+                on_epoch(i, epoch)
         acc = evaluate_model(net, test.images, test.labels, device=device).acc
         accs.append(acc)
         train_accs.append(stats.acc)
@@ -177,7 +182,8 @@ def _check_compatible(info: DatasetInfo, test: ImageDataset, what: str) -> None:
 
 
 def evaluate_synthetic(syn, test: ImageDataset, config: EvalConfig | None = None, *,
-                       on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+                       on_model: Callable[[int, float], None] | None = None,
+                       on_epoch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Train ``config.num_models`` fresh networks on the synthetic set, report their final test accuracy.
 
     ``test`` is the real test split in the dataset's normalisation; when the synthetic set
@@ -204,18 +210,21 @@ def evaluate_synthetic(syn, test: ImageDataset, config: EvalConfig | None = None
     zca = syn.zca_whitening()
     if zca is not None:
         test = ImageDataset(zca.transform(test.images), test.labels, test.info, test.split, test.source)
-    result = train_and_test(syn.images.detach().float(), labels, test, info, config, lr=lr, on_model=on_model)
+    result = train_and_test(syn.images.detach().float(), labels, test, info, config, lr=lr, on_model=on_model,
+                            on_epoch=on_epoch)
     result.extra.update({"method": syn.method, "iteration": syn.iteration, "ipc": len(syn) // info.num_classes,
                          "zca": zca is not None})
     return result
 
 
 def full_data(train: ImageDataset, test: ImageDataset, config: EvalConfig | None = None, *,
-              on_model: Callable[[int, float], None] | None = None) -> EvalResult:
+              on_model: Callable[[int, float], None] | None = None,
+              on_epoch: Callable[[int, int], None] | None = None) -> EvalResult:
     """The same protocol trained on a real training set ("vs full data"); lr defaults to 0.01."""
     config = config or EvalConfig()
     _check_compatible(train.info, test, "training set")
     lr = float(config.lr) if config.lr is not None else DEFAULT_LR
-    result = train_and_test(train.images, train.labels, test, train.info, config, lr=lr, on_model=on_model)
+    result = train_and_test(train.images, train.labels, test, train.info, config, lr=lr, on_model=on_model,
+                            on_epoch=on_epoch)
     result.extra.update({"method": "full_data", "num_train": len(train)})
     return result

@@ -21,6 +21,8 @@ class FarmProgress:
         self._bar = tqdm(total=total, disable=not enabled, file=sys.stderr, unit="traj", dynamic_ncols=True,
                          bar_format="{desc} |{bar}| {percentage:3.0f}%")
         self._skipped = skipped
+        self._waiting = ""
+        self._elsewhere: set[str] = set()
         # redraw at most twice a second on a terminal, every 15 s into a log file
         self._min_interval = 0.5 if sys.stderr.isatty() else 15.0
         self._last_draw = -math.inf
@@ -33,6 +35,22 @@ class FarmProgress:
     def finished(self, trajectory_id: str) -> None:
         self._partial.pop(trajectory_id, None)
         self.done += 1
+        self._refresh()
+
+    def waiting(self, held_elsewhere: dict[str, str]) -> None:
+        """Show that the rest is held by other live farms (id -> owner)."""
+        owners = sorted(set(held_elsewhere.values()))
+        self._waiting = f", waiting for {len(held_elsewhere)} claimed by {', '.join(owners)}" if owners else ""
+        self._refresh()
+
+    def finished_elsewhere(self, by_others: list[str]) -> None:
+        """Trajectories another farm published while this one waited count as done."""
+        for tid in by_others:
+            if tid not in self._elsewhere:
+                self._elsewhere.add(tid)
+                self._partial.pop(tid, None)
+                self.done += 1
+        self._waiting = ""
         self._refresh()
 
     def restarted(self, trajectory_id: str) -> None:
@@ -55,7 +73,7 @@ class FarmProgress:
         self._bar.n = progress
         skipped = f" (+{self._skipped} already stored)" if self._skipped else ""
         self._bar.set_description_str(f"farm {self.done}/{self.total} done{skipped}, {rate:.1f} traj/h, "
-                                      f"ETA {_fmt(eta)}", refresh=True)
+                                      f"ETA {_fmt(eta)}{self._waiting}", refresh=True)
 
     def close(self) -> None:
         self._bar.close()
@@ -68,14 +86,16 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def summary_table(results: list[TrajectoryResult], skipped: list[str]) -> str:
-    """Per trajectory: id, seed, final train/test accuracy, wall time, attempts."""
+def summary_table(results: list[TrajectoryResult], skipped: list[str], by_others: list[str] = ()) -> str:
+    """Per trajectory: id, seed, final train/test accuracy (%), wall time, attempts, status."""
     rows = [("trajectory", "seed", "train_acc", "test_acc", "wall_s", "attempts", "status")]
     for r in sorted(results, key=lambda r: r.seed):
         rows.append((r.trajectory_id, str(r.seed), _pct(r.final.get("train_acc")), _pct(r.final.get("test_acc")),
                      f"{r.wall_time_s:.1f}", str(r.attempts), "trained"))
     for tid in skipped:
         rows.append((tid, "-", "-", "-", "-", "-", "already stored"))
+    for tid in by_others:
+        rows.append((tid, "-", "-", "-", "-", "-", "trained by another farm"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import queue as queue_lib
+import time
 import warnings
 from typing import Callable
 
@@ -11,9 +12,12 @@ import ray
 from ray.util.queue import Empty, Queue
 
 from ..store import TrajectoryStore
+from .claims import WorkQueue
 from .progress import FarmProgress
 from .spec import FarmSpec
 from .task import FarmData, TrajectoryResult, TrajectoryTask, run_trajectory
+
+WAIT_S = 2.0  # how often the pool looks again at trajectories another live farm holds
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +83,16 @@ def check_resources(spec: FarmSpec) -> int:
     return max(1, fit)
 
 
-def run_on_ray(spec: FarmSpec, todo: list[TrajectoryTask], data: FarmData, bar: FarmProgress,
+def run_on_ray(spec: FarmSpec, work: WorkQueue, data: FarmData, bar: FarmProgress,
                on_event: Callable[[dict], None] | None) -> list[TrajectoryResult]:
     started = connect(spec.address)
     try:
         fit = check_resources(spec)
-        n_workers = min(spec.workers, len(todo), fit)
-        if n_workers < min(spec.workers, len(todo)):
+        n_workers = min(spec.workers, len(work.pending), fit)
+        if n_workers < min(spec.workers, len(work.pending)):
             warnings.warn(f"only {fit} worker(s) of {spec.cpus_per_worker} CPU / {spec.gpus_per_worker} GPU fit "
                           f"in this cluster: running {n_workers} instead of {spec.workers}")
-        return _Pool(spec, data, n_workers, bar, on_event).run(todo)
+        return _Pool(spec, data, n_workers, bar, on_event).run(work)
     finally:
         if started:
             ray.shutdown()
@@ -108,18 +112,28 @@ class _Pool:
         return FarmWorker.options(**self.options).remote(
             self.data_ref, int(self.spec.cpus_per_worker), self.spec.device, self.progress)
 
-    def run(self, todo: list[TrajectoryTask]) -> list[TrajectoryResult]:
-        pending = list(reversed(todo))
-        attempts = {t.trajectory_id: 0 for t in todo}
+    def run(self, work: WorkQueue) -> list[TrajectoryResult]:
+        """Train what ``work`` hands out (claimed tasks) on idle workers; a dead worker's task is retried from
+        scratch under the same claim; tasks other farms hold are waited for."""
+        retries: list[TrajectoryTask] = []
+        attempts: dict[str, int] = {}
         idle = [self._new_worker() for _ in range(self.n_workers)]
         running: dict = {}  # ObjectRef -> (worker, task)
         results: list[TrajectoryResult] = []
         try:
-            while pending or running:
-                while idle and pending:
-                    worker, task = idle.pop(), pending.pop()
-                    attempts[task.trajectory_id] += 1
+            while not work.empty or retries or running:
+                while idle:
+                    task = retries.pop() if retries else work.take()
+                    if task is None:
+                        break
+                    attempts[task.trajectory_id] = attempts.get(task.trajectory_id, 0) + 1
+                    worker = idle.pop()
                     running[worker.run.remote(task)] = (worker, task)
+                if not running:  # everything left is held by other live farms
+                    self.bar.waiting(work.held_elsewhere)
+                    time.sleep(WAIT_S)
+                    self.bar.finished_elsewhere(work.by_others)
+                    continue
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
                 self._drain_progress()
                 for ref in ready:
@@ -128,16 +142,18 @@ class _Pool:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as err:
                         self._retry(task, attempts, err)
-                        pending.append(task)
+                        retries.append(task)
                         ray.kill(worker, no_restart=True)
                         idle.append(self._new_worker())
                         continue
+                    work.release(task)
                     result.attempts = attempts[task.trajectory_id]
                     results.append(result)
                     self.bar.finished(task.trajectory_id)
                     self._emit({"type": "done", "trajectory_id": task.trajectory_id, "seed": task.seed})
                     idle.append(worker)
             self._drain_progress()
+            self.bar.finished_elsewhere(work.by_others)
         finally:
             for worker, _ in running.values():
                 ray.kill(worker, no_restart=True)

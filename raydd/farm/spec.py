@@ -45,6 +45,7 @@ class FarmSpec:
     gpus_per_worker: float = 0.0
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS, else a local cluster
     max_retries: int = 2  # per trajectory, after a worker dies
+    lease_ttl_s: float = 60.0  # a claim on a trajectory expires this long after its last renewal
     device: str = "auto"
     tensorboard: str | None = None  # local directory: every trajectory's per-epoch curves (raydd.store.tensorboard)
 
@@ -65,12 +66,18 @@ class FarmSpec:
         check_range("gpus_per_worker", self.gpus_per_worker, low=0)
         check_int("train_per_class", self.train_per_class, none_ok=True)
         check_int("max_retries", self.max_retries, low=0)
+        check_range("lease_ttl_s", self.lease_ttl_s, low=1)
         if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard
                                              or "://" in self.tensorboard):
             raise ValueError(f"tensorboard={self.tensorboard!r} is invalid: expected a local directory (or None)")
         if self.data_root is not None and not Path(self.data_root).expanduser().exists() and not self.download:
             raise ValueError(f"data_root={self.data_root!r} does not exist; point it at the dataset folder "
-                             f"(e.g. ../shared/datasets) or pass download=True (needs internet)")
+                             f"(e.g. ../shared/datasets) or pass --download (download=True in Python; needs "
+                             f"internet)")
+        if self.resolution is not None:
+            from ..data.datasets import check_resolution
+
+            check_resolution(self.resolution)
 
     @property
     def seeds(self) -> list[int]:

@@ -261,8 +261,14 @@ class CondensationMethod(ABC):
         self._check_ipc()
 
     def _check_ipc(self) -> None:
-        """IPC against the smallest class of the training data (methods whose pool differs override it)."""
-        check_ipc(self.config.ipc, self.train)
+        """IPC against the training data (``check_data``; a method whose pool differs overrides this)."""
+        self.check_data(self.config, self.train)
+
+    @classmethod
+    def check_data(cls, config: MethodConfig, train: ImageDataset) -> None:
+        """What can be checked from the config and the training data alone, before any work (sweeps run
+        it for every trial before Ray starts): by default IPC against the smallest class."""
+        check_ipc(config.ipc, train)
 
     @property
     def iteration(self) -> int:

@@ -242,14 +242,23 @@ class ExpertCoreset(CoresetMethod):
 
     def __init__(self, config, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
-        self.expert = self.inputs.find(self.config.needs()[0])[0]
+        self.candidates = self.inputs.find(self.config.needs()[0])
+        self.expert = self.candidates[0]
         self._features: torch.Tensor | None = None
 
     @property
     def features(self) -> torch.Tensor:
         """Expert features of every training image [N, d] (computed once; L2-normalised if configured)."""
         if self._features is None:
-            net = self.inputs.network(self.expert, self.device)
+            nets = []
+            for info in self.candidates:  # the first healthy one (a corrupt one is reported and skipped)
+                nets = self.inputs.healthy([info], lambda i: self.inputs.network(i, self.device))
+                if nets:
+                    self.expert = info
+                    break
+            if not nets:
+                raise self.inputs.missing(f"all {len(self.candidates)} candidate networks are corrupt")
+            net = nets[0]
             images = self.inputs.training_view(self.expert.meta).model_space(self.train.images)  # the farm's ZCA
             batch = self.config.embed_batch or self._default_embed_batch(images)
             feats = embed_images(net, images, batch=batch, device=self.device)

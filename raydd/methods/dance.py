@@ -186,12 +186,19 @@ def load_pretrained_experts(inputs: StoreInputs, config: PretrainedDMConfig, dev
         raise inputs.missing(f"num_experts={config.num_experts} but only {len(usable)} of the {len(infos)} "
                              f"trajectories matching {need.filters(config.dataset)} in {inputs.store.root} store "
                              f"both epoch 0 and a trained epoch: lower num_experts with --set or farm more")
-    experts = []
-    for entry in usable[:config.num_experts]:
+    def load(entry) -> PretrainedExpert:
         last = max(entry.epochs)
-        experts.append(PretrainedExpert(entry.trajectory_id, inputs.params(entry.trajectory_id, 0, device),
-                                        inputs.params(entry.trajectory_id, last, device), last))
-    return experts, infos[0].meta
+        return PretrainedExpert(entry.trajectory_id, inputs.params(entry.trajectory_id, 0, device),
+                                inputs.params(entry.trajectory_id, last, device), last)
+
+    experts = []
+    for entry in usable:  # the first num_experts healthy ones (a corrupt one is reported and skipped)
+        experts += inputs.healthy([entry], load)
+        if len(experts) == config.num_experts:
+            return experts, infos[0].meta
+    raise inputs.missing(f"num_experts={config.num_experts} but only {len(experts)} of the {len(usable)} usable "
+                         f"trajectories matching {need.filters(config.dataset)} in {inputs.store.root} are not "
+                         f"corrupt: lower num_experts with --set or farm more")
 
 
 # --------------------------------------------------------------------------- shared machinery
@@ -200,20 +207,28 @@ class PretrainedDM(CondensationMethod):
 
     config_cls: ClassVar[type[MethodConfig]] = PretrainedDMConfig
 
+    @classmethod
+    def check_data(cls, config: PretrainedDMConfig, train: ImageDataset) -> None:
+        """IPC against the smallest class, and with pix_init=real the ipc·factor² real images per class that
+        the factorised initialisation crops."""
+        super().check_data(config, train)
+        info = train.info
+        factor = config.factor if config.factor is not None else auto_factor(info.resolution)
+        if factor > min(info.resolution):
+            raise ValueError(f"factor={factor} is larger than the image side {min(info.resolution)}: "
+                             f"use factor <= {min(info.resolution)}")
+        smallest = int(torch.bincount(train.labels, minlength=info.num_classes).min())
+        needed = config.ipc * factor ** 2
+        if config.pix_init == "real" and needed > smallest:
+            raise ValueError(f"ipc={config.ipc} with factor={factor} needs {needed} real images per class to "
+                             f"initialise, but the smallest class of {info.name} has {smallest}: use "
+                             f"ipc <= {smallest // factor ** 2} or --set factor=1")
+
     def __init__(self, config: PretrainedDMConfig, train: ImageDataset, store=None, *, device="auto",
                  seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
         cfg, info = self.config, train.info
         self.factor = cfg.factor if cfg.factor is not None else auto_factor(info.resolution)
-        if self.factor > min(info.resolution):
-            raise ValueError(f"factor={self.factor} is larger than the image side {min(info.resolution)}: "
-                             f"use factor <= {min(info.resolution)}")
-        smallest = int(torch.bincount(train.labels, minlength=info.num_classes).min())
-        needed = cfg.ipc * self.factor ** 2
-        if cfg.pix_init == "real" and needed > smallest:
-            raise ValueError(f"ipc={cfg.ipc} with factor={self.factor} needs {needed} real images per class to "
-                             f"initialise, but the smallest class of {info.name} has {smallest}: use "
-                             f"ipc <= {smallest // self.factor ** 2} or --set factor=1")
         self.lr_img = cfg.lr_img if cfg.lr_img is not None else (0.01 if max(info.resolution) <= 64 else 0.1) * cfg.ipc
         self.experts, self.expert_meta = load_pretrained_experts(self.inputs, cfg, self.device)
         self.model_spec = ModelSpec.from_dict(self.expert_meta["model"])

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
+from ..store import CorruptTrajectoryError
 from .base import StepMeter, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
@@ -195,6 +196,8 @@ class DATM(MTT):
         lo, hi = self.config.min_start_epoch, self.start_upper()
         choices = [(e.trajectory_id, [s for s in e.starts if lo <= s < hi]) for e in self.experts]
         choices = [(tid, starts) for tid, starts in choices if starts]
+        if not choices:  # the experts storing this window were dropped as corrupt
+            raise self.inputs.missing(f"no healthy expert stores a start epoch in [{lo}, {hi})")
         tid, starts = choices[self.rng.randrange(len(choices))]
         return tid, starts[self.rng.randrange(len(starts))]
 
@@ -233,10 +236,14 @@ class DATM(MTT):
         idx = self.train.class_indices(c)
         candidates = self._model_space(self.train.images[idx[torch.randperm(len(idx), generator=self.generator)]])
         taken = torch.zeros(len(candidates), dtype=torch.bool)
-        for expert in self.experts:
+        for expert in list(self.experts):
             if int(taken.sum()) >= cfg.ipc:
                 break
-            correct = self.expert_logits(expert.trajectory_id, candidates).argmax(1).cpu() == c
+            try:
+                correct = self.expert_logits(expert.trajectory_id, candidates).argmax(1).cpu() == c
+            except CorruptTrajectoryError as err:  # reported once, the other experts go on
+                self._drop_expert(expert.trajectory_id, err)
+                continue
             fresh = torch.nonzero(correct & ~taken).flatten()[:cfg.ipc - int(taken.sum())]
             taken[fresh] = True
         if int(taken.sum()) < cfg.ipc:

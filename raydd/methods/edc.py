@@ -176,7 +176,9 @@ class EDC(CondensationMethod):
         super().__init__(config, train, store, device=device, seed=seed)
         cfg, info = self.config, train.info
         infos = self.inputs.find(config.needs()[0])  # validation first: raises before any work
-        self.observers = [self._load_observer(i) for i in infos]
+        self.observers = self.inputs.healthy(infos, self._load_observer)  # corrupt ones reported and skipped
+        if not self.observers:
+            raise self.inputs.missing(f"all {len(infos)} observers are corrupt")
         counts = torch.bincount(train.labels, minlength=info.num_classes).double()
         self.class_prior = (counts / counts.sum()).float().to(self.device)  # p(c): GMM weights (Def. 3.1)
         self.class_stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # observer id -> per BN layer

@@ -12,7 +12,9 @@ then, for every method alike:
 - rebuilds the farm's training view once (``training_view``: the class-balanced subset the farm
   trained on and the ZCA whitening it fitted), and warns when the data differs from the farm's;
 - hands out open trajectories (``params``, an LRU of open files) and frozen networks at an epoch
-  (``network``).
+  (``network``); every snapshot read is crc32-checked by the store, and a corrupt trajectory is
+  reported once (``skip``: a CorruptTrajectoryWarning naming the file and epoch) so the method can
+  go on with the healthy ones.
 
 Everything here is plain torch/pyarrow: no Ray.
 """
@@ -28,6 +30,7 @@ from torch import nn
 from ..data.datasets import ImageDataset
 from ..models import ModelSpec, build_model, load_flat_params
 from ..models.spec import fields_from_name
+from ..store import CorruptTrajectoryError, CorruptTrajectoryWarning
 
 NORM_NAMES = {"batch": "BatchNorm", "instance": "instance norm", "none": "no norm"}
 
@@ -141,6 +144,7 @@ class StoreInputs:
         self.needs = tuple(needs)
         self._open: dict[str, Any] = {}
         self._views: dict[tuple, TrainingView] = {}
+        self.corrupt: dict[str, str] = {}  # trajectory id -> why it is skipped
 
     # ------------------------------------------------------------------ commands
     def farm_command(self, *needs: TrajectoryNeed) -> str:
@@ -273,6 +277,27 @@ class StoreInputs:
         buffers = traj.buffers(epoch, dtype=torch.float32)
         return load_flat_params(net, traj.params(epoch, dtype=torch.float32).to(device, copy=True),
                                 None if buffers is None else buffers.to(device, copy=True))
+
+    def skip(self, trajectory_id: str, error: CorruptTrajectoryError) -> None:
+        """Note that ``trajectory_id`` is corrupt (warned once, naming the file and the epoch) and close it;
+        the method goes on without it."""
+        if trajectory_id not in self.corrupt:
+            self.corrupt[trajectory_id] = error.reason
+            warnings.warn(f"skipping corrupt trajectory {error.path}: {error.reason}", CorruptTrajectoryWarning,
+                          stacklevel=2)
+        traj = self._open.pop(trajectory_id, None)
+        if traj is not None:
+            traj.close()
+
+    def healthy(self, infos: list, load) -> list:
+        """``[load(info) for info in infos]`` without the corrupt ones (each skipped once)."""
+        out = []
+        for info in infos:
+            try:
+                out.append(load(info))
+            except CorruptTrajectoryError as err:
+                self.skip(info.trajectory_id, err)
+        return out
 
     def close(self) -> None:
         while self._open:

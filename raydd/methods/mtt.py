@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..data.augment import DSAConfig, make_dsa
 from ..models import FlatModel, ModelSpec, build_model
+from ..store import CorruptTrajectoryError
 from .base import CondensationMethod, MethodConfig, Scale, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
@@ -320,9 +321,21 @@ class MTT(CondensationMethod):
         return (end - target).pow(2).sum() / (start - target).pow(2).sum()
 
     def sample_segment(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(start epoch t, θ*_t, θ*_{t+M}) of an expert and start epoch drawn by ``sample_expert``."""
-        tid, start = self.sample_expert()
-        return start, self._params(tid, start), self._params(tid, start + self.config.expert_epochs)
+        """(start epoch t, θ*_t, θ*_{t+M}) of an expert and start epoch drawn by ``sample_expert``; a
+        corrupt snapshot drops its expert (reported once) and the draw is repeated among the others."""
+        while True:
+            tid, start = self.sample_expert()
+            try:
+                return start, self._params(tid, start), self._params(tid, start + self.config.expert_epochs)
+            except CorruptTrajectoryError as err:
+                self._drop_expert(tid, err)
+
+    def _drop_expert(self, trajectory_id: str, error: CorruptTrajectoryError) -> None:
+        self.inputs.skip(trajectory_id, error)
+        self.experts = [e for e in self.experts if e.trajectory_id != trajectory_id]
+        if not self.experts:
+            raise self.inputs.missing(f"every {self.matched_need.role[:-1]} trajectory this run used is corrupt "
+                                      f"(last: {error})")
 
     def step(self) -> dict[str, float]:
         cfg = self.config

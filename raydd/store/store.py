@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from .lease import DEFAULT_TTL_S, LEASE_SUFFIX, Claim, Lease, lease_name, read_claim, try_claim
 from .reader import Trajectory, TrajectoryInfo, read_info
 from .schema import (
     FILE_SUFFIX,
@@ -32,12 +33,28 @@ from .writer import TrajectoryWriter
 
 @dataclass
 class VerifyResult:
-    """One file's verdict: ``ok`` with reason "ok", or the problem found."""
+    """One file's verdict: ``ok`` with reason "ok", or the problem found. ``warning``: not a problem with
+    the published trajectories (a dead writer's leftovers, which ``gc`` removes)."""
 
     path: str
     ok: bool
     reason: str
     trajectory_id: str | None = None
+    warning: bool = False
+
+
+def _temp_id(base_name: str) -> str:
+    """The trajectory id of a writer's temp file ``.<id>.<token>.arrow.partial``."""
+    return base_name[1:-len(TEMP_SUFFIX)].rsplit(".", 1)[0]
+
+
+def _age_s(entry: pafs.FileInfo, now: _dt.datetime) -> float:
+    mtime = entry.mtime
+    if mtime is None:
+        return float("inf")
+    if mtime.tzinfo is None:
+        mtime = mtime.replace(tzinfo=_dt.timezone.utc)
+    return (now - mtime).total_seconds()
 
 
 def _name(spec: Any) -> str:
@@ -73,6 +90,45 @@ class TrajectoryStore:
             self._base = os.path.abspath(self._base)
         self._base = self._base.rstrip("/") or "/"
         self._index: dict[str, str] = {}  # trajectory id -> path, refreshed by scans
+        if self._local and os.path.exists(self._base) and not os.path.isdir(self._base):
+            raise ValueError(f"store {self.root} is a file, not a directory: point --store at a directory (or a URI "
+                             f"such as s3://bucket/prefix)")
+
+    def require_existing(self) -> "TrajectoryStore":
+        """For commands that only read: a local root that does not exist is a one-line ValueError (instead
+        of an empty listing that looks like a healthy store)."""
+        if self._local and not os.path.isdir(self._base):
+            raise ValueError(f"store {self.root} does not exist: farm into it first (raydd farm --store "
+                             f"{self.root}) or check the path")
+        return self
+
+    def require_writable(self) -> "TrajectoryStore":
+        """For commands that write: create the root and write a probe file there, so a store that cannot be
+        written is a one-line ValueError before any work (not an OSError deep in a worker)."""
+        probe = f"{self._base}/.raydd-write-probe-{os.getpid()}"
+        try:
+            self.filesystem.create_dir(self._base, recursive=True)
+            with self.filesystem.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.filesystem.delete_file(probe)
+        except OSError as err:
+            raise ValueError(f"store {self.root} cannot be written ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else err!r}): choose a writable --store") from None
+        return self
+
+    def resolve_id(self, prefix: str) -> str:
+        """The stored trajectory id that ``prefix`` starts (the whole id works too); one-line errors when no id
+        or several ids start with it."""
+        self._scan()
+        if prefix in self._index:
+            return prefix
+        matches = sorted(t for t in self._index if t.startswith(prefix))
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise TrajectoryNotFoundError(f"no trajectory in store {self.root} has an id starting with {prefix!r}")
+        raise ValueError(f"{len(matches)} trajectories in store {self.root} have ids starting with {prefix!r} "
+                         f"({', '.join(matches[:4])}{', ...' if len(matches) > 4 else ''}): give more characters")
 
     def __repr__(self) -> str:
         return f"TrajectoryStore({self.root!r})"
@@ -98,21 +154,29 @@ class TrajectoryStore:
 
     def _scan(self) -> tuple[list[pafs.FileInfo], list[pafs.FileInfo]]:
         """(trajectory files, writer temp files) under the root, sorted by path."""
+        files, temps, _ = self._scan_all()
+        return files, temps
+
+    def _scan_all(self) -> tuple[list[pafs.FileInfo], list[pafs.FileInfo], list[pafs.FileInfo]]:
+        """(trajectory files, writer temp files, claim files) under the root, sorted by path."""
         selector = pafs.FileSelector(self._base, recursive=True, allow_not_found=True)
-        files, temps = [], []
+        files, temps, claims = [], [], []
         for entry in self.filesystem.get_file_info(selector):
             if entry.type != pafs.FileType.File:
                 continue
             if entry.base_name.endswith(TEMP_SUFFIX):
                 temps.append(entry)
+            elif entry.base_name.endswith(LEASE_SUFFIX) and entry.base_name.startswith("."):
+                claims.append(entry)
             elif entry.base_name.endswith(FILE_SUFFIX) and not entry.base_name.startswith("."):
                 files.append(entry)
         files.sort(key=lambda e: e.path)
         temps.sort(key=lambda e: e.path)
+        claims.sort(key=lambda e: e.path)
         self._index = {}
         for entry in files:
             self._index.setdefault(entry.base_name[: -len(FILE_SUFFIX)], entry.path)
-        return files, temps
+        return files, temps, claims
 
     def _find(self, tid: str) -> str | None:
         path = self._index.get(tid)
@@ -134,6 +198,53 @@ class TrajectoryStore:
                           seed=seed, model=model, param_layout=param_layout, buffer_layout=buffer_layout,
                           dtype=dtype, dataset=dataset, metric_names=metric_names, extra=extra)
         return TrajectoryWriter(path=self.path_for(meta), meta=meta, filesystem=self.filesystem, local=self._local)
+
+    # --- claims ------------------------------------------------------------
+    def claim_path(self, meta: Mapping) -> str:
+        """Where the claim on the trajectory described by ``meta`` (dataset, model, kind, id) lives."""
+        final = self.path_for(meta)
+        return final.rsplit("/", 1)[0] + "/" + lease_name(check_trajectory_id(meta["trajectory_id"]))
+
+    def claim(self, meta: Mapping, *, ttl_s: float = DEFAULT_TTL_S) -> Lease | Claim:
+        """Claim the trajectory described by ``meta`` before training it (raydd.store.lease): a Lease when
+        this process now holds it, else the live Claim of the farm that does."""
+        return try_claim(self.claim_path(meta), meta["trajectory_id"], self.filesystem, self._local, ttl_s)
+
+    def claims(self) -> dict[str, Claim]:
+        """{trajectory id: claim} of every claim file in the store (live or dead)."""
+        out = {}
+        for entry in self._scan_all()[2]:
+            claim = read_claim(entry.path, self.filesystem)
+            if claim is not None:
+                out[entry.base_name[1:-len(LEASE_SUFFIX)]] = claim
+        return out
+
+    def gc(self, *, stale_after_s: float = 3600.0) -> list[str]:
+        """Remove what dead writers left: claims whose owner is dead or expired, temp files of trajectories
+        whose claim is dead, and unclaimed temp files untouched for ``stale_after_s``. Live claims and the
+        temp files of their writers are kept. Returns the removed paths."""
+        _, temps, claim_files = self._scan_all()
+        now = _dt.datetime.now(_dt.timezone.utc)
+        claims = {e.base_name[1:-len(LEASE_SUFFIX)]: (e, read_claim(e.path, self.filesystem)) for e in claim_files}
+        removed = []
+        for entry in temps:
+            claim = claims.get(_temp_id(entry.base_name), (None, None))[1]
+            if claim is not None and not claim.dead():
+                continue  # a live farm is writing it
+            if claim is None and _age_s(entry, now) < stale_after_s:
+                continue  # an unclaimed write (a direct TrajectoryWriter) that may still be running
+            removed += self._delete(entry.path)
+        for entry, claim in claims.values():
+            if claim is None or claim.dead():
+                removed += self._delete(entry.path)
+        return removed
+
+    def _delete(self, path: str) -> list[str]:
+        try:
+            self.filesystem.delete_file(path)
+        except (FileNotFoundError, OSError):
+            return []
+        return [path]
 
     # --- reading -----------------------------------------------------------
     def exists(self, trajectory_id: str) -> bool:
@@ -213,11 +324,13 @@ class TrajectoryStore:
         return len(doomed)
 
     # --- integrity ---------------------------------------------------------
-    def verify(self, *, stale_after_s: float = 3600.0) -> list[VerifyResult]:
+    def verify(self, *, stale_after_s: float = 3600.0, include_temps: bool = True) -> list[VerifyResult]:
         """Check every file fully (footer, trailer, epochs, crc32s). Temp files
         untouched for ``stale_after_s`` are reported as left by crashed writers;
         younger ones as writes in progress (ok)."""
         files, temps = self._scan()
+        if not include_temps:
+            temps = []
         results, first_path = [], {}
         for entry in files:
             tid = entry.base_name[: -len(FILE_SUFFIX)]
@@ -237,13 +350,20 @@ class TrajectoryStore:
                 first_path[tid] = entry.path
                 results.append(VerifyResult(entry.path, True, "ok", tid))
         now = _dt.datetime.now(_dt.timezone.utc)
+        claims = self.claims() if include_temps else {}
         for entry in temps:
-            mtime = entry.mtime
-            if mtime is not None and mtime.tzinfo is None:
-                mtime = mtime.replace(tzinfo=_dt.timezone.utc)
-            age = (now - mtime).total_seconds() if mtime is not None else float("inf")
-            if age >= stale_after_s:
-                results.append(VerifyResult(entry.path, False, f"stale temp file left by a crashed writer (age {age:.0f} s)"))
+            age = _age_s(entry, now)
+            claim = claims.get(_temp_id(entry.base_name))
+            if claim is not None and not claim.dead():
+                results.append(VerifyResult(entry.path, True, f"temp file of a write in progress (claimed by "
+                                                              f"{claim.owner}, age {age:.0f} s)"))
+            elif claim is not None or age >= stale_after_s:
+                results.append(VerifyResult(entry.path, True, f"stale temp file left by a dead writer (age {age:.0f} "
+                                                              f"s): raydd store gc removes it", warning=True))
             else:
                 results.append(VerifyResult(entry.path, True, f"temp file of a write in progress (age {age:.0f} s)"))
+        for tid, claim in claims.items():
+            if claim.dead():
+                results.append(VerifyResult(tid, True, f"dead claim of {claim.owner} on {tid}: raydd store gc "
+                                                       f"removes it", tid, warning=True))
         return results

@@ -18,7 +18,9 @@ def add_sweep_parser(subparsers) -> None:
     p.add_argument("--farm", action="store_true",
                    help="first farm what the methods read: the spec's 'farm:' recipes, then what their needs declare "
                         "(what the store holds is skipped)")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's status tables instead of raydd's progress line (set when the sweep starts)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -36,8 +38,8 @@ def cmd_sweep(args) -> int:
     try:
         if args.farm:
             farm_for_sweep(spec, progress=not args.quiet)
-        result = run_sweep(spec, progress=not args.quiet, resume=args.resume, storage=args.storage,
-                           address=args.address)
+        result = run_sweep(spec, progress=not args.quiet, verbose=args.verbose, resume=args.resume,
+                           storage=args.storage, address=args.address)
     finally:
         if started:
             ray.shutdown()
@@ -45,6 +47,15 @@ def cmd_sweep(args) -> int:
     print(f"{len(result.trials)} trial(s), {result.num_errors} errored, {result.unfinished} unfinished, "
           f"{result.wall_time_s:.0f} s; results in {result.experiment_path}; "
           f"TensorBoard: tensorboard --logdir {result.experiment_path}")
+    return sweep_exit_code(result)
+
+
+def sweep_exit_code(result) -> int:
+    """0: every trial finished; 1: some errored (or nothing ranked); 3: interrupted (resume it)."""
     if not result.complete:
         return 3
+    if result.num_errors:
+        print(f"raydd sweep: {result.num_errors} trial(s) errored (listed above and in {result.leaderboard_md})",
+              file=sys.stderr)
+        return 1
     return 0 if result.rows else 1

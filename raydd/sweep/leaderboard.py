@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .spec import SweepSpec
-from .trial import METRIC, SYNTHETIC_FILE, TIME_ATTR, TrialSettings
+from .trial import METRIC, SYNTHETIC_FILE, TIME_ATTR, TRIAL_STATE_FILE, TrialSettings
+
+FINISHED_FILE = "sweep_done.json"
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -40,6 +42,7 @@ class LeaderboardRow:
     trial_id: str
     trial_path: str
     synthetic_path: str | None  # the copy in <experiment>/best/
+    error: str | None = None  # every trial of the group errored: the first one's error line
 
 
 @dataclass
@@ -62,12 +65,19 @@ class SweepResult:
         return self.unfinished == 0
 
     def markdown(self) -> str:
-        return leaderboard_markdown(self.rows, self.name, unfinished=self.unfinished)
+        return leaderboard_markdown(self.rows, self.name, unfinished=self.unfinished,
+                                    errored=[t for t in self.trials if t.get("error")])
 
 
-def _trial_record(result, spec: SweepSpec) -> dict:
-    settings = TrialSettings.from_config(result.config or {})
-    metrics = result.metrics or {}
+def _trial_record(result, spec: SweepSpec, config: dict | None = None) -> dict:
+    """A trial's row from its Tune result; ``config``: the trial's config, where the result lacks it (a trial
+    that never reported in this run). A checkpoint newer than the result (Tune's state lagged behind a
+    driver that was killed) supplies the last report."""
+    settings = TrialSettings.from_config(result.config or config or {})
+    metrics = dict(result.metrics or {})
+    saved = last_checkpointed_report(result)
+    if saved and saved.get(TIME_ATTR, 0) > metrics.get(TIME_ATTR, 0) and "trial_error" not in metrics:
+        metrics.update(saved)
     knobs = settings.knobs
     source = "final_eval" if "final_acc" in metrics else "eval"
     acc = metrics.get("final_acc", metrics.get(METRIC))
@@ -79,9 +89,43 @@ def _trial_record(result, spec: SweepSpec) -> dict:
         "eval_models": int(metrics.get("final_models" if source == "final_eval" else "eval_models", 0) or 0),
         "eval_acc": metrics.get(METRIC), "syn_lr": metrics.get("syn_lr"),
         "trial_id": metrics.get("trial_id") or _trial_id_from_path(result.path), "path": result.path,
-        "error": result.error is not None,
+        "error": result.error is not None or "trial_error" in metrics,
+        "error_line": metrics.get("trial_error") or (first_error_line(result.error) if result.error else None),
         "node_id": metrics.get("node_id"), "checkpoint": result.checkpoint,
     }
+
+
+def last_checkpointed_report(result) -> dict | None:
+    """The last report of a trial as its newest checkpoint saved it (``trial.json``), or None."""
+    import pyarrow.fs as pafs
+
+    fs = getattr(result, "filesystem", None)
+    if fs is None or not result.path:
+        return None
+    newest, newest_it = None, -1
+    for entry in fs.get_file_info(pafs.FileSelector(result.path, allow_not_found=True)):
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{entry.path}/{TRIAL_STATE_FILE}") as f:
+                last = json.loads(f.read().decode())["last"]
+        except (OSError, KeyError, ValueError):
+            continue
+        if int(last.get(TIME_ATTR, -1)) > newest_it:
+            newest, newest_it = last, int(last.get(TIME_ATTR, -1))
+    return newest
+
+
+def first_error_line(error: BaseException | str | None) -> str | None:
+    """The line that says what went wrong (``ValueError: ...``), not Ray's wrapping or the traceback."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):  # Ray puts the original exception's last line last
+        if ":" in line and line.split(":", 1)[0].replace(".", "").isidentifier() and \
+                line.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt")):
+            return line
+    return lines[-1] if lines else type(error).__name__
 
 
 def build_leaderboard(records: list[dict]) -> list[tuple[LeaderboardRow, dict]]:
@@ -91,8 +135,17 @@ def build_leaderboard(records: list[dict]) -> list[tuple[LeaderboardRow, dict]]:
         groups.setdefault((r["method"], r["ipc"]), []).append(r)
     rows = []
     for (method, ipc), group in sorted(groups.items()):
-        scored = [r for r in group if r["acc_mean"] is not None and math.isfinite(r["acc_mean"])]
+        scored = [r for r in group if not r["error"] and r["acc_mean"] is not None and math.isfinite(r["acc_mean"])]
         if not scored:
+            failed = [r for r in group if r["error"]]
+            if failed:  # nothing to rank: the group is an errored row
+                first = failed[0]
+                rows.append((LeaderboardRow(
+                    method=method, ipc=ipc, acc_mean=float("nan"), acc_std=float("nan"), source="-", eval_models=0,
+                    iterations=first["iterations"], target_iterations=first["target_iterations"], trials=len(group),
+                    stopped_early=0, errored=len(failed), seed=first["seed"], knobs=first["knobs"],
+                    trial_id=first["trial_id"], trial_path=first["path"], synthetic_path=None,
+                    error=first.get("error_line") or "error"), first))
             continue
         complete = [r for r in scored if r["iterations"] >= r["target_iterations"]]
         best = max(complete or scored, key=lambda r: (r["acc_mean"], -(r["acc_std"] or 0.0)))
@@ -106,7 +159,8 @@ def build_leaderboard(records: list[dict]) -> list[tuple[LeaderboardRow, dict]]:
     return rows
 
 
-def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "", *, unfinished: int = 0) -> str:
+def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "", *, unfinished: int = 0,
+                         errored: list[dict] | None = None) -> str:
     lines = [f"### Leaderboard {name}".rstrip(), ""]
     if unfinished:
         lines += [f"**Incomplete: {unfinished} trial(s) did not finish (interrupted sweep); resume it with "
@@ -116,11 +170,16 @@ def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "", *, unfinish
              "|---|---:|---:|---|---:|---|---|"]
     for r in rows:
         knobs = ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.knobs.items())) or "defaults"
-        lines.append(f"| {r.method} | {r.ipc} | {100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} | "
-                     f"{r.source}, {r.eval_models} nets | {r.iterations}/{r.target_iterations} | "
+        accuracy = f"errored: {r.error}" if r.error else f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}"
+        evaluation = "-" if r.error else f"{r.source}, {r.eval_models} nets"
+        lines.append(f"| {r.method} | {r.ipc} | {accuracy} | {evaluation} | {r.iterations}/{r.target_iterations} | "
                      f"{r.trials} ({r.stopped_early}, {r.errored}) | {knobs} |")
-    lines += ["", "Accuracy: mean ± std of the final test accuracy of freshly trained networks on the best trial's "
-              "synthetic set (never the best epoch)."]
+    lines += ["", "Accuracy: mean ± std of the final test accuracy (%) of freshly trained networks on the best "
+              "trial's synthetic set (never the best epoch)."]
+    if errored:
+        lines += ["", f"Errored trials ({len(errored)}):", ""]
+        lines += [f"- {r['method']} IPC {r['ipc']} (trial {r['trial_id']}): {r.get('error_line') or 'error'}"
+                  for r in errored]
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +200,15 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _write_text(fs, path: str, text: str) -> None:
+def write_text(fs, path: str, text: str) -> None:
+    """Write ``text`` whole: a local file via temp file + rename, an object store via one put (atomic there)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        from ..methods.serial import atomic_write
+
+        atomic_write(path, text.encode())
+        return
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
 
@@ -219,7 +286,8 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     """Leaderboard, trial table, best synthetic sets and the hparams view, written into the experiment dir."""
     fs = result_grid.filesystem
     exp = result_grid.experiment_path
-    records = [_trial_record(res, spec) for res in result_grid]
+    configs = _trial_configs(result_grid)
+    records = [_trial_record(res, spec, configs.get(_trial_id_from_path(res.path))) for res in result_grid]
     statuses = _trial_statuses(result_grid)
     for r in records:
         r["status"] = statuses.get(r["trial_id"], "ERROR" if r["error"] else "UNKNOWN")
@@ -229,18 +297,43 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     rows = []
     for row, best in board:
         dest = f"{exp}/best/{row.method}_ipc{row.ipc}.safetensors"
-        if _copy_synthetic(best, fs, dest):
+        if row.error is None and _copy_synthetic(best, fs, dest):
             row.synthetic_path = dest
         rows.append(row)
     trials = [{k: v for k, v in r.items() if k != "checkpoint"} for r in records]
     paths = {name: f"{exp}/{name}" for name in ("leaderboard.csv", "leaderboard.md", "trials.csv")}
-    _write_text(fs, paths["leaderboard.csv"], _csv([asdict(r) for r in rows]))
-    _write_text(fs, paths["leaderboard.md"], leaderboard_markdown(rows, spec.name, unfinished=unfinished))
-    _write_text(fs, paths["trials.csv"], _csv(trials))
+    write_text(fs, paths["leaderboard.csv"], _csv([asdict(r) for r in rows]))
+    errored = [r for r in records if r["error"]]
+    write_text(fs, paths["leaderboard.md"], leaderboard_markdown(rows, spec.name, unfinished=unfinished,
+                                                                  errored=errored))
+    write_text(fs, paths["trials.csv"], _csv(trials))
     hparams = write_hparams(records, fs, exp) if records else None
-    return SweepResult(spec.name, exp, rows, trials, paths["leaderboard.csv"], paths["leaderboard.md"],
-                       paths["trials.csv"], hparams, sum(1 for r in records if r["error"]), wall_time_s,
-                       unfinished, result_grid)
+    result = SweepResult(spec.name, exp, rows, trials, paths["leaderboard.csv"], paths["leaderboard.md"],
+                         paths["trials.csv"], hparams, sum(1 for r in records if r["error"]), wall_time_s,
+                         unfinished, result_grid)
+    if result.complete and result_grid.num_errors == 0:  # what a resume reads: nothing left to run (a crashed
+        # trial, Tune status ERROR, is retried by a resume; a trial that reported its error is final)
+        saved = {k: v for k, v in asdict(result).items() if k != "result_grid"}
+        write_text(fs, f"{exp}/{FINISHED_FILE}", json.dumps(saved, indent=1, default=str))
+    return result
+
+
+def load_finished(fs, experiment_path: str) -> SweepResult | None:
+    """The result a finished sweep saved (``FINISHED_FILE``), or None while it has not finished."""
+    import pyarrow.fs as pafs
+
+    path = f"{experiment_path}/{FINISHED_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        saved = json.loads(f.read().decode())
+    saved["rows"] = [LeaderboardRow(**row) for row in saved["rows"]]
+    return SweepResult(**saved)
+
+
+def _trial_configs(result_grid) -> dict[str, dict]:
+    analysis = getattr(result_grid, "_experiment_analysis", None)
+    return {t.trial_id: t.config for t in getattr(analysis, "trials", None) or []}
 
 
 def _trial_statuses(result_grid) -> dict[str, str]:

@@ -23,7 +23,8 @@ from ray import tune
 
 from ..data.datasets import ImageDataset, load_dataset
 from ..methods import StoreInputs, get_method, make_config
-from .leaderboard import SweepResult, _write_text, summarize
+from .leaderboard import SweepResult, load_finished, summarize, write_text
+from .progress import ScalarTBXLogger, SweepProgress, tune_console
 from .scheduler import grouped_asha
 from .space import param_space
 from .spec import Knob, SweepSpec
@@ -70,6 +71,18 @@ def pinned_models(spec: SweepSpec, train: ImageDataset) -> dict[str, dict[str, A
         if len(found) == 1:
             pinned[method] = {"model": found.pop()}
     return pinned
+
+
+def check_data(spec: SweepSpec, train: ImageDataset) -> None:
+    """Every trial's method accepts the training data at its IPC (``check_data``: IPC against the smallest
+    class, ...); a one-line ValueError names the method, the IPC and the limit."""
+    for arm in spec.arms():
+        for ipc in spec.ipcs:
+            config = make_config(arm["method"], spec.dataset, ipc, **_constant_knobs(arm))
+            try:
+                get_method(arm["method"]).check_data(config, train)
+            except ValueError as err:
+                raise ValueError(f"method {arm['method']!r} at IPC {ipc}: {err}") from None
 
 
 def check_store(spec: SweepSpec, store_root: str, train: ImageDataset,
@@ -149,12 +162,26 @@ def needs_farm_specs(spec: SweepSpec, **extra: Any) -> list:
     return specs
 
 
+def check_devices_here(spec: SweepSpec) -> None:
+    """A sweep on a Ray cluster started here: its device and GPUs per trial must exist on this machine."""
+    from ..training import check_gpus_here, resolve_device
+
+    try:
+        if spec.device != "auto":
+            resolve_device(spec.device)
+        check_gpus_here(spec.gpu, "resources.gpu")
+    except ValueError as err:
+        raise SweepResourceError(str(err)) from None
+
+
 # --------------------------------------------------------------------------- Ray
 def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    # workers log warnings and errors only (not Tune's per-checkpoint INFO lines)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
     return True
 
 
@@ -188,7 +215,7 @@ def _trial_dirname(trial) -> str:
     return f"{method}_ipc{cfg.get('ipc')}_{trial.trial_id}"
 
 
-def _new_tuner(spec: SweepSpec, trainable, storage: str, store, data_root, progress: bool, pinned):
+def _new_tuner(spec: SweepSpec, trainable, storage: str, store, data_root, progress: bool, verbose: bool, pinned):
     space = param_space(spec, store=store, data_root=data_root, pinned=pinned)
     scheduler = None
     if spec.scheduler["type"] == "asha":
@@ -200,7 +227,8 @@ def _new_tuner(spec: SweepSpec, trainable, storage: str, store, data_root, progr
                                     max_concurrent_trials=spec.max_concurrent, trial_dirname_creator=_trial_dirname,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage, verbose=1 if progress else 0,
+            name=spec.name, storage_path=storage, verbose=1 if verbose else 0,
+            callbacks=([] if verbose else [SweepProgress(show=progress)]) + [ScalarTBXLogger()],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             sync_config=tune.SyncConfig(sync_artifacts=True)))
@@ -215,7 +243,7 @@ def _fs(location: str):
 def _save_spec(spec: SweepSpec, experiment: str) -> None:
     fs, path = _fs(experiment)
     fs.create_dir(path, recursive=True)
-    _write_text(fs, f"{path}/sweep_spec.json", json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+    write_text(fs, f"{path}/sweep_spec.json", json.dumps(spec.to_dict(), indent=2, sort_keys=True))
 
 
 def _check_same_spec(spec: SweepSpec, experiment: str) -> None:
@@ -232,29 +260,49 @@ def _check_same_spec(spec: SweepSpec, experiment: str) -> None:
         raise ValueError(f"cannot resume {experiment}: the spec differs from the one it was started with in {diff}")
 
 
-def run_sweep(spec: SweepSpec, *, progress: bool = True, resume: bool = False, storage: str | None = None,
-              address: str | None = None, trainable: Callable[[dict], None] | None = None) -> SweepResult:
+def run_sweep(spec: SweepSpec, *, progress: bool = True, verbose: bool = False, resume: bool = False,
+              storage: str | None = None, address: str | None = None,
+              trainable: Callable[[dict], None] | None = None) -> SweepResult:
     """Run ``spec`` with Ray Tune and write the leaderboard into ``<storage>/<name>``.
 
-    Uses the running Ray instance, else joins ``address`` / RAY_ADDRESS, else starts a local one
-    (shut down again at the end). With ``resume=True`` an interrupted sweep in the same directory
-    continues: finished trials are kept, unfinished and errored ones restart from their last
-    checkpoint. ``trainable`` replaces ``condensation_trainable`` (e.g. a test's wrapper that adds
-    a fault-injecting sink).
+    Everything checkable runs before Ray starts: the data at every trial's IPC (``check_data``), the
+    store's contents per method (``check_store``). Uses the running Ray instance, else joins
+    ``address`` / RAY_ADDRESS, else starts a local one (shut down again at the end). ``progress``:
+    raydd's progress line (``SweepProgress``); ``verbose``: Ray Tune's status tables instead
+    (both fixed when the sweep starts: a resume keeps them).
+
+    With ``resume=True`` an interrupted sweep in the same directory continues: finished trials are
+    kept (a trial whose newest checkpoint is its last reports it again, running nothing), ASHA's
+    saved decisions hold (``GroupedASHA``), unfinished trials restart from their last checkpoint.
+    Resuming a finished sweep runs nothing and returns its saved result. ``trainable`` replaces
+    ``condensation_trainable`` (e.g. a test's wrapper that adds a fault-injecting sink).
     """
     started_at = time.perf_counter()
     storage = _absolute(storage or spec.storage)
     store = _absolute(spec.store) if spec.store else None
     data_root = _absolute(spec.data_root) if spec.data_root else None
+    experiment = f"{storage.rstrip('/')}/{spec.name}"
+    finished = load_finished(*_fs(experiment))
+    if finished is not None:
+        if not resume:
+            raise ValueError(f"sweep {experiment} has finished already (leaderboard: {finished.leaderboard_md}): "
+                             f"pass --resume to print it again, or choose another name/--storage")
+        _check_same_spec(spec, experiment)
+        if progress:
+            print(f"raydd sweep: {experiment} has finished already, nothing to run; leaderboard: "
+                  f"{finished.leaderboard_md}", file=sys.stderr)
+        return finished
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):  # Ray will start here
+        check_devices_here(spec)
+    train = load_dataset(spec.dataset, "train", data_root, resolution=spec.resolution)
+    check_data(spec, train)
     needy = [m for m in spec.methods for ipc in spec.ipcs if make_config(m, spec.dataset, ipc).needs()]
     pinned: dict[str, dict[str, Any]] = {}
     if needy:
         if store is None:
             raise ValueError(f"methods {sorted(set(needy))} read a trajectory store but the spec has store: null")
-        train = load_dataset(spec.dataset, "train", data_root, resolution=spec.resolution)
         pinned = pinned_models(spec, train)
         check_store(spec, store, train, pinned)
-    experiment = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = tune.Tuner.can_restore(experiment)
     if can_restore and not resume:
         raise ValueError(f"sweep {experiment} already exists: pass --resume to continue it, or choose another "
@@ -271,10 +319,11 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, resume: bool = False, s
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         else:
             if resume and progress:
-                print(f"raydd sweep: nothing to resume at {experiment}; starting it", file=sys.stderr)
-            tuner = _new_tuner(spec, trainable, storage, store, data_root, progress, pinned)
+                print(f"raydd sweep: new sweep {experiment} (nothing to resume there)", file=sys.stderr)
+            tuner = _new_tuner(spec, trainable, storage, store, data_root, progress, verbose, pinned)
             _save_spec(spec, experiment)
-        grid = tuner.fit()
+        with tune_console(verbose):
+            grid = tuner.fit()
         return summarize(grid, spec, wall_time_s=time.perf_counter() - started_at)
     finally:
         if started:

@@ -8,14 +8,21 @@ or Ray's stopping ``ASHAScheduler`` per group (``variant="stopping"``). Argument
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from ..asha import CONTINUE, PromotionLadder
+from .leaderboard import write_text
 from .rungs import asha_rungs, check_asha, default_grace_period
 from .trial import MODE, TIME_ATTR, TrialSettings
+
+# Not *.json: Tune copies the experiment directory's *.json files to the driver at a resume and back at
+# every sync, which would put an old copy over the decisions of the resumed run.
+DECISIONS_FILE = "asha_decisions.jsonl"
 
 
 def asha(max_t: int, grace_period: int | None = None, reduction_factor: int = 3) -> ASHAScheduler:
@@ -45,6 +52,11 @@ class GroupedASHA(FIFOScheduler):
     trial at a rung is paused (its checkpoint holds the method state) until it ranks in the
     top ⌊n/η⌋ there, then resumed. ``variant='stopping'``: Ray's ASHAScheduler per group
     (percentile cutoff; the first trials to reach a rung always continue).
+
+    Every decision is saved with the experiment (``asha_decisions.jsonl``: each group's rung
+    records and promotions, the trials stopped) as it is made, so a resumed sweep continues
+    with the same ladders: a stopped trial stays stopped, a trial waiting at a rung waits,
+    even when the driver was killed before Tune saved its own state.
     """
 
     def __init__(self, grace_period: int | None = None, reduction_factor: int = 3, max_t: int | None = None,
@@ -58,6 +70,8 @@ class GroupedASHA(FIFOScheduler):
         self._groups: dict[tuple, Any] = {}
         self._trial_group: dict[str, tuple] = {}
         self._stopped: set[str] = set()
+        self._decisions: tuple[Any, str] | None = None  # (filesystem, path), found from the first trial
+        self._saved_groups: dict[str, Any] = {}  # the decisions of the run this one resumes
         self._metric = None
         self._mode = None
 
@@ -68,7 +82,37 @@ class GroupedASHA(FIFOScheduler):
         self._mode = mode or self._mode
         return True
 
+    # ------------------------------------------------------------------ saved decisions
+    def _open_decisions(self, trial) -> None:
+        """Locate the experiment's decision file from the trial's storage and load what an earlier run saved."""
+        if self._decisions is not None:
+            return
+        storage = getattr(trial, "storage", None)
+        if storage is None:  # a trial outside an experiment (unit tests of the scheduler): nothing to persist
+            self._decisions = (None, "")
+            return
+        fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{DECISIONS_FILE}"
+        self._decisions = (fs, path)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as f:
+                saved = json.loads(f.read().decode())
+            if saved.get("variant") != self.variant:
+                raise ValueError(f"{path} holds decisions of ASHA variant {saved.get('variant')!r}, "
+                                 f"not {self.variant!r}")
+            self._saved_groups = saved.get("groups", {})
+            self._stopped |= set(saved.get("stopped", []))
+
+    def _save_decisions(self) -> None:
+        fs, path = self._decisions or (None, "")
+        if fs is None:
+            return
+        groups = {_group_name(key): _child_state(child, self.variant) for key, child in self._groups.items()}
+        write_text(fs, path, json.dumps({"variant": self.variant, "groups": groups,
+                                          "stopped": sorted(self._stopped)}, sort_keys=True))
+
+    # ------------------------------------------------------------------ groups
     def _scheduler_for(self, trial):
+        self._open_decisions(trial)
         key = self._trial_group.get(trial.trial_id)
         if key is None:
             method, ipc, iterations, eval_every = _trial_group(trial.config)
@@ -83,25 +127,36 @@ class GroupedASHA(FIFOScheduler):
                 else:
                     rungs = asha_rungs(max_t, grace, int(self.reduction_factor))[:-1]  # judged below max_t
                     child = PromotionLadder(rungs, int(self.reduction_factor), self._mode or MODE)  # [] : no rung
+                saved = self._saved_groups.get(_group_name(key))
+                if saved is not None:
+                    _load_child_state(child, self.variant, saved)
                 self._groups[key] = child
         return self._groups[key]
 
+    def _stop_revived(self, tune_controller, trials) -> None:
+        """Trials this sweep stopped that a resume brought back (Tune's state lagged behind the decision)."""
+        for t in trials:
+            if t.trial_id in self._stopped and t.status in (Trial.PENDING, Trial.PAUSED):
+                tune_controller.stop_trial(t)
+
+    # ------------------------------------------------------------------ Tune's hooks
     def on_trial_add(self, tune_controller, trial) -> None:
         child = self._scheduler_for(trial)
         if self.variant == "stopping":
             child.on_trial_add(tune_controller, trial)
-            return
-        last = getattr(trial, "last_result", None) or {}
-        if TIME_ATTR in last and self._metric in last:  # a resumed sweep: rebuild the rungs from the trials
-            child.on_result(trial.trial_id, int(last[TIME_ATTR]), last[self._metric])
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
         child = self._scheduler_for(trial)
         if self.variant == "stopping":
-            return child.on_trial_result(tune_controller, trial, result)
+            decision = child.on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                self._stopped.add(trial.trial_id)
+            self._save_decisions()
+            return decision
         if TIME_ATTR not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         decision = child.on_result(trial.trial_id, int(result[TIME_ATTR]), result[self._metric])
+        self._save_decisions()
         return TrialScheduler.CONTINUE if decision == CONTINUE else TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
@@ -113,32 +168,46 @@ class GroupedASHA(FIFOScheduler):
             self._scheduler_for(trial).on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        if self.variant == "stopping":
-            return super().choose_trial_to_run(tune_controller)
         trials = tune_controller.get_trials()
-        by_group: dict[tuple, list] = {}
         for t in trials:
             self._scheduler_for(t)
+        self._stop_revived(tune_controller, trials)
+        if self.variant == "stopping":
+            return super().choose_trial_to_run(tune_controller)
+        ladder = {t.trial_id: self._groups[self._trial_group[t.trial_id]] for t in trials}
+
+        def waiting(t) -> bool:  # at a rung, not promoted: paused, or pending after a resume
+            return t.status in (Trial.PAUSED, Trial.PENDING) and ladder[t.trial_id].is_waiting(t.trial_id)
+
+        for t in trials:  # 0. promoted before the driver stopped, not yet resumed
+            if t.status == Trial.PAUSED and not waiting(t):
+                return t
+        by_group: dict[tuple, list] = {}
+        for t in trials:
             by_group.setdefault(self._trial_group[t.trial_id], []).append(t)
-        paused = {key: {t.trial_id: t for t in members if t.status == Trial.PAUSED}
-                  for key, members in by_group.items()}
-        for key, waiting in paused.items():  # 1. promote a paused trial (highest rung first)
-            chosen = self._groups[key].next_promotion(set(waiting)) if waiting else None
+        paused = {key: {t.trial_id: t for t in members if waiting(t)} for key, members in by_group.items()}
+        for key, candidates in paused.items():  # 1. promote a waiting trial (highest rung first)
+            chosen = self._groups[key].next_promotion(set(candidates)) if candidates else None
             if chosen is not None:
-                return waiting[chosen]
-        for t in trials:  # 2. else a new configuration
-            if t.status == Trial.PENDING:
+                self._save_decisions()
+                return candidates[chosen]
+        for t in trials:  # 2. else a new configuration (or one that was running when the sweep stopped)
+            if t.status == Trial.PENDING and not waiting(t):
                 return t
         if not tune_controller.search_alg.is_finished():
             return None
-        for key, waiting in paused.items():  # 3. an idle group: close its rungs (at least one reaches max_t)
-            if not waiting or any(t.status in (Trial.PENDING, Trial.RUNNING) for t in by_group[key]):
+        for key, candidates in paused.items():  # 3. an idle group: close its rungs (at least one reaches max_t)
+            busy = any(t.status == Trial.RUNNING or (t.status == Trial.PENDING and not waiting(t))
+                       for t in by_group[key])
+            if not candidates or busy:
                 continue
-            chosen = self._groups[key].next_promotion(set(waiting), final=True)
+            chosen = self._groups[key].next_promotion(set(candidates), final=True)
+            if chosen is None:  # nothing promotable any more: the waiting trials have lost
+                self._stopped.update(candidates)
+            self._save_decisions()
             if chosen is not None:
-                return waiting[chosen]
-            for t in waiting.values():  # nothing promotable any more: the waiting trials have lost
-                self._stopped.add(t.trial_id)
+                return candidates[chosen]
+            for t in candidates.values():
                 tune_controller.stop_trial(t)
         return None
 
@@ -149,6 +218,27 @@ class GroupedASHA(FIFOScheduler):
             stopped = len(self._stopped)
         return (f"Using ASHA ({self.variant}) per (method, IPC) group: {len(self._groups)} group(s), "
                 f"{stopped} trial(s) stopped early")
+
+
+def _group_name(key: tuple) -> str:
+    return f"{key[0]}|ipc{key[1]}"
+
+
+def _child_state(child, variant: str) -> Any:
+    """A group's ladder as JSON data: the promotion ladder's records, or Ray's ASHA rungs (milestone, records)."""
+    if variant == "promotion":
+        return child.state()
+    return [[milestone, dict(recorded)] for bracket in child._brackets for milestone, recorded in bracket._rungs]
+
+
+def _load_child_state(child, variant: str, state: Any) -> None:
+    if variant == "promotion":
+        child.load_state(state)
+        return
+    saved = {float(milestone): recorded for milestone, recorded in state}
+    for bracket in child._brackets:
+        for milestone, recorded in bracket._rungs:
+            recorded.update(saved.get(float(milestone), {}))
 
 
 def grouped_asha(grace_period: int | None = None, reduction_factor: int = 3, max_t: int | None = None,

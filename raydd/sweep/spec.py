@@ -474,6 +474,8 @@ class SweepSpec:
             raise ValueError(f"sweep spec {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ValueError(f"sweep spec {path} is not a text (UTF-8) YAML file") from None
         except yaml.YAMLError as err:
             raise ValueError(f"sweep spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):

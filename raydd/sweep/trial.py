@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +43,7 @@ TIME_ATTR = "iterations"
 CHECKPOINT_FILE = "method.safetensors"
 SYNTHETIC_FILE = "synthetic.safetensors"
 TRIAL_STATE_FILE = "trial.json"
+SEGMENTS_FILE = "segments.jsonl"  # a trial's run segments (restarts, resumes): from, steps, status, pid, time
 _TRIAL_KEYS = {"method", "dataset", "ipc", "seed", "iterations", "eval_every", "asha", "store", "data_root",
                "resolution", "eval", "final_eval", "device", "knobs", "arm"}
 
@@ -144,15 +147,38 @@ class TuneReport(Sink):
         self.last: dict[str, float] = {}
         self.steps_at, self.seconds_at = 0, step_seconds
 
-    def restore(self, method) -> None:
-        """Resume ``method`` (and this trial's history) from Tune's checkpoint, if the trial has one."""
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as d:
+    def restore(self, method) -> bool:
+        """Resume ``method`` (and this trial's history) from its newest checkpoint: Tune's, or a newer one in
+        the trial's directory (Tune's experiment state can lag behind a driver that was killed). True when
+        that checkpoint is the trial's last: it finished, and ``report_finished`` says so again."""
+        newest = _newest_checkpoint(tune.get_checkpoint())
+        if newest is None:
+            return False
+        with newest.as_directory() as d:
             load_checkpoint(method, Path(d) / CHECKPOINT_FILE)
             self.history = json.loads((Path(d) / TRIAL_STATE_FILE).read_text())
         self.history["restored_from"].append(method.iteration)
+        return bool(self.history.get("finished"))
+
+    def report_finished(self) -> None:
+        """A restarted trial that had already finished: report its last result again, run nothing (its
+        checkpoints and synthetic set are already in the trial directory)."""
+        tune.report(dict(self.history["last"]))
+
+    def on_start(self, run: Run) -> None:
+        """Two lines per run segment in the trial directory: where it started, and (unless the process was
+        killed) how many steps it ran and how it ended."""
+        self._segment({"from": run.resumed_from, "status": "started"})
+
+    def on_end(self, run: Run, status: str) -> None:
+        self._segment({"from": run.resumed_from, "steps": run.steps, "status": status})
+
+    def _segment(self, line: dict) -> None:
+        path = self.workdir / SEGMENTS_FILE
+        if not path.exists():  # a restarted trial (new worker, new working directory): carry the earlier lines
+            _copy_from_trial_dir(SEGMENTS_FILE, path)
+        with open(path, "a") as f:
+            f.write(json.dumps({**line, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n")
 
     def on_step(self, run: Run, metrics: dict[str, float]) -> None:
         self.steps_at += 1
@@ -182,6 +208,7 @@ class TuneReport(Sink):
             self.history["final"] = [record.final.mean, record.final.std, len(record.final.accuracies)]
         self.history["evals"].append([it, result.mean, result.std])
         self.history["last"] = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+        self.history["finished"] = it >= run.iterations
         syn.save(self.workdir / SYNTHETIC_FILE)
         report["node_id"] = ray.get_runtime_context().get_node_id()
         with tempfile.TemporaryDirectory(prefix="raydd-ckpt-") as d:
@@ -190,6 +217,46 @@ class TuneReport(Sink):
             (Path(d) / TRIAL_STATE_FILE).write_text(json.dumps(self.history))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         self._reset(run.step_seconds)
+
+
+def _copy_from_trial_dir(name: str, dest: Path) -> None:
+    """Copy ``name`` from the trial's directory in the sweep's storage to ``dest``, if it is there."""
+    import pyarrow.fs as pafs
+
+    try:
+        storage = tune.get_context().get_storage()
+        fs, source = storage.storage_filesystem, f"{storage.trial_fs_path}/{name}"
+        if fs.get_file_info(source).type == pafs.FileType.File:
+            with fs.open_input_stream(source) as f:
+                dest.write_bytes(f.read())
+    except Exception:  # noqa: BLE001 - outside a Tune session: nothing to carry
+        pass
+
+
+def _checkpoint_iteration(checkpoint) -> int:
+    try:
+        with checkpoint.as_directory() as d:
+            return int(json.loads((Path(d) / TRIAL_STATE_FILE).read_text())["last"][TIME_ATTR])
+    except (OSError, KeyError, ValueError, TypeError):
+        return -1
+
+
+def _newest_checkpoint(registered):
+    """The newest of Tune's checkpoint and the ``checkpoint_*`` directories in the trial's storage dir."""
+    import pyarrow.fs as pafs
+
+    candidates = [registered] if registered is not None else []
+    try:
+        storage = tune.get_context().get_storage()
+        fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
+        for entry in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+            if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+                candidates.append(tune.Checkpoint(entry.path, filesystem=fs))
+    except Exception:  # noqa: BLE001 - outside a Tune session, or a store without listings: Tune's choice
+        pass
+    scored = [(_checkpoint_iteration(c), i, c) for i, c in enumerate(candidates)]
+    scored = [x for x in scored if x[0] >= 0]
+    return max(scored, key=lambda x: (x[0], -x[1]))[2] if scored else None
 
 
 # --------------------------------------------------------------------------- the trainable
@@ -229,15 +296,24 @@ def condensation_trainable(config: dict, *, sinks: Sequence[Sink] = ()) -> None:
 
     s = TrialSettings.from_config(config)
     torch.set_num_threads(_trial_threads())
-    method_config = s.method_config()
-    device = _trial_device(s.device)
-    eval_cfg = _on_device(s.eval_config(), device)
-    final_cfg = _on_device(s.eval_config(final=True), device)
-    train, test = load_train_test(s.dataset, s.data_root, resolution=s.resolution)
-    store = TrajectoryStore(s.store) if s.store else None
     workdir = Path.cwd()  # Tune's per-trial working directory: synced to the trial dir (sync_artifacts)
-    with get_method(s.method)(method_config, train, store, device=device, seed=s.seed) as method:
-        reporter = TuneReport(workdir)
-        reporter.restore(method)
-        condense(method, s.iterations, eval_every=s.eval_points(), eval_config=eval_cfg, final_eval_config=final_cfg,
-                 test=test, sinks=[TensorBoard(workdir / "tensorboard"), reporter, *sinks], progress=False)
+    method = None
+    try:
+        method_config = s.method_config()
+        device = _trial_device(s.device)
+        eval_cfg = _on_device(s.eval_config(), device)
+        final_cfg = _on_device(s.eval_config(final=True), device)
+        train, test = load_train_test(s.dataset, s.data_root, resolution=s.resolution)
+        store = TrajectoryStore(s.store) if s.store else None
+        with get_method(s.method)(method_config, train, store, device=device, seed=s.seed) as method:
+            reporter = TuneReport(workdir)
+            if reporter.restore(method):
+                reporter.report_finished()
+                return
+            condense(method, s.iterations, eval_every=s.eval_points(), eval_config=eval_cfg,
+                     final_eval_config=final_cfg, test=test,
+                     sinks=[TensorBoard(workdir / "tensorboard"), reporter, *sinks], progress=False)
+    except (ValueError, FloatingPointError) as err:
+        # A bad setting or a diverged run fails the same way on every retry: reported once, not retried.
+        tune.report({TIME_ATTR: method.iteration if method is not None else 0,
+                     "trial_error": f"{type(err).__name__}: {str(err).splitlines()[0]}"})

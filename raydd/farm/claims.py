@@ -1,0 +1,64 @@
+"""The farm's remaining work, handed out only once this farm has claimed it in the store.
+
+Before a trajectory is trained its id is claimed (``TrajectoryStore.claim``, raydd.store.lease); the
+claim is renewed while it trains and released once it is published or abandoned. A trajectory another
+live farm has claimed is left to it: this farm trains the rest first, then waits until the other farm
+publishes it (counted as ``by_others``) or its claim dies (then this farm takes it over).
+"""
+from __future__ import annotations
+
+from ..store import TrajectoryStore
+from ..store.lease import Lease, LeaseKeeper
+from .recipes import get_recipe
+from .task import TrajectoryTask
+
+
+def claim_meta(task: TrajectoryTask) -> dict:
+    """What the store needs to place a task's claim: next to where its trajectory will be published."""
+    return {"trajectory_id": task.trajectory_id, "dataset": task.dataset, "model": task.model,
+            "kind": get_recipe(task.recipe).kind}
+
+
+class WorkQueue:
+    """The tasks left to train; ``take`` returns one this farm now holds, or None while the rest are held
+    by other live farms."""
+
+    def __init__(self, store: TrajectoryStore, tasks: list[TrajectoryTask], ttl_s: float) -> None:
+        self.store = store
+        self.pending = list(tasks)
+        self.keeper = LeaseKeeper(ttl_s)
+        self.ttl_s = ttl_s
+        self.by_others: list[str] = []  # published by another farm while this one waited
+        self.held_elsewhere: dict[str, str] = {}  # trajectory id -> owner of the live claim
+
+    @property
+    def empty(self) -> bool:
+        return not self.pending
+
+    def take(self) -> TrajectoryTask | None:
+        for task in list(self.pending):
+            tid = task.trajectory_id
+            if self.store.exists(tid):  # another farm published it
+                self.pending.remove(task)
+                self.by_others.append(tid)
+                self.held_elsewhere.pop(tid, None)
+                continue
+            got = self.store.claim(claim_meta(task), ttl_s=self.ttl_s)
+            if isinstance(got, Lease):
+                self.keeper.add(got)
+                self.pending.remove(task)
+                self.held_elsewhere.pop(tid, None)
+                return task
+            self.held_elsewhere[tid] = got.owner
+        return None
+
+    def release(self, task: TrajectoryTask) -> None:
+        """The task is published (or abandoned): drop its claim."""
+        self.keeper.release(task.trajectory_id)
+
+    def held(self) -> list[str]:
+        """Ids this farm holds claims on (training, or waiting for a retry)."""
+        return list(self.keeper.leases)
+
+    def close(self) -> None:
+        self.keeper.close()

@@ -1,0 +1,88 @@
+"""Bad input on the command line: one clear line naming the value and what is accepted, exit code 2,
+before any work — and before Ray starts (``ray.init`` is made to fail here: none of these may reach it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from raydd.cli import main
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray counts as not started, and starting it fails the test."""
+    ray = pytest.importorskip("ray")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the bad input was reported")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def run_cli(argv, capsys) -> tuple[int, list[str]]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def write_spec(path, **fields):
+    spec = {"name": "bad", "dataset": "digits", "methods": ["dm"], "ipcs": [1], "iterations": 2,
+            "storage": str(path.parent / "sweeps"), **fields}
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+CASES = {
+    "resolution 0": (lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--resolution",
+                                  "0", "--iterations", "1", "--out", str(tmp / "o.safetensors")],
+                     "resolution=0 is invalid: expected an image side in pixels >= 1"),
+    "digits with a data root that does not exist": (
+        lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--data-root",
+                     str(tmp / "missing"), "--iterations", "1"],
+        "does not exist (digits is built in and reads no data root: drop --data-root)"),
+    "ipc larger than a class": (
+        lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "500", "--iterations", "1"],
+        "ipc=500 is larger than the smallest class of digits/train"),
+    "mnist without its files": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--dataset", "mnist", "--data-root", str(tmp / "none")],
+        "or pass --download"),
+    "farm on a GPU this machine lacks": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--device", "cuda", "--trajectories", "1"],
+        "device 'cuda' requested but CUDA is not available here: use 'cpu' or 'auto'"),
+    "GPUs per worker this machine lacks": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--gpus-per-worker", "1", "--trajectories", "1"],
+        "gpus_per_worker=1 but this machine has 0 GPU(s) and no Ray cluster is joined"),
+    "store that is a file": (
+        lambda tmp: ["farm", "--store", str(tmp / "file.txt"), "--trajectories", "1"],
+        "is a file, not a directory"),
+    "store that cannot be written": (
+        lambda tmp: ["farm", "--store", str(tmp / "file.txt" / "below"), "--trajectories", "1"],
+        "cannot be written"),
+    "verify a store that does not exist": (
+        lambda tmp: ["store", "verify", str(tmp / "nowhere")], "does not exist: farm into it first"),
+    "binary sweep file": (lambda tmp: ["sweep", str(tmp / "binary.yaml")], "binary.yaml is not a text (UTF-8) YAML"),
+    "sweep IPC larger than a class": (
+        lambda tmp: ["sweep", write_spec(tmp / "ipc.yaml", ipcs=[1, 500])],
+        "method 'dm' at IPC 500: ipc=500 is larger than the smallest class of digits/train"),
+    "sweep GPUs this machine lacks": (
+        lambda tmp: ["sweep", write_spec(tmp / "gpu.yaml", resources={"cpu": 1, "gpu": 1})],
+        "resources.gpu=1 but this machine has 0 GPU(s)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_before_any_work(case, tmp_path, capsys, no_ray):
+    if torch.cuda.is_available() and "GPU" in case:
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "file.txt").write_text("not a store")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    argv, expected = CASES[case]
+    code, lines = run_cli(argv(tmp_path), capsys)
+    errors = [line for line in lines if ": error: " in line]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], lines
+    assert not any("Traceback" in line for line in lines), lines
+    if argv(tmp_path)[0] == "condense":  # no "dm on digits ... -> file" header for a run that never starts
+        assert len(lines) == 1, lines

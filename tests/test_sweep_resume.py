@@ -1,0 +1,161 @@
+"""A sweep killed with SIGKILL and resumed ends as the same sweep run without interruption; sweeps that
+cannot run are refused before Ray starts; a finished sweep (and the quickstart) re-runs as a no-op."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydd.sweep.runner import run_sweep
+from raydd.sweep.spec import SweepSpec
+
+EVAL = {"model": {"arch": "convnet", "width": 16}, "num_models": 1, "epochs": 30, "lr": 0.05}
+
+
+def promotion_spec(storage: Path) -> SweepSpec:
+    """Four DM configurations, one trial at a time (2 CPUs per trial on a 2-CPU cluster: a fixed arrival
+    order, so ASHA's decisions are a function of the results alone), promotion ASHA with rungs at 1 and 3
+    of 9 iterations."""
+    return SweepSpec.from_dict({
+        "name": "killed", "dataset": "digits", "store": None, "methods": ["dm"], "ipcs": [1], "iterations": 9,
+        "eval_every": "rungs", "eval": EVAL,
+        "knobs": {"dm": {"lr_img": {"grid": [0.001, 0.1, 1.0, 10.0]}, "width": 16, "batch_real": 32}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+        "resources": {"cpu": 2, "gpu": 0}, "storage": str(storage),
+    })
+
+
+def trial_dirs(experiment: Path) -> dict[float, Path]:
+    """{lr_img: trial directory} of an experiment."""
+    found = {}
+    for params in experiment.glob("dm_ipc1_*/params.json"):
+        found[json.loads(params.read_text())["arm"]["method_knobs"]["lr_img"]] = params.parent
+    return found
+
+
+def reported(trial: Path) -> list[int]:
+    """The iterations at which a trial reported (Tune's result.json in the trial directory)."""
+    path = trial / "result.json"
+    if not path.exists():
+        return []
+    return [json.loads(line)["iterations"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def segments(trial: Path) -> list[dict]:
+    path = trial / "segments.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the sweep's driver and every process it started (its local Ray), nothing else."""
+    import psutil
+
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_leaderboard(ray_session, tmp_path):
+    straight = run_sweep(promotion_spec(tmp_path / "straight"), progress=False)
+    assert straight.num_errors == 0 and straight.complete
+    by_lr = {t["knobs"]["lr_img"]: t for t in straight.trials}
+    assert sorted(t["iterations"] for t in straight.trials) == [1, 1, 1, 9]  # ASHA stopped three early
+
+    # the same sweep in a driver process of its own, killed -9 in the middle
+    storage = tmp_path / "killed"
+    spec_file = tmp_path / "killed.yaml"
+    spec_file.write_text(yaml.safe_dump(promotion_spec(storage).to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, killed with it
+    proc = subprocess.Popen([sys.executable, "-m", "raydd.cli", "sweep", str(spec_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    experiment = storage / "killed"
+    decisions = experiment / "asha_decisions.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:  # kill once three trials have been judged
+            if decisions.exists() and list(experiment.glob("experiment_state*.json")):
+                level = json.loads(decisions.read_text())["groups"]["dm|ipc1"]["level"]
+                if len(level) >= 3:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the sweep ended before it could be killed: {proc.communicate()[1][-2000:]}"
+        kill_tree(proc)
+        killed_at = time.time()
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    _, err = proc.communicate()
+    assert "raydd sweep: " in err and "/4 trials done | dm IPC 1 " in err, err[-2000:]  # raydd's progress line
+    assert "Trial status" not in err and "To visualize your results with TensorBoard" not in err  # ...not Ray's
+    before_kill = {lr: reported(d) for lr, d in trial_dirs(experiment).items()}
+    assert any(before_kill.values())
+
+    resumed = run_sweep(promotion_spec(storage), progress=False, resume=True)
+    assert resumed.num_errors == 0 and resumed.complete
+    # the same leaderboard: best configuration, accuracy and iterations per group
+    assert [(r.method, r.ipc, r.knobs, r.acc_mean, r.iterations, r.stopped_early) for r in resumed.rows] == \
+           [(r.method, r.ipc, r.knobs, r.acc_mean, r.iterations, r.stopped_early) for r in straight.rows]
+    # every trial where the uninterrupted sweep left it: no finished trial re-run, no stopped one revived
+    for t in resumed.trials:
+        twin = by_lr[t["knobs"]["lr_img"]]
+        assert (t["iterations"], t["acc_mean"]) == (twin["iterations"], twin["acc_mean"]), t["knobs"]
+    # work lost to the kill: a trial runs again after the kill only if it had not finished, and from its
+    # last report before the kill, so at most the iterations up to its next evaluation point (one rung)
+    # are done twice
+    for lr, trial in trial_dirs(experiment).items():
+        done_before = before_kill.get(lr, [])
+        after = [s["from"] for s in segments(trial) if s["status"] == "started" and s["time"] > killed_at]
+        if done_before and done_before[-1] == by_lr[lr]["iterations"]:
+            assert after == [], (lr, segments(trial))  # finished before the kill: not run again
+        elif after:
+            assert after[0] == (done_before[-1] if done_before else 0), (lr, after, done_before)
+
+
+def test_a_sweep_whose_trials_cannot_run_is_refused_before_ray(tmp_path):
+    import ray
+
+    was_running = ray.is_initialized()
+    spec = SweepSpec.from_dict({"name": "toolarge", "dataset": "digits", "store": None, "methods": ["dm", "dance"],
+                                "ipcs": [1, 500], "iterations": 2, "storage": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"method 'dm' at IPC 500: ipc=500 is larger than the smallest class of "
+                                         r"digits/train \(class \d has \d+ images\): use ipc <= \d+"):
+        run_sweep(spec, progress=False)
+    assert ray.is_initialized() == was_running and not (tmp_path / "toolarge").exists()
+    dance = SweepSpec.from_dict({"name": "factor", "dataset": "digits", "store": str(tmp_path / "s"),
+                                 "methods": ["dance"], "ipcs": [50], "iterations": 2, "storage": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"method 'dance' at IPC 50: ipc=50 with factor=2 needs 200 real images"):
+        run_sweep(dance, progress=False)
+
+
+def test_quickstart_twice_runs_the_sweep_once(ray_session, tmp_path, monkeypatch, capsys):
+    """The second ``raydd quickstart`` reuses the store and the finished sweep: exit 0, same leaderboard."""
+    import raydd.quickstart as quickstart
+    from raydd.cli import build_parser
+
+    tiny = {"name": "quickstart", "dataset": "digits", "methods": ["random", "dm"], "ipcs": [1], "iterations": 2,
+            "eval": {**EVAL, "epochs": 5}, "knobs": {"dm": {"width": 16, "batch_real": 32}},
+            "resources": {"cpu": 1, "gpu": 0}}
+    monkeypatch.setattr(quickstart, "quickstart_spec",
+                        lambda **overrides: SweepSpec.from_dict({**tiny, **overrides}))
+    args = build_parser().parse_args(["quickstart", "--store", str(tmp_path / "store"),
+                                      "--storage", str(tmp_path / "sweeps")])
+    assert args.func(args) == 0
+    first = capsys.readouterr()
+    board = tmp_path / "sweeps" / "quickstart" / "leaderboard.md"
+    stamp = board.stat().st_mtime_ns
+    assert args.func(args) == 0
+    second = capsys.readouterr()
+    assert "has finished already, nothing to run" in second.err and board.stat().st_mtime_ns == stamp
+    table = [line for line in first.out.splitlines() if line.startswith("| ")]
+    assert table and table == [line for line in second.out.splitlines() if line.startswith("| ")]
