@@ -11,6 +11,8 @@ Not a test. Prints two tables. Run from the repository root:
     nested list at the end).
 (b) ``farm``: the same K experts with raydd's Ray farm, 1 worker (all cores)
     and 2 workers (one core each), writing to the Arrow store.
+(c) store size and read time vs torch.save, and verified reads: a random epoch with its crc32
+    checked (what every method reads) vs unchecked vs torch.load (``--part store``: only these).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raydd.data.augment import DSA, DSAConfig  # noqa: E402
 from raydd.farm import FarmSpec, farm, prepare_data  # noqa: E402
 from raydd.farm.task import model_spec_for  # noqa: E402
-from raydd.models import ParamLayout, build_model  # noqa: E402
+from raydd.models import ModelSpec, ParamLayout, build_model  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.training import evaluate_model, train_epoch  # noqa: E402
 
@@ -115,6 +117,67 @@ def store_table(param_count_spec: FarmSpec, data, epochs: int, tmp: Path) -> lis
     return rows
 
 
+def verified_read_table(spec: ModelSpec, epochs: int, tmp: Path, reads: int = 300) -> list[tuple]:
+    """Open + read one random epoch + use it (sum), from a fresh open each time: the snapshot's crc32
+    checked (every read a method makes) vs not checked (``verify=False``, measurements only) vs
+    torch.load of the reference's whole nested-list file. Median wall and CPU ms."""
+    net = build_model(spec)
+    layout = ParamLayout.of_parameters(net)
+    gen = torch.Generator().manual_seed(0)
+    snaps = [torch.randn(layout.numel, generator=gen) * 0.05 for _ in range(epochs + 1)]
+    store = TrajectoryStore(tmp / "store-verify")
+    with store.writer(trajectory_id="verify", kind="expert", recipe="expert", recipe_config={}, seed=0,
+                      model=spec.to_dict(), param_layout=layout.to_list(), dtype="float32",
+                      dataset={"name": "cifar10"}) as w:
+        for e, s in enumerate(snaps):
+            w.append(e, s)
+    pt = tmp / "verify.pt"
+    torch.save([[[t.clone() for t in layout.unflatten(s).values()] for s in snaps]], pt)
+    rng = random.Random(0)
+
+    def arrow(verify: bool) -> None:
+        traj = store.open("verify")
+        float(traj.params(rng.randrange(epochs + 1), verify=verify).sum())
+        traj.close()
+
+    def pickle_load(_: bool) -> None:
+        loaded = torch.load(pt, weights_only=True)
+        float(torch.cat([p.reshape(-1) for p in loaded[0][rng.randrange(epochs + 1)]]).sum())
+
+    cases = (("Arrow, crc32 checked (what methods read)", arrow, True),
+             ("Arrow, not checked (verify=False)", arrow, False),
+             ("torch.load of the whole file (reference)", pickle_load, False))
+    times: dict[str, tuple[list, list]] = {name: ([], []) for name, _, _ in cases}
+    for i in range(reads):  # interleaved, so that every case sees the same machine load
+        for name, fn, verify in cases:
+            if fn is pickle_load and i % (reads // 10) != 0:
+                continue  # ~100 ms each: 10 of them
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(verify)
+            times[name][0].append(time.perf_counter() - t0)
+            times[name][1].append(time.process_time() - c0)
+    return [(name, statistics.median(wall), statistics.median(cpu)) for name, (wall, cpu) in times.items()]
+
+
+def print_verified_reads(epochs: int, tmp: Path) -> None:
+    from raydd.store.reader import crc32_bytes
+
+    spec = ModelSpec()  # ConvNet-3 width 128 on 32x32x3, 10 classes: a CIFAR-10 expert
+    rows = verified_read_table(spec, epochs, tmp)
+    params = ParamLayout.of_parameters(build_model(spec)).numel
+    print(f"# verified reads: one ConvNet-3 width-128 CIFAR-10 expert ({params} params, {4 * params / 2**20:.2f} "
+          f"MiB per epoch), {epochs + 1} snapshots; open + one random epoch + sum, median of fresh opens; "
+          f"crc32 by {crc32_bytes.__module__}")
+    print(f"{'read':<44}{'wall ms':>9}{'CPU ms':>9}{'vs unchecked':>14}")
+    base = rows[1]
+    for name, wall, cpu in rows:
+        print(f"{name:<44}{1000 * wall:>9.3f}{1000 * cpu:>9.3f}{cpu / base[2]:>13.2f}x")
+    checked = rows[0]
+    print(f"\nchecked / unchecked CPU: {checked[2] / base[2]:.2f}x (target <= 1.2x); checked read "
+          f"{1000 * checked[1]:.3f} ms wall (target < 1 ms); torch.load of the whole file "
+          f"{rows[2][2] / checked[2]:.0f}x the CPU of a checked read\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
@@ -124,7 +187,16 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--store-epochs", type=int, default=50, help="snapshots for the store-size table (MTT: 50)")
+    p.add_argument("--part", choices=("all", "farm", "store"), default="all",
+                   help="store: only the store tables (no farming; seconds)")
     args = p.parse_args(argv)
+    if args.part == "store":
+        tmp = Path(tempfile.mkdtemp(prefix="raydd-bench-"))
+        try:
+            print_verified_reads(args.store_epochs, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     root = args.data_root if args.dataset != "digits" else None
     spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
                     recipe_options={"epochs": args.epochs}, model={"width": args.width},
@@ -152,7 +224,9 @@ def main(argv=None) -> None:
         for name, size, read in rows:
             print(f"{name:<40}{size / 2**20:>9.1f}{size / base_size:>14.2f}x{1000 * read:>10.2f}")
         print(f"\nreading one random epoch: torch.load of the whole file {1000 * base_read:.1f} ms vs "
-              f"Arrow memory map {1000 * rows[1][2]:.2f} ms ({base_read / rows[1][2]:.0f}x faster)")
+              f"Arrow memory map {1000 * rows[1][2]:.2f} ms ({base_read / rows[1][2]:.0f}x faster)\n")
+        if args.part == "all":
+            print_verified_reads(args.store_epochs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

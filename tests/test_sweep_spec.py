@@ -53,7 +53,7 @@ def test_default_iterations_follow_each_method():
     if "edc" in _registered():  # EDC's planned horizon (cosine lr) is its published per-dataset count
         from raydd.methods.base import make_config
 
-        assert default_trial_iterations("edc", "digits", 10) == make_config("edc", "digits", 10).iterations
+        assert default_trial_iterations("edc", "digits", 10) == make_config("edc", "digits", 10).total_iterations
 
 
 def _registered():

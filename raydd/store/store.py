@@ -103,14 +103,23 @@ class TrajectoryStore:
         return self
 
     def require_writable(self) -> "TrajectoryStore":
-        """For commands that write: create the root and write a probe file there, so a store that cannot be
-        written is a one-line ValueError before any work (not an OSError deep in a worker)."""
+        """For commands that write: write (and remove) a probe file in the root, creating it for the probe
+        only, so a store that cannot be written is a one-line ValueError before any work (not an OSError
+        deep in a worker)."""
         probe = f"{self._base}/.raydd-write-probe-{os.getpid()}"
+        created = None  # the outermost directory this check creates (removed again: no trace on failure)
+        if self._local:
+            missing = self._base
+            while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+                missing = os.path.dirname(missing)
+            created = None if os.path.exists(self._base) else missing
         try:
             self.filesystem.create_dir(self._base, recursive=True)
             with self.filesystem.open_output_stream(probe) as f:
                 f.write(b"ok")
             self.filesystem.delete_file(probe)
+            if created is not None:
+                self.filesystem.delete_dir(created)
         except OSError as err:
             raise ValueError(f"store {self.root} cannot be written ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else err!r}): choose a writable --store") from None

@@ -8,7 +8,6 @@ import operator
 import os
 import time
 import uuid
-import zlib
 from typing import Mapping
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import torch
 
-from .reader import TrajectoryInfo, make_info
+from .reader import TrajectoryInfo, crc32_bytes, make_info
 from .schema import (
     BUFFERS_CRC,
     DTYPES,
@@ -114,13 +113,13 @@ class TrajectoryWriter:
             pa.array([epoch], pa.int32()),
             pa.FixedSizeListArray.from_arrays(pa.array(param_values, self._value_type), self._num_params),
         ]
-        custom = {PARAMS_CRC: str(zlib.crc32(param_values))}
+        custom = {PARAMS_CRC: str(crc32_bytes(param_values))}
         if self._num_buffers:
             if buffers is None:
                 raise ValueError(f"this model has {self._num_buffers} buffer values: pass buffers=")
             buffer_values = self._flat(buffers, self._num_buffers, torch.float32, "buffers")
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(buffer_values, pa.float32()), self._num_buffers))
-            custom[BUFFERS_CRC] = str(zlib.crc32(buffer_values))
+            custom[BUFFERS_CRC] = str(crc32_bytes(buffer_values))
         elif buffers is not None and buffers.numel():
             raise ValueError("buffers given but buffer_layout is empty")
         columns += [pa.array([float(metrics.get(n, math.nan))], pa.float64()) for n in self.meta["metric_names"]]
