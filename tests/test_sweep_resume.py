@@ -159,3 +159,23 @@ def test_quickstart_twice_runs_the_sweep_once(ray_session, tmp_path, monkeypatch
     assert "has finished already, nothing to run" in second.err and board.stat().st_mtime_ns == stamp
     table = [line for line in first.out.splitlines() if line.startswith("| ")]
     assert table and table == [line for line in second.out.splitlines() if line.startswith("| ")]
+
+
+def test_progress_line_counts_groups_best_and_eta():
+    from types import SimpleNamespace
+
+    from raydd.sweep.progress import SweepProgress
+
+    def trial(tid, method, ipc, status, iterations=None, acc=None):
+        result = {} if iterations is None else {"iterations": iterations, "eval_acc": acc}
+        config = {"method": method, "dataset": "digits", "ipc": ipc, "iterations": 10}
+        return SimpleNamespace(trial_id=tid, config=config, status=status, last_result=result)
+
+    progress = SweepProgress(show=False)
+    trials = [trial("a", "dm", 1, "TERMINATED", 10, 0.5), trial("b", "dm", 1, "RUNNING", 5, 0.7),
+              trial("c", "mtt", 1, "PENDING")]
+    progress._done_at_start = 0  # nothing was done before this run started
+    progress._started = time.monotonic() - 60.0  # a minute in: 15 of 30 planned iterations done
+    line = progress.line(trials)
+    assert line.startswith("raydd sweep: 1/3 trials done | dm IPC 1 1/2 best 70.0% | mtt IPC 1 0/1 | 60 s elapsed")
+    assert line.endswith("ETA <= 60 s")

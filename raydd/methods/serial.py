@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_write
+
 META_KEY = "raydd"
 
 
@@ -61,22 +63,6 @@ def unpack(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(tree, list):
         return [unpack(v, tensors) for v in tree]
     return tree
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_tree(path: str | os.PathLike, obj: Any, *, kind: str) -> Path:

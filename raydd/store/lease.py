@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from ..files import write_whole
+
 LEASE_SUFFIX = ".lease"
 DEFAULT_TTL_S = 60.0
 
@@ -97,7 +99,7 @@ class Lease:
             self.lost = True
             return False
         self.claim.expires = time.time() + self.ttl_s
-        _write_replace(self.path, self.claim.to_json(), self._fs, self._local)
+        write_whole(self._fs, self.path, self.claim.to_json())
         return True
 
     def release(self) -> None:
@@ -124,19 +126,6 @@ def read_claim(path: str, filesystem: pafs.FileSystem) -> Claim | None:
         info = filesystem.get_file_info(path)
         mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
         return Claim(os.path.basename(path), "?", -1, "unreadable", mtime)
-
-
-def _write_replace(path: str, data: bytes, filesystem: pafs.FileSystem, local: bool) -> None:
-    if local:
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with filesystem.open_output_stream(path) as out:
-            out.write(data)
 
 
 def try_claim(path: str, trajectory_id: str, filesystem: pafs.FileSystem, local: bool,

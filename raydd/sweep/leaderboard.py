@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import write_whole
 from .spec import SweepSpec
 from .trial import METRIC, SYNTHETIC_FILE, TIME_ATTR, TRIAL_STATE_FILE, TrialSettings
 
@@ -201,16 +202,8 @@ def _csv(rows: list[dict]) -> str:
 
 
 def write_text(fs, path: str, text: str) -> None:
-    """Write ``text`` whole: a local file via temp file + rename, an object store via one put (atomic there)."""
-    import pyarrow.fs as pafs
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        from ..methods.serial import atomic_write
-
-        atomic_write(path, text.encode())
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    """Write ``text`` whole (``raydd.files.write_whole``)."""
+    write_whole(fs, path, text.encode())
 
 
 def _copy_synthetic(record: dict, fs, dest: str) -> bool:

@@ -20,19 +20,11 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 
+from ..condense import format_duration
 from .leaderboard import first_error_line
 from .trial import METRIC, TIME_ATTR, TrialSettings
 
 _FINISHED = (Trial.TERMINATED, Trial.ERROR)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class SweepProgress(Callback):
@@ -88,11 +80,11 @@ class SweepProgress(Callback):
         if finished == len(trials):
             eta = "done"
         elif progress > 0:
-            eta = f"ETA <= {_duration(elapsed * (planned_iters - done_iters) / progress)}"
+            eta = f"ETA <= {format_duration(elapsed * (planned_iters - done_iters) / progress)}"
         else:
             eta = "ETA after the first evaluation"
         return (f"raydd sweep: {finished}/{len(trials)} trials done | " + " | ".join(parts) +
-                f" | {_duration(elapsed)} elapsed, {eta}")
+                f" | {format_duration(elapsed)} elapsed, {eta}")
 
     def _print(self, trials, *, force: bool = False) -> None:
         now = time.monotonic()
