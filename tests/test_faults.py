@@ -169,3 +169,36 @@ def test_ctrl_c_of_a_farm_leaves_nothing_and_says_so_in_one_line(tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("raydd farm: interrupted")
     assert leftovers(root) == []  # its temp file and its claims are gone
     assert all(r.ok for r in TrajectoryStore(root).verify())
+
+
+# --------------------------------------------------------------------------- 8. what the CLI prints
+def test_cli_version_id_prefixes_percent_and_one_line_warnings(tmp_path, capsys):
+    from raydd.cli import main
+
+    root = tmp_path / "store"
+    farm(FarmSpec(store=str(root), trajectories=2, **{**TINY, "recipe_options": {"epochs": 3, "batch_size": 128}}),
+         progress=False)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("raydd ")
+    store = TrajectoryStore(root)
+    bad, good = sorted(store.list(), key=lambda t: t.trajectory_id)
+    prefix = next(good.trajectory_id[:n] for n in range(1, 21) if not bad.trajectory_id.startswith(
+        good.trajectory_id[:n]))
+    assert main(["store", "info", str(root), prefix]) == 0 and good.trajectory_id in capsys.readouterr().out
+    assert main(["store", "info", str(root), ""]) == 2  # an ambiguous prefix: one line naming the matches
+    assert "raydd store: error: " in capsys.readouterr().err
+    # one unit for accuracy: percent in `store ls` as in the farm table
+    assert main(["store", "ls", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert "test_acc_%" in listing and f"{100 * good.final_metrics['test_acc']:.2f}" in listing
+    # a corrupt trajectory read by a method: one warning line, no Python source line
+    with store.open(bad.trajectory_id) as traj:
+        flip_byte(bad.path, traj.params(0).clone())
+    code = main(["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--store", str(root),
+                 "--iterations", "2", "--set", "syn_steps=2", "--set", "max_start_epoch=1", "--set",
+                 "expert_epochs=1", "--out", str(tmp_path / "mtt.safetensors"), "--quiet"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    warned = [line for line in err if "crc32 mismatch" in line]
+    assert code == 0 and len(warned) == 1 and warned[0].startswith("raydd: warning: ") and bad.path in warned[0]
+    assert not any("warnings.warn" in line or line.startswith("  ") for line in err), err
