@@ -46,7 +46,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}protocol", dest="eval_protocol", choices=tuple(PROTOCOLS), default="standard",
                    help="evaluation protocol: " + "; ".join(f"{n}: {p.summary}" for n, p in PROTOCOLS.items()))
     p.add_argument(f"--{prefix}model", dest="eval_model", default=None,
-                   help="evaluation network: convnet (standard default), resnet10, resnet18 (edc default), or a "
+                   help="evaluation network: convnet (standard default), resnet10, resnet18 (edc default), a model name "
+                        "such as resnet18-bn, or a "
                         "JSON dict of ModelSpec fields")
     p.add_argument(f"--{prefix}width", dest="eval_width", type=int, help="evaluation network width")
     p.add_argument(f"--{prefix}depth", dest="eval_depth", type=int, help="evaluation ConvNet depth")
@@ -67,14 +68,15 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def eval_config_from_args(args, dataset: str):
     """The evaluation config the flags ask for: the protocol's rows for ``dataset`` with the given flags."""
     from .evaluation import protocol_config
+    from .evaluation.standard import named_model_fields
 
     settings: dict = {"protocol": args.eval_protocol}
     model = args.eval_model
     if isinstance(model, str) and model.strip().startswith("{"):
         model = json.loads(model)
     if args.eval_width is not None or args.eval_depth is not None:
-        default = "convnet" if args.eval_protocol == "standard" else "resnet18"
-        model = dict(model) if isinstance(model, dict) else {"arch": model or default}
+        default = "convnet" if args.eval_protocol == "standard" else "resnet18-bn"
+        model = dict(model) if isinstance(model, dict) else named_model_fields(model or default)
         if args.eval_width is not None:
             model["width"] = args.eval_width
         if args.eval_depth is not None:

@@ -73,8 +73,13 @@ def test_full_data_and_cross_architecture_spec(digits):
     train, test = digits
     result = full_data(train.per_class(30), test, EvalConfig(**{**TINY, "num_models": 1, "epochs": 3}))
     assert result.extra["method"] == "full_data" and len(result.accuracies) == 1
-    spec = EvalConfig(model="resnet18").model_spec(train.info)
-    assert (spec.arch, spec.channels, spec.resolution, spec.num_classes) == ("resnet18", 1, (8, 8), 10)
+    spec = EvalConfig(model="resnet18-bn").model_spec(train.info)
+    assert (spec.arch, spec.norm, spec.channels, spec.resolution, spec.num_classes) == \
+           ("resnet18", "batch", 1, (8, 8), 10)
+    # instance norm over the 1x1 maps of ResNet-18's last stage on 8x8 digits: every image, one output
+    with pytest.raises(ValueError, match=r"model resnet18-in on 8x8 images instance-normalises 1x1 feature maps "
+                                         r".* use norm=batch \(resnet18-bn\)"):
+        EvalConfig(model="resnet18").model_spec(train.info)
 
 
 @pytest.mark.parametrize("kwargs, message", [

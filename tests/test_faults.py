@@ -73,15 +73,20 @@ def test_two_farms_at_once_train_each_trajectory_once(tmp_path):
     root = str(tmp_path / "store")
     spec = FarmSpec(store=root, trajectories=4, **TINY)
     reports: list = []
+    errors: list = []
 
     def run() -> None:
-        reports.append(farm(spec, progress=False))
+        try:
+            reports.append(farm(spec, progress=False))
+        except Exception as err:  # noqa: BLE001 - a farm that fails fails the test below
+            errors.append(err)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == [] and len(reports) == 2
     trained = [r.trajectory_id for report in reports for r in report.trained]
     assert sorted(trained) == sorted(reports[0].trajectory_ids)  # every trajectory trained exactly once
     for report in reports:  # each farm accounts for every trajectory: its own, the other's, already stored

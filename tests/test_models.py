@@ -30,6 +30,17 @@ def test_default_depth_follows_resolution():
     assert ModelSpec(resolution=8).depth == 2
 
 
+def test_instance_norm_over_one_pixel_maps_is_refused():
+    """GroupNorm(C, C) over a 1x1 map outputs its bias whatever the input: such a network is refused."""
+    for fields, fix in [({"arch": "resnet18"}, "resnet18-bn"), ({"depth": 4}, "convnet4-w128-bn")]:
+        with pytest.raises(ValueError, match=rf"on 8x8 images instance-normalises 1x1 feature maps .*{fix}"):
+            ModelSpec(channels=1, resolution=8, **fields)
+    assert ModelSpec(arch="resnet18", resolution=8, norm="batch").last_norm_map() == (1, 1)
+    assert ModelSpec(resolution=8, depth=3).last_norm_map() == (2, 2)  # allowed: 2x2 maps still vary
+    net = build_model(ModelSpec(arch="resnet18", channels=1, resolution=8, norm="batch", width=8)).eval()
+    assert not torch.allclose(net(torch.randn(2, 1, 8, 8))[0], net(torch.randn(2, 1, 8, 8))[1])
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_spec_round_trip_rebuilds_the_same_module(spec):
     again = ModelSpec.from_dict(spec.to_dict())

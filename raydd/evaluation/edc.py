@@ -79,7 +79,7 @@ class EDCEvalConfig:
     fields; channels, resolution and class count come from the data.
     """
 
-    model: str | dict = "resnet18"
+    model: str | dict = "resnet18-bn"  # the reference trains a torchvision ResNet-18 (BatchNorm) student
     num_models: int = 5
     epochs: int = 1000
     batch_size: int = 25

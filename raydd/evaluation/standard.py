@@ -20,6 +20,7 @@ from torch import nn
 from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
+from ..models.spec import fields_from_name
 from ..training import evaluate_model, resolve_device, train_epoch
 from ..validation import check_bool, check_int, check_range
 
@@ -75,9 +76,11 @@ class EvalConfig:
 def check_eval_model(owner: str, model: str | dict) -> None:
     """An evaluation config's ``model``: an architecture name or a dict of ModelSpec fields (one-line errors)."""
     if isinstance(model, str):
-        if model not in ARCHITECTURES:
-            raise ValueError(f"unknown evaluation model {model!r}: accepted {', '.join(ARCHITECTURES)} "
-                             f"(or a dict of ModelSpec fields)")
+        try:
+            named_model_fields(model)
+        except ValueError:
+            raise ValueError(f"unknown evaluation model {model!r}: accepted {', '.join(ARCHITECTURES)}, a model "
+                             f"name such as resnet18-bn or convnet3-w128-in, or a dict of ModelSpec fields") from None
     elif isinstance(model, dict):
         _model_overrides(model)
     else:
@@ -86,9 +89,14 @@ def check_eval_model(owner: str, model: str | dict) -> None:
 
 def eval_model_spec(model: str | dict, info: DatasetInfo) -> ModelSpec:
     """The evaluation network ``model`` (name or ModelSpec fields) for data described by ``info``."""
-    fields = {"arch": model} if isinstance(model, str) else _model_overrides(model)
+    fields = named_model_fields(model) if isinstance(model, str) else _model_overrides(model)
     return ModelSpec(**{**fields, "channels": info.channels, "resolution": tuple(info.resolution),
                         "num_classes": info.num_classes})
+
+
+def named_model_fields(model: str) -> dict:
+    """An architecture (its defaults) or a ModelSpec name (``resnet18-bn``: the fields the name fixes)."""
+    return {"arch": model} if model in ARCHITECTURES else fields_from_name(model)
 
 
 def _model_overrides(model: dict) -> dict:

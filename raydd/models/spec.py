@@ -49,6 +49,23 @@ class ModelSpec:
                 raise ValueError(f"model {key}={value!r} is invalid: expected a positive integer")
         if len(self.resolution) != 2 or min(self.resolution) <= 0:
             raise ValueError(f"model resolution={self.resolution!r} is invalid: expected (height, width) > 0")
+        if self.norm == "instance" and min(self.last_norm_map()) <= 1:
+            fix = "norm=batch (" + self.replace(norm="batch").name + ")" + (
+                " or a shallower ConvNet" if self.arch == "convnet" else "") + " or larger images"
+            raise ValueError(f"model {self.name} on {self.resolution[0]}x{self.resolution[1]} images "
+                             f"instance-normalises 1x1 feature maps in its last block, so every image gets the "
+                             f"same output: use {fix}")
+
+    def last_norm_map(self) -> tuple[int, int]:
+        """(height, width) of the feature map at the network's last normalisation layer: ConvNet normalises
+        before each block's pooling; a ResNet's last stage has had three stride-2 convolutions."""
+        if self.arch == "convnet":
+            halvings = 0 if self.pooling == "none" else self.depth - 1
+            return tuple(side // 2**halvings for side in self.resolution)
+        sides = list(self.resolution)
+        for _ in range(3):
+            sides = [(side - 1) // 2 + 1 for side in sides]
+        return tuple(sides)
 
     @property
     def name(self) -> str:

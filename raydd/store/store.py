@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import random
+import shutil
+import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -103,23 +106,27 @@ class TrajectoryStore:
         return self
 
     def require_writable(self) -> "TrajectoryStore":
-        """For commands that write: write (and remove) a probe file in the root, creating it for the probe
-        only, so a store that cannot be written is a one-line ValueError before any work (not an OSError
-        deep in a worker)."""
-        probe = f"{self._base}/.raydd-write-probe-{os.getpid()}"
-        created = None  # the outermost directory this check creates (removed again: no trace on failure)
-        if self._local:
-            missing = self._base
-            while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
-                missing = os.path.dirname(missing)
-            created = None if os.path.exists(self._base) else missing
+        """For commands that write: a one-line ValueError before any work when the store cannot be written
+        (not an OSError deep in a worker). Locally the probe is a directory of its own, with a file in it,
+        made in the store (or in its nearest existing parent, when the store does not exist yet) and removed
+        again: no trace, and no race with another farm probing the same store."""
         try:
-            self.filesystem.create_dir(self._base, recursive=True)
-            with self.filesystem.open_output_stream(probe) as f:
-                f.write(b"ok")
-            self.filesystem.delete_file(probe)
-            if created is not None:
-                self.filesystem.delete_dir(created)
+            if self._local:
+                parent = self._base
+                while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+                    parent = os.path.dirname(parent)
+                probe = tempfile.mkdtemp(prefix=".raydd-write-probe-", dir=parent)
+                try:
+                    with open(os.path.join(probe, "probe"), "wb") as f:
+                        f.write(b"ok")
+                finally:
+                    shutil.rmtree(probe, ignore_errors=True)  # this call's own directory, nothing else
+            else:
+                probe = f"{self._base}/.raydd-write-probe-{uuid.uuid4().hex}"
+                self.filesystem.create_dir(self._base, recursive=True)
+                with self.filesystem.open_output_stream(probe) as f:
+                    f.write(b"ok")
+                self.filesystem.delete_file(probe)
         except OSError as err:
             raise ValueError(f"store {self.root} cannot be written ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else err!r}): choose a writable --store") from None
