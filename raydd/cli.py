@@ -39,7 +39,7 @@ def _farm_parser(sub) -> None:
                    help="expert recipe: store snapshots 0..K only (plus the final one)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe option, e.g. --set lr=0.02 --set batch_size=128 (repeatable)")
-    p.add_argument("--arch", help="convnet, resnet10, resnet18")
+    p.add_argument("--arch", help="convnet, resnet10, resnet18, vgg11, alexnet")
     p.add_argument("--width", type=int, help="ConvNet width / ResNet stem width")
     p.add_argument("--depth", type=int, help="ConvNet depth")
     p.add_argument("--norm", help="instance, batch or none")

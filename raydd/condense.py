@@ -36,6 +36,7 @@ import torch
 
 from .data.datasets import ImageDataset
 from .evaluation import EvalConfig, EvalResult, evaluate
+from .evaluation.robustness import RobustnessConfig, RobustnessResult, robustness_metrics
 from .methods.base import CondensationMethod, load_checkpoint, save_checkpoint
 from .methods.synthetic import SyntheticSet
 
@@ -48,6 +49,7 @@ class EvalRecord:
     synthetic: SyntheticSet
     result: EvalResult
     final: EvalResult | None = None
+    robustness: RobustnessResult | None = None  # DD-Ranking's scores of the last set, when asked for
     seconds: float = 0.0
 
 
@@ -61,6 +63,7 @@ class CondenseResult:
     resumed_from: int = 0
     final: EvalResult | None = None  # the final_eval_config evaluation, when asked for
     stopped_early: bool = False  # a sink (e.g. TimeBudget) stopped the run before ``iterations``
+    robustness: RobustnessResult | None = None  # DD-Ranking's scores of the last set (``robustness=``)
 
     @property
     def final_eval(self) -> EvalResult | None:
@@ -295,23 +298,28 @@ def eval_points(iterations: int, eval_every: int | Iterable[int]) -> set[int]:
 
 def condense(method: CondensationMethod, iterations: int, *, eval_every: int | Iterable[int] = 0,
              eval_config: Any = None, final_eval_config: Any = None, test: ImageDataset | None = None,
-             sinks: Iterable[Sink] = (), logdir: str | None = None, checkpoint_path: str | None = None,
-             progress: bool = True) -> CondenseResult:
+             robustness: RobustnessConfig | None = None, sinks: Iterable[Sink] = (), logdir: str | None = None,
+             checkpoint_path: str | None = None, progress: bool = True) -> CondenseResult:
     """Run ``method`` until it has completed ``iterations`` iterations in total.
 
     ``eval_every=k`` evaluates the synthetic set every k iterations and at the end (or a collection
     of iterations to evaluate at); evaluation needs ``test`` and uses ``eval_config`` (any protocol's
     config; default the standard ``EvalConfig()``: 5 ConvNets × 300 epochs). ``final_eval_config``
-    adds one more evaluation of the last set. ``logdir`` adds a TensorBoard sink,
+    adds one more evaluation of the last set; ``robustness`` adds DD-Ranking's scores of the last set
+    (raydd.evaluation.robustness, on the standard protocol of the final or else the regular evaluation
+    config, with the method's training split for the random subsets). ``logdir`` adds a TensorBoard sink,
     ``checkpoint_path`` a Checkpoint sink (resuming from it if it exists), ``progress`` a bar;
     ``sinks`` are added after those.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations={iterations!r} is invalid: expected an integer >= 0")
     points = eval_points(iterations, eval_every)
-    if (points or final_eval_config is not None) and test is None:
+    if (points or final_eval_config is not None or robustness is not None) and test is None:
         raise ValueError("evaluation needs the real test split: pass test=")
     eval_config = eval_config or EvalConfig()
+    if robustness is not None and not isinstance(final_eval_config or eval_config, EvalConfig):
+        raise ValueError(f"robustness scores run on the standard protocol: the evaluation config is "
+                         f"{type(final_eval_config or eval_config).__name__}")
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         load_checkpoint(method, checkpoint_path)
     run = Run(method, iterations, resumed_from=method.iteration)
@@ -324,10 +332,11 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
     history: list[dict[str, float]] = []
     evals: list[tuple[int, EvalResult]] = []
     final: EvalResult | None = None
+    scores: RobustnessResult | None = None
     stopped = False
 
     def evaluate_now(is_last: bool) -> None:
-        nonlocal final
+        nonlocal final, scores
         started = time.perf_counter()
         syn = method.synthetic_set()
         teachers = method.teacher_models()
@@ -335,6 +344,9 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
         record = EvalRecord(method.iteration, syn, result)
         if is_last and final_eval_config is not None:
             record.final = final = evaluate(syn, test, final_eval_config, teachers=teachers, progress=progress)
+        if is_last and robustness is not None:
+            record.robustness = scores = robustness_metrics(syn, method.train, test, robustness,
+                                                            final_eval_config or eval_config)
         record.seconds = time.perf_counter() - started
         evals.append((method.iteration, result))
         for sink in sinks:
@@ -356,7 +368,7 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
             if any(stop) and method.iteration < iterations:
                 stopped = True
                 break
-        wants_eval = points or final_eval_config is not None
+        wants_eval = points or final_eval_config is not None or robustness is not None
         if wants_eval and not stopped and (not evals or evals[-1][0] != method.iteration):
             evaluate_now(True)  # e.g. resumed at the end: the final set is still evaluated once
         status = "stopped" if stopped else "done"
@@ -367,4 +379,4 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
         for sink in sinks:
             sink.on_end(run, status)
     return CondenseResult(method.synthetic_set(), history, evals, time.perf_counter() - run.started,
-                          run.seconds_per_iteration, run.resumed_from, final, stopped)
+                          run.seconds_per_iteration, run.resumed_from, final, stopped, scores)

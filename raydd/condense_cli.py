@@ -137,6 +137,20 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="cross-architecture: evaluate under each of these networks (e.g. convnet resnet10 "
+                        "resnet18-bn vgg11 alexnet) and print one table; the other flags apply to all")
+    g = p.add_argument_group("robustness scores (DD-Ranking's HLR, IOR, LRS, ARS; standard protocol, one network "
+                             "per accuracy, accuracies as fractions, run i seeded with --seed + i)")
+    g.add_argument("--metrics", nargs="+", metavar="SCORE", help="any of hlr ior lrs ars")
+    g.add_argument("--metric-runs", dest="metric_runs", type=int, default=5, help="seeded runs (default 5)")
+    g.add_argument("--lrs-lambda", dest="lrs_lambda", type=float, default=0.5, help="LRS weight of IOR (default 0.5)")
+    g.add_argument("--ars-gamma", dest="ars_gamma", type=float, default=0.5,
+                   help="ARS weight of the with-augmentation gap (default 0.5)")
+    g.add_argument("--full-acc", dest="full_acc", type=float,
+                   help="known full-data accuracy (a fraction); default: one network trained on the training split")
+    g.add_argument("--full-epochs", dest="full_epochs", type=int,
+                   help="epochs of that full-data network (default: the protocol's)")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -202,17 +216,92 @@ def cmd_evaluate(args) -> int:
     from .methods import load_synthetic
 
     syn = load_synthetic(args.synthetic)
+    if args.models:
+        return evaluate_across_models(args, syn)
     eval_config = eval_config_from_args(args, syn.dataset["name"])
-    resolution = tuple(syn.dataset["resolution"])
-    test = load_dataset(syn.dataset["name"], "test", args.data_root, download=args.download, resolution=resolution)
-    result = evaluate(syn, test, eval_config, progress=not (args.json or args.quiet))
+    scores = robustness_config_from_args(args, eval_config, syn)  # checked before any data is loaded
+    name, resolution = syn.dataset["name"], tuple(syn.dataset["resolution"])
+    test = load_dataset(name, "test", args.data_root, download=args.download, resolution=resolution)
+    progress = not (args.json or args.quiet)
+    result = evaluate(syn, test, eval_config, progress=progress)
+    robustness = None
+    if scores is not None:
+        from .evaluation.robustness import networks_per_call, robustness_metrics
+
+        train = load_dataset(name, "train", args.data_root, download=args.download, resolution=resolution)
+        with network_bar(networks_per_call(syn, scores, eval_config), "robustness", progress) as bar:
+            robustness = robustness_metrics(syn, train, test, scores, eval_config, on_network=lambda _: bar.update())
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if robustness is not None:
+            out["robustness"] = robustness.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         per_model = ", ".join(f"{100 * a:.2f}" for a in result.accuracies)
         print(f"{args.synthetic}: {syn.method}, {len(syn)} images, iteration {syn.iteration}")
         print(f"{result}\nper network: {per_model}")
+        if robustness is not None:
+            print(robustness)
     return 0
+
+
+def evaluate_across_models(args, syn) -> int:
+    """``raydd evaluate SET --models A B ...``: the same protocol and flags under each network, one table."""
+    import dataclasses
+
+    from .data.datasets import load_dataset
+    from .evaluation import evaluate
+    from .models import ParamLayout, build_model
+
+    if args.eval_model is not None or args.metrics:
+        raise ValueError("--models evaluates under several networks: drop --model (and --metrics, which scores "
+                         "under one)")
+    configs = []
+    for model in args.models:  # every network checked against the data before any training
+        config = eval_config_from_args(argparse.Namespace(**{**vars(args), "eval_model": model}), syn.dataset["name"])
+        config.model_spec(syn.info)
+        configs.append(config)
+    name, resolution = syn.dataset["name"], tuple(syn.dataset["resolution"])
+    test = load_dataset(name, "test", args.data_root, download=args.download, resolution=resolution)
+    results = [evaluate(syn, test, config, progress=not (args.json or args.quiet)) for config in configs]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    first = dataclasses.asdict(configs[0])
+    print(f"{args.synthetic}: {syn.method}, {len(syn)} images, iteration {syn.iteration}; cross-architecture, "
+          f"{first['num_models']} networks x {first['epochs']} epochs each, {args.eval_protocol} protocol")
+    print("| network | parameters | accuracy (%) | per network |\n|---|---:|---:|---|")
+    for config, result in zip(configs, results):
+        spec = config.model_spec(syn.info)
+        per_model = ", ".join(f"{100 * a:.2f}" for a in result.accuracies)
+        print(f"| {spec.name} | {ParamLayout.of_parameters(build_model(spec)).numel:,} | "
+              f"{100 * result.mean:.2f} ± {100 * result.std:.2f} | {per_model} |")
+    return 0
+
+
+def robustness_config_from_args(args, eval_config, syn):
+    """The RobustnessConfig --metrics asks for (None without it); one-line errors before any work."""
+    from .evaluation import EvalConfig
+    from .evaluation.robustness import RobustnessConfig
+
+    if not args.metrics:
+        return None
+    if not isinstance(eval_config, EvalConfig):
+        raise ValueError(f"--metrics runs on the standard protocol, not --protocol {args.eval_protocol}")
+    scores = RobustnessConfig(metrics=tuple(args.metrics), runs=args.metric_runs, lrs_lambda=args.lrs_lambda,
+                              ars_gamma=args.ars_gamma, full_acc=args.full_acc, full_epochs=args.full_epochs,
+                              seed=args.seed)
+    if syn.soft and set(scores.metrics) & {"ior", "lrs", "ars"}:
+        raise ValueError(f"{args.synthetic} has soft labels: ior, lrs and ars need the teacher models that made "
+                         f"them (not saved with the set); use --metrics hlr")
+    return scores
+
+
+def network_bar(total: int, what: str, enabled: bool):
+    """A progress bar over networks trained (a no-op context when disabled)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{what} ({total} networks)", unit="net", disable=not enabled, file=sys.stderr)
 
 
 def cmd_methods(args) -> int:

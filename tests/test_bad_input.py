@@ -70,7 +70,21 @@ CASES = {
     "sweep GPUs this machine lacks": (
         lambda tmp: ["sweep", write_spec(tmp / "gpu.yaml", resources={"cpu": 1, "gpu": 1})],
         "resources.gpu=1 but this machine has 0 GPU(s)"),
+    "robustness scores under the EDC protocol": (
+        lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--metrics", "lrs", "--protocol", "edc"],
+        "--metrics runs on the standard protocol, not --protocol edc"),
+    "an unknown robustness score": (
+        lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--metrics", "hlr", "fid"],
+        "metrics ['hlr', 'fid'] are invalid: accepted one or more of hlr, ior, lrs, ars"),
 }
+
+
+def save_a_set(path) -> None:
+    from raydd.data.datasets import load_dataset
+    from raydd.methods import SyntheticSet
+
+    info = load_dataset("digits", "train").info
+    SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), {**info.to_dict(), "zca": False}, "random").save(path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -79,6 +93,7 @@ def test_bad_input_is_one_line_before_any_work(case, tmp_path, capsys, no_ray):
         pytest.skip("this machine has a GPU")
     (tmp_path / "file.txt").write_text("not a store")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    save_a_set(tmp_path / "set.safetensors")
     argv, expected = CASES[case]
     code, lines = run_cli(argv(tmp_path), capsys)
     errors = [line for line in lines if ": error: " in line]

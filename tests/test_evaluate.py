@@ -180,6 +180,31 @@ def test_cli_condense_then_evaluate(digits_experts, tmp_path, capsys):
     assert "final test accuracy, 2 networks" in text and "per network:" in text
 
 
+def test_cli_cross_architecture_table_and_robustness_scores(digits, tmp_path, capsys):
+    train, _ = digits
+    path = real_init_set(train, ipc=2).save(tmp_path / "set.safetensors")
+    common = ["--num-models", "1", "--epochs", "2", "--width", "8", "--device", "cpu", "--quiet"]
+    args = _parser().parse_args(["evaluate", str(path), "--models", "convnet", "alexnet-bn", "resnet10-bn"] + common)
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "network" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| convnet2-w8-in", "| alexnet-bn-w8", "| resnet10-bn-w8"]
+    assert "cross-architecture, 1 networks x 2 epochs each, standard protocol" in lines[0]
+    for models, message in ((["convnet", "resnet18"], "model resnet18-in-w8 on 8x8 images instance-normalises"),
+                            (["vgg11"], "model vgg11 does not fit 8x8 images")):
+        args = _parser().parse_args(["evaluate", str(path), "--models", *models] + common)
+        with pytest.raises(ValueError, match=message):  # every network checked before any training
+            args.func(args)
+    args = _parser().parse_args(["evaluate", str(path), "--metrics", "ior", "lrs", "--metric-runs", "1",
+                                 "--full-acc", "0.9", "--json"] + common)
+    assert args.func(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    scores = out["robustness"]["summary"]
+    assert set(scores) == {"ior", "ior_std", "lrs", "lrs_std"} and 0 <= scores["lrs"] <= 1
+
+
 def test_cli_refuses_bad_input_before_work(digits_experts, tmp_path):
     base = ["condense", "--method", "mtt", "--dataset", "digits", "--store", str(digits_experts.root), "--quiet"]
     for extra, message in ((["--ipc", "0"], "ipc=0 is invalid"),

@@ -14,6 +14,8 @@ SPECS = [
     ModelSpec(channels=3, resolution=64, width=8, norm="none", pooling="max"),
     ModelSpec(arch="resnet10", channels=3, resolution=16, width=8, norm="batch"),
     ModelSpec(arch="resnet18", channels=1, resolution=28, width=8, norm="instance"),
+    ModelSpec(arch="vgg11", channels=1, resolution=28, width=8),
+    ModelSpec(arch="alexnet", channels=3, resolution=16, width=16, norm="batch"),
 ]
 
 
@@ -22,6 +24,25 @@ def test_reference_parameter_counts():
     assert ParamLayout.of_parameters(build_model(ModelSpec(channels=3, resolution=32))).numel == 320_010
     assert ParamLayout.of_parameters(build_model(ModelSpec(channels=1, resolution=28))).numel == 317_706
     assert ParamLayout.of_parameters(build_model(ModelSpec(arch="resnet18", norm="batch"))).numel == 11_173_962
+
+
+def test_vgg11_and_alexnet_are_the_reference_small_image_networks():
+    # DC's networks.py VGG11 (instance norm) and AlexNet (no norm) on CIFAR-10: 9,231,114 and 1,872,202
+    # parameters; 28x28 one-channel inputs are padded in the first convolution to the maps of 32x32 ones
+    vgg, alex = ModelSpec(arch="vgg11"), ModelSpec(arch="alexnet")
+    assert (vgg.norm, vgg.width, vgg.name, alex.norm, alex.width, alex.name) == \
+           ("instance", 64, "vgg11-in", "none", 128, "alexnet-nn")
+    assert ParamLayout.of_parameters(build_model(vgg)).numel == 9_231_114
+    assert ParamLayout.of_parameters(build_model(alex)).numel == 1_872_202
+    mnist_alex = build_model(ModelSpec(arch="alexnet", channels=1, resolution=28))
+    assert mnist_alex.feature_dim == 192 * 4 * 4 and mnist_alex(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert build_model(ModelSpec(arch="vgg11", channels=1, resolution=28)).feature_dim == 512
+    assert ModelSpec.from_dict({"arch": "vgg11", "norm": "batch"}).name == "vgg11-bn"
+    from raydd.models.spec import fields_from_name
+
+    assert fields_from_name("alexnet-bn") == {"arch": "alexnet", "width": 128, "norm": "batch"}
+    with pytest.raises(ValueError, match="model vgg11 does not fit 8x8 images: its max-pools leave no pixel"):
+        ModelSpec(arch="vgg11", channels=1, resolution=8)
 
 
 def test_default_depth_follows_resolution():
@@ -86,7 +107,7 @@ def test_batchnorm_buffers_are_flattened():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"arch": "vgg11"}, "unknown model arch 'vgg11'"),
+    ({"arch": "vgg16"}, "unknown model arch 'vgg16': accepted convnet, resnet10, resnet18, vgg11, alexnet"),
     ({"norm": "layer"}, "unknown model norm 'layer'"),
     ({"width": 0}, "model width=0 is invalid"),
     ({"resolution": (0, 8)}, "model resolution=(0, 8) is invalid"),

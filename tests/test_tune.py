@@ -111,6 +111,7 @@ def asha_sweep(ray_session, expert_store, tmp_path_factory):
                   "dm": {"init": {"grid": ["real", "noise"]}, "lr_img": 0.1, "width": 16, "batch_real": 32}},
         "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
         "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path_factory.mktemp("sweeps")),
+        "metrics": {"metrics": ["hlr", "ior", "lrs", "ars"], "runs": 1, "lr_grid": [0.05], "full_acc": 0.95},
     })
     return spec, run_sweep(spec, progress=False)
 
@@ -139,6 +140,17 @@ def test_asha_sweep_stops_weak_trials_and_writes_leaderboard(asha_sweep):
     assert {(r["method"], r["ipc"]) for r in table} == {("mtt", "2"), ("dm", "2")}
     md = Path(result.leaderboard_md).read_text()
     assert "| mtt | 2 |" in md and "| dm | 2 |" in md
+    # the spec's metrics: DD-Ranking's scores of each best set, computed at the trial's last iteration
+    from raydd.evaluation.robustness import label_robust_score
+
+    assert "| HLR | IOR | LRS | ARS |" in md.replace(" knobs |", "")
+    for row in rows.values():
+        s = row.scores
+        assert set(s) == {"hlr", "hlr_std", "ior", "ior_std", "lrs", "lrs_std", "ars", "ars_std"}
+        assert s["lrs"] == pytest.approx(label_robust_score(s["ior"], s["hlr"]))  # one run: mean = the run
+        # the set's network is the evaluation's own (same seed, lr 0.05, protocol): HLR = 0.95 - its accuracy
+        assert 0 <= s["ars"] <= 1 and s["hlr"] == pytest.approx(0.95 - row.acc_mean, abs=1e-9)
+    assert not any(t.get("scores") for t in trials if t["iterations"] < 6)  # stopped trials get no scores
     assert "syn_lr" in next(t for t in trials if t["method"] == "mtt") and \
         next(t for t in trials if t["method"] == "mtt")["syn_lr"] > 0
     assert Path(result.experiment_path, "sweep_spec.json").exists()

@@ -1,8 +1,10 @@
-"""Networks: ConvNet and ResNet-10/18 built from a plain-data ModelSpec, plus flat-parameter tools."""
+"""Networks: ConvNet, ResNet-10/18, VGG-11 and AlexNet built from a plain-data ModelSpec, plus flat-parameter
+tools."""
 from __future__ import annotations
 
 from torch import nn
 
+from .classic import ClassicNet
 from .convnet import ConvNet
 from .flat import FlatModel, ParamLayout, flatten_buffers, flatten_params, load_flat_params
 from .resnet import ResNet
@@ -15,10 +17,12 @@ def build_model(spec: ModelSpec | dict) -> nn.Module:
         spec = ModelSpec.from_dict(spec)
     if spec.arch == "convnet":
         return ConvNet(spec)
+    if spec.arch in ("vgg11", "alexnet"):
+        return ClassicNet(spec)
     return ResNet(spec)
 
 
 __all__ = [
-    "ARCHITECTURES", "ConvNet", "FlatModel", "ModelSpec", "ParamLayout", "ResNet", "build_model",
+    "ARCHITECTURES", "ClassicNet", "ConvNet", "FlatModel", "ModelSpec", "ParamLayout", "ResNet", "build_model",
     "default_depth", "flatten_buffers", "flatten_params", "load_flat_params",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-ARCHITECTURES = ("convnet", "resnet10", "resnet18")
+ARCHITECTURES = ("convnet", "resnet10", "resnet18", "vgg11", "alexnet")
+DEFAULT_WIDTH = {"convnet": 128, "resnet10": 64, "resnet18": 64, "vgg11": 64, "alexnet": 128}  # the references
 NORMS = ("instance", "batch", "none")
 POOLINGS = ("avg", "max", "none")
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
@@ -23,9 +24,9 @@ class ModelSpec:
     channels: int = 3
     num_classes: int = 10
     resolution: tuple[int, int] = (32, 32)
-    width: int | None = None  # None: 128 for ConvNet, 64 (stem width) for ResNets
+    width: int | None = None  # None: the reference's (DEFAULT_WIDTH: ConvNet 128, ResNet stem 64, ...)
     depth: int | None = None  # None: default_depth(resolution) — 3 for 28/32 px as in the reference
-    norm: str = "instance"
+    norm: str | None = None  # None: instance, or none for AlexNet (the references)
     pooling: str = "avg"
     activation: str = "relu"
 
@@ -37,7 +38,9 @@ class ModelSpec:
             object.__setattr__(self, "resolution", tuple(res))
         _check_choice("arch", self.arch, ARCHITECTURES)
         if self.width is None:
-            object.__setattr__(self, "width", 128 if self.arch == "convnet" else 64)
+            object.__setattr__(self, "width", DEFAULT_WIDTH[self.arch])
+        if self.norm is None:
+            object.__setattr__(self, "norm", "none" if self.arch == "alexnet" else "instance")
         if self.depth is None:
             object.__setattr__(self, "depth", default_depth(self.resolution) if self.arch == "convnet" else 3)
         _check_choice("norm", self.norm, NORMS)
@@ -49,6 +52,13 @@ class ModelSpec:
                 raise ValueError(f"model {key}={value!r} is invalid: expected a positive integer")
         if len(self.resolution) != 2 or min(self.resolution) <= 0:
             raise ValueError(f"model resolution={self.resolution!r} is invalid: expected (height, width) > 0")
+        if self.arch in ("vgg11", "alexnet"):
+            from .classic import plan
+
+            final = plan(self.arch, self.channels, self.resolution, self.width)[2]
+            if min(final) < 1:
+                raise ValueError(f"model {self.arch} does not fit {self.resolution[0]}x{self.resolution[1]} images: "
+                                 f"its max-pools leave no pixel (vgg11 needs at least 32x32, alexnet 8x8)")
         if self.norm == "instance" and min(self.last_norm_map()) <= 1:
             fix = "norm=batch (" + self.replace(norm="batch").name + ")" + (
                 " or a shallower ConvNet" if self.arch == "convnet" else "") + " or larger images"
@@ -58,7 +68,12 @@ class ModelSpec:
 
     def last_norm_map(self) -> tuple[int, int]:
         """(height, width) of the feature map at the network's last normalisation layer: ConvNet normalises
-        before each block's pooling; a ResNet's last stage has had three stride-2 convolutions."""
+        before each block's pooling; a ResNet's last stage has had three stride-2 convolutions; VGG-11 and
+        AlexNet normalise after their last convolution."""
+        if self.arch in ("vgg11", "alexnet"):
+            from .classic import plan
+
+            return plan(self.arch, self.channels, self.resolution, self.width)[1]
         if self.arch == "convnet":
             halvings = 0 if self.pooling == "none" else self.depth - 1
             return tuple(side // 2**halvings for side in self.resolution)
@@ -73,7 +88,7 @@ class ModelSpec:
         norm = {"instance": "in", "batch": "bn", "none": "nn"}[self.norm]
         if self.arch == "convnet":
             return f"convnet{self.depth}-w{self.width}-{norm}"
-        return f"{self.arch}-{norm}" + ("" if self.width == 64 else f"-w{self.width}")
+        return f"{self.arch}-{norm}" + ("" if self.width == DEFAULT_WIDTH[self.arch] else f"-w{self.width}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -108,7 +123,7 @@ def fields_from_name(name: str) -> dict[str, Any]:
             return {"arch": "convnet", "depth": int(parts[0][len("convnet"):]), "width": int(parts[1][1:]),
                     "norm": _NORM_CODES[parts[2]]}
         if parts[0] in ARCHITECTURES and len(parts) in (2, 3):
-            width = int(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("w") else 64
+            width = int(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("w") else DEFAULT_WIDTH[parts[0]]
             if len(parts) == 3 and not parts[2].startswith("w"):
                 raise ValueError
             return {"arch": parts[0], "width": width, "norm": _NORM_CODES[parts[1]]}

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.robustness import METRICS as ROBUSTNESS_SCORES
 from ..files import write_whole
 from .spec import SweepSpec
 from .trial import METRIC, SYNTHETIC_FILE, TIME_ATTR, TRIAL_STATE_FILE, TrialSettings
 
 FINISHED_FILE = "sweep_done.json"
+SCORE_KEYS = tuple(k for m in ROBUSTNESS_SCORES for k in (m, f"{m}_std"))  # what trials report (spec ``metrics``)
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -44,6 +46,7 @@ class LeaderboardRow:
     trial_path: str
     synthetic_path: str | None  # the copy in <experiment>/best/
     error: str | None = None  # every trial of the group errored: the first one's error line
+    scores: dict = field(default_factory=dict)  # DD-Ranking's scores of the best trial's set (spec ``metrics``)
 
 
 @dataclass
@@ -93,6 +96,7 @@ def _trial_record(result, spec: SweepSpec, config: dict | None = None) -> dict:
         "error": result.error is not None or "trial_error" in metrics,
         "error_line": metrics.get("trial_error") or (first_error_line(result.error) if result.error else None),
         "node_id": metrics.get("node_id"), "checkpoint": result.checkpoint,
+        "scores": {k: metrics[k] for k in SCORE_KEYS if metrics.get(k) is not None},
     }
 
 
@@ -156,7 +160,8 @@ def build_leaderboard(records: list[dict]) -> list[tuple[LeaderboardRow, dict]]:
             target_iterations=best["target_iterations"], trials=len(group),
             stopped_early=sum(1 for r in group if not r["error"] and r["iterations"] < r["target_iterations"]),
             errored=sum(1 for r in group if r["error"]), seed=best["seed"], knobs=best["knobs"],
-            trial_id=best["trial_id"], trial_path=best["path"], synthetic_path=None), best))
+            trial_id=best["trial_id"], trial_path=best["path"], synthetic_path=None,
+            scores=dict(best.get("scores") or {})), best))
     return rows
 
 
@@ -166,17 +171,24 @@ def leaderboard_markdown(rows: list[LeaderboardRow], name: str = "", *, unfinish
     if unfinished:
         lines += [f"**Incomplete: {unfinished} trial(s) did not finish (interrupted sweep); resume it with "
                   f"`raydd sweep <spec> --resume`.**", ""]
+    scored = [m for m in ROBUSTNESS_SCORES if any(m in r.scores for r in rows)]  # the spec's metrics
     lines += [
-             "| method | IPC | accuracy (%) | evaluation | iterations | trials (early-stopped, errored) | knobs |",
-             "|---|---:|---:|---|---:|---|---|"]
+             "| method | IPC | accuracy (%) | evaluation | iterations | trials (early-stopped, errored) | knobs |"
+             + "".join(f" {m.upper()} |" for m in scored),
+             "|---|---:|---:|---|---:|---|---|" + "---:|" * len(scored)]
     for r in rows:
         knobs = ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.knobs.items())) or "defaults"
         accuracy = f"errored: {r.error}" if r.error else f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}"
         evaluation = "-" if r.error else f"{r.source}, {r.eval_models} nets"
+        scores = "".join(f" {r.scores[m]:.4f} ± {r.scores.get(m + '_std', 0.0):.4f} |" if m in r.scores else " - |"
+                         for m in scored)
         lines.append(f"| {r.method} | {r.ipc} | {accuracy} | {evaluation} | {r.iterations}/{r.target_iterations} | "
-                     f"{r.trials} ({r.stopped_early}, {r.errored}) | {knobs} |")
+                     f"{r.trials} ({r.stopped_early}, {r.errored}) | {knobs} |{scores}")
     lines += ["", "Accuracy: mean ± std of the final test accuracy (%) of freshly trained networks on the best "
               "trial's synthetic set (never the best epoch)."]
+    if scored:
+        lines += ["", "HLR, IOR, LRS, ARS: DD-Ranking's scores of that set (mean ± std over seeded runs, accuracies "
+                  "as fractions; raydd.evaluation.robustness)."]
     if errored:
         lines += ["", f"Errored trials ({len(errored)}):", ""]
         lines += [f"- {r['method']} IPC {r['ipc']} (trial {r['trial_id']}): {r.get('error_line') or 'error'}"

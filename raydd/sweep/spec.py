@@ -151,6 +151,8 @@ class SweepSpec:
     eval: dict[str, Any] = field(default_factory=dict)  # periodic evaluation: protocol (standard|edc) + its fields
     method_eval: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: replaces ``eval``
     final_eval: dict[str, Any] | None = None  # overrides of the method's eval for one extra evaluation at the end
+    metrics: dict[str, Any] | None = None  # DD-Ranking's scores of each trial's last set: RobustnessConfig fields
+    # (``metrics: [hlr, ior, lrs, ars]`` is short for ``metrics: {metrics: [...]}``)
     max_failures: int = 2  # per trial: retried from its last checkpoint
     max_concurrent: int | None = None
     storage: str = "raydd-sweeps"  # where Tune writes the experiment (directory or URI)
@@ -232,10 +234,29 @@ class SweepSpec:
             protocol_config(self.dataset, self.eval_settings(method))
             if self.final_eval is not None:
                 protocol_config(self.dataset, self.final_eval_settings(method))
+        self._check_metrics()
         self._check_knobs()
         self._check_farm()
 
     # ------------------------------------------------------------------ checks
+    def _check_metrics(self) -> None:
+        """``metrics``: a list of scores or a mapping of RobustnessConfig fields, on the standard protocol."""
+        if self.metrics is None:
+            return
+        settings = self.metrics
+        if isinstance(settings, (list, tuple, str)):
+            settings = {"metrics": list(settings) if not isinstance(settings, str) else [settings]}
+        if not isinstance(settings, dict):
+            raise ValueError(f"metrics={self.metrics!r} is invalid: expected a list of scores (hlr, ior, lrs, ars) "
+                             f"or a mapping of RobustnessConfig fields")
+        robustness_config(settings)
+        object.__setattr__(self, "metrics", json.loads(json.dumps(settings)))
+        for method in self.methods:
+            settings = self.final_eval_settings(method) or self.eval_settings(method)
+            if settings.get("protocol", "standard") != "standard":
+                raise ValueError(f"metrics run on the standard protocol, but method {method!r} is evaluated with "
+                                 f"protocol {settings['protocol']!r}")
+
     def _check_resources(self) -> None:
         unknown = sorted(set(self.resources) - {"cpu", "gpu"})
         if unknown:
@@ -389,6 +410,8 @@ class SweepSpec:
                        "eval": self.eval_settings(method)}
                 if self.final_eval is not None:
                     arm["final_eval"] = self.final_eval_settings(method)
+                if self.metrics is not None:
+                    arm["metrics"] = self.metrics
                 if arm["eval_every"] == RUNGS:
                     arm["asha"] = self.asha_settings()
                 arms.append(arm)
@@ -498,3 +521,18 @@ def _iterations(raw: Any, methods: tuple[str, ...]) -> dict[str, int | str]:
     if raw != "default" and (isinstance(raw, bool) or not isinstance(raw, int)):
         raise ValueError(f"iterations={raw!r} is invalid: expected an integer >= 1, 'default' or {{method: n}}")
     return {m: raw for m in methods}
+
+
+def robustness_config(settings: dict | None):
+    """The RobustnessConfig of a spec's ``metrics`` mapping (None: no scores); one-line errors."""
+    import dataclasses as _dc
+
+    from ..evaluation.robustness import RobustnessConfig
+
+    if not settings:
+        return None
+    known = {f.name for f in _dc.fields(RobustnessConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown metrics setting(s) {unknown}: accepted {sorted(known)}")
+    return RobustnessConfig(**settings)

@@ -35,7 +35,7 @@ from ..condense import EvalRecord, Run, Sink, TensorBoard, condense
 from ..evaluation import protocol_config
 from ..methods import get_method, load_checkpoint, make_config, save_checkpoint
 from .rungs import RUNGS, asha_rungs
-from .spec import default_trial_iterations, resolve_knob
+from .spec import default_trial_iterations, resolve_knob, robustness_config
 
 METRIC = "eval_acc"
 MODE = "max"
@@ -45,7 +45,7 @@ SYNTHETIC_FILE = "synthetic.safetensors"
 TRIAL_STATE_FILE = "trial.json"
 SEGMENTS_FILE = "segments.jsonl"  # a trial's run segments (restarts, resumes): from, steps, status, pid, time
 _TRIAL_KEYS = {"method", "dataset", "ipc", "seed", "iterations", "eval_every", "asha", "store", "data_root",
-               "resolution", "eval", "final_eval", "device", "knobs", "arm"}
+               "resolution", "eval", "final_eval", "metrics", "device", "knobs", "arm"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class TrialSettings:
     method_knobs: dict  # config field -> value
     eval_knobs: dict  # evaluation field -> value
     asha: dict = field(default_factory=dict)  # grace_period / reduction_factor / max_t, for eval_every="rungs"
+    metrics: dict | None = None  # RobustnessConfig fields: DD-Ranking's scores of the last set
 
     @classmethod
     def from_config(cls, config: dict) -> "TrialSettings":
@@ -105,7 +106,7 @@ class TrialSettings:
                    data_root=config.get("data_root"), resolution=config.get("resolution"),
                    eval=dict(config.get("eval") or {}), final_eval=config.get("final_eval"),
                    device=config.get("device", "auto"), method_knobs=method_knobs, eval_knobs=eval_knobs,
-                   asha=dict(config.get("asha") or {}))
+                   asha=dict(config.get("asha") or {}), metrics=config.get("metrics"))
 
     @property
     def knobs(self) -> dict:
@@ -206,6 +207,8 @@ class TuneReport(Sink):
             report.update({"final_acc": record.final.mean, "final_acc_std": record.final.std,
                            "final_models": len(record.final.accuracies)})
             self.history["final"] = [record.final.mean, record.final.std, len(record.final.accuracies)]
+        if record.robustness is not None:  # DD-Ranking's scores: hlr, ior, lrs, ars and their _std
+            report.update(record.robustness.summary())
         self.history["evals"].append([it, result.mean, result.std])
         self.history["last"] = {k: v for k, v in report.items() if isinstance(v, (int, float))}
         self.history["finished"] = it >= run.iterations
@@ -311,7 +314,7 @@ def condensation_trainable(config: dict, *, sinks: Sequence[Sink] = ()) -> None:
                 reporter.report_finished()
                 return
             condense(method, s.iterations, eval_every=s.eval_points(), eval_config=eval_cfg,
-                     final_eval_config=final_cfg, test=test,
+                     final_eval_config=final_cfg, test=test, robustness=robustness_config(s.metrics),
                      sinks=[TensorBoard(workdir / "tensorboard"), reporter, *sinks], progress=False)
     except (ValueError, FloatingPointError) as err:
         # A bad setting or a diverged run fails the same way on every retry: reported once, not retried.
