@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_parser(sub)
     from .condense_cli import add_condense_parser, add_evaluate_parser, add_methods_parser
     from .quickstart import add_quickstart_parser
+    from .reproduce.cli import add_reproduce_parser
     from .sweep.cli import add_sweep_parser
 
     add_condense_parser(sub)
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_methods_parser(sub)
     add_sweep_parser(sub)
     add_quickstart_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 

@@ -76,6 +76,10 @@ CASES = {
     "an unknown robustness score": (
         lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--metrics", "hlr", "fid"],
         "metrics ['hlr', 'fid'] are invalid: accepted one or more of hlr, ior, lrs, ars"),
+    "an unknown published setting": (
+        lambda tmp: ["reproduce", "mtt_imagenet_ipc1", "--workdir", str(tmp / "w")],
+        "unknown published setting 'mtt_imagenet_ipc1': e.g. mtt_cifar10_ipc1"),
+    "reproduce without a setting": (lambda tmp: ["reproduce"], "name a published setting (raydd reproduce --list"),
 }
 
 

@@ -51,6 +51,19 @@ CHECKPOINT_KIND = "method_checkpoint"
 
 # --------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
+class PaperProtocol:
+    """How a method's paper measured its ``reported`` numbers (``raydd reproduce`` runs it): where the
+    numbers are, the evaluation (a protocol's settings for ``raydd.evaluation.protocol_config``), the
+    trajectories it trains per farm recipe as (count, epochs) — None where the paper and its code do not
+    say (the method's own need is used then) — and notes on departures."""
+
+    source: str
+    eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trajectories: dict[str, tuple[int | None, int | None]] = dataclasses.field(default_factory=dict)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's config: frozen, typed, validated on construction.
 
@@ -69,6 +82,7 @@ class MethodConfig:
     horizon: ClassVar[str | None] = None  # the field holding the planned run length (an lr/injection schedule's)
     published: ClassVar[tuple[tuple[str, int], ...]] = ()  # (dataset, ipc) rows of ``defaults`` from the paper
     reported: ClassVar[dict[tuple[str, int], float]] = {}  # the paper's accuracy (%) at (dataset, ipc), own protocol
+    paper: ClassVar[PaperProtocol | None] = None  # how ``reported`` was measured (raydd reproduce)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

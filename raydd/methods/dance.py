@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import ImageDataset
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, Scale, StepMeter, clone_tree, register_method
+from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
 from .inputs import StoreInputs, TrajectoryNeed
 from .synthetic import SyntheticSet
 
@@ -159,6 +159,11 @@ class DANCEConfig(PretrainedDMConfig):
     reported: ClassVar[dict[tuple[str, int], float]] = {
         ("fashion_mnist", 1): 81.5, ("fashion_mnist", 10): 86.3, ("fashion_mnist", 50): 86.9,
         ("cifar10", 1): 47.1, ("cifar10", 10): 70.8, ("cifar10", 50): 76.1}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "DANCE Table 1", {"epochs": 1500, "num_models": 10, "batch_size": 64}, {"pretrain": (5, 60)},
+        notes="DANCE's evaluation (arg_condense.py, train.py) decays lr x0.2 at epochs 1000 and 1250 and adds "
+              "CutMix (raydd's standard protocol: x0.1 at half, no CutMix); its released code prints the best "
+              "test accuracy over epochs 250-1500, raydd the final one")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from ..store import CorruptTrajectoryError
-from .base import StepMeter, clone_tree, register_method
+from .base import PaperProtocol, StepMeter, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
 from .synthetic import SyntheticSet
 
@@ -96,6 +96,11 @@ class DATMConfig(MTTConfig):
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple(_PUBLISHED)
     reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM Table 1 (METHODS.md)
         ("cifar10", 1): 46.9, ("cifar10", 10): 66.8, ("cifar10", 50): 76.1}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "DATM Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 100)},
+        notes="DATM trains its experts with GSAM (FTD's optimizer, buffer_FTD.py); raydd's expert recipe is MTT's "
+              "plain SGD (lr 0.01): a departure; DATM's configs evaluate num_eval=1 network per checkpoint at the "
+              "learned lr with soft labels (the paper's run count is not in the repo; raydd: 5, final accuracy)")
 
     def for_run(self, iterations: int) -> "DATMConfig":
         """The window grows over the same fraction of a run of ``iterations`` as in the published row
@@ -264,8 +269,8 @@ class DATM(MTT):
         return total / count  # count >= 1: the expert that selected the image classifies it correctly
 
     # ------------------------------------------------------------------ the objective
-    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(logits, self.labels[idx])
+    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
+        return soft_cross_entropy(logits, leaves[2][idx])  # the learnable soft labels (a leaf of the unroll)
 
     def _objective(self, theta_start: torch.Tensor, theta_target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(loss to backpropagate, named terms); DATM: the matching loss L_tm (MTT eq. 2)."""

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.augment import DSA
-from .base import clone_tree, register_method
+from .base import PaperProtocol, clone_tree, register_method
 from .datm import DATM, DATMConfig, published_row, soft_cross_entropy
 
 STRATEGIES = ("fusion", "update")
@@ -99,9 +99,16 @@ class DATMCLRConfig(DATMConfig):
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple((d, i) for d in MULTIPLE_VIEW_DATASETS for i in (1, 10, 50))
     reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM-CLR Table 1
         ("cifar10", 1): 53.0, ("cifar10", 10): 70.2, ("cifar10", 50): 77.6}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "DATM-CLR Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 100)},
+        notes="the paper states N=20, inner momentum 0.5, tau=0.1 and five trials; experts, iterations and the "
+              "evaluation network's epochs are not stated and follow DATM, its code base")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.unroll != "full":  # its own unroll: a momentum student and a contrastive term summed over steps
+            raise ValueError(f"DATMCLRConfig.unroll={self.unroll!r} is not available: DATM-CLR unrolls its momentum "
+                             f"student in full only (accepted: full)")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"DATMCLRConfig.strategy={self.strategy!r} is invalid: accepted {', '.join(STRATEGIES)}")
         self.check("temperature", low=0, low_open=True)

@@ -28,7 +28,8 @@ from torch.nn import functional as F
 from ..data.augment import DSAConfig, make_dsa
 from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
-from .base import CondensationMethod, MethodConfig, Scale, StepMeter, clone_tree, register_method
+from .unroll import UNROLL_MODES, checkpointed_unroll
+from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 
@@ -73,6 +74,8 @@ class MTTConfig(MethodConfig):
     dsa_strategy: str = DSA_DEFAULT  # flip is dropped automatically where the dataset forbids it
     pix_init: str = "real"  # 'real' (random real images per class) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
+    unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held
+    unroll_segment: int = 0  # steps re-run together in the backward pass (unroll='checkpoint'); 0: 1
     expert_kind: str = "expert"  # store kind of the trajectories to match
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "syn_lr_init"}
@@ -80,6 +83,10 @@ class MTTConfig(MethodConfig):
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple(_PUBLISHED)
     reported: ClassVar[dict[tuple[str, int], float]] = {  # MTT Table 1
         ("cifar10", 1): 46.3, ("cifar10", 10): 65.3, ("cifar10", 50): 71.6, ("cifar100", 1): 24.3}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "MTT Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 50)},
+        notes="distill.py: 5 ConvNet-3 w128 IN x 1000 epochs at the learned lr, each network's final accuracy "
+              "(its Max_Accuracy line is the best checkpoint; which one Table 1 quotes is not stated)")
     matched_recipe: ClassVar[str] = "expert"  # the farm recipe whose trajectories are matched
     matched_role: ClassVar[str] = "experts"
 
@@ -113,6 +120,9 @@ class MTTConfig(MethodConfig):
         for key in ("img_momentum", "lr_momentum"):
             self.check(key, low=0, high=1, high_open=True)
         self.check("batch_syn", low=1)
+        self.check("unroll_segment", low=0)
+        if self.unroll not in UNROLL_MODES:
+            raise ValueError(f"{type(self).__name__}.unroll={self.unroll!r} is invalid: accepted {', '.join(UNROLL_MODES)}")
         if self.pix_init not in ("real", "noise"):
             raise ValueError(f"MTTConfig.pix_init={self.pix_init!r} is invalid: accepted real, noise")
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
@@ -288,31 +298,44 @@ class MTT(CondensationMethod):
         return expert.trajectory_id, expert.starts[self.rng.randrange(len(expert.starts))]
 
     # ------------------------------------------------------------------ the unrolled student
-    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Loss of one student step on the synthetic minibatch ``idx`` (DATM overrides for soft labels)."""
+    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
+        """Loss of one student step on the synthetic minibatch ``idx``; ``leaves`` are ``_leaves()`` as the
+        unroll sees them (DATM overrides: its learnable soft labels are leaves[2])."""
         return F.cross_entropy(logits, self.labels[idx])
 
+    def _leaves(self) -> list[torch.Tensor]:
+        """What the matching loss is differentiated in: S and α (DATM adds its labels)."""
+        return [self.images, self.syn_lr]
+
+    def _student_step(self, params: torch.Tensor, leaves: list[torch.Tensor], generator: torch.Generator,
+                      pending: list[torch.Tensor], *, create_graph: bool) -> torch.Tensor:
+        """One student step of eq. 1 on the next minibatch of ``pending`` (refilled with a fresh permutation
+        of S from ``generator``), DSA drawn from ``generator``."""
+        images, alpha = leaves[0], leaves[1]
+        if not pending:  # a fresh permutation of S, consumed in minibatches
+            n_syn = images.shape[0]
+            pending.extend(torch.randperm(n_syn, generator=generator).split(min(self.config.batch_syn or n_syn, n_syn)))
+        idx = pending.pop(0).to(self.device)
+        x = images[idx]
+        if self.dsa is not None:
+            x = self.dsa(x, generator=generator)  # per-sample DSA parameters
+        loss = self._inner_loss(self.flat_model(params, x), idx, leaves)
+        (grad,) = torch.autograd.grad(loss, params, create_graph=create_graph)
+        params = params - alpha * grad  # eq. 1
+        return params if create_graph else params.detach().requires_grad_(True)
+
     def _unroll(self, theta: torch.Tensor, generator: torch.Generator, *, create_graph: bool) -> torch.Tensor:
-        """θ̂_N from θ̂_0 = theta by N student steps (eq. 1); differentiable in S and α if create_graph."""
+        """θ̂_N from θ̂_0 = theta by N student steps (eq. 1); differentiable in the leaves (S, α, ...) if
+        create_graph, holding the whole graph (unroll='full') or segment starts only ('checkpoint')."""
         cfg = self.config
-        n_syn = self.images.shape[0]
-        batch = min(cfg.batch_syn or n_syn, n_syn)
-        images = self.images if create_graph else self.images.detach()
-        alpha = self.syn_lr if create_graph else self.syn_lr.detach()
+        leaves = self._leaves() if create_graph else [leaf.detach() for leaf in self._leaves()]
+        if create_graph and cfg.unroll == "checkpoint":
+            return checkpointed_unroll(self._student_step, theta, leaves, cfg.syn_steps, generator,
+                                       cfg.unroll_segment)
         params = theta.detach().clone().requires_grad_(True)
         pending: list[torch.Tensor] = []
         for _ in range(cfg.syn_steps):
-            if not pending:  # a fresh permutation of S, consumed in minibatches
-                pending = list(torch.randperm(n_syn, generator=generator).split(batch))
-            idx = pending.pop(0).to(self.device)
-            x = images[idx]
-            if self.dsa is not None:
-                x = self.dsa(x, generator=generator)  # per-sample DSA parameters
-            loss = self._inner_loss(self.flat_model(params, x), idx)
-            (grad,) = torch.autograd.grad(loss, params, create_graph=create_graph)
-            params = params - alpha * grad  # eq. 1
-            if not create_graph:
-                params = params.detach().requires_grad_(True)
+            params = self._student_step(params, leaves, generator, pending, create_graph=create_graph)
         return params
 
     @staticmethod
@@ -349,7 +372,7 @@ class MTT(CondensationMethod):
                                      f"lower lr_img ({cfg.lr_img}) or lr_lr ({cfg.lr_lr})")
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
-        loss.backward(inputs=[self.images, self.syn_lr])
+        loss.backward(inputs=self._leaves())
         grad_img = float(self.images.grad.norm())
         grad_lr = float(self.syn_lr.grad.abs())
         self.opt_img.step()

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from .base import StepMeter, register_method
+from .base import PaperProtocol, StepMeter, register_method
 from .dance import PretrainedDM, PretrainedDMConfig, PretrainedExpert
 
 
@@ -60,6 +60,10 @@ class PTLMConfig(PretrainedDMConfig):
     reported: ClassVar[dict[tuple[str, int], float]] = {
         ("fashion_mnist", 1): 82.5, ("fashion_mnist", 10): 87.3, ("fashion_mnist", 50): 88.7,
         ("cifar10", 1): 48.9, ("cifar10", 10): 71.3, ("cifar10", 50): 78.1}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "PTLM Table 3", {"epochs": 1500, "num_models": 10, "batch_size": 64}, {"pretrain": (5, 70)},
+        notes="no public code; the paper states 5 experts x 70 epochs (SGD 0.01, momentum 0.9, wd 5e-4) and 10 "
+              "runs; the rest of the evaluation follows DANCE, which PTLM builds on")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from ..data.datasets import ImageDataset
 from ..data.semisup import SemiSupervisedSplit, semi_supervised_split
-from .base import CondensationMethod, check_ipc, register_method
+from .base import CondensationMethod, PaperProtocol, check_ipc, register_method
 from .inputs import TrajectoryNeed
 from .mtt import MTT, MTTConfig
 from .synthetic import SyntheticSet
@@ -70,6 +70,11 @@ class SSDConfig(MTTConfig):
         ("mnist", 1): 91.18, ("mnist", 10): 97.35, ("mnist", 50): 99.08,
         ("fashion_mnist", 1): 77.41, ("fashion_mnist", 10): 87.59, ("fashion_mnist", 50): 90.56,
         ("cifar10", 1): 42.19, ("cifar10", 10): 58.67, ("cifar10", 50): 63.27}
+    paper: ClassVar[PaperProtocol] = PaperProtocol(
+        "SSD Table 1 (10 % labels)", {},
+        notes="the paper states no evaluation protocol, teacher epochs or FixMatch settings, student count or "
+              "epochs (students: ConvNet-3 w128, SGD 0.01, batch 256; synthesis 'follows MTT'): raydd's standard "
+              "protocol (5 ConvNets x 300 epochs) and the method's own needs")
     matched_recipe: ClassVar[str] = STUDENT_RECIPE
     matched_role: ClassVar[str] = "student trajectories"
 
@@ -274,7 +279,7 @@ class SSD(MTT):
             labels = probs.argmax(1) if cfg.syn_labels == "teacher" else probs
         return images.float().to(self.device), labels.to(self.device)
 
-    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
         """L_ce^s [SSD Sec. 3.2]: cross-entropy only (soft cross-entropy for syn_labels='soft')."""
         target = self.labels[idx]
         if target.dim() == 2:

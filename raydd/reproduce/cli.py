@@ -1,0 +1,48 @@
+"""``raydd reproduce [NAME] [--list] [--scale paper|cpu|tiny] [--budget 8m] [--resume]``."""
+from __future__ import annotations
+
+import sys
+
+
+def add_reproduce_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "reproduce", help="run a published setting end to end against its paper's number",
+        description="Farm what a published setting needs (what the store holds is skipped), condense with its "
+                    "published config and checkpoints, evaluate under its paper's protocol with Random beside "
+                    "it under the same protocol, print paper vs measured vs Random and append the row to the "
+                    "results ledger. No Ray needed (the farm runs locally unless --backend ray).")
+    p.add_argument("name", nargs="?", help="a published setting, e.g. mtt_cifar10_ipc1 (see --list)")
+    p.add_argument("--list", action="store_true", help="every setting, its paper number and the best measured so far")
+    p.add_argument("--scale", default="paper", help="paper (as published), cpu (CPU-sized: 300 images per class, "
+                                                     "width 32, 200 iterations, ...) or tiny (a smoke run)")
+    p.add_argument("--on", help="run the setting on another dataset (e.g. digits for a smoke run; kept apart in "
+                                "the ledger)")
+    p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")
+    p.add_argument("--store", default="raydd-store", help="trajectory store (default raydd-store)")
+    p.add_argument("--workdir", default="raydd-reproduce", help="checkpoints and synthetic sets (default raydd-reproduce)")
+    p.add_argument("--budget", help="stop condensing after this long (90s, 8m, 1.5h) at a checkpoint --resume continues")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
+    p.add_argument("--ledger", help="results ledger (default: benchmarks/results/reproduce_ledger.jsonl of the "
+                                    "checkout; '' writes none)")
+    p.add_argument("--backend", default="local", help="farm backend: local (default, no Ray) or ray")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    from .run import list_settings, reproduce
+
+    if args.list:
+        print(list_settings(args.ledger))
+        return 0
+    if not args.name:
+        raise ValueError("name a published setting (raydd reproduce --list shows them)")
+    out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
+                    workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
+                    ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet)
+    print(out.table())
+    if out.row and args.ledger != "":
+        print(f"ledger row appended ({out.row['setting']}, scale {out.row['scale']})", file=sys.stderr)
+    return 0

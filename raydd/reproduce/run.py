@@ -1,0 +1,233 @@
+"""``raydd reproduce``: a published setting end to end — farm what is missing, condense with checkpoints,
+evaluate under the paper's protocol with Random beside it under the same protocol, print paper vs
+measured vs Random, and append the row to the results ledger. Plain torch (no Ray unless the farm is
+asked to use it), so it runs on a GPU machine without Ray; ``budget`` stops the condensation cleanly at
+a checkpoint that ``resume`` continues, on this machine or a fresh one (missing trajectories are farmed
+again, deterministically: their ids are hashes of their settings and seeds).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..condense import TimeBudget, condense
+from ..data.datasets import ImageDataset, load_dataset
+from ..evaluation import EvalResult, evaluate, protocol_config
+from ..methods import get_method, make_config
+from .settings import PublishedSetting, ReproScale, get_scale, get_setting, published_settings
+
+DEFAULT_LEDGER = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reproduce_ledger.jsonl"
+
+
+def parse_budget(text: str | float | None) -> float | None:
+    """Seconds of a budget written as 90, 90s, 8m or 1.5h; None stays None."""
+    if text is None or text == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"budget {text!r} is invalid: expected a positive duration such as 90s, 8m or 1.5h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def default_ledger() -> Path:
+    """The repository's ledger (benchmarks/results/) when raydd runs from a checkout, else ./ in the cwd."""
+    return DEFAULT_LEDGER if DEFAULT_LEDGER.parent.is_dir() else Path("reproduce_ledger.jsonl")
+
+
+def read_ledger(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{number} is not a JSON ledger row") from None
+    return rows
+
+
+def append_ledger(path: str | Path, row: dict) -> None:
+    """One whole line per row, in one write to a file opened for appending."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+@dataclass
+class ReproResult:
+    setting: PublishedSetting
+    scale: ReproScale
+    on: str | None
+    iterations: int  # reached
+    planned: int  # this run's target (the paper's count, or the scale's cap)
+    result: EvalResult | None
+    random: EvalResult | None
+    trajectories: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    eval_settings: dict = field(default_factory=dict)
+    row: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.iterations >= self.planned
+
+    def table(self) -> str:
+        s, sc = self.setting, self.scale
+        where = f" on {self.on}" if self.on else ""
+        lines = [f"### {s.name} — {s.method} on {s.dataset} IPC {s.ipc}{where}, scale {sc.name}",
+                 "", f"- departures from the paper: {sc.departures()}" + (
+                     f"; data: {self.on} instead of {s.dataset}" if self.on else ""),
+                 "- trajectories: " + (", ".join(f"{t['recipe']} {t['count']} x {t['epochs'] or 'default'} epochs"
+                                                  for t in self.trajectories) or "none"),
+                 f"- evaluation: {json.dumps(self.eval_settings, sort_keys=True)} (final accuracy)", "",
+                 "| set | iterations (run / paper) | accuracy % (this run) | paper % |", "|---|---:|---:|---|"]
+
+        def acc(r: EvalResult | None) -> str:
+            return "not evaluated" if r is None else f"{100 * r.mean:.2f} ± {100 * r.std:.2f}"
+
+        lines.append(f"| {s.method} | {self.iterations} / {s.iterations} | {acc(self.result)} | {s.paper_acc} "
+                     f"({s.paper.source}) |")
+        lines.append(f"| Random (same evaluation) | – | {acc(self.random)} | – |")
+        if not self.finished:
+            lines += ["", f"Stopped at iteration {self.iterations} of {self.planned} (budget): "
+                          f"raydd reproduce {s.name} --scale {sc.name} --resume continues."]
+        return "\n".join(lines) + "\n"
+
+
+def _load(dataset: str, split: str, data_root: str | None, train_per_class: int | None) -> ImageDataset:
+    data = load_dataset(dataset, split, None if dataset == "digits" else data_root)
+    return data.per_class(train_per_class, seed=0) if train_per_class and split == "train" else data
+
+
+def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, scale: ReproScale, store: str,
+          train: ImageDataset, test: ImageDataset, device: str, backend: str, progress: bool) -> list[dict]:
+    from ..farm import FarmData, FarmSpec, farm
+
+    done, data = [], FarmData.from_datasets(train, test)
+    for need, count, epochs in jobs:
+        model = need.model_fields()
+        if scale.width is not None and model.get("arch", "convnet") == "convnet":
+            model["width"] = scale.width
+        spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
+                        train_per_class=scale.train_per_class, recipe=need.recipe,
+                        recipe_options={"epochs": epochs} if epochs else {}, model=model, zca=bool(need.zca),
+                        trajectories=count, backend=backend, device=device)
+        started = time.perf_counter()
+        report = farm(spec, progress=progress, data=data)
+        done.append({"recipe": need.recipe, "count": count, "epochs": epochs, "trained": len(report.trained),
+                     "seconds": round(time.perf_counter() - started, 1)})
+    return done
+
+
+def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_root: str | None = None,
+              store: str = "raydd-store", workdir: str = "raydd-reproduce", device: str = "auto",
+              budget: str | float | None = None, resume: bool = False, ledger: str | Path | None = None,
+              backend: str = "local", seed: int = 0, progress: bool = True) -> ReproResult:
+    """Run the published setting ``name`` at ``scale`` (see the module doc); returns the result, after
+    appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none)."""
+    setting, sc = get_setting(name), get_scale(scale)
+    seconds_budget = parse_budget(budget)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")
+    dataset = on or setting.dataset
+    config, jobs = setting.plan(sc, on)  # validated before any data is loaded
+    eval_settings = setting.eval_settings(sc)
+    eval_config = protocol_config(dataset, eval_settings)
+    run_dir = Path(workdir) / (f"{name}-{sc.name}" + (f"-on-{on}" if on else ""))
+    checkpoint = run_dir / "method.safetensors"
+    if checkpoint.exists() and not resume:
+        raise ValueError(f"{checkpoint} holds an earlier run of {name}: pass --resume to continue it, or remove it")
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    say(f"raydd reproduce: {name} ({setting.method} on {dataset} IPC {setting.ipc}), scale {sc.name}: "
+        f"{setting.run_iterations(sc)} of the paper's {setting.iterations} iterations")
+    started = time.perf_counter()
+    train, test = _load(dataset, "train", data_root, sc.train_per_class), _load(dataset, "test", data_root, None)
+    farmed = _farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, progress) if jobs else []
+    farm_s = time.perf_counter() - started
+    from ..store import TrajectoryStore
+
+    trajectory_store = TrajectoryStore(store) if jobs else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    planned = setting.run_iterations(sc)
+    t0 = time.perf_counter()
+    with get_method(setting.method)(config, train, trajectory_store, device=device, seed=seed) as method:
+        sinks = [TimeBudget(seconds_budget)] if seconds_budget else []
+        run = condense(method, planned, sinks=sinks, checkpoint_path=str(checkpoint), progress=progress)
+        syn, teachers, reached = method.synthetic_set(), method.teacher_models(), method.iteration
+        syn.save(run_dir / "synthetic.safetensors")
+        condense_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        say(f"evaluating {setting.method} and Random: {eval_config}")
+        result = evaluate(syn, test, eval_config, teachers=teachers, progress=progress)
+        with get_method("random")(make_config("random", dataset, setting.ipc), train, None, device=device,
+                                  seed=seed) as rnd:
+            rnd.step()
+            random_result = evaluate(rnd.synthetic_set(), test, eval_config, teachers=teachers, progress=progress)
+    out = ReproResult(setting, sc, on, reached, planned, result, random_result, farmed,
+                      {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
+                       "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
+    out.row = _ledger_row(out, device, run.resumed_from)
+    path = default_ledger() if ledger is None else ledger
+    if path:
+        append_ledger(path, out.row)
+    return out
+
+
+def _ledger_row(out: ReproResult, device: str, resumed_from: int) -> dict[str, Any]:
+    from ..training import resolve_device
+
+    dev = resolve_device(device)
+    s = out.setting
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "setting": s.name,
+        "method": s.method, "dataset": s.dataset, "on": out.on, "ipc": s.ipc, "scale": out.scale.name,
+        "departures": out.scale.departures(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "iterations": out.iterations, "planned_iterations": out.planned,
+        "paper_iterations": s.iterations, "resumed_from": resumed_from, "trajectories": out.trajectories,
+        "acc_mean": None if out.result is None else out.result.mean,
+        "acc_std": None if out.result is None else out.result.std,
+        "random_mean": None if out.random is None else out.random.mean,
+        "random_std": None if out.random is None else out.random.std,
+        "paper_acc": s.paper_acc, "source": s.paper.source, "eval": out.eval_settings, "seconds": out.seconds,
+    }
+
+
+def list_settings(ledger: str | Path | None = None) -> str:
+    """Every registered setting with the paper's number and the best measured so far per scale (the ledger;
+    rows run on another dataset than the paper's are left out)."""
+    rows = [] if ledger == "" else read_ledger(default_ledger() if ledger is None else ledger)
+    best: dict[tuple[str, str], dict] = {}
+    for r in rows:  # rows on another dataset are smoke runs, except an ImageFolder copy of the paper's data
+        if (r.get("on") and r["on"] != "imagefolder") or r.get("acc_mean") is None:
+            continue
+        key = (r["setting"], r["scale"])
+        if key not in best or r["acc_mean"] > best[key]["acc_mean"]:
+            best[key] = r
+
+    def cell(name: str, scale: str) -> str:
+        r = best.get((name, scale))
+        if r is None:
+            return "–"
+        copy = ", ImageFolder copy" if r.get("on") else ""
+        return (f"{100 * r['acc_mean']:.2f} (Random {100 * r['random_mean']:.2f}; {r['iterations']}/"
+                f"{r['paper_iterations']} it, {r['device']}{copy}, {r['date'][:10]})")
+
+    settings = published_settings()
+    lines = [f"{len(settings)} published settings (raydd reproduce NAME [--scale paper|cpu|tiny]):", "",
+             "| setting | paper % (source) | paper iterations | measured, paper scale | measured, cpu scale |",
+             "|---|---|---:|---|---|"]
+    for name, s in settings.items():
+        lines.append(f"| {name} | {s.paper_acc} ({s.paper.source}) | {s.iterations} | {cell(name, 'paper')} | "
+                     f"{cell(name, 'cpu')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""Published settings: one per (method, dataset, IPC) a method's paper reports, and the scales they run at.
+
+The registry is derived from the method registry — each method config states its paper's numbers
+(``reported``), its published rows (``defaults``) and how the numbers were measured (``paper``:
+``PaperProtocol``) — so no table of methods lives here. A scale shrinks a setting for a smaller machine
+and says so: ``paper`` runs it as published, ``cpu`` is the CPU-sized variant of benchmarks/condense.py
+(300 images per class, width-32 networks, 200 iterations, a few short trajectories, 2 evaluation
+networks × 200 epochs), ``tiny`` is a smoke run that checks the pipeline end to end in seconds to a minute (on digits: ``--on digits``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..methods import METHODS, Scale, get_method
+from ..methods.base import PaperProtocol
+
+
+@dataclass(frozen=True)
+class ReproScale:
+    """How far a published setting is shrunk; every departure is listed by ``departures``."""
+
+    name: str
+    train_per_class: int | None = None  # a class-balanced subset of the training split
+    width: int | None = None  # ConvNet width of the farmed and the evaluation networks
+    iterations: int | None = None  # cap on the condensation iterations
+    trajectories: int | None = None  # cap on the trajectories farmed per recipe
+    epochs: int | None = None  # cap on their epochs
+    syn_steps: int | None = None  # cap on unrolled student steps (trajectory matching)
+    eval_models: int | None = None  # cap on evaluation networks
+    eval_epochs: int | None = None  # cap on their epochs
+
+    def departures(self) -> str:
+        if self.name == "paper":
+            return "none (the paper's protocol)"
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "name"]
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields if v is not None)
+
+
+
+SCALES: dict[str, ReproScale] = {
+    "paper": ReproScale("paper"),
+    "cpu": ReproScale("cpu", train_per_class=300, width=32, iterations=200, trajectories=4, epochs=10,
+                      syn_steps=20, eval_models=2, eval_epochs=200),
+    "tiny": ReproScale("tiny", train_per_class=100, width=16, iterations=2, trajectories=1, epochs=8, syn_steps=2,
+                       eval_models=1, eval_epochs=2),
+}
+
+
+@dataclass(frozen=True)
+class PublishedSetting:
+    name: str  # "<method>_<dataset>_ipc<k>"
+    method: str
+    dataset: str
+    ipc: int
+    paper_acc: float  # %, the paper's number under its own protocol
+    paper: PaperProtocol
+
+    @property
+    def iterations(self) -> int:
+        """The paper's iteration count for this row (the published config's planned length)."""
+        return get_method(self.method).config_cls.defaults(self.dataset, self.ipc).planned_iterations
+
+    def plan(self, scale: ReproScale, on: str | None = None) -> tuple[Any, list[tuple[Any, int, int | None]]]:
+        """(config, farm jobs) of a run at ``scale``: the published config (on dataset ``on`` when given: a
+        smoke run elsewhere), planned for the scaled iteration count and shrunk to the scale; one farm job
+        per trajectory need as (need, count, epochs): the paper's count and epochs (else the method's own
+        need), capped by the scale, never below what the config reads."""
+        published = get_method(self.method).config_cls.defaults(self.dataset, self.ipc)
+        if on is not None and on != self.dataset:
+            published = dataclasses.replace(published, dataset=on)
+        config = published.for_run(self.run_iterations(scale))
+        farm: dict[str, tuple[int, int | None]] = {}
+        for need in config.needs():
+            count, epochs = self.paper.trajectories.get(need.recipe, (None, None))
+            count, epochs = count or need.count, epochs or need.epochs
+            if scale.trajectories is not None:
+                count = min(count, scale.trajectories)
+            if scale.epochs is not None:  # a recipe's default length (epochs None) is capped too
+                epochs = scale.epochs if epochs is None else min(epochs, scale.epochs)
+            farm[need.recipe] = (max(count, need.count), epochs)
+        if scale.name != "paper":
+            config = config.scaled(Scale(width=scale.width or 128, syn_steps=scale.syn_steps or 10 ** 9,
+                                         epochs={r: e for r, (_, e) in farm.items() if e is not None},
+                                         counts={r: c for r, (c, _) in farm.items()}))
+        jobs = []
+        for need in config.needs():
+            count, epochs = farm[need.recipe]
+            if epochs is not None and need.epochs is not None:
+                epochs = max(epochs, need.epochs)
+            jobs.append((need, count, epochs))
+        return config, jobs
+
+    def run_iterations(self, scale: ReproScale) -> int:
+        return min(self.iterations, scale.iterations or self.iterations)
+
+    def eval_settings(self, scale: ReproScale) -> dict[str, Any]:
+        """The paper's evaluation (protocol settings), shrunk to ``scale``."""
+        settings = dict(self.paper.eval)
+        if scale.eval_models is not None:
+            settings["num_models"] = min(settings.get("num_models", 5), scale.eval_models)
+        if scale.eval_epochs is not None:
+            settings["epochs"] = min(settings.get("epochs", 300), scale.eval_epochs)
+        if scale.width is not None and settings.get("protocol", "standard") == "standard":
+            model = settings.get("model", "convnet")
+            if model == "convnet" or (isinstance(model, dict) and model.get("arch", "convnet") == "convnet"):
+                settings["model"] = {**(model if isinstance(model, dict) else {}), "arch": "convnet",
+                                     "width": scale.width}
+        return settings
+
+
+def published_settings() -> dict[str, PublishedSetting]:
+    """Every (method, dataset, IPC) a registered method's paper reports, by name."""
+    out: dict[str, PublishedSetting] = {}
+    for name, cls in METHODS.items():
+        config_cls = cls.config_cls
+        if config_cls.paper is None:
+            continue
+        for (dataset, ipc), acc in sorted(config_cls.reported.items()):
+            key = f"{name}_{dataset}_ipc{ipc}"
+            out[key] = PublishedSetting(key, name, dataset, ipc, float(acc), config_cls.paper)
+    return out
+
+
+def get_setting(name: str) -> PublishedSetting:
+    settings = published_settings()
+    if name not in settings:
+        close = [s for s in settings if name.split("_")[0] == s.split("_")[0]] or list(settings)
+        raise ValueError(f"unknown published setting {name!r}: e.g. {', '.join(close[:6])} "
+                         f"(raydd reproduce --list shows all {len(settings)})")
+    return settings[name]
+
+
+def get_scale(name: str) -> ReproScale:
+    if name not in SCALES:
+        raise ValueError(f"scale {name!r} is invalid: accepted {', '.join(SCALES)}")
+    return SCALES[name]
