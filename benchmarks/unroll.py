@@ -5,7 +5,7 @@ epochs on a class-balanced subset: the numbers of an iteration do not depend on 
 Every (mode, N) runs in a fresh process, so each peak is its own: the peak resident memory of the
 iteration above the process's level before it (ru_maxrss), and the iteration's wall and CPU seconds.
 ``full`` keeps the N-step graph (memory linear in N); ``checkpoint`` keeps only the ⌈N/k⌉ segment starts
-and re-runs one segment of k = ⌈√N⌉ steps at a time in the backward pass.
+and re-runs one segment of k steps at a time in the backward pass (k = 1 by default; --segment K).
 
     python benchmarks/unroll.py --data-root /work/shared/datasets --store /tmp/bench/unroll-store \\
         --full 10 20 --checkpoint 10 20 40 80
@@ -33,7 +33,7 @@ from raydd.methods import get_method, make_config
 from raydd.store import TrajectoryStore
 train = load_dataset("fashion_mnist", "train", {data_root!r}).per_class({per_class}, seed=0)
 config = make_config("mtt", "fashion_mnist", {ipc}, syn_steps={n}, expert_epochs=2, max_start_epoch=1,
-                     batch_syn=None, unroll={mode!r}, model="convnet3-w{width}-in")
+                     batch_syn=None, unroll={mode!r}, unroll_segment={segment}, model="convnet3-w{width}-in")
 method = get_method("mtt")(config, train, TrajectoryStore({store!r}), device="cpu", seed=0)
 wall0, cpu0 = time.perf_counter(), time.process_time()
 with PeakMemory(torch.device("cpu")) as peak:
@@ -55,7 +55,7 @@ def farm_expert(args) -> None:
 
 def run_one(args, mode: str, n: int) -> dict:
     code = ONE.format(repo=str(REPO), threads=args.threads, data_root=args.data_root, per_class=args.per_class,
-                      ipc=args.ipc, n=n, mode=mode, width=args.width, store=args.store)
+                      ipc=args.ipc, n=n, mode=mode, width=args.width, store=args.store, segment=args.segment)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--per-class", type=int, default=100, help="training images per class (the expert and S init)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--segment", type=int, default=0, help="unroll_segment of the checkpoint runs (0: the default, 1)")
     args = p.parse_args()
     farm_expert(args)
     rows = []
