@@ -20,7 +20,8 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")
     p.add_argument("--store", default="raydd-store", help="trajectory store (default raydd-store)")
     p.add_argument("--workdir", default="raydd-reproduce", help="checkpoints and synthetic sets (default raydd-reproduce)")
-    p.add_argument("--budget", help="stop condensing after this long (90s, 8m, 1.5h) at a checkpoint --resume continues")
+    p.add_argument("--budget", help="stop condensing after this long (90s, 8m, 1.5h) at a checkpoint --resume continues "
+                                    "(farming before and the evaluation after are not counted)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--ledger", help="results ledger (default: benchmarks/results/reproduce_ledger.jsonl of the "
                                     "checkout; '' writes none)")
