@@ -36,7 +36,7 @@ import torch
 
 from .data.datasets import ImageDataset
 from .evaluation import EvalConfig, EvalResult, evaluate
-from .evaluation.robustness import RobustnessConfig, RobustnessResult, robustness_metrics
+from .evaluation.robustness import RobustnessConfig, RobustnessResult, check_scores, robustness_metrics
 from .methods.base import CondensationMethod, load_checkpoint, save_checkpoint
 from .methods.synthetic import SyntheticSet
 
@@ -317,9 +317,8 @@ def condense(method: CondensationMethod, iterations: int, *, eval_every: int | I
     if (points or final_eval_config is not None or robustness is not None) and test is None:
         raise ValueError("evaluation needs the real test split: pass test=")
     eval_config = eval_config or EvalConfig()
-    if robustness is not None and not isinstance(final_eval_config or eval_config, EvalConfig):
-        raise ValueError(f"robustness scores run on the standard protocol: the evaluation config is "
-                         f"{type(final_eval_config or eval_config).__name__}")
+    if robustness is not None:
+        check_scores(final_eval_config or eval_config)
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         load_checkpoint(method, checkpoint_path)
     run = Run(method, iterations, resumed_from=method.iteration)

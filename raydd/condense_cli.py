@@ -282,7 +282,7 @@ def evaluate_across_models(args, syn) -> int:
 def robustness_config_from_args(args, eval_config, syn):
     """The RobustnessConfig --metrics asks for (None without it); one-line errors before any work."""
     from .evaluation import EvalConfig
-    from .evaluation.robustness import RobustnessConfig
+    from .evaluation.robustness import RobustnessConfig, check_scores
 
     if not args.metrics:
         return None
@@ -291,9 +291,7 @@ def robustness_config_from_args(args, eval_config, syn):
     scores = RobustnessConfig(metrics=tuple(args.metrics), runs=args.metric_runs, lrs_lambda=args.lrs_lambda,
                               ars_gamma=args.ars_gamma, full_acc=args.full_acc, full_epochs=args.full_epochs,
                               seed=args.seed)
-    if syn.soft and set(scores.metrics) & {"ior", "lrs", "ars"}:
-        raise ValueError(f"{args.synthetic} has soft labels: ior, lrs and ars need the teacher models that made "
-                         f"them (not saved with the set); use --metrics hlr")
+    check_scores(eval_config, syn, scores.metrics)
     return scores
 
 

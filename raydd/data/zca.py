@@ -10,6 +10,7 @@ as float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -102,6 +103,10 @@ class ZCAWhitening:
         return ((flat - mean) @ w).reshape(images.shape)  # W is symmetric
 
     __call__ = transform
+
+    def whiten(self, data):
+        """An ImageDataset with its images whitened (labels, info, split and source kept)."""
+        return dataclasses.replace(data, images=self.transform(data.images))
 
     def inverse(self, images: Tensor) -> Tensor:
         """Undo ``transform`` (e.g. to view whitened or distilled images)."""

@@ -205,7 +205,7 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
     spec = config.model_spec(info)
     zca = syn.zca_whitening()
     if zca is not None:
-        test = ImageDataset(zca.transform(test.images), test.labels, test.info, test.split, test.source)
+        test = zca.whiten(test)
     images = syn.images.detach().float()
     hard = syn.hard_labels
     targets = targets.to(device)

@@ -153,6 +153,17 @@ def random_subset(train: ImageDataset, per_class: list[int], seed: int) -> tuple
     return train.images[chosen], train.labels[chosen]
 
 
+def check_scores(eval_config, syn=None, metrics=METRICS) -> None:
+    """One-line errors before any work: the scores run on the standard protocol, and a soft-label set
+    (``syn``, when known) gets HLR only."""
+    if not isinstance(eval_config, EvalConfig):
+        raise ValueError(f"robustness scores run on the standard protocol: the evaluation config is "
+                         f"{type(eval_config).__name__}")
+    if syn is not None and syn.soft and set(metrics) & {"ior", "lrs", "ars"}:
+        raise ValueError("ior, lrs and ars of a soft-label set compare it with a random subset relabelled by the "
+                         "teacher models that made its labels, which a saved set does not carry: ask for hlr only")
+
+
 def robustness_metrics(syn, train: ImageDataset, test: ImageDataset, config: RobustnessConfig | None = None,
                        eval_config: EvalConfig | None = None, *,
                        on_network: Callable[[str], None] | None = None) -> RobustnessResult:
@@ -164,19 +175,14 @@ def robustness_metrics(syn, train: ImageDataset, test: ImageDataset, config: Rob
     ``on_network(what)`` is called after every network trained (progress)."""
     config = config or RobustnessConfig()
     eval_config = eval_config or EvalConfig()
-    if not isinstance(eval_config, EvalConfig):
-        raise ValueError(f"robustness metrics run on the standard protocol: got {type(eval_config).__name__}")
+    check_scores(eval_config, syn, config.metrics)
     info = syn.info
     wants = set(config.metrics)
-    if syn.soft and wants & {"ior", "lrs", "ars"}:
-        raise ValueError("ior, lrs and ars of a soft-label set compare it with a random subset relabelled by the "
-                         "teacher models that made its labels, which a saved set does not carry: ask for hlr only")
     hard = syn.hard_labels
     per_class = torch.bincount(hard, minlength=info.num_classes).tolist()
     zca = syn.zca_whitening()
     if zca is not None:
-        train = ImageDataset(zca.transform(train.images), train.labels, train.info, train.split, train.source)
-        test = ImageDataset(zca.transform(test.images), test.labels, test.info, test.split, test.source)
+        train, test = zca.whiten(train), zca.whiten(test)
     syn_lr = eval_config.lr if eval_config.lr is not None else syn.syn_lr
     syn_lr = None if syn_lr is None else float(syn_lr)
     images, labels = syn.images.detach().float(), (syn.labels.float() if syn.soft else syn.labels)

@@ -217,7 +217,7 @@ def evaluate_synthetic(syn, test: ImageDataset, config: EvalConfig | None = None
         labels = labels.float()
     zca = syn.zca_whitening()
     if zca is not None:
-        test = ImageDataset(zca.transform(test.images), test.labels, test.info, test.split, test.source)
+        test = zca.whiten(test)
     result = train_and_test(syn.images.detach().float(), labels, test, info, config, lr=lr, on_model=on_model,
                             on_epoch=on_epoch)
     result.extra.update({"method": syn.method, "iteration": syn.iteration, "ipc": len(syn) // info.num_classes,

@@ -88,8 +88,7 @@ def prepare_data(spec: FarmSpec) -> FarmData:
         from ..data.zca import ZCAWhitening
 
         zca = ZCAWhitening().fit(train.images)
-        train = ImageDataset(zca.transform(train.images), train.labels, train.info, "train", train.source)
-        test = ImageDataset(zca.transform(test.images), test.labels, test.info, "test", test.source)
+        train, test = zca.whiten(train), zca.whiten(test)
     return FarmData.from_datasets(train, test)
 
 

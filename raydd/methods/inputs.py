@@ -73,6 +73,17 @@ class TrajectoryNeed:
             fields["norm"] = self.norm
         return fields
 
+    def farm_fields(self, *, count: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+        """The FarmSpec fields that farm these trajectories: recipe, its epochs, model, data space, and how
+        many (``count`` and ``epochs`` given replace the need's own; without ``count``, a need of one leaves
+        the count to the farm's default)."""
+        epochs = self.epochs if epochs is None else epochs
+        fields = {"recipe": self.recipe, "recipe_options": {} if epochs is None else {"epochs": epochs},
+                  "model": self.model_fields(), "zca": bool(self.zca)}
+        if count is not None or self.count > 1:
+            fields["trajectories"] = self.count if count is None else count
+        return fields
+
     def describe(self) -> str:
         """One line for ``raydd methods``: what is read and how much of it."""
         parts = [f"{self.role}: store kind {' or '.join(self.store_kinds())} (recipe {self.recipe})"]
@@ -87,19 +98,17 @@ class TrajectoryNeed:
 
 def farm_command(need: TrajectoryNeed, dataset: str, store_root: str, *, data_root: str | None = None) -> str:
     """The ``raydd farm`` command that writes what ``need`` asks for."""
-    words = ["raydd farm", f"--recipe {need.recipe}"]
-    model = need.model_fields()
-    for key in ("norm", "arch", "depth", "width"):
-        if key in model:
-            words.append(f"--{key} {model[key]}")
+    fields = need.farm_fields()
+    words = ["raydd farm", f"--recipe {fields['recipe']}"]
+    words += [f"--{key} {fields['model'][key]}" for key in ("norm", "arch", "depth", "width") if key in fields["model"]]
     words += [f"--dataset {dataset}", f"--store {store_root}"]
     if data_root:
         words.append(f"--data-root {data_root}")
-    if need.epochs is not None:
-        words.append(f"--epochs {need.epochs}")
-    if need.count > 1:
-        words.append(f"--trajectories {need.count}")
-    if need.zca:
+    if "epochs" in fields["recipe_options"]:
+        words.append(f"--epochs {fields['recipe_options']['epochs']}")
+    if "trajectories" in fields:
+        words.append(f"--trajectories {fields['trajectories']}")
+    if fields["zca"]:
         words.append("--zca")
     return " ".join(words)
 

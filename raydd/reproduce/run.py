@@ -116,13 +116,11 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
 
     done, data = [], FarmData.from_datasets(train, test)
     for need, count, epochs in jobs:
-        model = need.model_fields()
-        if scale.width is not None and model.get("arch", "convnet") == "convnet":
-            model["width"] = scale.width
+        fields = need.farm_fields(count=count, epochs=epochs)
+        if scale.width is not None and fields["model"].get("arch", "convnet") == "convnet":
+            fields["model"]["width"] = scale.width
         spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
-                        train_per_class=scale.train_per_class, recipe=need.recipe,
-                        recipe_options={"epochs": epochs} if epochs else {}, model=model, zca=bool(need.zca),
-                        trajectories=count, backend=backend, device=device)
+                        train_per_class=scale.train_per_class, backend=backend, device=device, **fields)
         started = time.perf_counter()
         report = farm(spec, progress=progress, data=data)
         done.append({"recipe": need.recipe, "count": count, "epochs": epochs, "trained": len(report.trained),

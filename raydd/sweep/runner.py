@@ -152,12 +152,8 @@ def needs_farm_specs(spec: SweepSpec, **extra: Any) -> list:
             if need.recipe in covered or need in seen or inputs.list(need):
                 continue
             seen.add(need)
-            options = {} if need.epochs is None else {"epochs": need.epochs}
             fields = {"store": spec.store, "dataset": spec.dataset, "data_root": spec.data_root,
-                      "resolution": spec.resolution, "recipe": need.recipe, "recipe_options": options,
-                      "model": need.model_fields(), "zca": bool(need.zca)}
-            if need.count > 1:
-                fields["trajectories"] = need.count
+                      "resolution": spec.resolution, **need.farm_fields()}
             specs.append(FarmSpec.from_dict({**fields, **extra}))
     return specs
 
