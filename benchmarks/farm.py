@@ -13,6 +13,9 @@ Not a test. Prints two tables. Run from the repository root:
     and 2 workers (one core each), writing to the Arrow store.
 (c) store size and read time vs torch.save, and verified reads: a random epoch with its crc32
     checked (what every method reads) vs unchecked vs torch.load (``--part store``: only these).
+(d) ``--part pack``: experts per hour of one worker training K experts together (``FarmSpec.pack``,
+    one stacked computation) vs the same K experts one at a time, K in ``--pack-sizes``, at each
+    ``--widths``; one thread, CPU seconds, no Ray (the worker's own work: ``run_trajectories``).
 """
 from __future__ import annotations
 
@@ -178,6 +181,38 @@ def print_verified_reads(epochs: int, tmp: Path) -> None:
           f"{rows[2][2] / checked[2]:.0f}x the CPU of a checked read\n")
 
 
+def pack_table(args) -> None:
+    """Experts/hour of one worker: K experts as one computation vs one at a time (CPU seconds, one thread)."""
+    from raydd.farm.task import data_fingerprint, plan_tasks, run_trajectories
+
+    torch.set_num_threads(1)
+    root = args.data_root if args.dataset != "digits" else None
+    print(f"# packed experts: {args.dataset} ({args.train_per_class}/class), {args.epochs} epoch(s) each, one "
+          f"thread, CPU s; each expert's test-set evaluation included\n")
+    print(f"{'width':>6}{'K':>4}{'one at a time s':>17}{'together s':>12}{'experts/h alone':>17}"
+          f"{'experts/h packed':>18}{'speed-up':>10}")
+    for width in args.widths:
+        for k in args.pack_sizes:
+            spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
+                            recipe_options={"epochs": args.epochs}, model={"width": width}, trajectories=k)
+            data = prepare_data(spec)
+            tasks = plan_tasks(spec, data, data_fingerprint(data))
+            tmp = Path(tempfile.mkdtemp(prefix="raydd-pack-"))
+            try:
+                run_trajectories(tasks[:1], data, device="cpu", store=TrajectoryStore(tmp / "warm-up"))
+                c0 = time.process_time()
+                for task in tasks:
+                    run_trajectories([task], data, device="cpu", store=TrajectoryStore(tmp / "alone"))
+                alone = time.process_time() - c0
+                c0 = time.process_time()
+                run_trajectories(tasks, data, device="cpu", store=TrajectoryStore(tmp / "packed"))
+                packed = time.process_time() - c0
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            print(f"{width:>6}{k:>4}{alone:>17.1f}{packed:>12.1f}{3600 * k / alone:>17.0f}{3600 * k / packed:>18.0f}"
+                  f"{alone / packed:>9.2f}x", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
@@ -187,9 +222,13 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--store-epochs", type=int, default=50, help="snapshots for the store-size table (MTT: 50)")
-    p.add_argument("--part", choices=("all", "farm", "store"), default="all",
-                   help="store: only the store tables (no farming; seconds)")
+    p.add_argument("--part", choices=("all", "farm", "store", "pack"), default="all",
+                   help="store: only the store tables (no farming; seconds); pack: only the packed-experts table")
+    p.add_argument("--pack-sizes", dest="pack_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 128], help="--part pack: network widths")
     args = p.parse_args(argv)
+    if args.part == "pack":
+        return pack_table(args)
     if args.part == "store":
         tmp = Path(tempfile.mkdtemp(prefix="raydd-bench-"))
         try:

@@ -9,7 +9,7 @@
 #   benchmarks/reproduce_gpu.sh DATA_ROOT OUT BUDGET [SETTINGS...]
 #
 # SETTINGS default: dm_fashion_mnist_ipc10 mtt_cifar10_ipc1 datm_clr_cifar10_ipc1. CIFAR-10 settings
-# read the JPEG copy (DATA_ROOT/cifar10-jpeg, --on imagefolder). EXTRA is appended to every run (e.g.
+# read the JPEG copy as cifar10 where DATA_ROOT has no torchvision files (DATA_ROOT/cifar10-jpeg). EXTRA is appended to every run (e.g.
 # EXTRA="--scale tiny" for a CPU smoke run).
 set -u
 D=$1 OUT=$2 B=$3
@@ -20,10 +20,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 RAYDD_CACHE=${RAYDD_CACHE:-/tmp/rayd
 mkdir -p "$OUT"
 nvidia-smi -L 2>/dev/null; python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
 for s in $SETTINGS; do
-  case $s in
-    *_cifar10_*) data=(--on imagefolder --data-root "$D/cifar10-jpeg") ;;
-    *) data=(--data-root "$D") ;;
-  esac
+  data=(--data-root "$D")
   resume=()
   if ls "$WORK/$s-"*/method.safetensors >/dev/null 2>&1; then resume=(--resume); fi
   python3 -m raydd.cli reproduce "$s" "${data[@]}" --store "$STORE" --workdir "$WORK" --budget "$B" \

@@ -48,6 +48,8 @@ def _farm_parser(sub) -> None:
     p.add_argument("--dtype", help="stored parameter dtype: float32, float16, bfloat16")
     p.add_argument("--backend", help="ray (default) or local (sequential, no Ray)")
     p.add_argument("--workers", type=int, help="number of worker actors")
+    p.add_argument("--pack", type=int, help="trajectories each worker trains together as one computation "
+                   "(expert, pretrain, observer; same trajectories, fills a GPU that one small network leaves idle)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
     p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float,
                    help="fractional GPUs per worker, e.g. 0.25 puts four experts on one GPU")

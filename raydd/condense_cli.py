@@ -60,6 +60,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="evaluation batch (default: standard 256, edc the dataset's row)")
     p.add_argument(f"--{prefix}dsa-mode", dest="eval_dsa_mode", choices=("single", "all"),
                    help="standard protocol: one random DSA op per batch (single, the default) or every op (all)")
+    p.add_argument("--networks-together", dest="networks_together", choices=("auto", "yes", "no"),
+                   help="standard protocol: train the networks as one vmapped computation (same results); "
+                        "auto (default): on CUDA only, where it pays")
     p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
     p.add_argument("--teachers", action="store_true", default=None,
                    help="edc protocol: relabel every augmented batch with the method's observers (condense only)")
@@ -86,6 +89,8 @@ def eval_config_from_args(args, dataset: str):
              "device": args.device, "seed": args.seed}
     if args.eval_dsa_mode is not None:
         flags["dsa_single_per_call"] = args.eval_dsa_mode == "single"
+    if args.networks_together in ("yes", "no"):
+        flags["together"] = args.networks_together == "yes"
     settings.update({k: v for k, v in flags.items() if v is not None})
     return protocol_config(dataset, settings)
 

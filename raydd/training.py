@@ -1,6 +1,7 @@
 """Plain-torch training helpers shared by the farm recipes and the evaluation protocols."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -8,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -55,7 +57,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
                 ) -> EpochStats:
     """One pass over (images, labels) with cross-entropy; hard or soft (probability) labels."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    # Running sums stay on the device: one host synchronisation per epoch, not two per batch.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     for idx in minibatches(len(labels), batch_size, generator):
         x = images[idx].to(device, non_blocking=True)
         y = labels[idx].to(device, non_blocking=True)
@@ -71,29 +76,35 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(idx)
+        total_loss += loss.detach().double() * len(idx)
         hard = y.argmax(1) if y.dim() == 2 else y
-        correct += int((out.argmax(1) == hard).sum())
+        correct += (out.argmax(1) == hard).sum()
         seen += len(idx)
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
+    return EpochStats(float(total_loss) / max(seen, 1), int(correct) / max(seen, 1))
+
+
+# Evaluation batch: on CPU a ConvNet's activations for 1024 images leave the cache and the pass costs
+# 2.2x the CPU of batch 128 (benchmarks/expert_epoch.py); the result does not depend on it (eval mode).
+EVAL_BATCH_SIZE = 128
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                   batch_size: int = 1024) -> EpochStats:
-    """Loss and accuracy on a labelled set (model in eval mode)."""
+                   batch_size: int = EVAL_BATCH_SIZE) -> EpochStats:
+    """Loss and accuracy on a labelled set (model in eval mode); one host synchronisation at the end."""
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        y = labels[start:start + batch_size].to(device, non_blocking=True)
         out = model(x)
-        total_loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        total_loss += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
     model.train(was_training)
     n = max(len(labels), 1)
-    return EpochStats(total_loss / n, correct / n)
+    return EpochStats(float(total_loss) / n, int(correct) / n)
 
 
 def check_gpus_here(gpus: float, what: str) -> None:
@@ -112,3 +123,110 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here: use 'cpu' or 'auto'")
     return dev
+
+
+class NetworkStack:
+    """``N`` networks of one architecture as one computation (torch.func): their parameters and buffers
+    stacked along a new leading dimension and the forward ``vmap``-ed over it, so network ``i`` computes
+    with its own weights and statistics exactly what it computes alone (BatchNorm running statistics
+    included). The convolutions run as grouped convolutions, so sums may round differently from the
+    one-network kernels: equal to float tolerance, not bitwise. ``parameters()`` go to one optimizer:
+    SGD with momentum and weight decay is elementwise, so each slice is updated as its own optimizer would.
+    """
+
+    def __init__(self, networks: list[nn.Module]):
+        if not networks:
+            raise ValueError("NetworkStack needs at least one network")
+        self.networks = networks
+        self.params, self.buffers = stack_module_state(networks)
+        self._base = copy.deepcopy(networks[0]).to("meta")
+
+    def __len__(self) -> int:
+        return len(self.networks)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def forward(self, x: torch.Tensor, *, train: bool, shared_input: bool = False) -> torch.Tensor:
+        """Logits ``[N, B, classes]`` of each network on its own batch ``x[i]`` (``[N, B, ...]``), or on the
+        same batch ``x`` (``[B, ...]``) when ``shared_input``."""
+        self._base.train(train)
+
+        def one(params, buffers, inputs):
+            return functional_call(self._base, (params, buffers), (inputs,))
+
+        return vmap(one, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, x)
+
+    @torch.no_grad()
+    def write_back(self) -> list[nn.Module]:
+        """Copy every slice back into its own module (parameters and buffers) and return the modules."""
+        for i, net in enumerate(self.networks):
+            for name, tensor in net.named_parameters():
+                tensor.copy_(self.params[name][i])
+            for name, tensor in net.named_buffers():
+                tensor.copy_(self.buffers[name][i])
+        return self.networks
+
+
+def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                         labels: torch.Tensor, *, batch_size: int, generators: list[torch.Generator],
+                         device: torch.device, augment: Augment | None = None, cutmix_prob: float = 0.0,
+                         cutmix_beta: float = 1.0) -> list[EpochStats]:
+    """``train_epoch`` for every network of ``stack`` at once. Network ``i`` draws its batch order, its
+    augmentation and its CutMix from ``generators[i]`` in the order ``train_epoch`` would, so it sees the
+    batches it would see alone; the summed loss gives each network the gradient of its own mean loss."""
+    if len(generators) != len(stack):
+        raise ValueError(f"{len(generators)} generators for {len(stack)} networks: pass one per network")
+    n_nets = len(stack)
+    total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
+    correct = torch.zeros(n_nets, dtype=torch.long, device=device)
+    seen = 0
+    batches = [minibatches(len(labels), batch_size, g) for g in generators]
+    for step in zip(*batches):
+        xs, ys, ys_b, lams = [], [], [], []
+        for idx, g in zip(step, generators):
+            x = images[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            if augment is not None:
+                x = augment(x, g)
+            y_b, lam = y, 1.0
+            if cutmix_prob > 0 and float(torch.rand(1, generator=g)) < cutmix_prob:
+                x, y, y_b, lam = cutmix(x, y, cutmix_beta, g)
+            xs.append(x)
+            ys.append(y)
+            ys_b.append(y_b)
+            lams.append(lam)
+        x, y, y_b = torch.stack(xs), torch.stack(ys), torch.stack(ys_b)
+        out = stack.forward(x, train=True)
+        flat = out.flatten(0, 1)
+        losses = F.cross_entropy(flat, y.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
+        if any(lam != 1.0 for lam in lams):  # CutMix: lam * CE(y_a) + (1 - lam) * CE(y_b), per network
+            lam = torch.tensor(lams, dtype=losses.dtype, device=device)
+            losses_b = F.cross_entropy(flat, y_b.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
+            losses = lam * losses + (1 - lam) * losses_b
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        total_loss += losses.detach().double() * y.shape[1]
+        hard = y.argmax(2) if y.dim() == 3 else y
+        correct += (out.argmax(2) == hard).sum(1)
+        seen += y.shape[1]
+    loss, acc = (total_loss / max(seen, 1)).tolist(), (correct.double() / max(seen, 1)).tolist()
+    return [EpochStats(l_, a) for l_, a in zip(loss, acc)]
+
+
+@torch.no_grad()
+def evaluate_together(stack: NetworkStack, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                      batch_size: int = EVAL_BATCH_SIZE) -> list[EpochStats]:
+    """``evaluate_model`` for every network of ``stack``: each batch goes through all networks in one call."""
+    n_nets = len(stack)
+    total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
+    correct = torch.zeros(n_nets, dtype=torch.long, device=device)
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        y = labels[start:start + batch_size].to(device, non_blocking=True)
+        out = stack.forward(x, train=False, shared_input=True)
+        total_loss += F.cross_entropy(out.flatten(0, 1), y.repeat(n_nets), reduction="none").view(n_nets, -1).sum(1)
+        correct += (out.argmax(2) == y).sum(1)
+    n = max(len(labels), 1)
+    return [EpochStats(l_, c / n) for l_, c in zip((total_loss / n).tolist(), correct.tolist())]

@@ -85,3 +85,36 @@ def test_imagefolder_tree_and_archive(tmp_path, monkeypatch):
     assert test.images.shape == (6, 3, 16, 16)
     assert sorted(p.name for p in archive.parent.iterdir()) == ["data.tar.gz"]
     assert test.info.mean == train.info.mean  # statistics always come from the training split
+
+
+def test_cifar10_from_an_imagefolder_copy_records_jpeg(tmp_path, monkeypatch):
+    """The CIFAR-10 JPEG copy (a tree, its archive, or <root>/cifar10-jpeg/) loads as cifar10: its classes,
+    the published normalisation, and the provenance says the pixels were JPEG."""
+    from PIL import Image
+
+    from raydd.data.datasets import CIFAR10_CLASSES
+
+    monkeypatch.setenv("RAYDD_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "CIFAR-10-images"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in CIFAR10_CLASSES:
+            (tree / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tree / split / name / f"{i}.jpg")
+    root = tmp_path / "datasets" / "cifar10-jpeg"
+    root.mkdir(parents=True)
+    with tarfile.open(root / "copy.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="CIFAR-10-images")
+    for where in (tree, root / "copy.tar.gz", tmp_path / "datasets"):
+        train = load_dataset("cifar10", "train", where)
+        assert train.images.shape == (20, 3, 32, 32) and train.info.class_names == CIFAR10_CLASSES
+        assert train.info.image_format == "jpeg" and train.info.to_dict()["image_format"] == "jpeg"
+        assert train.info.mean == DATASETS["cifar10"].mean
+        assert train.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert "image_format" not in load_dataset("digits").info.to_dict()  # the originals say nothing
+    (tree / "train" / "truck").rename(tree / "train" / "lorry")
+    with pytest.raises(ValueError, match="not cifar10's.*--dataset imagefolder"):
+        load_dataset("cifar10", "train", tree)
+    with pytest.raises(DataNotFoundError, match="holds no ImageFolder copy of cifar10"):
+        load_dataset("cifar10", "train", tmp_path / "cache")

@@ -101,6 +101,45 @@ def test_local_backend_matches_ray(farmed, tmp_path):
     torch.testing.assert_close(a.params(3), b.params(3), rtol=1e-4, atol=1e-5)
 
 
+def _same_trajectories(store_a: str, store_b: str, ids: list[str], epochs: list[int]) -> None:
+    a, b = TrajectoryStore(store_a), TrajectoryStore(store_b)
+    for tid in ids:
+        ta, tb = a.open(tid), b.open(tid)
+        assert ta.epochs == tb.epochs
+        for epoch in epochs:
+            torch.testing.assert_close(ta.params(epoch), tb.params(epoch), rtol=1e-4, atol=1e-5)
+        assert "trained_together" not in ta.meta and tb.meta["trained_together"] > 1
+
+
+def test_packed_workers_write_the_same_trajectories(farmed, tmp_path):
+    """pack=2 on Ray (two packs on one worker) and pack=3 locally (a pack of 3, then one alone): the same
+    ids and, to float tolerance, the same snapshots as one trajectory at a time."""
+    spec, report = farmed
+    ray_packed = FarmSpec.from_dict({**spec.to_dict(), "store": str(tmp_path / "ray"), "pack": 2, "workers": 1})
+    out = farm(ray_packed, progress=False)
+    assert out.trajectory_ids == report.trajectory_ids and len(out.trained) == 4
+    _same_trajectories(spec.store, ray_packed.store, report.trajectory_ids, [0, 1, 3])
+    local_packed = FarmSpec.from_dict({**spec.to_dict(), "store": str(tmp_path / "local"), "pack": 3,
+                                       "backend": "local"})
+    events = []
+    out = farm(local_packed, progress=False, on_event=events.append)
+    assert out.trajectory_ids == report.trajectory_ids
+    assert {e["trajectory_id"] for e in events if e["type"] == "epoch"} == set(report.trajectory_ids)
+    _same_trajectories(spec.store, local_packed.store, report.trajectory_ids[:3], [0, 3])
+
+
+def test_packed_pretrain_keeps_each_experts_cutmix(tmp_path):
+    """The pretrain recipe draws CutMix per network from its own generator: packed = one at a time."""
+    base = dict(TINY, recipe="pretrain", recipe_options={"epochs": 2, "batch_size": 64, "cutmix_prob": 0.5},
+                trajectories=2, backend="local")
+    one = farm(FarmSpec(store=str(tmp_path / "one"), **base), progress=False)
+    two = farm(FarmSpec(store=str(tmp_path / "two"), **{**base, "pack": 2}), progress=False)
+    assert one.trajectory_ids == two.trajectory_ids
+    a, b = TrajectoryStore(str(tmp_path / "one")), TrajectoryStore(str(tmp_path / "two"))
+    for tid in one.trajectory_ids:
+        torch.testing.assert_close(a.open(tid).params(2), b.open(tid).params(2), rtol=1e-4, atol=1e-5)
+
+
 def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,6 +181,8 @@ def test_farm_writes_expert_curves_for_tensorboard(farmed, tmp_path):
     ({"dataset": "mnist", "data_root": "/nonexistent/raydd-data"}, "data_root='/nonexistent/raydd-data' does not exist"),
     ({"trajectories": 0}, "trajectories=0 is invalid"),
     ({"dtype": "int8"}, "dtype='int8' is invalid"),
+    ({"pack": 0}, "pack=0 is invalid"),
+    ({"recipe": "ssd_teacher", "pack": 2}, "pack=2 is invalid for recipe 'ssd_teacher'"),
 ])
 def test_bad_spec_is_refused_before_any_work(tmp_path, change, message):
     with pytest.raises(ValueError) as err:

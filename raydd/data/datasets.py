@@ -39,13 +39,19 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()
     flip_ok: bool = True  # DSA flip is off for handwritten digits (a flipped digit is another class)
+    # Where the pixels came from when not the dataset's own files: "jpeg" for an ImageFolder copy of
+    # CIFAR (lossy; numbers measured on it are close to, not equal to, the originals').
+    image_format: str | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "name": self.name, "channels": self.channels, "resolution": list(self.resolution),
             "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std),
             "class_names": list(self.class_names), "flip_ok": self.flip_ok,
         }
+        if self.image_format is not None:
+            out["image_format"] = self.image_format
+        return out
 
 
 @dataclass
@@ -187,20 +193,56 @@ def _load_idx_dataset(name: str, split: str, root: Path, download: bool, resolut
 
 
 # --------------------------------------------------------------------------- CIFAR
+CIFAR_JPEG_FOLDERS = {"cifar10": "cifar10-jpeg", "cifar100": "cifar100-jpeg"}  # under a data root
+
+
 def _load_cifar(name: str, split: str, root: Path, download: bool, resolution):
+    """The torchvision pickles under ``root``; else an ImageFolder copy of the same dataset (a
+    ``{train,test}/<class>/`` tree, its .tar.gz, or ``<root>/cifar10-jpeg/``), whose class folders must be
+    the dataset's classes. Returns (images, labels, classes, image format or None)."""
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     base = cls.base_folder
     if not (root / base).exists() and not download:
-        raise DataNotFoundError(
-            f"{name}: {root / base} does not exist; pass --data-root to the folder holding '{base}' "
-            f"or --download (needs internet). The CIFAR-10 JPEG copy loads with --dataset imagefolder"
-        )
+        tree = _cifar_copy(name, root)
+        if tree is None:
+            raise DataNotFoundError(
+                f"{name}: {root / base} does not exist and {root} holds no ImageFolder copy of {name} "
+                f"({{train,test}}/<class>/ images, their .tar.gz, or {CIFAR_JPEG_FOLDERS[name]}/); pass --data-root "
+                f"to one of those or --download (needs internet)")
+        images, labels, classes = _load_imagefolder(split, tree, False, resolution)
+        expected = CIFAR10_CLASSES if name == "cifar10" else None
+        if len(classes) != (10 if name == "cifar10" else 100) or (expected and tuple(classes) != expected):
+            raise ValueError(f"{name}: the ImageFolder tree {tree} has classes {classes[:12]}, not {name}'s "
+                             f"{list(expected) if expected else '100 classes'}: load it with --dataset imagefolder")
+        return images, labels, classes, _image_format(tree / split)
     target = root if (root / base).exists() else cache_dir() / "downloads"
     ds = cls(str(target), train=split == "train", download=download)  # torchvision md5-checks the files
     images = ds.data.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return images, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
+    return images, np.asarray(ds.targets, dtype=np.int64), list(ds.classes), None
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _cifar_copy(name: str, root: Path) -> Path | None:
+    """An ImageFolder tree (or archive) of ``name`` at ``root`` or in its conventional folder below it."""
+    for candidate in (root / CIFAR_JPEG_FOLDERS[name], root):
+        if not candidate.exists():
+            continue
+        try:
+            tree = _imagefolder_tree(candidate)
+        except DataNotFoundError:
+            continue
+        if all((tree / s).is_dir() for s in SPLITS):
+            return tree
+    return None
+
+
+def _image_format(split_dir: Path) -> str:
+    first = next((f for d in sorted(split_dir.iterdir()) if d.is_dir() for f in sorted(d.iterdir())), None)
+    return "jpeg" if first is not None and first.suffix.lower() in (".jpg", ".jpeg") else "imagefolder"
 
 
 # --------------------------------------------------------------------------- ImageFolder
@@ -333,7 +375,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if src.needs_root and not root_path.exists() and not download:
         raise DataNotFoundError(f"{name}: data root {root_path} does not exist; pass --data-root "
                                 f"(e.g. ../shared/datasets) or --download (needs internet)")
-    images, labels, class_names = src.loader(split, root_path, download, resolution)
+    images, labels, class_names, *image_format = src.loader(split, root_path, download, resolution)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if resolution is not None and tuple(tensor.shape[-2:]) != tuple(resolution):
         tensor = F.interpolate(tensor, size=resolution, mode="bilinear", align_corners=False)
@@ -346,7 +388,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     info = DatasetInfo(
         name=name, channels=int(tensor.shape[1]), resolution=(int(tensor.shape[2]), int(tensor.shape[3])),
         num_classes=src.num_classes or len(class_names), mean=mean, std=std,
-        class_names=tuple(class_names), flip_ok=src.flip_ok,
+        class_names=tuple(class_names), flip_ok=src.flip_ok, image_format=image_format[0] if image_format else None,
     )
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
@@ -359,7 +401,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
 
 
 def _train_pixels(name, root, download, resolution) -> torch.Tensor:
-    images, _, _ = DATASETS[name].loader("train", root, download, resolution)
+    images = DATASETS[name].loader("train", root, download, resolution)[0]
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if resolution is not None and tuple(tensor.shape[-2:]) != tuple(resolution):
         tensor = F.interpolate(tensor, size=resolution, mode="bilinear", align_corners=False)

@@ -21,7 +21,8 @@ from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
 from ..models.spec import fields_from_name
-from ..training import evaluate_model, resolve_device, train_epoch
+from ..training import (NetworkStack, evaluate_model, evaluate_together, resolve_device, train_epoch,
+                        train_epoch_together)
 from ..validation import check_bool, check_int, check_range
 
 DEFAULT_LR = 0.01
@@ -46,6 +47,10 @@ class EvalConfig:
     lr_decay_at: float | None = 0.5  # lr ×0.1 after this fraction of the epochs; None: constant lr
     device: str = "auto"
     seed: int = 0
+    # Train the num_models networks as one vmapped computation (same seeds, batch orders, augmentation
+    # draws and results, to float tolerance, as one by one). None: on CUDA only — on CPU the grouped
+    # convolutions underneath cost more than the separate ones (benchmarks/eval_together.py).
+    together: bool | None = None
 
     def __post_init__(self) -> None:
         check_eval_model("EvalConfig", self.model)
@@ -59,6 +64,9 @@ class EvalConfig:
                    "True: one DSA op per batch, False: every op")
         DSAConfig(strategy=self.dsa_strategy, single_per_call=self.dsa_single_per_call)
         check_int("EvalConfig.seed", self.seed, low=0)
+        if self.together is not None:
+            check_bool("EvalConfig.together", self.together, "True: networks trained as one computation, "
+                       "False: one by one; or null: together on CUDA only")
 
     @classmethod
     def defaults(cls, dataset: str, **overrides: Any) -> "EvalConfig":
@@ -157,16 +165,30 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
         dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call)
     augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
+    together = config.together if config.together is not None else device.type == "cuda"
+    run = _train_together if together and config.num_models > 1 else _train_one_by_one
     started = time.perf_counter()
+    accs, train_accs = run(images, labels, test, spec, config, lr=lr, device=device, augment=augment,
+                           decay_epoch=decay_epoch, on_model=on_model, on_epoch=on_epoch)
+    std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+    return EvalResult(accs, train_accs, statistics.fmean(accs), std, lr, spec.to_dict(), config.to_dict(),
+                      time.perf_counter() - started, extra={"networks_together": run is _train_together})
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _train_one_by_one(images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_model, on_epoch):
     accs, train_accs = [], []
     for i in range(config.num_models):
         net, gen = fresh_network(spec, config.seed + i, device)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         stats = None
         for epoch in range(config.epochs):
-            if decay_epoch is not None and epoch == decay_epoch:
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.1
+            if epoch == decay_epoch:
+                _set_lr(opt, lr * 0.1)
             stats = train_epoch(net, opt, images, labels, batch_size=config.batch_size, generator=gen,
                                 device=device, augment=augment)
             if on_epoch is not None:
@@ -176,9 +198,28 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
         train_accs.append(stats.acc)
         if on_model is not None:
             on_model(i, acc)
-    std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-    return EvalResult(accs, train_accs, statistics.fmean(accs), std, lr, spec.to_dict(), config.to_dict(),
-                      time.perf_counter() - started)
+    return accs, train_accs
+
+
+def _train_together(images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_model, on_epoch):
+    """The same networks, seeds and draws as ``_train_one_by_one``, as one computation (NetworkStack)."""
+    nets, gens = zip(*(fresh_network(spec, config.seed + i, device) for i in range(config.num_models)))
+    stack = NetworkStack(list(nets))
+    opt = torch.optim.SGD(stack.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    stats = None
+    for epoch in range(config.epochs):
+        if epoch == decay_epoch:
+            _set_lr(opt, lr * 0.1)
+        stats = train_epoch_together(stack, opt, images, labels, batch_size=config.batch_size,
+                                     generators=list(gens), device=device, augment=augment)
+        if on_epoch is not None:
+            for i in range(len(stack)):
+                on_epoch(i, epoch)
+    accs = [s.acc for s in evaluate_together(stack, test.images, test.labels, device=device)]
+    if on_model is not None:
+        for i, acc in enumerate(accs):
+            on_model(i, acc)
+    return accs, [s.acc for s in stats]
 
 
 def _check_compatible(info: DatasetInfo, test: ImageDataset, what: str) -> None:

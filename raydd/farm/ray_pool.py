@@ -15,7 +15,8 @@ from ..store import TrajectoryStore
 from .claims import WorkQueue
 from .progress import FarmProgress
 from .spec import FarmSpec
-from .task import FarmData, TrajectoryResult, TrajectoryTask, run_trajectory
+from .runner import take_pack
+from .task import FarmData, TrajectoryResult, TrajectoryTask, run_trajectories
 
 WAIT_S = 2.0  # how often the pool looks again at trajectories another live farm holds
 
@@ -28,7 +29,7 @@ class FarmResourceError(ValueError):
 
 @ray.remote
 class FarmWorker:
-    """Trains trajectories one at a time; holds the farm's data (mapped from the object store)."""
+    """Trains one trajectory (or one pack of them) at a time; holds the farm's data (mapped from the object store)."""
 
     def __init__(self, data: FarmData, num_threads: int, device: str, progress: Queue):
         import torch
@@ -41,14 +42,15 @@ class FarmWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, task: TrajectoryTask) -> TrajectoryResult:
+    def run(self, tasks: list[TrajectoryTask]) -> list[TrajectoryResult]:
+        """Train ``tasks`` (one, or a pack trained together) and publish each."""
         pid = os.getpid()
 
-        def on_epoch(epoch: int, total: int, metrics: dict) -> None:
-            self.progress.put_nowait({"type": "epoch", "trajectory_id": task.trajectory_id, "epoch": epoch,
+        def on_epoch(trajectory_id: str, epoch: int, total: int, metrics: dict) -> None:
+            self.progress.put_nowait({"type": "epoch", "trajectory_id": trajectory_id, "epoch": epoch,
                                       "total": total, "metrics": metrics, "pid": pid})
 
-        return run_trajectory(task, self.data, device=self.device, on_epoch=on_epoch)
+        return run_trajectories(tasks, self.data, device=self.device, on_epoch=on_epoch)
 
 
 def connect(address: str | None) -> bool:
@@ -118,17 +120,18 @@ class _Pool:
         retries: list[TrajectoryTask] = []
         attempts: dict[str, int] = {}
         idle = [self._new_worker() for _ in range(self.n_workers)]
-        running: dict = {}  # ObjectRef -> (worker, task)
+        running: dict = {}  # ObjectRef -> (worker, pack of tasks)
         results: list[TrajectoryResult] = []
         try:
             while not work.empty or retries or running:
                 while idle:
-                    task = retries.pop() if retries else work.take()
-                    if task is None:
+                    pack = take_pack(work, self.spec.pack, retries)
+                    if not pack:
                         break
-                    attempts[task.trajectory_id] = attempts.get(task.trajectory_id, 0) + 1
+                    for task in pack:
+                        attempts[task.trajectory_id] = attempts.get(task.trajectory_id, 0) + 1
                     worker = idle.pop()
-                    running[worker.run.remote(task)] = (worker, task)
+                    running[worker.run.remote(pack)] = (worker, pack)
                 if not running:  # everything left is held by other live farms
                     self.bar.waiting(work.held_elsewhere)
                     time.sleep(WAIT_S)
@@ -137,20 +140,22 @@ class _Pool:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
                 self._drain_progress()
                 for ref in ready:
-                    worker, task = running.pop(ref)
+                    worker, pack = running.pop(ref)
                     try:
-                        result = ray.get(ref)
+                        done = ray.get(ref)
                     except ray.exceptions.RayActorError as err:
-                        self._retry(task, attempts, err)
-                        retries.append(task)
+                        for task in pack:
+                            self._retry(task, attempts, err)
+                            retries.append(task)
                         ray.kill(worker, no_restart=True)
                         idle.append(self._new_worker())
                         continue
-                    work.release(task)
-                    result.attempts = attempts[task.trajectory_id]
-                    results.append(result)
-                    self.bar.finished(task.trajectory_id)
-                    self._emit({"type": "done", "trajectory_id": task.trajectory_id, "seed": task.seed})
+                    for task, result in zip(pack, done):
+                        work.release(task)
+                        result.attempts = attempts[task.trajectory_id]
+                        results.append(result)
+                        self.bar.finished(task.trajectory_id)
+                        self._emit({"type": "done", "trajectory_id": task.trajectory_id, "seed": task.seed})
                     idle.append(worker)
             self._drain_progress()
             self.bar.finished_elsewhere(work.by_others)

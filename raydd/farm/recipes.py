@@ -26,7 +26,7 @@ from torch import nn
 from ..data.datasets import ImageDataset
 from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
-from ..training import evaluate_model, train_epoch
+from ..training import NetworkStack, evaluate_model, evaluate_together, train_epoch, train_epoch_together
 from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -145,61 +145,94 @@ def _snapshot(sink: SnapshotSink, net: nn.Module, epoch: int, metrics: dict[str,
                 metrics=metrics)
 
 
-def _fit(cfg: TrainingConfig, ctx: RecipeContext, sink: SnapshotSink, *, keep: Callable[[int], bool],
-         optimizer_for: Callable[[nn.Module], torch.optim.Optimizer],
+def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSink], *, keep: Callable[[int], bool],
+         optimizer_for: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
          scheduler_for: Callable[[torch.optim.Optimizer], Any] | None = None,
-         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0) -> dict[str, float]:
-    net = _build(ctx)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    augment = _augment(cfg, ctx)
-    optimizer = optimizer_for(net)
+         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0) -> list[dict[str, float]]:
+    """Train one network per context (each from its own seed), snapshots to its own sink. Several contexts
+    are trained as one computation (a ``NetworkStack``: the farm's ``pack``), each network keeping the
+    initialisation, batch order and augmentation it has when trained alone."""
+    nets = [_build(ctx) for ctx in ctxs]
+    gens = [torch.Generator().manual_seed(ctx.seed) for ctx in ctxs]
+    ctx0 = ctxs[0]
+    augment = _augment(cfg, ctx0)
+    stack = NetworkStack(nets) if len(nets) > 1 else None
+    optimizer = optimizer_for(stack.parameters() if stack is not None else list(nets[0].parameters()))
     scheduler = scheduler_for(optimizer) if scheduler_for else None
     nan = float("nan")
-    metrics = {"train_loss": nan, "train_acc": nan, "test_loss": nan, "test_acc": nan, "lr": cfg.lr}
+    metrics = [{"train_loss": nan, "train_acc": nan, "test_loss": nan, "test_acc": nan, "lr": cfg.lr} for _ in nets]
     if keep(0):
-        _snapshot(sink, net, 0, metrics)
-    images, labels = ctx.train.images, ctx.train.labels
+        for sink, net, m in zip(sinks, nets, metrics):
+            _snapshot(sink, net, 0, m)
+    images, labels = ctx0.train.images, ctx0.train.labels
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(net, optimizer, images, labels, batch_size=cfg.batch_size, generator=gen,
-                            device=ctx.device, augment=augment, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
+        if stack is None:
+            train_stats = [train_epoch(nets[0], optimizer, images, labels, batch_size=cfg.batch_size,
+                                       generator=gens[0], device=ctx0.device, augment=augment,
+                                       cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)]
+        else:
+            train_stats = train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
+                                               generators=gens, device=ctx0.device, augment=augment,
+                                               cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
         if scheduler is not None:
             scheduler.step()
-        metrics = {"train_loss": stats.loss, "train_acc": stats.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
+        metrics = [{"train_loss": st.loss, "train_acc": st.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
+                   for st in train_stats]
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            test = evaluate_model(net, ctx.test.images, ctx.test.labels, device=ctx.device)
-            metrics.update(test_loss=test.loss, test_acc=test.acc)
+            if stack is None:
+                tests = [evaluate_model(nets[0], ctx0.test.images, ctx0.test.labels, device=ctx0.device)]
+            else:
+                tests = evaluate_together(stack, ctx0.test.images, ctx0.test.labels, device=ctx0.device)
+            for m, test in zip(metrics, tests):
+                m.update(test_loss=test.loss, test_acc=test.acc)
         if keep(epoch) or epoch == cfg.epochs:
-            _snapshot(sink, net, epoch, metrics)
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(epoch, cfg.epochs, metrics)
+            if stack is not None:
+                stack.write_back()
+            for sink, net, m in zip(sinks, nets, metrics):
+                _snapshot(sink, net, epoch, m)
+        for ctx, m in zip(ctxs, metrics):
+            if ctx.on_epoch is not None:
+                ctx.on_epoch(epoch, cfg.epochs, m)
     return metrics
 
 
-def run_expert(cfg: ExpertConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
+def _sgd(cfg: TrainingConfig) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    return lambda params: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def run_expert(cfg: ExpertConfig, ctx: RecipeContext | list[RecipeContext], sink: SnapshotSink | list[SnapshotSink]):
+    """One expert (``ctx``, ``sink``) -> its final metrics; a list of contexts and sinks -> a list of metrics
+    (the experts trained together). So do ``run_pretrain`` and ``run_observer``."""
     keep_to = cfg.epochs if cfg.keep_epochs is None else cfg.keep_epochs
-    return _fit(cfg, ctx, sink, keep=lambda e: e <= keep_to,
-                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                                          weight_decay=cfg.weight_decay))
+    return _one_or_many(ctx, sink, lambda ctxs, sinks: _fit(cfg, ctxs, sinks, keep=lambda e: e <= keep_to,
+                                                            optimizer_for=_sgd(cfg)))
 
 
-def run_pretrain(cfg: PretrainConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
+def run_pretrain(cfg: PretrainConfig, ctx, sink):
     milestones = sorted({max(1, math.floor(m * cfg.epochs)) for m in cfg.milestones})
-    return _fit(cfg, ctx, sink, keep=lambda e: e == 0,
-                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                                          weight_decay=cfg.weight_decay),
-                scheduler_for=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma),
-                cutmix_prob=cfg.cutmix_prob, cutmix_beta=cfg.cutmix_beta)
+    return _one_or_many(ctx, sink, lambda ctxs, sinks: _fit(
+        cfg, ctxs, sinks, keep=lambda e: e == 0, optimizer_for=_sgd(cfg),
+        scheduler_for=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma),
+        cutmix_prob=cfg.cutmix_prob, cutmix_beta=cfg.cutmix_beta))
 
 
-def run_observer(cfg: ObserverConfig, ctx: RecipeContext, sink: SnapshotSink) -> dict[str, float]:
-    if ctx.model.norm != "batch":
+def run_observer(cfg: ObserverConfig, ctx, sink):
+    first = ctx[0] if isinstance(ctx, list) else ctx
+    if first.model.norm != "batch":
         raise ValueError(f"observer recipe needs a BatchNorm model (EDC matches BN statistics): "
-                         f"got norm={ctx.model.norm!r}; use --norm batch")
-    return _fit(cfg, ctx, sink, keep=lambda e: False,
-                optimizer_for=lambda net: torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                                          weight_decay=cfg.weight_decay),
-                scheduler_for=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))
+                         f"got norm={first.model.norm!r}; use --norm batch")
+    return _one_or_many(ctx, sink, lambda ctxs, sinks: _fit(
+        cfg, ctxs, sinks, keep=lambda e: False, optimizer_for=_sgd(cfg),
+        scheduler_for=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)))
+
+
+def _one_or_many(ctx, sink, fit):
+    if isinstance(ctx, list):
+        if not isinstance(sink, list) or len(sink) != len(ctx) or not ctx:
+            raise ValueError("training together takes one sink per context")
+        return fit(ctx, sink)
+    return fit([ctx], [sink])[0]
 
 
 @dataclass(frozen=True)
@@ -210,6 +243,9 @@ class Recipe:
     run: Callable[[Any, RecipeContext, SnapshotSink], dict[str, float]]
     default_norm: str = "instance"
     metric_names: tuple[str, ...] = METRIC_NAMES
+    # Whether ``run`` also takes lists of contexts and sinks and trains those networks as one computation
+    # (the farm's ``pack``): the recipes built on ``_fit``.
+    trains_together: bool = False
     # Optional: resolve store-dependent config values (e.g. an SSD student's teacher="auto" -> a concrete
     # trajectory id) before the trajectory id is hashed: prepare(config, store_root, dataset) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
@@ -251,6 +287,7 @@ def recipe_for_kind(kind: str) -> str:
                      f"{', '.join(sorted({r.kind for r in RECIPES.values()}))}")
 
 
-register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert))
-register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain))
-register_recipe(Recipe("observer", "observer", ObserverConfig, run_observer, default_norm="batch"))
+register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert, trains_together=True))
+register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain, trains_together=True))
+register_recipe(Recipe("observer", "observer", ObserverConfig, run_observer, default_norm="batch",
+                       trains_together=True))

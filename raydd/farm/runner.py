@@ -21,8 +21,7 @@ from ..training import check_gpus_here, resolve_device
 from .claims import WorkQueue
 from .progress import FarmProgress, summary_table
 from .spec import FarmSpec
-from .task import FarmData, TrajectoryResult, data_fingerprint, plan_tasks, prepare_data, \
-    run_trajectory
+from .task import FarmData, TrajectoryResult, data_fingerprint, plan_tasks, prepare_data, run_trajectories
 
 ProgressEvent = dict  # {"type": "epoch"|"done"|"retry", "trajectory_id", "epoch", "total", "pid", ...}
 
@@ -102,26 +101,38 @@ def check_devices_here(spec: FarmSpec) -> None:
         check_gpus_here(spec.gpus_per_worker, "gpus_per_worker")
 
 
+def take_pack(work: WorkQueue, size: int, retries: list | None = None) -> list:
+    """Up to ``size`` claimed tasks to train together (retried ones first); empty when none is free now."""
+    pack = []
+    while len(pack) < size:
+        task = retries.pop() if retries else work.take()
+        if task is None:
+            break
+        pack.append(task)
+    return pack
+
+
 def _run_local(spec, work: WorkQueue, data: FarmData, store, bar: FarmProgress, on_event
                ) -> list[TrajectoryResult]:
     results = []
     while not work.empty:
-        task = work.take()
-        if task is None:  # the rest is held by other live farms: wait for them
+        pack = take_pack(work, spec.pack)
+        if not pack:  # the rest is held by other live farms: wait for them
             bar.waiting(work.held_elsewhere)
             time.sleep(WAIT_S)
             bar.finished_elsewhere(work.by_others)
             continue
 
-        def on_epoch(epoch, total, metrics, _tid=task.trajectory_id):
-            bar.epoch(_tid, epoch, total)
+        def on_epoch(tid, epoch, total, metrics):
+            bar.epoch(tid, epoch, total)
             if on_event:
-                on_event({"type": "epoch", "trajectory_id": _tid, "epoch": epoch, "total": total,
+                on_event({"type": "epoch", "trajectory_id": tid, "epoch": epoch, "total": total,
                           "metrics": metrics, "pid": os.getpid()})
 
-        result = run_trajectory(task, data, device=spec.device, on_epoch=on_epoch, store=store)
-        work.release(task)
-        bar.finished(task.trajectory_id)
-        results.append(result)
+        for task, result in zip(pack, run_trajectories(pack, data, device=spec.device, on_epoch=on_epoch,
+                                                       store=store)):
+            work.release(task)
+            bar.finished(task.trajectory_id)
+            results.append(result)
     bar.finished_elsewhere(work.by_others)
     return results

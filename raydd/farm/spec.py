@@ -11,7 +11,7 @@ import yaml
 from ..data.datasets import check_dataset_name
 from ..models.spec import ModelSpec
 from ..validation import check_choice, check_int, check_range
-from .recipes import get_recipe
+from .recipes import RECIPES, get_recipe
 
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("ray", "local")
@@ -41,6 +41,7 @@ class FarmSpec:
     dtype: str = "float32"
     backend: str = "ray"
     workers: int = 2
+    pack: int = 1  # trajectories each worker trains together as one computation (same trajectories)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS, else a local cluster
@@ -58,8 +59,12 @@ class FarmSpec:
             raise ValueError(f"unknown model option(s) {unknown}: accepted "
                              f"{sorted(k for k in ModelSpec.__dataclass_fields__ if k not in ('channels', 'num_classes', 'resolution'))}")
         ModelSpec(**{"norm": recipe.default_norm, **self.model})  # validates arch/norm/width values
-        for key in ("trajectories", "workers"):
+        for key in ("trajectories", "workers", "pack"):
             check_int(key, getattr(self, key))
+        if self.pack > 1 and not recipe.trains_together:
+            together = sorted(name for name, r in RECIPES.items() if r.trains_together)
+            raise ValueError(f"pack={self.pack} is invalid for recipe {self.recipe!r}: it trains one network at a "
+                             f"time (pack > 1 works with {', '.join(together)})")
         check_choice("dtype", self.dtype, STORE_DTYPES)
         check_choice("backend", self.backend, BACKENDS)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)

@@ -1,10 +1,11 @@
 """One trajectory, end to end, without Ray: data -> recipe -> store.
 
-The Ray workers call ``run_trajectory``; so do the sequential ``local`` backend,
+The Ray workers call ``run_trajectories`` (one task, or a pack trained together); so do the ``local`` backend,
 the benchmarks and the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ def plan_tasks(spec: FarmSpec, data: FarmData, fingerprint: str) -> list[Traject
     dataset = {"name": spec.dataset, "fingerprint": fingerprint, "zca": spec.zca,
                "resolution": list(data.info["resolution"]), "train_per_class": spec.train_per_class,
                "num_train": int(len(data.train_labels)), "num_classes": data.info["num_classes"]}
+    if data.info.get("image_format"):  # provenance: e.g. CIFAR-10 read from its JPEG copy
+        dataset["image_format"] = data.info["image_format"]
     config = spec.recipe_config()
     if recipe.prepare is not None:
         config = recipe.prepare(config, spec.store, dataset)
@@ -128,21 +131,43 @@ def run_trajectory(task: TrajectoryTask, data: FarmData, *, device: str = "auto"
                    on_epoch: Callable[[int, int, dict], None] | None = None,
                    store: TrajectoryStore | None = None) -> TrajectoryResult:
     """Train one trajectory and publish it atomically; nothing is published if training fails."""
-    recipe = get_recipe(task.recipe)
-    config = recipe.make_config(task.recipe_config)
-    model_spec = ModelSpec.from_dict(task.model)
+    return run_trajectories([task], data, device=device, on_epoch=(lambda tid, *a: on_epoch(*a)) if on_epoch else None,
+                            store=store)[0]
+
+
+def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str = "auto",
+                     on_epoch: Callable[[str, int, int, dict], None] | None = None,
+                     store: TrajectoryStore | None = None) -> list[TrajectoryResult]:
+    """Train several trajectories of one recipe, model and dataset as one computation (the recipe's networks
+    stacked: the farm's ``pack``) and publish each atomically; nothing is published if training fails.
+    ``on_epoch(trajectory_id, epoch, total, metrics)``."""
+    first = tasks[0]
+    if any((t.recipe, t.recipe_config, t.model, t.dataset, t.dtype) !=
+           (first.recipe, first.recipe_config, first.model, first.dataset, first.dtype) for t in tasks):
+        raise ValueError("trajectories trained together must share recipe, config, model, dataset and dtype")
+    recipe = get_recipe(first.recipe)
+    if len(tasks) > 1 and not recipe.trains_together:
+        raise ValueError(f"recipe {first.recipe!r} trains one network at a time: pack=1")
+    config = recipe.make_config(first.recipe_config)
+    model_spec = ModelSpec.from_dict(first.model)
     train, test = data.datasets()
     dev = resolve_device(device)
     layout_net = build_model(model_spec)
-    store = store or TrajectoryStore(task.store)
+    store = store or TrajectoryStore(first.store)
+    extra = {"device": str(dev), **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
     start = time.perf_counter()
-    writer = store.writer(
-        trajectory_id=task.trajectory_id, kind=recipe.kind, recipe=task.recipe, recipe_config=task.recipe_config,
-        seed=task.seed, model=task.model, param_layout=ParamLayout.of_parameters(layout_net).to_list(),
-        buffer_layout=ParamLayout.of_buffers(layout_net).to_list(), dtype=task.dtype, dataset=task.dataset,
-        metric_names=list(recipe.metric_names), extra={"device": str(dev)},
-    )
-    with writer:
-        ctx = RecipeContext(train, test, model_spec, task.seed, dev, on_epoch, store_root=task.store)
-        final = recipe.run(config, ctx, writer)
-    return TrajectoryResult(task.trajectory_id, task.seed, final, time.perf_counter() - start)
+    with contextlib.ExitStack() as open_writers:
+        writers, ctxs = [], []
+        for task in tasks:
+            writers.append(open_writers.enter_context(store.writer(
+                trajectory_id=task.trajectory_id, kind=recipe.kind, recipe=task.recipe,
+                recipe_config=task.recipe_config, seed=task.seed, model=task.model,
+                param_layout=ParamLayout.of_parameters(layout_net).to_list(),
+                buffer_layout=ParamLayout.of_buffers(layout_net).to_list(), dtype=task.dtype, dataset=task.dataset,
+                metric_names=list(recipe.metric_names), extra=extra,
+            )))
+            report = (lambda *a, _tid=task.trajectory_id: on_epoch(_tid, *a)) if on_epoch else None
+            ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store))
+        finals = recipe.run(config, ctxs, writers) if len(tasks) > 1 else [recipe.run(config, ctxs[0], writers[0])]
+    seconds = time.perf_counter() - start
+    return [TrajectoryResult(t.trajectory_id, t.seed, final, seconds) for t, final in zip(tasks, finals)]

@@ -176,6 +176,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
                       {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
                        "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
     out.row = _ledger_row(out, device, run.resumed_from)
+    if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
+        out.row["image_format"] = train.info.image_format
     path = default_ledger() if ledger is None else ledger
     if path:
         append_ledger(path, out.row)
@@ -217,7 +219,7 @@ def list_settings(ledger: str | Path | None = None) -> str:
         r = best.get((name, scale))
         if r is None:
             return "–"
-        copy = ", ImageFolder copy" if r.get("on") else ""
+        copy = ", ImageFolder copy" if r.get("on") else f", {r['image_format']} copy" if r.get("image_format") else ""
         return (f"{100 * r['acc_mean']:.2f} (Random {100 * r['random_mean']:.2f}; {r['iterations']}/"
                 f"{r['paper_iterations']} it, {r['device']}{copy}, {r['date'][:10]})")
 
