@@ -132,14 +132,21 @@ class NetworkStack:
     included). The convolutions run as grouped convolutions, so sums may round differently from the
     one-network kernels: equal to float tolerance, not bitwise. ``parameters()`` go to one optimizer:
     SGD with momentum and weight decay is elementwise, so each slice is updated as its own optimizer would.
+
+    A stack of one network is that network itself (its own parameters, ``train_epoch``/``evaluate_model``):
+    callers train one or several networks through the same calls, and one alone is the plain loop bit for bit.
     """
 
     def __init__(self, networks: list[nn.Module]):
         if not networks:
             raise ValueError("NetworkStack needs at least one network")
         self.networks = networks
-        self.params, self.buffers = stack_module_state(networks)
-        self._base = copy.deepcopy(networks[0]).to("meta")
+        if len(networks) == 1:
+            self.params, self.buffers = dict(networks[0].named_parameters()), dict(networks[0].named_buffers())
+            self._base = None
+        else:
+            self.params, self.buffers = stack_module_state(networks)
+            self._base = copy.deepcopy(networks[0]).to("meta")
 
     def __len__(self) -> int:
         return len(self.networks)
@@ -150,6 +157,9 @@ class NetworkStack:
     def forward(self, x: torch.Tensor, *, train: bool, shared_input: bool = False) -> torch.Tensor:
         """Logits ``[N, B, classes]`` of each network on its own batch ``x[i]`` (``[N, B, ...]``), or on the
         same batch ``x`` (``[B, ...]``) when ``shared_input``."""
+        if self.single is not None:
+            self.single.train(train)
+            return self.single(x if shared_input else x[0]).unsqueeze(0)
         self._base.train(train)
 
         def one(params, buffers, inputs):
@@ -157,9 +167,16 @@ class NetworkStack:
 
         return vmap(one, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, x)
 
+    @property
+    def single(self) -> nn.Module | None:
+        """The network of a stack of one (trained as itself), else None."""
+        return self.networks[0] if self._base is None else None
+
     @torch.no_grad()
     def write_back(self) -> list[nn.Module]:
         """Copy every slice back into its own module (parameters and buffers) and return the modules."""
+        if self.single is not None:
+            return self.networks
         for i, net in enumerate(self.networks):
             for name, tensor in net.named_parameters():
                 tensor.copy_(self.params[name][i])
@@ -177,6 +194,9 @@ def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, 
     batches it would see alone; the summed loss gives each network the gradient of its own mean loss."""
     if len(generators) != len(stack):
         raise ValueError(f"{len(generators)} generators for {len(stack)} networks: pass one per network")
+    if stack.single is not None:
+        return [train_epoch(stack.single, optimizer, images, labels, batch_size=batch_size, generator=generators[0],
+                            device=device, augment=augment, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)]
     n_nets = len(stack)
     total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
     correct = torch.zeros(n_nets, dtype=torch.long, device=device)
@@ -219,6 +239,8 @@ def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, 
 def evaluate_together(stack: NetworkStack, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
                       batch_size: int = EVAL_BATCH_SIZE) -> list[EpochStats]:
     """``evaluate_model`` for every network of ``stack``: each batch goes through all networks in one call."""
+    if stack.single is not None:
+        return [evaluate_model(stack.single, images, labels, device=device, batch_size=batch_size)]
     n_nets = len(stack)
     total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
     correct = torch.zeros(n_nets, dtype=torch.long, device=device)

@@ -125,7 +125,7 @@ def _load_digits(split: str, root, download: bool, resolution) -> tuple[np.ndarr
         idx = np.flatnonzero(labels == c)
         test_mask[rng.permutation(idx)[: round(0.2 * len(idx))]] = True
     keep = test_mask if split == "test" else ~test_mask
-    return images[keep], labels[keep], [str(d) for d in range(10)]
+    return images[keep], labels[keep], [str(d) for d in range(10)], None
 
 
 # --------------------------------------------------------------------------- MNIST family
@@ -189,7 +189,7 @@ def _load_idx_dataset(name: str, split: str, root: Path, download: bool, resolut
     images = _read_idx(where / f"{prefix}-images-idx3-ubyte.gz", files[f"{prefix}-images-idx3-ubyte.gz"])
     labels = _read_idx(where / f"{prefix}-labels-idx1-ubyte.gz", files[f"{prefix}-labels-idx1-ubyte.gz"])
     names = [str(d) for d in range(10)] if name == "mnist" else _FASHION_CLASSES
-    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64), names
+    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64), names, None
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -211,7 +211,7 @@ def _load_cifar(name: str, split: str, root: Path, download: bool, resolution):
                 f"{name}: {root / base} does not exist and {root} holds no ImageFolder copy of {name} "
                 f"({{train,test}}/<class>/ images, their .tar.gz, or {CIFAR_JPEG_FOLDERS[name]}/); pass --data-root "
                 f"to one of those or --download (needs internet)")
-        images, labels, classes = _load_imagefolder(split, tree, False, resolution)
+        images, labels, classes, _ = _load_imagefolder(split, tree, False, resolution)
         expected = CIFAR10_CLASSES if name == "cifar10" else None
         if len(classes) != (10 if name == "cifar10" else 100) or (expected and tuple(classes) != expected):
             raise ValueError(f"{name}: the ImageFolder tree {tree} has classes {classes[:12]}, not {name}'s "
@@ -297,7 +297,7 @@ def _load_imagefolder(split: str, root: Path, download: bool, resolution):
     cached = cache_dir() / "imagefolder" / f"{key}.npz"
     if cached.exists():
         with np.load(cached, allow_pickle=False) as z:
-            return z["images"].astype(np.float32) / 255.0, z["labels"], classes
+            return z["images"].astype(np.float32) / 255.0, z["labels"], classes, None
     images, labels = [], []
     for c, cls in enumerate(classes):
         for path in sorted((split_dir / cls).iterdir()):
@@ -311,13 +311,13 @@ def _load_imagefolder(split: str, root: Path, download: bool, resolution):
     tmp = cached.with_name(cached.stem + f".partial-{os.getpid()}.npz")
     np.savez(tmp, images=pixels, labels=labels_np)
     os.replace(tmp, cached)
-    return pixels.astype(np.float32) / 255.0, labels_np, classes
+    return pixels.astype(np.float32) / 255.0, labels_np, classes, None
 
 
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class _Source:
-    loader: object
+    loader: object  # (split, root, download, resolution) -> (images, labels, class names, image format or None)
     channels: int
     resolution: tuple[int, int]
     num_classes: int | None
@@ -375,7 +375,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if src.needs_root and not root_path.exists() and not download:
         raise DataNotFoundError(f"{name}: data root {root_path} does not exist; pass --data-root "
                                 f"(e.g. ../shared/datasets) or --download (needs internet)")
-    images, labels, class_names, *image_format = src.loader(split, root_path, download, resolution)
+    images, labels, class_names, image_format = src.loader(split, root_path, download, resolution)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if resolution is not None and tuple(tensor.shape[-2:]) != tuple(resolution):
         tensor = F.interpolate(tensor, size=resolution, mode="bilinear", align_corners=False)
@@ -388,7 +388,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     info = DatasetInfo(
         name=name, channels=int(tensor.shape[1]), resolution=(int(tensor.shape[2]), int(tensor.shape[3])),
         num_classes=src.num_classes or len(class_names), mean=mean, std=std,
-        class_names=tuple(class_names), flip_ok=src.flip_ok, image_format=image_format[0] if image_format else None,
+        class_names=tuple(class_names), flip_ok=src.flip_ok, image_format=image_format,
     )
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)

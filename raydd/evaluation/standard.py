@@ -21,8 +21,7 @@ from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
 from ..models.spec import fields_from_name
-from ..training import (NetworkStack, evaluate_model, evaluate_together, resolve_device, train_epoch,
-                        train_epoch_together)
+from ..training import NetworkStack, evaluate_together, resolve_device, train_epoch_together
 from ..validation import check_bool, check_int, check_range
 
 DEFAULT_LR = 0.01
@@ -166,59 +165,42 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
     together = config.together if config.together is not None else device.type == "cuda"
-    run = _train_together if together and config.num_models > 1 else _train_one_by_one
+    seeds = [config.seed + i for i in range(config.num_models)]
+    groups = [seeds] if together else [[seed] for seed in seeds]  # a group trains as one NetworkStack
     started = time.perf_counter()
-    accs, train_accs = run(images, labels, test, spec, config, lr=lr, device=device, augment=augment,
-                           decay_epoch=decay_epoch, on_model=on_model, on_epoch=on_epoch)
+    accs, train_accs = [], []
+    for group in groups:
+        group_accs, group_train = _train_group(group, images, labels, test, spec, config, lr=lr, device=device,
+                                               augment=augment, decay_epoch=decay_epoch,
+                                               on_epoch=on_epoch, first_index=len(accs))
+        for acc in group_accs:
+            if on_model is not None:
+                on_model(len(accs), acc)
+            accs.append(acc)
+        train_accs.extend(group_train)
     std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
     return EvalResult(accs, train_accs, statistics.fmean(accs), std, lr, spec.to_dict(), config.to_dict(),
-                      time.perf_counter() - started, extra={"networks_together": run is _train_together})
+                      time.perf_counter() - started, extra={"networks_together": len(groups[0]) > 1})
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _train_one_by_one(images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_model, on_epoch):
-    accs, train_accs = [], []
-    for i in range(config.num_models):
-        net, gen = fresh_network(spec, config.seed + i, device)
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        stats = None
-        for epoch in range(config.epochs):
-            if epoch == decay_epoch:
-                _set_lr(opt, lr * 0.1)
-            stats = train_epoch(net, opt, images, labels, batch_size=config.batch_size, generator=gen,
-                                device=device, augment=augment)
-            if on_epoch is not None:
-                on_epoch(i, epoch)
-        acc = evaluate_model(net, test.images, test.labels, device=device).acc
-        accs.append(acc)
-        train_accs.append(stats.acc)
-        if on_model is not None:
-            on_model(i, acc)
-    return accs, train_accs
-
-
-def _train_together(images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_model, on_epoch):
-    """The same networks, seeds and draws as ``_train_one_by_one``, as one computation (NetworkStack)."""
-    nets, gens = zip(*(fresh_network(spec, config.seed + i, device) for i in range(config.num_models)))
+def _train_group(seeds, images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_epoch,
+                 first_index):
+    """The networks of ``seeds`` (network i of the protocol: seed + i) trained together, one alone trained as
+    itself; their final test and train accuracies."""
+    nets, gens = zip(*(fresh_network(spec, seed, device) for seed in seeds))
     stack = NetworkStack(list(nets))
     opt = torch.optim.SGD(stack.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     stats = None
     for epoch in range(config.epochs):
         if epoch == decay_epoch:
-            _set_lr(opt, lr * 0.1)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.1
         stats = train_epoch_together(stack, opt, images, labels, batch_size=config.batch_size,
                                      generators=list(gens), device=device, augment=augment)
         if on_epoch is not None:
             for i in range(len(stack)):
-                on_epoch(i, epoch)
+                on_epoch(first_index + i, epoch)
     accs = [s.acc for s in evaluate_together(stack, test.images, test.labels, device=device)]
-    if on_model is not None:
-        for i, acc in enumerate(accs):
-            on_model(i, acc)
     return accs, [s.acc for s in stats]
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..data.datasets import ImageDataset
 from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
-from ..training import NetworkStack, evaluate_model, evaluate_together, train_epoch, train_epoch_together
+from ..training import NetworkStack, evaluate_together, train_epoch_together
 from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -156,8 +156,8 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
     gens = [torch.Generator().manual_seed(ctx.seed) for ctx in ctxs]
     ctx0 = ctxs[0]
     augment = _augment(cfg, ctx0)
-    stack = NetworkStack(nets) if len(nets) > 1 else None
-    optimizer = optimizer_for(stack.parameters() if stack is not None else list(nets[0].parameters()))
+    stack = NetworkStack(nets)  # one network alone is trained as itself
+    optimizer = optimizer_for(stack.parameters())
     scheduler = scheduler_for(optimizer) if scheduler_for else None
     nan = float("nan")
     metrics = [{"train_loss": nan, "train_acc": nan, "test_loss": nan, "test_acc": nan, "lr": cfg.lr} for _ in nets]
@@ -167,28 +167,19 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
     images, labels = ctx0.train.images, ctx0.train.labels
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        if stack is None:
-            train_stats = [train_epoch(nets[0], optimizer, images, labels, batch_size=cfg.batch_size,
-                                       generator=gens[0], device=ctx0.device, augment=augment,
-                                       cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)]
-        else:
-            train_stats = train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
-                                               generators=gens, device=ctx0.device, augment=augment,
-                                               cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
+        train_stats = train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
+                                           generators=gens, device=ctx0.device, augment=augment,
+                                           cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
         if scheduler is not None:
             scheduler.step()
         metrics = [{"train_loss": st.loss, "train_acc": st.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
                    for st in train_stats]
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            if stack is None:
-                tests = [evaluate_model(nets[0], ctx0.test.images, ctx0.test.labels, device=ctx0.device)]
-            else:
-                tests = evaluate_together(stack, ctx0.test.images, ctx0.test.labels, device=ctx0.device)
+            tests = evaluate_together(stack, ctx0.test.images, ctx0.test.labels, device=ctx0.device)
             for m, test in zip(metrics, tests):
                 m.update(test_loss=test.loss, test_acc=test.acc)
         if keep(epoch) or epoch == cfg.epochs:
-            if stack is not None:
-                stack.write_back()
+            stack.write_back()
             for sink, net, m in zip(sinks, nets, metrics):
                 _snapshot(sink, net, epoch, m)
         for ctx, m in zip(ctxs, metrics):

@@ -153,6 +153,8 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
     train, test = data.datasets()
     dev = resolve_device(device)
     layout_net = build_model(model_spec)
+    layouts = {"param_layout": ParamLayout.of_parameters(layout_net).to_list(),
+               "buffer_layout": ParamLayout.of_buffers(layout_net).to_list()}
     store = store or TrajectoryStore(first.store)
     extra = {"device": str(dev), **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
     start = time.perf_counter()
@@ -161,10 +163,8 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
         for task in tasks:
             writers.append(open_writers.enter_context(store.writer(
                 trajectory_id=task.trajectory_id, kind=recipe.kind, recipe=task.recipe,
-                recipe_config=task.recipe_config, seed=task.seed, model=task.model,
-                param_layout=ParamLayout.of_parameters(layout_net).to_list(),
-                buffer_layout=ParamLayout.of_buffers(layout_net).to_list(), dtype=task.dtype, dataset=task.dataset,
-                metric_names=list(recipe.metric_names), extra=extra,
+                recipe_config=task.recipe_config, seed=task.seed, model=task.model, **layouts, dtype=task.dtype,
+                dataset=task.dataset, metric_names=list(recipe.metric_names), extra=extra,
             )))
             report = (lambda *a, _tid=task.trajectory_id: on_epoch(_tid, *a)) if on_epoch else None
             ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store))
