@@ -49,22 +49,9 @@ from raydd.farm import FarmSpec, prepare_data  # noqa: E402
 from raydd.farm import recipes  # noqa: E402
 from raydd.farm.task import model_spec_for  # noqa: E402
 from raydd.models import build_model  # noqa: E402
+from proc_memory import reset_peak_kib, status_kib  # noqa: E402  (benchmarks/ is on sys.path)
 
 RECIPES = ("expert", "pretrain", "observer")
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
 
 
 class Timer:
@@ -144,8 +131,9 @@ def plain_epoch(recipe: str, cfg, net, train, test, dsa: DSA | None, timer: Time
 
 
 def raydd_epoch(recipe: str, cfg, spec: FarmSpec, data, train, test, timer: Timer) -> None:
-    recipes.train_epoch = timer.wrap("train", recipes.train_epoch)
-    recipes.evaluate_model = timer.wrap("test", recipes.evaluate_model)
+    # the recipes train one network as a NetworkStack of one: these calls are train_epoch / evaluate_model
+    recipes.train_epoch_together = timer.wrap("train", recipes.train_epoch_together)
+    recipes.evaluate_together = timer.wrap("test", recipes.evaluate_together)
 
     class Discard:
         def append(self, *args, **kwargs):
@@ -167,12 +155,12 @@ def child(args) -> None:
         net = build_model(model_spec_for(spec, data.info))
         dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy)
         dsa = DSA(dsa_cfg if train.info.flip_ok else dsa_cfg.without_flip()) if cfg.dsa else None
-        base = _reset_peak()
+        base = reset_peak_kib()
         plain_epoch(args.recipe, cfg, net, train, test, dsa, timer)
     else:
-        base = _reset_peak()
+        base = reset_peak_kib()
         raydd_epoch(args.recipe, cfg, spec, data, train, test, timer)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"train": timer.cpu["train"], "test": timer.cpu["test"],
                       "epoch_mib": (peak - base) / 1024, "peak_mib": peak / 1024}))
 

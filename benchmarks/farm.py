@@ -15,7 +15,9 @@ Not a test. Prints two tables. Run from the repository root:
     checked (what every method reads) vs unchecked vs torch.load (``--part store``: only these).
 (d) ``--part pack``: experts per hour of one worker training K experts together (``FarmSpec.pack``,
     one stacked computation) vs the same K experts one at a time, K in ``--pack-sizes``, at each
-    ``--widths``; one thread, CPU seconds, no Ray (the worker's own work: ``run_trajectories``).
+    ``--widths``; one thread, CPU seconds, no Ray (the worker's own work: ``run_trajectories``);
+    ``--device cuda``: wall seconds on the GPU, and ``--processes`` adds K concurrent worker processes
+    of one expert each (K CUDA contexts, what K fractional-GPU Ray actors are).
 """
 from __future__ import annotations
 
@@ -181,54 +183,142 @@ def print_verified_reads(epochs: int, tmp: Path) -> None:
           f"{rows[2][2] / checked[2]:.0f}x the CPU of a checked read\n")
 
 
-def pack_table(args) -> None:
-    """Experts/hour of one worker: K experts as one computation vs one at a time (CPU seconds, one thread)."""
-    from raydd.farm.task import data_fingerprint, plan_tasks, run_trajectories
+def _pack_tasks(args, width: int, k: int):
+    from raydd.farm.task import data_fingerprint, plan_tasks
+
+    root = args.data_root if args.dataset != "digits" else None
+    spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
+                    recipe_options={"epochs": args.epochs}, model={"width": width}, trajectories=k,
+                    device=args.device)
+    data = prepare_data(spec)
+    return data, plan_tasks(spec, data, data_fingerprint(data))
+
+
+def _clock(device: str):
+    """CPU seconds on CPU (one thread: the worker's own work); synchronised wall seconds on CUDA."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def pack_child(args) -> None:
+    """One of K concurrent worker processes (each its own CUDA context, like K fractional-GPU actors): warm
+    up, say ready, wait for 'go' on stdin, train expert ``--pack-index``, print when it finished."""
+    import dataclasses
+    import json
+
+    from raydd.farm.task import run_trajectories
 
     torch.set_num_threads(1)
-    root = args.data_root if args.dataset != "digits" else None
-    print(f"# packed experts: {args.dataset} ({args.train_per_class}/class), {args.epochs} epoch(s) each, one "
-          f"thread, CPU s; each expert's test-set evaluation included\n")
-    print(f"{'width':>6}{'K':>4}{'one at a time s':>17}{'together s':>12}{'experts/h alone':>17}"
-          f"{'experts/h packed':>18}{'speed-up':>10}")
+    data, tasks = _pack_tasks(args, args.widths[0], args.pack_sizes[0])
+    task = tasks[args.pack_index]
+    tmp = Path(tempfile.mkdtemp(prefix="raydd-pack-child-"))
+    try:
+        warm = dataclasses.replace(task, recipe_config={**task.recipe_config, "epochs": 1})
+        run_trajectories([warm], data, device=args.device, store=TrajectoryStore(tmp / "warm-up"))
+        print("ready", flush=True)
+        sys.stdin.readline()
+        run_trajectories([task], data, device=args.device, store=TrajectoryStore(tmp / "run"))
+        print(json.dumps({"end": time.time()}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def concurrent_processes(args, width: int, k: int) -> float:
+    """Seconds from 'go' until the last of K warmed-up worker processes has trained its one expert."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--part", "pack-child", "--dataset", args.dataset, "--data-root",
+           args.data_root, "--train-per-class", str(args.train_per_class or 0), "--epochs", str(args.epochs),
+           "--widths", str(width), "--pack-sizes", str(k), "--device", args.device]
+    children = [subprocess.Popen(cmd + ["--pack-index", str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True) for i in range(k)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a worker process failed before training (exit {child.wait()})")
+        go = time.time()
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        ends = [json.loads(child.stdout.readline())["end"] for child in children]
+        for child in children:
+            if child.wait() != 0:
+                raise RuntimeError(f"a worker process failed (exit {child.returncode})")
+        return max(ends) - go
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+
+
+def pack_table(args) -> None:
+    """Experts/hour of one worker: K experts as one computation vs one at a time (CPU seconds, one thread;
+    on CUDA wall seconds), and with --processes K concurrent single-expert worker processes."""
+    from raydd.farm.task import run_trajectories
+
+    torch.set_num_threads(1)
+    cuda = args.device.startswith("cuda")
+    unit = "wall s" if cuda else "CPU s"
+    where = torch.cuda.get_device_name(args.device) if cuda else "one thread, CPU s"
+    print(f"# packed experts: {args.dataset} ({args.train_per_class or 'all'}/class), {args.epochs} epoch(s) each, "
+          f"{where}; each expert's test-set evaluation included" + (
+              "; K processes: K warmed-up worker processes, one expert each, started together (each its own "
+              "CUDA context, like K fractional-GPU actors)" if args.processes else "") + "\n")
+    head = f"{'width':>6}{'K':>4}{f'alone {unit}':>14}{f'packed {unit}':>15}"
+    head += f"{'K procs wall s':>16}" if args.processes else ""
+    head += f"{'experts/h alone':>17}{'experts/h packed':>18}{'packed speed-up':>17}"
+    head += f"{'experts/h K procs':>19}{'procs speed-up':>16}" if args.processes else ""
+    print(head)
     for width in args.widths:
         for k in args.pack_sizes:
-            spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
-                            recipe_options={"epochs": args.epochs}, model={"width": width}, trajectories=k)
-            data = prepare_data(spec)
-            tasks = plan_tasks(spec, data, data_fingerprint(data))
+            data, tasks = _pack_tasks(args, width, k)
             tmp = Path(tempfile.mkdtemp(prefix="raydd-pack-"))
             try:
-                run_trajectories(tasks[:1], data, device="cpu", store=TrajectoryStore(tmp / "warm-up"))
-                c0 = time.process_time()
+                run_trajectories(tasks[:1], data, device=args.device, store=TrajectoryStore(tmp / "warm-up"))
+                c0 = _clock(args.device)
                 for task in tasks:
-                    run_trajectories([task], data, device="cpu", store=TrajectoryStore(tmp / "alone"))
-                alone = time.process_time() - c0
-                c0 = time.process_time()
-                run_trajectories(tasks, data, device="cpu", store=TrajectoryStore(tmp / "packed"))
-                packed = time.process_time() - c0
+                    run_trajectories([task], data, device=args.device, store=TrajectoryStore(tmp / "alone"))
+                alone = _clock(args.device) - c0
+                c0 = _clock(args.device)
+                run_trajectories(tasks, data, device=args.device, store=TrajectoryStore(tmp / "packed"))
+                packed = _clock(args.device) - c0
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            print(f"{width:>6}{k:>4}{alone:>17.1f}{packed:>12.1f}{3600 * k / alone:>17.0f}{3600 * k / packed:>18.0f}"
-                  f"{alone / packed:>9.2f}x", flush=True)
+            procs = concurrent_processes(args, width, k) if args.processes else None
+            line = f"{width:>6}{k:>4}{alone:>14.1f}{packed:>15.1f}"
+            line += f"{procs:>16.1f}" if procs is not None else ""
+            line += f"{3600 * k / alone:>17.0f}{3600 * k / packed:>18.0f}{alone / packed:>16.2f}x"
+            line += f"{3600 * k / procs:>19.0f}{alone / procs:>15.2f}x" if procs is not None else ""
+            print(line, flush=True)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--data-root", default=os.environ.get("RAYDD_DATA", "../shared/datasets"))
-    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--train-per-class", type=int, default=300, help="images per class (0: the whole split)")
     p.add_argument("--trajectories", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--store-epochs", type=int, default=50, help="snapshots for the store-size table (MTT: 50)")
-    p.add_argument("--part", choices=("all", "farm", "store", "pack"), default="all",
+    p.add_argument("--part", choices=("all", "farm", "store", "pack", "pack-child"), default="all",
                    help="store: only the store tables (no farming; seconds); pack: only the packed-experts table")
     p.add_argument("--pack-sizes", dest="pack_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--widths", type=int, nargs="+", default=[32, 128], help="--part pack: network widths")
+    p.add_argument("--device", default="cpu", help="--part pack: cpu (CPU seconds, one thread) or cuda (wall s)")
+    p.add_argument("--processes", action="store_true",
+                   help="--part pack: also K concurrent worker processes of one expert each")
+    p.add_argument("--pack-index", dest="pack_index", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.train_per_class == 0:
+        args.train_per_class = None  # the whole training split
     if args.part == "pack":
         return pack_table(args)
+    if args.part == "pack-child":
+        return pack_child(args)
     if args.part == "store":
         tmp = Path(tempfile.mkdtemp(prefix="raydd-bench-"))
         try:

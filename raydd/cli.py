@@ -46,6 +46,8 @@ def _farm_parser(sub) -> None:
     p.add_argument("--trajectories", "-n", type=int, help="how many trajectories (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--dtype", help="stored parameter dtype: float32, float16, bfloat16")
+    p.add_argument("--precision", help="forward/loss arithmetic: fp32 (default) or bf16 (autocast; parameters, "
+                   "optimizer state and snapshots stay float32; a bf16 trajectory has its own id)")
     p.add_argument("--backend", help="ray (default) or local (sequential, no Ray)")
     p.add_argument("--workers", type=int, help="number of worker actors")
     p.add_argument("--pack", type=int, help="trajectories each worker trains together as one computation "
@@ -93,8 +95,8 @@ def farm_spec_from_args(args):
 
     base = FarmSpec.from_yaml(args.spec).to_dict() if args.spec else FarmSpec().to_dict()
     for key in ("store", "dataset", "data_root", "download", "resolution", "zca", "train_per_class", "recipe",
-                "trajectories", "seed", "dtype", "backend", "workers", "cpus_per_worker", "gpus_per_worker",
-                "address", "device", "tensorboard"):
+                "trajectories", "seed", "dtype", "precision", "backend", "workers", "cpus_per_worker",
+                "gpus_per_worker", "address", "device", "tensorboard"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value

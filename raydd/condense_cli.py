@@ -62,7 +62,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="standard protocol: one random DSA op per batch (single, the default) or every op (all)")
     p.add_argument("--networks-together", dest="networks_together", choices=("auto", "yes", "no"),
                    help="standard protocol: train the networks as one vmapped computation (same results); "
-                        "auto (default): on CUDA only, where it pays")
+                        "auto (default): on CUDA at IPC 1 only, where it was measured to pay")
+    p.add_argument(f"--{prefix}precision", dest="eval_precision",
+                   help="forward/loss arithmetic of the evaluation networks: fp32 (default) or bf16 (autocast)")
     p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
     p.add_argument("--teachers", action="store_true", default=None,
                    help="edc protocol: relabel every augmented batch with the method's observers (condense only)")
@@ -86,7 +88,7 @@ def eval_config_from_args(args, dataset: str):
             model["depth"] = args.eval_depth
     flags = {"model": model, "num_models": args.num_models, "epochs": args.eval_epochs, "lr": args.eval_lr,
              "batch_size": args.eval_batch_size, "zeta": args.zeta, "teachers": args.teachers,
-             "device": args.device, "seed": args.seed}
+             "device": args.device, "seed": args.seed, "precision": getattr(args, "eval_precision", None)}
     if args.eval_dsa_mode is not None:
         flags["dsa_single_per_call"] = args.eval_dsa_mode == "single"
     if args.networks_together in ("yes", "no"):

@@ -1,6 +1,7 @@
 """Plain-torch training helpers shared by the farm recipes and the evaluation protocols."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
+from .validation import check_choice
+
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -19,6 +22,26 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 class EpochStats:
     loss: float
     acc: float
+
+
+# Arithmetic of the forward passes and losses (``precision=`` of the training functions, FarmSpec, EvalConfig):
+# fp32 runs as plain float32, no autocast context entered; bf16 runs them under torch.autocast(bfloat16).
+# Either way parameters, gradients, optimizer state and stored snapshots are float32.
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(where: str, value) -> str:
+    """``value`` is one of PRECISIONS (one-line error naming ``where`` otherwise); returns it."""
+    return check_choice(where, value, PRECISIONS)
+
+
+def autocast(precision: str, device: torch.device):
+    """The context forward passes and losses run in: none at all for fp32 (bit-identical to no context),
+    ``torch.autocast(device.type, bfloat16)`` for bf16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    check_precision("precision", precision)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True):
@@ -53,10 +76,12 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Gener
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 *, batch_size: int, generator: torch.Generator, device: torch.device,
-                augment: Augment | None = None, cutmix_prob: float = 0.0, cutmix_beta: float = 1.0
-                ) -> EpochStats:
-    """One pass over (images, labels) with cross-entropy; hard or soft (probability) labels."""
+                augment: Augment | None = None, cutmix_prob: float = 0.0, cutmix_beta: float = 1.0,
+                precision: str = "fp32") -> EpochStats:
+    """One pass over (images, labels) with cross-entropy; hard or soft (probability) labels. ``precision``:
+    the arithmetic of the forward pass and loss (PRECISIONS); augmentation, backward and step are outside it."""
     model.train()
+    mixed = autocast(precision, device)
     # Running sums stay on the device: one host synchronisation per epoch, not two per batch.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -66,13 +91,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
         y = labels[idx].to(device, non_blocking=True)
         if augment is not None:
             x = augment(x, generator)
+        mix = None
         if cutmix_prob > 0 and float(torch.rand(1, generator=generator)) < cutmix_prob:
             x, ya, yb, lam = cutmix(x, y, cutmix_beta, generator)
+            mix = (ya, yb, lam)
+        with mixed:
             out = model(x)
-            loss = lam * F.cross_entropy(out, ya) + (1 - lam) * F.cross_entropy(out, yb)
-        else:
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            if mix is not None:
+                ya, yb, lam = mix
+                loss = lam * F.cross_entropy(out, ya) + (1 - lam) * F.cross_entropy(out, yb)
+            else:
+                loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,8 +119,9 @@ EVAL_BATCH_SIZE = 128
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                   batch_size: int = EVAL_BATCH_SIZE) -> EpochStats:
+                   batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32") -> EpochStats:
     """Loss and accuracy on a labelled set (model in eval mode); one host synchronisation at the end."""
+    mixed = autocast(precision, device)
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -99,8 +129,9 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        out = model(x)
-        total_loss += F.cross_entropy(out, y, reduction="sum")
+        with mixed:
+            out = model(x)
+            total_loss += F.cross_entropy(out, y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     model.train(was_training)
     n = max(len(labels), 1)
@@ -154,18 +185,17 @@ class NetworkStack:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
 
-    def forward(self, x: torch.Tensor, *, train: bool, shared_input: bool = False) -> torch.Tensor:
-        """Logits ``[N, B, classes]`` of each network on its own batch ``x[i]`` (``[N, B, ...]``), or on the
-        same batch ``x`` (``[B, ...]``) when ``shared_input``."""
+    def forward(self, x: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Logits ``[N, B, classes]`` of each network on its own batch ``x[i]`` (``[N, B, ...]``)."""
         if self.single is not None:
             self.single.train(train)
-            return self.single(x if shared_input else x[0]).unsqueeze(0)
+            return self.single(x[0]).unsqueeze(0)
         self._base.train(train)
 
         def one(params, buffers, inputs):
             return functional_call(self._base, (params, buffers), (inputs,))
 
-        return vmap(one, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, x)
+        return vmap(one)(self.params, self.buffers, x)
 
     @property
     def single(self) -> nn.Module | None:
@@ -188,7 +218,7 @@ class NetworkStack:
 def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                          labels: torch.Tensor, *, batch_size: int, generators: list[torch.Generator],
                          device: torch.device, augment: Augment | None = None, cutmix_prob: float = 0.0,
-                         cutmix_beta: float = 1.0) -> list[EpochStats]:
+                         cutmix_beta: float = 1.0, precision: str = "fp32") -> list[EpochStats]:
     """``train_epoch`` for every network of ``stack`` at once. Network ``i`` draws its batch order, its
     augmentation and its CutMix from ``generators[i]`` in the order ``train_epoch`` would, so it sees the
     batches it would see alone; the summed loss gives each network the gradient of its own mean loss."""
@@ -196,7 +226,9 @@ def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, 
         raise ValueError(f"{len(generators)} generators for {len(stack)} networks: pass one per network")
     if stack.single is not None:
         return [train_epoch(stack.single, optimizer, images, labels, batch_size=batch_size, generator=generators[0],
-                            device=device, augment=augment, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)]
+                            device=device, augment=augment, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta,
+                            precision=precision)]
+    mixed = autocast(precision, device)
     n_nets = len(stack)
     total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
     correct = torch.zeros(n_nets, dtype=torch.long, device=device)
@@ -217,13 +249,14 @@ def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, 
             ys_b.append(y_b)
             lams.append(lam)
         x, y, y_b = torch.stack(xs), torch.stack(ys), torch.stack(ys_b)
-        out = stack.forward(x, train=True)
-        flat = out.flatten(0, 1)
-        losses = F.cross_entropy(flat, y.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
-        if any(lam != 1.0 for lam in lams):  # CutMix: lam * CE(y_a) + (1 - lam) * CE(y_b), per network
-            lam = torch.tensor(lams, dtype=losses.dtype, device=device)
-            losses_b = F.cross_entropy(flat, y_b.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
-            losses = lam * losses + (1 - lam) * losses_b
+        with mixed:
+            out = stack.forward(x, train=True)
+            flat = out.flatten(0, 1)
+            losses = F.cross_entropy(flat, y.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
+            if any(lam != 1.0 for lam in lams):  # CutMix: lam * CE(y_a) + (1 - lam) * CE(y_b), per network
+                lam = torch.tensor(lams, dtype=losses.dtype, device=device)
+                losses_b = F.cross_entropy(flat, y_b.flatten(0, 1), reduction="none").view(n_nets, -1).mean(1)
+                losses = lam * losses + (1 - lam) * losses_b
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
@@ -235,20 +268,10 @@ def train_epoch_together(stack: NetworkStack, optimizer: torch.optim.Optimizer, 
     return [EpochStats(l_, a) for l_, a in zip(loss, acc)]
 
 
-@torch.no_grad()
 def evaluate_together(stack: NetworkStack, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                      batch_size: int = EVAL_BATCH_SIZE) -> list[EpochStats]:
-    """``evaluate_model`` for every network of ``stack``: each batch goes through all networks in one call."""
-    if stack.single is not None:
-        return [evaluate_model(stack.single, images, labels, device=device, batch_size=batch_size)]
-    n_nets = len(stack)
-    total_loss = torch.zeros(n_nets, dtype=torch.float64, device=device)
-    correct = torch.zeros(n_nets, dtype=torch.long, device=device)
-    for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        y = labels[start:start + batch_size].to(device, non_blocking=True)
-        out = stack.forward(x, train=False, shared_input=True)
-        total_loss += F.cross_entropy(out.flatten(0, 1), y.repeat(n_nets), reduction="none").view(n_nets, -1).sum(1)
-        correct += (out.argmax(2) == y).sum(1)
-    n = max(len(labels), 1)
-    return [EpochStats(l_, c / n) for l_, c in zip((total_loss / n).tolist(), correct.tolist())]
+                      batch_size: int = EVAL_BATCH_SIZE, precision: str = "fp32") -> list[EpochStats]:
+    """``evaluate_model`` for every network of ``stack``, one network after another (each slice written back
+    into its own module first): the test pass has no backward to share, and a vmapped forward runs grouped
+    convolutions, slower than separate ones on CPU and on an H200 (benchmarks/eval_together.py)."""
+    return [evaluate_model(net, images, labels, device=device, batch_size=batch_size, precision=precision)
+            for net in stack.write_back()]

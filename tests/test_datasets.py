@@ -118,3 +118,36 @@ def test_cifar10_from_an_imagefolder_copy_records_jpeg(tmp_path, monkeypatch):
         load_dataset("cifar10", "train", tree)
     with pytest.raises(DataNotFoundError, match="holds no ImageFolder copy of cifar10"):
         load_dataset("cifar10", "train", tmp_path / "cache")
+
+
+def test_an_archive_is_extracted_once_and_a_winner_s_tree_is_never_removed(tmp_path, monkeypatch):
+    """Several processes may extract the same .tar.gz at once: each extracts beside the target and renames
+    it into place already marked complete; one that loses the rename discards its own copy and leaves the
+    winner's tree (which readers use) untouched; a tree left incomplete by a crash is replaced."""
+    from raydd.data import datasets as ds
+
+    monkeypatch.setenv("RAYDD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "a" / "x.txt").write_text("1")
+    archive = tmp_path / "copy.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src", arcname="wrap")
+    tree = ds._extract(archive)
+    target = tree.parent
+    assert (target / ".complete").exists() and (tree / "train" / "a" / "x.txt").read_text() == "1"
+    winner = (tree / "train" / "a" / "x.txt").stat().st_ino
+    assert ds._extract(archive) == tree and (tree / "train" / "a" / "x.txt").stat().st_ino == winner  # reused
+
+    (target / ".complete").unlink()  # a crash left it unmarked: extracted again and replaced
+    assert ds._extract(archive) == tree and (target / ".complete").exists()
+    winner = (tree / "train" / "a" / "x.txt").stat().st_ino
+
+    def lost_the_race(src, dst):
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(ds.os, "replace", lost_the_race)
+    checks = iter([False])  # the tree is seen incomplete when first checked, complete by the rename
+    real_exists = ds.Path.exists
+    monkeypatch.setattr(ds.Path, "exists", lambda p: (next(checks, True) if p.name == ".complete" else real_exists(p)))
+    assert ds._extract(archive) == tree and (tree / "train" / "a" / "x.txt").stat().st_ino == winner
+    assert not list(target.parent.glob("*.partial-*"))  # the loser's copy is gone, the winner's tree stays

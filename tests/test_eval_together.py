@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raydd.data.augment import make_dsa
-from raydd.evaluation.standard import EvalConfig, fresh_network, train_and_test
+from raydd.evaluation.standard import EvalConfig, fresh_network, networks_together, train_and_test
 from raydd.training import NetworkStack, evaluate_model, evaluate_together, train_epoch, train_epoch_together
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -77,11 +77,14 @@ def test_one_epoch_together_equals_one_by_one_to_float_tolerance(digits, model):
     assert len(stats) == 2
 
 
-def test_together_auto_is_cuda_only_and_bad_values_are_one_line(digits):
+def test_together_auto_is_cuda_at_ipc1_only_and_bad_values_are_one_line(digits):
     train, test = digits
     subset = train.per_class(2, seed=0)
     auto = _run(subset, test)
     assert auto.extra["networks_together"] is False  # CPU: one by one unless asked
+    cuda = torch.device("cuda")  # the rule only (no GPU needed): together on CUDA at IPC 1, else one by one
+    assert networks_together(EvalConfig(), cuda, 10, 10) and not networks_together(EvalConfig(), cuda, 20, 10)
+    assert not networks_together(EvalConfig(), CPU, 10, 10) and networks_together(EvalConfig(together=True), CPU, 500, 10)
     with pytest.raises(ValueError, match="EvalConfig.together='yes' is invalid"):
         EvalConfig(together="yes")
     with pytest.raises(ValueError, match="2 generators for 3 networks"):

@@ -27,6 +27,10 @@ def test_every_reported_number_is_a_setting_with_its_protocol():
     for setting in settings.values():  # every setting plans and has a valid evaluation at every scale
         for scale in SCALES.values():
             setting.plan(scale)
+    capped, jobs = mtt.plan(SCALES["paper"].capped(trajectories=8, epochs=30))  # the paper's protocol, 8 of 100
+    assert [(c, e) for _, c, e in jobs] == [(8, 30)] and capped.syn_steps == 50 and capped.max_start_epoch == 2
+    assert SCALES["paper"].capped(trajectories=8).departures() == "trajectories 8"
+    assert SCALES["cpu"].capped(trajectories=2).trajectories == 2 and SCALES["cpu"].capped(trajectories=9).trajectories == 4
     table = list_settings(ledger="")
     assert f"{len(settings)} published settings" in table and "| mtt_cifar10_ipc1 | 46.3 (MTT Table 1) | 5000 |" in table
 
@@ -47,6 +51,21 @@ def test_two_settings_end_to_end_on_digits(tmp_path):
     assert rows[1]["acc_mean"] == dm.result.mean and rows[1]["paper_acc"] == 83.5 and rows[1]["device"] == "cpu"
     assert "| mtt | 2 / 5000 |" in mtt.table() and "Random (same evaluation)" in mtt.table()
     assert "| mtt_cifar10_ipc1 | 46.3 (MTT Table 1) | 5000 | – | – |" in list_settings(ledger)  # smoke rows apart
+
+
+def test_capped_and_packed_farm_is_reported(tmp_path):
+    """--trajectories caps the paper's count (a departure in the table and the ledger), --pack trains the
+    experts together, and a paper-scale row with a cap says so in --list."""
+    ledger = tmp_path / "ledger.jsonl"
+    out = reproduce("mtt_cifar10_ipc1", scale="tiny", on="digits", store=str(tmp_path / "store"),
+                    workdir=str(tmp_path / "work"), ledger=ledger, device="cpu", progress=False,
+                    trajectories=1, trajectory_epochs=5, pack=2)
+    assert out.trajectories[0]["count"] == 1 and out.trajectories[0]["epochs"] == 5
+    assert (tmp_path / "work" / "mtt_cifar10_ipc1-tiny-t1-e5-on-digits" / "synthetic.safetensors").exists()
+    assert "epochs 5" in out.row["departures"] and "expert 1 x 5 epochs" in out.table()
+    row = {**out.row, "on": None, "scale": "paper", "departures": "trajectories 8"}
+    ledger.write_text(__import__("json").dumps(row) + "\n")
+    assert "; 2/5000 it, cpu, trajectories 8, " in list_settings(ledger)
 
 
 def test_a_budget_stop_resumes_to_the_uninterrupted_result(tmp_path):
@@ -75,6 +94,8 @@ def test_budgets(text, seconds):
     ({"scale": "huge"}, "scale 'huge' is invalid: accepted paper, cpu, tiny"),
     ({"budget": "8x"}, "budget '8x' is invalid: expected a positive duration such as 90s, 8m or 1.5h"),
     ({"backend": "dask"}, "backend 'dask' is invalid: accepted local, ray"),
+    ({"trajectories": 0}, "trajectories cap 0 is invalid: expected a positive integer"),
+    ({"pack": 0}, "pack 0 is invalid: expected a positive integer"),
 ])
 def test_bad_input_before_any_work(tmp_path, kwargs, message):
     args = {"name": "dm_fashion_mnist_ipc1", "workdir": str(tmp_path / "w"), "ledger": "", "progress": False,

@@ -261,17 +261,25 @@ def _imagefolder_tree(root: Path) -> Path:
 def _extract(archive: Path) -> Path:
     digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime_ns}".encode())
     target = cache_dir() / "extracted" / digest.hexdigest()[:16]
-    done = target / ".complete"
-    if not done.exists():
+    if not (target / ".complete").exists():
+        # extracted beside the target and marked complete there, then renamed into place: a reader never
+        # sees a half-extracted tree, and a process that loses the race keeps the winner's tree untouched
+        import shutil
+
         tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-        if target.exists():
-            import shutil
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        done.touch()
+        (tmp / ".complete").touch()
+        if target.exists() and not (target / ".complete").exists():
+            shutil.rmtree(target)  # left by a crashed extraction of an older raydd
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / ".complete").exists():
+                raise
+            shutil.rmtree(tmp)  # another process extracted it first
     # descend through single-folder wrappers (e.g. CIFAR-10-images/)
     tree = target
     while not any((tree / s).is_dir() for s in SPLITS):

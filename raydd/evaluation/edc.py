@@ -35,7 +35,7 @@ from ..data.augment import apply_affine, make_dsa, random_resized_crop_params
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ModelSpec
 from ..models.ema import ModelEMA
-from ..training import evaluate_model, minibatches, resolve_device
+from ..training import autocast, check_precision, evaluate_model, minibatches, resolve_device
 from ..validation import check_bool, check_choice, check_int, check_range
 from .standard import EvalResult, check_eval_model, eval_model_spec, fresh_network
 
@@ -98,6 +98,7 @@ class EDCEvalConfig:
     teachers: bool = False  # relabel every augmented batch with the method's teacher models (EDC: its observers)
     device: str = "auto"
     seed: int = 0
+    precision: str = "fp32"  # forward/loss arithmetic (raydd.training.PRECISIONS): fp32, or bf16 autocast
 
     def __post_init__(self) -> None:
         owner = "EDCEvalConfig"
@@ -117,6 +118,7 @@ class EDCEvalConfig:
         check_choice(f"{owner}.loss", self.loss, LOSSES)
         check_choice(f"{owner}.augment", self.augment, AUGMENTS)
         check_bool(f"{owner}.teachers", self.teachers, "relabel with the method's teacher models")
+        check_precision(f"{owner}.precision", self.precision)
         milestones = tuple(self.milestones) if isinstance(self.milestones, (list, tuple)) else None
         if not milestones:
             raise ValueError(f"{owner}.milestones={self.milestones!r} is invalid: expected fractions in (0, 1]")
@@ -212,6 +214,7 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
     if teachers is not None:
         teachers = [m.to(device).eval() for m in teachers]
     augment = _augmenter(config, info)
+    mixed = autocast(config.precision, device)
     started = time.perf_counter()
     accs, raw_accs, train_accs = [], [], []
     for m in range(config.num_models):
@@ -228,19 +231,20 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                 x = images[idx].to(device)
                 if augment is not None:
                     x = augment(x, gen)
-                if teachers is not None:
-                    with torch.no_grad():
-                        teacher = torch.stack([tm(x) for tm in teachers]).mean(0)
-                elif source == "probs":
-                    teacher = targets[idx.to(device)].clamp_min(1e-30).log()
-                else:
-                    teacher = targets[idx.to(device)]
-                out = net(x)
                 y = hard[idx].to(device)
-                if config.loss == "kl":
-                    loss = _kl_at_temperature(out, teacher, config.temperature)
-                else:
-                    loss = F.mse_loss(out, teacher) + config.ce_weight * F.cross_entropy(out, y)
+                with mixed:
+                    if teachers is not None:
+                        with torch.no_grad():
+                            teacher = torch.stack([tm(x) for tm in teachers]).mean(0)
+                    elif source == "probs":
+                        teacher = targets[idx.to(device)].clamp_min(1e-30).log()
+                    else:
+                        teacher = targets[idx.to(device)]
+                    out = net(x)
+                    if config.loss == "kl":
+                        loss = _kl_at_temperature(out, teacher, config.temperature)
+                    else:
+                        loss = F.mse_loss(out, teacher) + config.ce_weight * F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -249,8 +253,8 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                 seen += len(idx)
             if on_epoch is not None:
                 on_epoch(m, epoch)
-        acc = evaluate_model(ema.model(net), test.images, test.labels, device=device).acc
-        raw_accs.append(evaluate_model(net, test.images, test.labels, device=device).acc)
+        acc = evaluate_model(ema.model(net), test.images, test.labels, device=device, precision=config.precision).acc
+        raw_accs.append(evaluate_model(net, test.images, test.labels, device=device, precision=config.precision).acc)
         accs.append(acc)
         train_accs.append(correct / max(seen, 1))
         if on_model is not None:

@@ -21,7 +21,7 @@ from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
 from ..models.spec import fields_from_name
-from ..training import NetworkStack, evaluate_together, resolve_device, train_epoch_together
+from ..training import NetworkStack, check_precision, evaluate_together, resolve_device, train_epoch_together
 from ..validation import check_bool, check_int, check_range
 
 DEFAULT_LR = 0.01
@@ -47,9 +47,14 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     # Train the num_models networks as one vmapped computation (same seeds, batch orders, augmentation
-    # draws and results, to float tolerance, as one by one). None: on CUDA only — on CPU the grouped
-    # convolutions underneath cost more than the separate ones (benchmarks/eval_together.py).
+    # draws and results, to float tolerance, as one by one). None: on CUDA for sets of at most one image
+    # per class only — where it was measured to pay (H200: 1.75x at Fashion-MNIST IPC 1, 0.83-0.93x at
+    # IPC 10/50; CPU: slower beyond digits IPC 1, the grouped convolutions underneath cost more than
+    # separate ones; benchmarks/eval_together.py).
     together: bool | None = None
+    # Forward/loss arithmetic of the networks' training and test (raydd.training.PRECISIONS): fp32, or bf16
+    # autocast (parameters and optimizer state stay float32).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_eval_model("EvalConfig", self.model)
@@ -65,7 +70,8 @@ class EvalConfig:
         check_int("EvalConfig.seed", self.seed, low=0)
         if self.together is not None:
             check_bool("EvalConfig.together", self.together, "True: networks trained as one computation, "
-                       "False: one by one; or null: together on CUDA only")
+                       "False: one by one; or null: together on CUDA at IPC 1 only")
+        check_precision("EvalConfig.precision", self.precision)
 
     @classmethod
     def defaults(cls, dataset: str, **overrides: Any) -> "EvalConfig":
@@ -164,7 +170,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
         dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call)
     augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
-    together = config.together if config.together is not None else device.type == "cuda"
+    together = networks_together(config, device, len(labels), info.num_classes)
     seeds = [config.seed + i for i in range(config.num_models)]
     groups = [seeds] if together else [[seed] for seed in seeds]  # a group trains as one NetworkStack
     started = time.perf_counter()
@@ -183,6 +189,14 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
                       time.perf_counter() - started, extra={"networks_together": len(groups[0]) > 1})
 
 
+def networks_together(config: EvalConfig, device: torch.device, n_images: int, num_classes: int) -> bool:
+    """Whether the protocol trains its networks together: ``config.together``, or where unset (None) on CUDA
+    for a set of at most one image per class — the case measured to pay (see ``EvalConfig.together``)."""
+    if config.together is not None:
+        return config.together
+    return device.type == "cuda" and n_images <= num_classes
+
+
 def _train_group(seeds, images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_epoch,
                  first_index):
     """The networks of ``seeds`` (network i of the protocol: seed + i) trained together, one alone trained as
@@ -196,11 +210,13 @@ def _train_group(seeds, images, labels, test, spec, config, *, lr, device, augme
             for group in opt.param_groups:
                 group["lr"] = lr * 0.1
         stats = train_epoch_together(stack, opt, images, labels, batch_size=config.batch_size,
-                                     generators=list(gens), device=device, augment=augment)
+                                     generators=list(gens), device=device, augment=augment,
+                                     precision=config.precision)
         if on_epoch is not None:
             for i in range(len(stack)):
                 on_epoch(first_index + i, epoch)
-    accs = [s.acc for s in evaluate_together(stack, test.images, test.labels, device=device)]
+    accs = [s.acc for s in evaluate_together(stack, test.images, test.labels, device=device,
+                                             precision=config.precision)]
     return accs, [s.acc for s in stats]
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..data.datasets import ImageDataset
 from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
-from ..training import NetworkStack, evaluate_together, train_epoch_together
+from ..training import PRECISIONS, NetworkStack, evaluate_together, train_epoch_together
 from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -48,6 +48,7 @@ class RecipeContext:
     device: torch.device = torch.device("cpu")
     on_epoch: Callable[[int, int, dict], None] | None = None
     store_root: str | None = None  # the farm's store, for recipes that read other trajectories (SSD students)
+    precision: str = "fp32"  # forward/loss arithmetic (raydd.training.PRECISIONS): FarmSpec.precision
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,15 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
                                            generators=gens, device=ctx0.device, augment=augment,
-                                           cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta)
+                                           cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta,
+                                           precision=ctx0.precision)
         if scheduler is not None:
             scheduler.step()
         metrics = [{"train_loss": st.loss, "train_acc": st.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
                    for st in train_stats]
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            tests = evaluate_together(stack, ctx0.test.images, ctx0.test.labels, device=ctx0.device)
+            tests = evaluate_together(stack, ctx0.test.images, ctx0.test.labels, device=ctx0.device,
+                                      precision=ctx0.precision)
             for m, test in zip(metrics, tests):
                 m.update(test_loss=test.loss, test_acc=test.acc)
         if keep(epoch) or epoch == cfg.epochs:
@@ -240,6 +243,9 @@ class Recipe:
     # Optional: resolve store-dependent config values (e.g. an SSD student's teacher="auto" -> a concrete
     # trajectory id) before the trajectory id is hashed: prepare(config, store_root, dataset) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
+    # The FarmSpec.precision values ``run`` honours (RecipeContext.precision): all of them for the recipes
+    # built on ``_fit``; fp32 alone for a recipe with its own loops until those take it.
+    precisions: tuple[str, ...] = ("fp32",)
 
     def make_config(self, overrides: dict[str, Any] | None = None):
         """The recipe's config with paper defaults, overridden by ``overrides`` (unknown keys are an error)."""
@@ -278,7 +284,8 @@ def recipe_for_kind(kind: str) -> str:
                      f"{', '.join(sorted({r.kind for r in RECIPES.values()}))}")
 
 
-register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert, trains_together=True))
-register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain, trains_together=True))
+register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert, trains_together=True, precisions=PRECISIONS))
+register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain, trains_together=True,
+                       precisions=PRECISIONS))
 register_recipe(Recipe("observer", "observer", ObserverConfig, run_observer, default_norm="batch",
-                       trains_together=True))
+                       trains_together=True, precisions=PRECISIONS))

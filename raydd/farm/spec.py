@@ -10,6 +10,7 @@ import yaml
 
 from ..data.datasets import check_dataset_name
 from ..models.spec import ModelSpec
+from ..training import check_precision
 from ..validation import check_choice, check_int, check_range
 from .recipes import RECIPES, get_recipe
 
@@ -39,6 +40,10 @@ class FarmSpec:
     trajectories: int = 4
     seed: int = 0
     dtype: str = "float32"
+    # Forward/loss arithmetic of the training (raydd.training.PRECISIONS): fp32, or bf16 autocast. Parameters,
+    # optimizer state and the stored snapshots stay float32 (``dtype`` is the stored one). Part of the
+    # trajectory id when not fp32, so fp32 ids are those of farms before the option existed.
+    precision: str = "fp32"
     backend: str = "ray"
     workers: int = 2
     pack: int = 1  # trajectories each worker trains together as one computation (same trajectories)
@@ -66,6 +71,10 @@ class FarmSpec:
             raise ValueError(f"pack={self.pack} is invalid for recipe {self.recipe!r}: it trains one network at a "
                              f"time (pack > 1 works with {', '.join(together)})")
         check_choice("dtype", self.dtype, STORE_DTYPES)
+        check_precision("precision", self.precision)
+        if self.precision not in recipe.precisions:
+            raise ValueError(f"precision={self.precision!r} is invalid for recipe {self.recipe!r}: it trains in "
+                             f"{', '.join(recipe.precisions)} only")
         check_choice("backend", self.backend, BACKENDS)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)
         check_range("gpus_per_worker", self.gpus_per_worker, low=0)

@@ -34,6 +34,7 @@ class TrajectoryTask:
     dataset: dict[str, Any]  # name, fingerprint, zca, resolution, train_per_class
     dtype: str
     store: str
+    precision: str = "fp32"  # forward/loss arithmetic (FarmSpec.precision)
 
 
 @dataclass
@@ -117,8 +118,10 @@ def plan_tasks(spec: FarmSpec, data: FarmData, fingerprint: str) -> list[Traject
     for seed in spec.seeds:
         payload = {"recipe": spec.recipe, "recipe_config": recipe_config, "model": model, "dataset": dataset,
                    "seed": seed, "dtype": spec.dtype}
+        if spec.precision != "fp32":  # hashed only when set: fp32 keeps the ids farmed before the option existed
+            payload["precision"] = spec.precision
         tasks.append(TrajectoryTask(trajectory_id(payload), seed, spec.recipe, recipe_config, model, dataset,
-                                    spec.dtype, spec.store))
+                                    spec.dtype, spec.store, spec.precision))
     return tasks
 
 
@@ -142,9 +145,11 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
     stacked: the farm's ``pack``) and publish each atomically; nothing is published if training fails.
     ``on_epoch(trajectory_id, epoch, total, metrics)``."""
     first = tasks[0]
-    if any((t.recipe, t.recipe_config, t.model, t.dataset, t.dtype) !=
-           (first.recipe, first.recipe_config, first.model, first.dataset, first.dtype) for t in tasks):
-        raise ValueError("trajectories trained together must share recipe, config, model, dataset and dtype")
+    if any((t.recipe, t.recipe_config, t.model, t.dataset, t.dtype, t.precision) !=
+           (first.recipe, first.recipe_config, first.model, first.dataset, first.dtype, first.precision)
+           for t in tasks):
+        raise ValueError("trajectories trained together must share recipe, config, model, dataset, dtype and "
+                         "precision")
     recipe = get_recipe(first.recipe)
     if len(tasks) > 1 and not recipe.trains_together:
         raise ValueError(f"recipe {first.recipe!r} trains one network at a time: pack=1")
@@ -156,7 +161,7 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
     layouts = {"param_layout": ParamLayout.of_parameters(layout_net).to_list(),
                "buffer_layout": ParamLayout.of_buffers(layout_net).to_list()}
     store = store or TrajectoryStore(first.store)
-    extra = {"device": str(dev), **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
+    extra = {"device": str(dev), "precision": first.precision, **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
     start = time.perf_counter()
     with contextlib.ExitStack() as open_writers:
         writers, ctxs = [], []
@@ -167,7 +172,8 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
                 dataset=task.dataset, metric_names=list(recipe.metric_names), extra=extra,
             )))
             report = (lambda *a, _tid=task.trajectory_id: on_epoch(_tid, *a)) if on_epoch else None
-            ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store))
+            ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store,
+                                      precision=task.precision))
         finals = recipe.run(config, ctxs, writers) if len(tasks) > 1 else [recipe.run(config, ctxs[0], writers[0])]
     seconds = time.perf_counter() - start
     return [TrajectoryResult(t.trajectory_id, t.seed, final, seconds) for t, final in zip(tasks, finals)]

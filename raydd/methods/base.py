@@ -227,6 +227,22 @@ class StepMeter:
         return metrics
 
 
+def embed_classes_together(where: str, value: bool | None, norm: str, device: torch.device) -> bool:
+    """Resolve a distribution-matching method's ``embed_classes_together`` knob (DM, DANCE, PTLM).
+
+    True: every class's real images in one embedder forward and every class's synthetic images in
+    another, one backward; exact only when samples are embedded independently (instance norm, no
+    norm), so True with a batch-norm embedder is refused. False: class by class. None: together on
+    CUDA only and only where exact (one class at a time keeps CPU memory low, benchmarks/embed_together.py).
+    """
+    if value is None:
+        return device.type == "cuda" and norm != "batch"
+    if value and norm == "batch":
+        raise ValueError(f"{where}=True is refused with a batch-norm embedder (batch statistics would mix the "
+                         f"classes): accepted with norm instance or none; use false or null with norm batch")
+    return bool(value)
+
+
 def check_ipc(ipc: int, train: ImageDataset) -> None:
     """IPC must be >= 1 and at most the size of the smallest class of ``train``."""
     if ipc < 1:

@@ -21,6 +21,13 @@ all listed operations applied on every call (IDC's DiffAug), also applied in the
 Where the code and the paper differ, the paper is followed: one update per loss and iteration (the code
 steps once per class) and Eq. 5's mean over all synthetic images (the code averages per class and steps
 per class, i.e. ``calib_weight = num_classes`` reproduces its gradient scale).
+
+``embed_classes_together`` (default: on CUDA only, and only with an instance-norm or norm-free expert)
+puts every class's augmented real batch through the encoder in one no-grad forward and every class's
+augmented synthetic images in one forward, then splits the features back per class: the same per-class
+terms, one backward (the calibration's and PTLM's pseudo-label forwards likewise). Each class keeps its
+own siamese draw, drawn from the generator in the per-class order. Exact up to float rounding, since
+each sample is embedded on its own; refused with batch norm, whose statistics are per class here.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from torch.nn import functional as F
 from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import ImageDataset
 from ..models import FlatModel, ModelSpec, build_model
-from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
+from .base import (CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree,
+                   embed_classes_together, register_method)
 from .inputs import StoreInputs, TrajectoryNeed
 from .synthetic import SyntheticSet
 
@@ -115,6 +123,8 @@ class PretrainedDMConfig(MethodConfig):
     pix_init: str = "real"  # 'real' (IDC tiles of real images) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     expert_kind: str = "pretrain"  # store kind of the experts (farm recipe 'pretrain')
+    # all classes in one real and one synthetic forward (instance norm / none only); None: on CUDA only
+    embed_classes_together: bool | None = None
 
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple(
         (d, i) for d in ("fashion_mnist", "cifar10", "cifar100") for i in (1, 10, 50))
@@ -241,6 +251,8 @@ class PretrainedDM(CondensationMethod):
             torch.manual_seed(seed)
             self.net = build_model(self.model_spec).to(self.device).train()
         self.flat_model = FlatModel(self.net)
+        self.embed_together = embed_classes_together(f"{type(cfg).__name__}.embed_classes_together",
+                                                     cfg.embed_classes_together, self.model_spec.norm, self.device)
         if self.flat_model.layout.numel != self.experts[0].final.numel():
             raise ValueError(f"experts store {self.experts[0].final.numel()} parameters but {self.model_spec.name} "
                              f"has {self.flat_model.layout.numel}: the store metadata and the model code disagree")
@@ -322,6 +334,9 @@ class PretrainedDM(CondensationMethod):
         cosine similarities of its features to the mean synthetic feature (PTLM Eq. 3-4). Returns
         (loss, fraction of real samples kept).
         """
+        if self.embed_together:
+            return self._feature_matching_together(flat, generator, backward=backward, select=select,
+                                                   keep_reals=keep_reals)
         total, kept, seen = 0.0, 0, 0
         for c in range(self.train.info.num_classes):
             real = self._real_batch(c, generator)
@@ -342,6 +357,35 @@ class PretrainedDM(CondensationMethod):
             total += float(loss.detach())
         return total, kept / seen
 
+    def _feature_matching_together(self, flat: torch.Tensor, generator: torch.Generator, *, backward: bool,
+                                   select=None, keep_reals: list | None = None) -> tuple[float, float]:
+        """``_feature_matching`` with every class's real batch in one forward and every class's synthetic
+        batch in another (instance norm / no norm: each sample embedded on its own), one backward."""
+        reals, syns = [], []
+        for c in range(self.train.info.num_classes):  # the per-class path's draws, in its order
+            real = self._real_batch(c, generator)
+            if keep_reals is not None:
+                keep_reals.append(real)
+            syn = self._syn_batch(c, generator)
+            seed = self._draw_seed(generator)  # class c's own siamese draw, shared by its real and synthetic
+            reals.append(self._augment(real, seed))
+            syns.append(self._augment(syn, seed))
+        with torch.no_grad():
+            z_reals = self.flat_model.embed(flat, torch.cat(reals)).split([len(r) for r in reals])
+        z_syns = self.flat_model.embed(flat, torch.cat(syns)).split([len(x) for x in syns])
+        terms, kept, seen = [], 0, 0
+        for z_real, z_syn in zip(z_reals, z_syns):
+            seen += z_real.shape[0]
+            if select is not None:
+                sim = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)
+                z_real = z_real[select(sim)]
+            kept += z_real.shape[0]
+            terms.append((z_real.mean(0) - z_syn.mean(0)).pow(2).sum())  # DANCE Eq. 4 / PTLM Eq. 6, class c
+        loss = torch.stack(terms).sum()
+        if backward:
+            loss.backward(inputs=[self.images])
+        return float(loss.detach()), kept / seen
+
     def _classification(self, flat: torch.Tensor, targets: list, generator: torch.Generator, *, backward: bool,
                         weight: float = 1.0) -> float:
         """weight · (1/|S|) Σ_j CE(f(A(x_j)), y_j) over the decoded synthetic images (Eq. 5 / PTLM Eq. 9).
@@ -352,6 +396,15 @@ class PretrainedDM(CondensationMethod):
         if not used:
             return float("nan")
         n_total = min(self.config.ipc * self.factor ** 2, self.config.batch_syn_max) * len(used)
+        if self.embed_together:  # one forward of every class's augmented synthetic batch, one backward
+            xs = [self._augment(self._syn_batch(c, generator), self._draw_seed(generator)) for c in used]
+            logps = F.log_softmax(self.flat_model(flat, torch.cat(xs)), dim=1).split([len(x) for x in xs])
+            ce_sum = sum(-logp[:, targets[c]].sum() if isinstance(targets[c], int)
+                         else -(logp * targets[c].view(1, -1)).sum() for c, logp in zip(used, logps))
+            loss = weight * ce_sum / n_total
+            if backward:
+                loss.backward(inputs=[self.images])
+            return float(loss.detach())
         total = 0.0
         for c in used:
             x = self._augment(self._syn_batch(c, generator), self._draw_seed(generator))

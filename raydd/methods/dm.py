@@ -11,8 +11,12 @@ Per iteration (paper Sec. 3.2, eq. 4; reference VICO-UoE/DatasetCondensation mai
 
 BatchNorm embedders (``norm="batch"``) embed all classes' real images in one forward and all
 synthetic images in another, as the reference does for ConvNetBN (batch statistics are then
-those of the whole multi-class batch); otherwise every class is embedded separately and its
-term is backpropagated right away (same gradients, one class's graph alive at a time).
+those of the whole multi-class batch). Instance-norm and norm-free embedders embed every class
+separately and backpropagate its term right away (same gradients, one class's graph alive at a
+time) or, with ``embed_classes_together`` (default: on CUDA only), take the BatchNorm branch's
+shape: every class's augmented real batch in one no-grad forward, every class's augmented
+synthetic images in one forward, one backward of Σ_c L_c — exact there, since each sample is
+embedded on its own; each class keeps its own siamese draw ω_c, drawn in the same order.
 
 Randomness: the embedder seed, the real batches and the augmentation seeds are all drawn from
 ``self.generator`` in a fixed order, so ``state_dict()`` resumes bit-exactly.
@@ -28,7 +32,8 @@ import torch
 from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, default_depth
 from ..models.spec import ARCHITECTURES, NORMS
-from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
+from .base import (CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree,
+                   embed_classes_together, register_method)
 from .synthetic import SyntheticSet
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"  # reference --dsa_strategy default
@@ -53,6 +58,8 @@ class DMConfig(MethodConfig):
     width: int | None = None  # None: 128 for ConvNet, 64 (stem) for ResNets
     depth: int | None = None  # ConvNet depth; None: models.default_depth (2 at 8 px, 3 up to 32 px, 4 at 64, 5 at 128)
     norm: str = "instance"  # 'instance' | 'batch' | 'none'
+    # all classes in one real and one synthetic forward (instance norm / none only); None: on CUDA only
+    embed_classes_together: bool | None = None
 
     default_iterations: ClassVar[int] = 20000
     # The paper's settings are the same for every dataset and IPC; these are the ones it reports.
@@ -84,6 +91,8 @@ class DMConfig(MethodConfig):
         if self.norm not in NORMS:
             raise ValueError(f"DMConfig.norm={self.norm!r} is invalid: accepted {', '.join(NORMS)}")
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
+        embed_classes_together("DMConfig.embed_classes_together", self.embed_classes_together, self.norm,
+                               torch.device("cpu"))
 
     def model_spec(self, info) -> ModelSpec:
         """The embedder for a dataset with DatasetInfo ``info``."""
@@ -106,6 +115,8 @@ class DM(CondensationMethod):
         with torch.random.fork_rng(devices=[]):  # fails here, before any work, if the spec does not fit
             build_model(self.model_spec)
         self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=info.flip_ok) if cfg.dsa else None
+        self.embed_together = embed_classes_together("DMConfig.embed_classes_together", cfg.embed_classes_together,
+                                                     cfg.norm, self.device)
         self.num_classes = info.num_classes
         self._class_idx = [train.class_indices(c) for c in range(self.num_classes)]
         self._real = train.images.to(self.device)  # the reference keeps the whole training set on the device
@@ -157,6 +168,14 @@ class DM(CondensationMethod):
         chunk = max(1, self.cpu_chunk_bytes // (self.model_spec.width * (height + 4) * (width + 4) * 4))
         return torch.cat([net.embed(part) for part in x.split(chunk)]).mean(0)
 
+    def _embed_rows(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample embeddings of ``x`` (no BatchNorm), chunked on CPU as ``_embed_mean``."""
+        if self.device.type != "cpu":
+            return net.embed(x)
+        height, width = x.shape[-2:]
+        chunk = max(1, self.cpu_chunk_bytes // (self.model_spec.width * (height + 4) * (width + 4) * 4))
+        return torch.cat([net.embed(part) for part in x.split(chunk)])
+
     def _distribution_loss(self, generator: torch.Generator, *, backward: bool) -> torch.Tensor:
         """Eq. 4 for one embedder and one set of class batches/augmentations drawn from ``generator``.
 
@@ -166,18 +185,20 @@ class DM(CondensationMethod):
         ipc = self.config.ipc
         net = self._embedder(generator)
         images = self.images if backward else self.images.detach()
-        if self.model_spec.norm == "batch":  # reference ConvNetBN branch: one forward per set
+        batch_norm = self.model_spec.norm == "batch"
+        if batch_norm or self.embed_together:  # reference ConvNetBN branch: one forward per set
             reals, syns = [], []
             for c in range(self.num_classes):
                 real, seed = self._draw_class_batch(c, generator)
                 reals.append(self._augment(real, seed))
                 syns.append(self._augment(images[c * ipc:(c + 1) * ipc], seed))
             sizes = [len(r) for r in reals]
-            with torch.no_grad():
-                real_feats = net.embed(torch.cat(reals)).split(sizes)
+            with torch.no_grad():  # BN: one forward (batch statistics); otherwise per sample, chunked on CPU
+                real = torch.cat(reals)
+                real_feats = (net.embed(real) if batch_norm else self._embed_rows(net, real)).split(sizes)
             real_means = torch.stack([f.mean(0) for f in real_feats])
             syn_means = net.embed(torch.cat(syns)).view(self.num_classes, ipc, -1).mean(1)
-            loss = (real_means - syn_means).pow(2).sum()
+            loss = (real_means - syn_means).pow(2).sum()  # eq. 4: Σ_c ‖mean ψ(A(x_c, ω_c)) − mean ψ(A(s_c, ω_c))‖²
             if backward:
                 loss.backward(inputs=[self.images])
             return loss.detach()

@@ -119,8 +119,11 @@ class PTLM(PretrainedDM):
 
     def _pseudo_labels(self, expert: PretrainedExpert, reals: list[torch.Tensor]) -> list[torch.Tensor | None]:
         with torch.no_grad():
-            return [pseudo_label(F.softmax(self.flat_model(expert.final, x), dim=1), c, self.config.sharpen_tau)
-                    for c, x in enumerate(reals)]
+            if self.embed_together:  # every class's real batch in one forward (instance norm / no norm)
+                probs = F.softmax(self.flat_model(expert.final, torch.cat(reals)), dim=1).split([len(x) for x in reals])
+            else:
+                probs = [F.softmax(self.flat_model(expert.final, x), dim=1) for x in reals]
+            return [pseudo_label(p, c, self.config.sharpen_tau) for c, p in enumerate(probs)]
 
     def step(self) -> dict[str, float]:
         cfg = self.config

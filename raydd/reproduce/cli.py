@@ -27,6 +27,11 @@ def add_reproduce_parser(subparsers) -> None:
                                     "checkout; '' writes none)")
     p.add_argument("--backend", default="local", help="farm backend: local (default, no Ray) or ray")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--trajectories", type=int, help="farm at most this many trajectories per recipe (e.g. 8 of the "
+                                                    "paper's 100 experts; a departure the table and ledger state)")
+    p.add_argument("--trajectory-epochs", dest="trajectory_epochs", type=int,
+                   help="farm them for at most this many epochs (never fewer than the config reads)")
+    p.add_argument("--pack", type=int, default=1, help="experts trained together per farm worker (farm --pack)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_reproduce)
@@ -42,7 +47,8 @@ def cmd_reproduce(args) -> int:
         raise ValueError("name a published setting (raydd reproduce --list shows them)")
     out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
                     workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
-                    ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet)
+                    ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet,
+                    trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack)
     print(out.table())
     if out.row and args.ledger != "":
         print(f"ledger row appended ({out.row['setting']}, scale {out.row['scale']})", file=sys.stderr)

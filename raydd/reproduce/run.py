@@ -111,8 +111,10 @@ def _load(dataset: str, split: str, data_root: str | None, train_per_class: int 
 
 
 def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, scale: ReproScale, store: str,
-          train: ImageDataset, test: ImageDataset, device: str, backend: str, progress: bool) -> list[dict]:
+          train: ImageDataset, test: ImageDataset, device: str, backend: str, pack: int,
+          progress: bool) -> list[dict]:
     from ..farm import FarmData, FarmSpec, farm
+    from ..farm.recipes import get_recipe
 
     done, data = [], FarmData.from_datasets(train, test)
     for need, count, epochs in jobs:
@@ -120,7 +122,8 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
         if scale.width is not None and fields["model"].get("arch", "convnet") == "convnet":
             fields["model"]["width"] = scale.width
         spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
-                        train_per_class=scale.train_per_class, backend=backend, device=device, **fields)
+                        train_per_class=scale.train_per_class, backend=backend, device=device,
+                        pack=pack if get_recipe(need.recipe).trains_together else 1, **fields)
         started = time.perf_counter()
         report = farm(spec, progress=progress, data=data)
         done.append({"recipe": need.recipe, "count": count, "epochs": epochs, "trained": len(report.trained),
@@ -131,10 +134,15 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
 def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_root: str | None = None,
               store: str = "raydd-store", workdir: str = "raydd-reproduce", device: str = "auto",
               budget: str | float | None = None, resume: bool = False, ledger: str | Path | None = None,
-              backend: str = "local", seed: int = 0, progress: bool = True) -> ReproResult:
+              backend: str = "local", seed: int = 0, progress: bool = True, trajectories: int | None = None,
+              trajectory_epochs: int | None = None, pack: int = 1) -> ReproResult:
     """Run the published setting ``name`` at ``scale`` (see the module doc); returns the result, after
-    appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none)."""
-    setting, sc = get_setting(name), get_scale(scale)
+    appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none).
+    ``trajectories``/``trajectory_epochs`` cap what is farmed per recipe (never below what the config
+    reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack)."""
+    setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+        raise ValueError(f"pack {pack!r} is invalid: expected a positive integer (experts trained together)")
     seconds_budget = parse_budget(budget)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")
@@ -142,7 +150,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     config, jobs = setting.plan(sc, on)  # validated before any data is loaded
     eval_settings = setting.eval_settings(sc)
     eval_config = protocol_config(dataset, eval_settings)
-    run_dir = Path(workdir) / (f"{name}-{sc.name}" + (f"-on-{on}" if on else ""))
+    caps = "".join(f"-{k}{v}" for k, v in (("t", trajectories), ("e", trajectory_epochs)) if v is not None)
+    run_dir = Path(workdir) / (f"{name}-{sc.name}{caps}" + (f"-on-{on}" if on else ""))
     checkpoint = run_dir / "method.safetensors"
     if checkpoint.exists() and not resume:
         raise ValueError(f"{checkpoint} holds an earlier run of {name}: pass --resume to continue it, or remove it")
@@ -151,7 +160,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
         f"{setting.run_iterations(sc)} of the paper's {setting.iterations} iterations")
     started = time.perf_counter()
     train, test = _load(dataset, "train", data_root, sc.train_per_class), _load(dataset, "test", data_root, None)
-    farmed = _farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, progress) if jobs else []
+    farmed = (_farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, pack, progress)
+              if jobs else [])
     farm_s = time.perf_counter() - started
     from ..store import TrajectoryStore
 
@@ -220,8 +230,9 @@ def list_settings(ledger: str | Path | None = None) -> str:
         if r is None:
             return "–"
         copy = ", ImageFolder copy" if r.get("on") else f", {r['image_format']} copy" if r.get("image_format") else ""
+        capped = f", {r['departures']}" if scale == "paper" and not r["departures"].startswith("none") else ""
         return (f"{100 * r['acc_mean']:.2f} (Random {100 * r['random_mean']:.2f}; {r['iterations']}/"
-                f"{r['paper_iterations']} it, {r['device']}{copy}, {r['date'][:10]})")
+                f"{r['paper_iterations']} it, {r['device']}{copy}{capped}, {r['date'][:10]})")
 
     settings = published_settings()
     lines = [f"{len(settings)} published settings (raydd reproduce NAME [--scale paper|cpu|tiny]):", "",

@@ -32,10 +32,20 @@ class ReproScale:
     eval_epochs: int | None = None  # cap on their epochs
 
     def departures(self) -> str:
-        if self.name == "paper":
-            return "none (the paper's protocol)"
         fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "name"]
-        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields if v is not None)
+        listed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields if v is not None)
+        return listed or "none (the paper's protocol)"
+
+    def capped(self, trajectories: int | None = None, epochs: int | None = None) -> "ReproScale":
+        """This scale with fewer (or shorter) trajectories farmed per recipe, e.g. the paper's protocol with 8
+        of its 100 experts on a machine lent for minutes; the caps are departures, listed as such."""
+        for key, value in (("trajectories", trajectories), ("epochs", epochs)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{key} cap {value!r} is invalid: expected a positive integer")
+        return dataclasses.replace(
+            self, trajectories=min(v for v in (trajectories, self.trajectories) if v is not None)
+            if trajectories is not None else self.trajectories,
+            epochs=min(v for v in (epochs, self.epochs) if v is not None) if epochs is not None else self.epochs)
 
 
 
@@ -79,17 +89,18 @@ class PublishedSetting:
                 count = min(count, scale.trajectories)
             if scale.epochs is not None:  # a recipe's default length (epochs None) is capped too
                 epochs = scale.epochs if epochs is None else min(epochs, scale.epochs)
-            farm[need.recipe] = (max(count, need.count), epochs)
-        if scale.name != "paper":
-            config = config.scaled(Scale(width=scale.width or 128, syn_steps=scale.syn_steps or 10 ** 9,
+            farm[need.recipe] = (count if scale.trajectories is not None else max(count, need.count), epochs)
+        if scale.departures() != SCALES["paper"].departures():  # the paper's protocol stays the published config
+            config = config.scaled(Scale(width=scale.width or getattr(config, "width", None) or 128,
+                                         syn_steps=scale.syn_steps or 10 ** 9,
                                          epochs={r: e for r, (_, e) in farm.items() if e is not None},
                                          counts={r: c for r, (c, _) in farm.items()}))
         jobs = []
-        for need in config.needs():
+        for need in config.needs():  # the (possibly scaled) config's needs: what it reads is farmed
             count, epochs = farm[need.recipe]
             if epochs is not None and need.epochs is not None:
                 epochs = max(epochs, need.epochs)
-            jobs.append((need, count, epochs))
+            jobs.append((need, max(count, need.count), epochs))
         return config, jobs
 
     def run_iterations(self, scale: ReproScale) -> int:
