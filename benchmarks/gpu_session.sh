@@ -13,7 +13,9 @@
 #   precision       bf16 autocast vs fp32 (precision.py)
 #   unroll_fashion, unroll_datm_cifar10   unroll memory/time against N (unroll.py)
 #   reproduce       issue 15: unverified published settings side by side through `raydd reproduce`, each
-#                   condensing for BUDGET (e.g. 60s)
+#                   condensing for BUDGET (e.g. 60s); REPRODUCE="name ..." picks them (default: DATM and
+#                   DATM-CLR CIFAR-10 IPC 1, DANCE and PTLM Fashion-MNIST IPC 10; fewer runs side by side
+#                   reach further: four shared the H200 at ~1 s per DATM iteration)
 #
 # DATA_ROOT holds FashionMNIST/raw/*.gz and cifar10-jpeg/ (the JPEG copy). No Ray needed. Every part has its
 # own time limit and writes OUT/<part>.txt; OUT/results.tgz packs them (a device call returns 8 files at
@@ -78,10 +80,13 @@ for WHAT in $PARTS; do case $WHAT in
         --ledger "$OUT/parts/ledger.jsonl" $SMOKE_ARGS "$@" > "$OUT/parts/$s.md" 2> "$OUT/parts/$s.log" &
     }
     echo "== $(date +%T) reproduce (budget $BUDGET each, side by side)"
-    run datm_cifar10_ipc1 --trajectories 4 --trajectory-epochs 6 --pack 4 "${CIFAR[@]}"
-    run datm_clr_cifar10_ipc1 --trajectories 4 --trajectory-epochs 6 --pack 4 "${CIFAR[@]}"
-    run dance_fashion_mnist_ipc10 --trajectories 5 --trajectory-epochs 5 --pack 5 "${FASHION[@]}"
-    run ptlm_fashion_mnist_ipc10 --trajectories 5 --trajectory-epochs 5 --pack 5 "${FASHION[@]}"
+    for s in ${REPRODUCE:-datm_cifar10_ipc1 datm_clr_cifar10_ipc1 dance_fashion_mnist_ipc10 ptlm_fashion_mnist_ipc10}; do
+      case $s in
+        datm*_cifar10_ipc1) run $s --trajectories 4 --trajectory-epochs 6 --pack 4 "${CIFAR[@]}" ;;
+        dance_*|ptlm_*) run $s --trajectories 5 --trajectory-epochs 5 --pack 5 "${FASHION[@]}" ;;
+        *) run $s "${FASHION[@]}" ;;
+      esac
+    done
     wait
     for f in "$OUT"/parts/*.md; do echo "== $f"; cat "$f"; grep -h "Traceback\|rror" "${f%.md}.log" | tail -3; done
     tar czf "$OUT/results.tgz" -C "$OUT/parts" . ;;
