@@ -94,8 +94,8 @@ def test_budgets(text, seconds):
     ({"scale": "huge"}, "scale 'huge' is invalid: accepted paper, cpu, tiny"),
     ({"budget": "8x"}, "budget '8x' is invalid: expected a positive duration such as 90s, 8m or 1.5h"),
     ({"backend": "dask"}, "backend 'dask' is invalid: accepted local, ray"),
-    ({"trajectories": 0}, "trajectories cap 0 is invalid: expected a positive integer"),
-    ({"pack": 0}, "pack 0 is invalid: expected a positive integer"),
+    ({"trajectories": 0}, "trajectories=0 is invalid: expected an integer >= 1 or None"),
+    ({"pack": 0}, "pack=0 is invalid: expected an integer >= 1"),
 ])
 def test_bad_input_before_any_work(tmp_path, kwargs, message):
     args = {"name": "dm_fashion_mnist_ipc1", "workdir": str(tmp_path / "w"), "ledger": "", "progress": False,

@@ -22,6 +22,7 @@ from ..condense import TimeBudget, condense
 from ..data.datasets import ImageDataset, load_dataset
 from ..evaluation import EvalResult, evaluate, protocol_config
 from ..methods import get_method, make_config
+from ..validation import check_int
 from .settings import PublishedSetting, ReproScale, get_scale, get_setting, published_settings
 
 DEFAULT_LEDGER = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reproduce_ledger.jsonl"
@@ -141,8 +142,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     ``trajectories``/``trajectory_epochs`` cap what is farmed per recipe (never below what the config
     reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack)."""
     setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
-    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
-        raise ValueError(f"pack {pack!r} is invalid: expected a positive integer (experts trained together)")
+    check_int("pack", pack)
     seconds_budget = parse_budget(budget)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")

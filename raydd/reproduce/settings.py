@@ -15,6 +15,7 @@ from typing import Any
 
 from ..methods import METHODS, Scale, get_method
 from ..methods.base import PaperProtocol
+from ..validation import check_int
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ class ReproScale:
     def capped(self, trajectories: int | None = None, epochs: int | None = None) -> "ReproScale":
         """This scale with fewer (or shorter) trajectories farmed per recipe, e.g. the paper's protocol with 8
         of its 100 experts on a machine lent for minutes; the caps are departures, listed as such."""
-        for key, value in (("trajectories", trajectories), ("epochs", epochs)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{key} cap {value!r} is invalid: expected a positive integer")
-        return dataclasses.replace(
-            self, trajectories=min(v for v in (trajectories, self.trajectories) if v is not None)
-            if trajectories is not None else self.trajectories,
-            epochs=min(v for v in (epochs, self.epochs) if v is not None) if epochs is not None else self.epochs)
+        check_int("trajectories", trajectories, none_ok=True)
+        check_int("trajectory_epochs", epochs, none_ok=True)
+
+        def cap(new: int | None, old: int | None) -> int | None:
+            return old if new is None else new if old is None else min(new, old)
+
+        return dataclasses.replace(self, trajectories=cap(trajectories, self.trajectories),
+                                   epochs=cap(epochs, self.epochs))
 
 
 
