@@ -1,4 +1,4 @@
-"""Benchmark: memory and time of one MTT (or DATM) iteration against N, unroll='full' vs unroll='checkpoint'.
+"""Benchmark: memory and time of one MTT (or DATM) iteration against N, unroll='full' vs 'checkpoint' vs 'tesla'.
 
 Not a test. Fashion-MNIST shapes (1x28x28; --dataset cifar10: 3x32x32), IPC 10, ConvNet-3 width 128
 experts (one expert of a few
@@ -6,10 +6,14 @@ epochs on a class-balanced subset: the numbers of an iteration do not depend on 
 Every (mode, N) runs in a fresh process, so each peak is its own: the peak resident memory of the
 iteration above the process's level before it (ru_maxrss), and the iteration's wall and CPU seconds.
 ``full`` keeps the N-step graph (memory linear in N); ``checkpoint`` keeps only the ⌈N/k⌉ segment starts
-and re-runs one segment of k steps at a time in the backward pass (k = 1 by default; --segment K).
+and re-runs one segment of k steps at a time in the backward pass (k = 1 by default; --segment K);
+``tesla`` keeps θ̂_0 only and replays the steps in order (TESLA's first-order gradient for N > 1).
+``--agreement N ...`` compares, for one matching problem per N (same expert, start, minibatches and
+augmentations), the gradient in S and α of ``tesla`` and ``checkpoint`` with the ``full`` one (cosine,
+relative error): how far TESLA's Eq. 6 is from the exact gradient at this setting.
 
     python benchmarks/unroll.py --data-root /work/shared/datasets --store /tmp/bench/unroll-store \\
-        --full 10 20 --checkpoint 10 20 40 80
+        --full 10 20 --checkpoint 10 20 40 80 --tesla 10 20 40 80 --agreement 1 5 10 20
     # DATM's published CIFAR-10 IPC 50 (N=80, all 500 images per step) on a GPU:
     python benchmarks/unroll.py --device cuda --method datm --dataset cifar10 --ipc 50 --per-class 500 \
         --full 10 80 --checkpoint 80 --store /tmp/bench/unroll-cifar
@@ -54,6 +58,39 @@ print(json.dumps({{"wall": wall, "cpu": cpu, "peak_mb": peak.peak_mb, "source": 
 """
 
 
+AGREE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads({threads})
+from raydd.data.datasets import load_dataset
+from raydd.methods import get_method, make_config
+from raydd.store import TrajectoryStore
+train = load_dataset({dataset!r}, "train", {data_root!r}).per_class({per_class}, seed=0)
+window = dict(current_max_start_epoch=None, init_correct=False) if {method!r} == "datm" else dict()
+grads = {{}}
+for mode in ("full", "checkpoint", "tesla", "perturbed"):
+    config = make_config({method!r}, {dataset!r}, {ipc}, syn_steps={n}, expert_epochs=2, max_start_epoch=1,
+                         batch_syn=None, unroll="full" if mode == "perturbed" else mode, model="convnet3-w{width}-in",
+                         **window)
+    method = get_method({method!r})(config, train, TrajectoryStore({store!r}), device="cpu", seed=0)
+    start, theta_start, theta_target = method.sample_segment()
+    theta = theta_start
+    if mode == "perturbed":  # full from a θ̂_0 moved by float32 rounding: how exact "exact" can be here
+        noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1))
+        theta = theta * (1 + 1e-7 * noise)
+    end = method._unroll(theta, torch.Generator().manual_seed(5), create_graph=True)
+    loss = method._matching_loss(end, theta_start, theta_target)
+    grads[mode] = [g.detach().flatten().double() for g in torch.autograd.grad(loss, method._leaves()[:2])]
+out = {{}}
+for mode in ("checkpoint", "tesla", "perturbed"):
+    for name, g, f in zip(("S", "alpha"), grads[mode], grads["full"]):
+        out[mode + "_" + name + "_cos"] = float(torch.nn.functional.cosine_similarity(g, f, dim=0))
+        out[mode + "_" + name + "_rel"] = float((g - f).norm() / f.norm())
+print(json.dumps(out))
+"""
+
+
 def farm_expert(args) -> None:
     sys.path.insert(0, str(REPO))
     from raydd.farm import FarmSpec, farm
@@ -65,8 +102,8 @@ def farm_expert(args) -> None:
                   zca=make_config(args.method, args.dataset, args.ipc).zca), progress=False)
 
 
-def run_one(args, mode: str, n: int) -> dict:
-    code = ONE.format(repo=str(REPO), threads=args.threads, data_root=args.data_root, per_class=args.per_class,
+def run_one(args, mode: str, n: int, template: str = ONE) -> dict:
+    code = template.format(repo=str(REPO), threads=args.threads, data_root=args.data_root, per_class=args.per_class,
                       ipc=args.ipc, n=n, mode=mode, width=args.width, store=args.store, segment=args.segment,
                        device=args.device, method=args.method, dataset=args.dataset)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -81,6 +118,9 @@ def main() -> None:
     p.add_argument("--store", default="/tmp/bench/unroll-store")
     p.add_argument("--full", type=int, nargs="*", default=[10, 20], help="N for unroll=full")
     p.add_argument("--checkpoint", type=int, nargs="*", default=[10, 20, 40, 80], help="N for unroll=checkpoint")
+    p.add_argument("--tesla", type=int, nargs="*", default=[10, 20, 40, 80], help="N for unroll=tesla")
+    p.add_argument("--agreement", type=int, nargs="*", default=[1, 5, 10, 20],
+                   help="N at which tesla's and checkpoint's gradients are compared with full's (CPU)")
     p.add_argument("--method", choices=("mtt", "datm"), default="mtt", help="the unrolled method (its published "
                    "config for --dataset/--ipc, with the N, window and width given here)")
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (1x28x28) or cifar10 (3x32x32)")
@@ -94,7 +134,7 @@ def main() -> None:
     args = p.parse_args()
     farm_expert(args)
     rows = []
-    for mode, ns in (("full", args.full), ("checkpoint", args.checkpoint)):
+    for mode, ns in (("full", args.full), ("checkpoint", args.checkpoint), ("tesla", args.tesla)):
         for n in ns:
             started = time.perf_counter()
             r = run_one(args, mode, n)
@@ -116,11 +156,27 @@ def main() -> None:
         ratio = f"{r[key] / full[n][key]:.2f}x" if n in full else "-"
         print(f"| {mode} | {n} | {r['peak_mb']:.0f} | {r['held_mb']:.0f} | {r['wall']:.2f} | {r['cpu']:.2f} | "
               f"{ratio} | {r['loss']:.5f} |")
-    ck = {n: r for mode, n, r in rows if mode == "checkpoint" and "error" not in r}
-    if full and ck:
-        n_full, n_ck = min(full), max(ck)
-        print(f"\ncheckpoint peak at N={n_ck}: {ck[n_ck]['peak_mb']:.0f} MiB vs full at N={n_full}: "
-              f"{full[n_full]['peak_mb']:.0f} MiB (target: <=)")
+    for name in ("checkpoint", "tesla"):
+        runs = {n: r for mode, n, r in rows if mode == name and "error" not in r}
+        if full and runs:
+            n_full, n_max = min(full), max(runs)
+            print(f"\n{name} peak at N={n_max}: {runs[n_max]['peak_mb']:.0f} MiB vs full at N={n_full}: "
+                  f"{full[n_full]['peak_mb']:.0f} MiB (target: <=)")
+    if args.agreement:
+        print(f"\n# gradient of tesla and checkpoint vs full, one matching problem per N ({args.method.upper()}, "
+              f"{args.dataset} shapes, IPC {args.ipc}, w{args.width}): cosine / relative error ‖g − g_full‖ / ‖g_full‖")
+        print("(float32 floor: full's own gradient from a θ̂_0 moved by 1e-7 relative noise, i.e. rounding)")
+        print("| N | tesla: S cos | S rel. err. | α cos (sign) | α rel. err. | checkpoint: S rel. err. | α rel. err. "
+              "| floor: S rel. change | α rel. change |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n in args.agreement:
+            r = run_one(args, "agreement", n, AGREE)
+            if "error" in r:
+                print(f"| {n} | failed: {r['error']} | | | | | | | |")
+                continue
+            print(f"| {n} | {r['tesla_S_cos']:.4f} | {r['tesla_S_rel']:.3g} | {r['tesla_alpha_cos']:+.0f} | "
+                  f"{r['tesla_alpha_rel']:.3g} | {r['checkpoint_S_rel']:.2g} | {r['checkpoint_alpha_rel']:.2g} | "
+                  f"{r['perturbed_S_rel']:.2g} | {r['perturbed_alpha_rel']:.2g} |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ def test_two_settings_end_to_end_on_digits(tmp_path):
     assert "| mtt_cifar10_ipc1 | 46.3 (MTT Table 1) | 5000 | – | – |" in list_settings(ledger)  # smoke rows apart
 
 
+def test_settings_sharing_a_store_read_their_own_teacher(tmp_path):
+    """Two SSD settings farm different teachers (the CIFAR-10 row whitens with ZCA) into one store: each run
+    pins the teacher it farmed, where SSD's teacher='auto' would find two and stop."""
+    common = dict(scale="tiny", on="digits", store=str(tmp_path / "store"), workdir=str(tmp_path / "work"),
+                  ledger="", device="cpu", progress=False, trajectory_epochs=2)
+    outs = [reproduce(name, **common) for name in ("ssd_mnist_ipc1", "ssd_cifar10_ipc1")]
+    assert all(out.finished and out.result is not None for out in outs)
+    from raydd.store import TrajectoryStore
+
+    teachers = TrajectoryStore(tmp_path / "store").list(recipe="ssd_teacher")
+    assert len(teachers) == 2
+    used = {load_synthetic(tmp_path / "work" / f"{o.setting.name}-tiny-e2-on-digits" / "synthetic.safetensors")
+            .meta.get("teacher") for o in outs}
+    assert used == {t.trajectory_id for t in teachers}
+
+
 def test_capped_and_packed_farm_is_reported(tmp_path):
     """--trajectories caps the paper's count (a departure in the table and the ledger), --pack trains the
     experts together, and a paper-scale row with a cap says so in --list."""
@@ -84,6 +100,19 @@ def test_a_budget_stop_resumes_to_the_uninterrupted_result(tmp_path):
     assert torch.equal(a.images, b.images) and resumed.result.accuracies == straight.result.accuracies
 
 
+def test_an_ablation_states_its_knobs_and_stays_out_of_the_list(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    out = reproduce("dm_fashion_mnist_ipc1", scale="tiny", on="digits", workdir=str(tmp_path / "w"), ledger=ledger,
+                    device="cpu", progress=False, overrides={"lr_img": 2.0})
+    assert "lr_img=2.0" in out.row["departures"] and out.row["overrides"] == {"lr_img": 2.0}
+    assert (tmp_path / "w" / "dm_fashion_mnist_ipc1-tiny-lr_img=2.0-on-digits" / "synthetic.safetensors").exists()
+    assert load_synthetic(tmp_path / "w" / "dm_fashion_mnist_ipc1-tiny-lr_img=2.0-on-digits" /
+                          "synthetic.safetensors").config["lr_img"] == 2.0
+    row = {**out.row, "on": None, "scale": "cpu"}  # as if run on the setting's own data
+    ledger.write_text(__import__("json").dumps(row) + "\n")
+    assert "| dm_fashion_mnist_ipc1 | 70.7 (DANCE Table 1 = PTLM Table 3 (DM)) | 20000 | – | – |" in list_settings(ledger)
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90.0), ("90s", 90.0), ("8m", 480.0), ("1.5h", 5400.0)])
 def test_budgets(text, seconds):
     assert parse_budget(text) == seconds
@@ -96,6 +125,7 @@ def test_budgets(text, seconds):
     ({"backend": "dask"}, "backend 'dask' is invalid: accepted local, ray"),
     ({"trajectories": 0}, "trajectories=0 is invalid: expected an integer >= 1 or None"),
     ({"pack": 0}, "pack=0 is invalid: expected an integer >= 1"),
+    ({"overrides": {"bogus": 1}}, "unknown DMConfig knob 'bogus': accepted "),
 ])
 def test_bad_input_before_any_work(tmp_path, kwargs, message):
     args = {"name": "dm_fashion_mnist_ipc1", "workdir": str(tmp_path / "w"), "ledger": "", "progress": False,

@@ -339,23 +339,35 @@ class PretrainedDM(CondensationMethod):
                                                    keep_reals=keep_reals)
         total, kept, seen = 0.0, 0, 0
         for c in range(self.train.info.num_classes):
-            real = self._real_batch(c, generator)
-            if keep_reals is not None:
-                keep_reals.append(real)
-            syn = self._syn_batch(c, generator)
-            seed = self._draw_seed(generator)
+            real, syn, seed = self._draw_class(c, generator, keep_reals)
             with torch.no_grad():
                 z_real = self.flat_model.embed(flat, self._augment(real, seed))
             z_syn = self.flat_model.embed(flat, self._augment(syn, seed))
-            if select is not None:
-                sim = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)
-                z_real = z_real[select(sim)]
-            kept, seen = kept + z_real.shape[0], seen + real.shape[0]
-            loss = (z_real.mean(0) - z_syn.mean(0)).pow(2).sum()
+            loss, n_kept = self._class_term(z_real, z_syn, select)
+            kept, seen = kept + n_kept, seen + real.shape[0]
             if backward:
                 loss.backward(inputs=[self.images])
             total += float(loss.detach())
         return total, kept / seen
+
+    def _draw_class(self, c: int, generator: torch.Generator,
+                    keep_reals: list | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Class c's real batch, synthetic batch and siamese augmentation seed (shared by the two), drawn in
+        this order by both feature-matching paths."""
+        real = self._real_batch(c, generator)
+        if keep_reals is not None:
+            keep_reals.append(real)
+        syn = self._syn_batch(c, generator)
+        return real, syn, self._draw_seed(generator)
+
+    @staticmethod
+    def _class_term(z_real: torch.Tensor, z_syn: torch.Tensor, select) -> tuple[torch.Tensor, int]:
+        """(‖mean f(A(real_c)) − mean f(A(syn_c))‖², real samples kept): DANCE Eq. 4 / PTLM Eq. 6 for one
+        class, the real batch first reduced by ``select`` (PTLM Eq. 3-4) if given."""
+        if select is not None:
+            sim = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)
+            z_real = z_real[select(sim)]
+        return (z_real.mean(0) - z_syn.mean(0)).pow(2).sum(), z_real.shape[0]
 
     def _feature_matching_together(self, flat: torch.Tensor, generator: torch.Generator, *, backward: bool,
                                    select=None, keep_reals: list | None = None) -> tuple[float, float]:
@@ -363,11 +375,7 @@ class PretrainedDM(CondensationMethod):
         batch in another (instance norm / no norm: each sample embedded on its own), one backward."""
         reals, syns = [], []
         for c in range(self.train.info.num_classes):  # the per-class path's draws, in its order
-            real = self._real_batch(c, generator)
-            if keep_reals is not None:
-                keep_reals.append(real)
-            syn = self._syn_batch(c, generator)
-            seed = self._draw_seed(generator)  # class c's own siamese draw, shared by its real and synthetic
+            real, syn, seed = self._draw_class(c, generator, keep_reals)
             reals.append(self._augment(real, seed))
             syns.append(self._augment(syn, seed))
         with torch.no_grad():
@@ -375,12 +383,9 @@ class PretrainedDM(CondensationMethod):
         z_syns = self.flat_model.embed(flat, torch.cat(syns)).split([len(x) for x in syns])
         terms, kept, seen = [], 0, 0
         for z_real, z_syn in zip(z_reals, z_syns):
-            seen += z_real.shape[0]
-            if select is not None:
-                sim = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)
-                z_real = z_real[select(sim)]
-            kept += z_real.shape[0]
-            terms.append((z_real.mean(0) - z_syn.mean(0)).pow(2).sum())  # DANCE Eq. 4 / PTLM Eq. 6, class c
+            term, n_kept = self._class_term(z_real, z_syn, select)
+            terms.append(term)
+            kept, seen = kept + n_kept, seen + z_real.shape[0]
         loss = torch.stack(terms).sum()
         if backward:
             loss.backward(inputs=[self.images])

@@ -29,7 +29,10 @@ fixed random projection. DATM's skip threshold applies to L_tm.
 Two settings are ambiguous in the paper: the momentum student (read literally; the MTT/DATM codes
 use momentum 0.5 for the outer optimisers and a plain-SGD student) and "Multiple" augmentation,
 read as every DSA op per view (DSA's aug_mode 'M'; the Table 3 caption speaks of "multiple
-synthetic trajectories"). Both are knobs (``inner_momentum``, ``multi_aug``). The paper reports
+synthetic trajectories"). Both are knobs (``inner_momentum``, ``multi_aug``). Measured at the CPU
+scale on CIFAR-10 IPC 1, the literal momentum reading is what puts DATM-CLR below DATM (17.4 vs 21.7;
+21.9 with ``inner_momentum=0``), the all-op views change little
+(benchmarks/results/cifar10_ipc1_cpu_datm_clr_diagnosis.md). The paper reports
 "Multiple" only on CIFAR-10/100 (Table 3), so ``defaults`` turns it on there and elsewhere keeps
 DSA's standard one op per view, the augmentation the store's experts are trained with: on
 Fashion-MNIST all-op views fall below Random (see
@@ -43,11 +46,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..data.augment import DSA
 from .base import PaperProtocol, clone_tree, register_method
 from .datm import DATM, DATMConfig, published_row, soft_cross_entropy
+from .unroll import checkpointed_unroll
 
 STRATEGIES = ("fusion", "update")
 #: Datasets for which the paper reports its "Multiple" augmentation (Table 3: CIFAR-10, CIFAR-100).
@@ -106,9 +111,10 @@ class DATMCLRConfig(DATMConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.unroll != "full":  # its own unroll: a momentum student and a contrastive term summed over steps
-            raise ValueError(f"DATMCLRConfig.unroll={self.unroll!r} is not available: DATM-CLR unrolls its momentum "
-                             f"student in full only (accepted: full)")
+        if self.unroll == "tesla":  # TESLA's Eq. 5-6 assume plain SGD steps and no loss on the steps themselves
+            raise ValueError("DATMCLRConfig.unroll='tesla' is not available: TESLA's gradient covers plain-SGD "
+                             "students without per-step losses, DATM-CLR has a momentum student and a contrastive "
+                             "term at every step (accepted: full, checkpoint)")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"DATMCLRConfig.strategy={self.strategy!r} is invalid: accepted {', '.join(STRATEGIES)}")
         self.check("temperature", low=0, low_open=True)
@@ -153,6 +159,7 @@ class DATMCLR(DATM):
             torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
             self.head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, out)).to(self.device)
         self.learn_head = config.lr_head > 0
+        self._head_names = [name for name, _ in self.head.named_parameters()]
         self.head.requires_grad_(self.learn_head)
         self.opt_head = torch.optim.SGD(self.head.parameters(), lr=config.lr_head, momentum=config.head_momentum)
 
@@ -164,37 +171,56 @@ class DATMCLR(DATM):
 
     def _unroll_clr(self, theta: torch.Tensor, generator: torch.Generator, *,
                     create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ̂_N, mean_n L_con) after N momentum-SGD student steps (Algorithm 1 lines 5-12)."""
+        """(θ̂_N, mean_n L_con) after N momentum-SGD student steps (Algorithm 1 lines 5-12), holding the whole
+        graph (unroll='full') or one step's graph and the N step starts (θ̂_n, v_n) ('checkpoint')."""
         cfg = self.config
-        n_syn = self.images.shape[0]
-        batch = min(cfg.batch_syn or n_syn, n_syn)
-        images = self.images if create_graph else self.images.detach()
-        alpha = self.syn_lr if create_graph else self.syn_lr.detach()
-        labels = self.labels if create_graph else self.labels.detach()
-        params = theta.detach().clone().requires_grad_(True)
-        velocity = torch.zeros_like(params)
-        con_total = params.new_zeros(())
+        leaves = self._leaves() if create_graph else [leaf.detach() for leaf in self._leaves()]
+        state = torch.cat([theta.detach(), torch.zeros_like(theta)])  # (θ̂_0, v_0 = 0)
+        if create_graph and cfg.unroll == "checkpoint":
+            state, con_total = checkpointed_unroll(self._clr_step, state, leaves, cfg.syn_steps, generator,
+                                                   cfg.unroll_segment, side=True)
+            return state[:theta.numel()], con_total / cfg.syn_steps
+        state = state.requires_grad_(True)
+        con_total = theta.new_zeros(())
         pending: list[torch.Tensor] = []
         for _ in range(cfg.syn_steps):
-            if not pending:
-                pending = list(torch.randperm(n_syn, generator=generator).split(batch))
-            idx = pending.pop(0).to(self.device)
-            x = images[idx]
-            x1, x2 = self.view_dsa(x, generator=generator), self.view_dsa(x, generator=generator)
-            f1, logits = self._features_and_logits(params, x1)
-            f2 = self.flat_model.embed(params, x2)
-            classes = labels[idx].detach().argmax(1)  # hard class of the soft label
-            con = supervised_nt_xent(self.head(f1), self.head(f2), classes, cfg.temperature)  # eq. 2
-            inner = soft_cross_entropy(logits, labels[idx])
-            if cfg.strategy == "update":
-                inner = inner + cfg.update_weight * con  # eq. 4
-            (grad,) = torch.autograd.grad(inner, params, create_graph=create_graph)
-            velocity = cfg.inner_momentum * velocity + grad
-            params = params - alpha * velocity
-            if not create_graph:
-                params, velocity = params.detach().requires_grad_(True), velocity.detach()
+            state, con = self._clr_step(state, leaves, generator, pending, create_graph=create_graph)
             con_total = con_total + (con if create_graph and cfg.strategy == "fusion" else con.detach())
-        return params, con_total / cfg.syn_steps
+        return state[:theta.numel()], con_total / cfg.syn_steps
+
+    def _clr_step(self, state: torch.Tensor, leaves: list[torch.Tensor], generator: torch.Generator,
+                  pending: list[torch.Tensor], *, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One student step on the next minibatch of ``pending`` (refilled from ``generator``): the state
+        (θ̂_n, v_n) flat, the leaves (S, α, labels, head parameters if learned); returns the next state and
+        the step's L_con (eq. 2), which enters the inner loss with strategy='update' (eq. 4)."""
+        cfg = self.config
+        images, alpha, labels = leaves[0], leaves[1], leaves[2]
+        size = state.numel() // 2
+        params, velocity = state[:size], state[size:]
+        if not pending:
+            n_syn = images.shape[0]
+            pending.extend(torch.randperm(n_syn, generator=generator).split(min(cfg.batch_syn or n_syn, n_syn)))
+        idx = pending.pop(0).to(self.device)
+        x = images[idx]
+        x1, x2 = self.view_dsa(x, generator=generator), self.view_dsa(x, generator=generator)
+        f1, logits = self._features_and_logits(params, x1)
+        f2 = self.flat_model.embed(params, x2)
+        classes = labels[idx].detach().argmax(1)  # hard class of the soft label
+        con = supervised_nt_xent(self._project(f1, leaves[3:]), self._project(f2, leaves[3:]), classes,
+                                 cfg.temperature)  # eq. 2
+        inner = soft_cross_entropy(logits, labels[idx])
+        if cfg.strategy == "update":
+            inner = inner + cfg.update_weight * con  # eq. 4
+        (grad,) = torch.autograd.grad(inner, params, create_graph=create_graph)
+        velocity = cfg.inner_momentum * velocity + grad
+        state = torch.cat([params - alpha * velocity, velocity])
+        return (state, con) if create_graph else (state.detach().requires_grad_(True), con.detach())
+
+    def _project(self, features: torch.Tensor, head: list[torch.Tensor]) -> torch.Tensor:
+        """The projection head g on ``features``, with the head parameters the unroll was given (when learned)."""
+        if not head:
+            return self.head(features)
+        return functional_call(self.head, dict(zip(self._head_names, head)), (features,))
 
     def _unroll(self, theta: torch.Tensor, generator: torch.Generator, *, create_graph: bool) -> torch.Tensor:
         return self._unroll_clr(theta, generator, create_graph=create_graph)[0]

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..data.augment import DSAConfig, make_dsa
 from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
-from .unroll import UNROLL_MODES, checkpointed_unroll
+from .unroll import UNROLL_MODES, checkpointed_unroll, first_order_unroll
 from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
@@ -74,7 +74,8 @@ class MTTConfig(MethodConfig):
     dsa_strategy: str = DSA_DEFAULT  # flip is dropped automatically where the dataset forbids it
     pix_init: str = "real"  # 'real' (random real images per class) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
-    unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held
+    unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held;
+    # 'tesla': TESLA's constant-memory gradient, first-order for N > 1 (raydd/methods/unroll.py)
     unroll_segment: int = 0  # steps re-run together in the backward pass (unroll='checkpoint'); 0: 1
     expert_kind: str = "expert"  # store kind of the trajectories to match
 
@@ -326,12 +327,15 @@ class MTT(CondensationMethod):
 
     def _unroll(self, theta: torch.Tensor, generator: torch.Generator, *, create_graph: bool) -> torch.Tensor:
         """θ̂_N from θ̂_0 = theta by N student steps (eq. 1); differentiable in the leaves (S, α, ...) if
-        create_graph, holding the whole graph (unroll='full') or segment starts only ('checkpoint')."""
+        create_graph, holding the whole graph (unroll='full'), segment starts only ('checkpoint') or θ̂_0 only
+        ('tesla': a first-order gradient for N > 1)."""
         cfg = self.config
         leaves = self._leaves() if create_graph else [leaf.detach() for leaf in self._leaves()]
         if create_graph and cfg.unroll == "checkpoint":
             return checkpointed_unroll(self._student_step, theta, leaves, cfg.syn_steps, generator,
                                        cfg.unroll_segment)
+        if create_graph and cfg.unroll == "tesla":
+            return first_order_unroll(self._student_step, theta, leaves, cfg.syn_steps, generator)
         params = theta.detach().clone().requires_grad_(True)
         pending: list[torch.Tensor] = []
         for _ in range(cfg.syn_steps):

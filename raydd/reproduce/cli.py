@@ -32,12 +32,16 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--trajectory-epochs", dest="trajectory_epochs", type=int,
                    help="farm them for at most this many epochs (never fewer than the config reads)")
     p.add_argument("--pack", type=int, default=1, help="experts trained together per farm worker (farm --pack)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a method knob, e.g. --set inner_momentum=0 (an ablation: a departure the table, the "
+                        "ledger and --list state; repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_reproduce)
 
 
 def cmd_reproduce(args) -> int:
+    from ..condense_cli import parse_overrides
     from .run import list_settings, reproduce
 
     if args.list:
@@ -48,7 +52,8 @@ def cmd_reproduce(args) -> int:
     out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
                     workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
                     ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet,
-                    trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack)
+                    trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack,
+                    overrides=parse_overrides(args.options))
     print(out.table())
     if out.row and args.ledger != "":
         print(f"ledger row appended ({out.row['setting']}, scale {out.row['scale']})", file=sys.stderr)

@@ -7,6 +7,7 @@ again, deterministically: their ids are hashes of their settings and seeds).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import re
@@ -113,36 +114,51 @@ def _load(dataset: str, split: str, data_root: str | None, train_per_class: int 
 
 def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, scale: ReproScale, store: str,
           train: ImageDataset, test: ImageDataset, device: str, backend: str, pack: int,
-          progress: bool) -> list[dict]:
+          progress: bool) -> tuple[list[dict], str | None]:
+    """Farm the jobs in order; returns what was farmed and the teacher trajectory farmed for this run, if any.
+    A teacher is pinned: the later jobs that train against a teacher (SSD's students) name it, so the run
+    reads its own teacher even where the store holds teachers of other settings on the same data."""
     from ..farm import FarmData, FarmSpec, farm
     from ..farm.recipes import get_recipe
 
-    done, data = [], FarmData.from_datasets(train, test)
+    done, data, teacher = [], FarmData.from_datasets(train, test), None
     for need, count, epochs in jobs:
         fields = need.farm_fields(count=count, epochs=epochs)
         if scale.width is not None and fields["model"].get("arch", "convnet") == "convnet":
             fields["model"]["width"] = scale.width
+        recipe = get_recipe(need.recipe)
+        if teacher is not None and "teacher" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
+            fields["recipe_options"]["teacher"] = teacher
         spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
                         train_per_class=scale.train_per_class, backend=backend, device=device,
-                        pack=pack if get_recipe(need.recipe).trains_together else 1, **fields)
+                        pack=pack if recipe.trains_together else 1, **fields)
         started = time.perf_counter()
         report = farm(spec, progress=progress, data=data)
+        if need.role == "teacher" and len(report.trajectory_ids) == 1:
+            teacher = report.trajectory_ids[0]
         done.append({"recipe": need.recipe, "count": count, "epochs": epochs, "trained": len(report.trained),
                      "seconds": round(time.perf_counter() - started, 1)})
-    return done
+    return done, teacher
 
 
 def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_root: str | None = None,
               store: str = "raydd-store", workdir: str = "raydd-reproduce", device: str = "auto",
               budget: str | float | None = None, resume: bool = False, ledger: str | Path | None = None,
               backend: str = "local", seed: int = 0, progress: bool = True, trajectories: int | None = None,
-              trajectory_epochs: int | None = None, pack: int = 1) -> ReproResult:
+              trajectory_epochs: int | None = None, pack: int = 1,
+              overrides: dict[str, Any] | None = None) -> ReproResult:
     """Run the published setting ``name`` at ``scale`` (see the module doc); returns the result, after
     appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none).
     ``trajectories``/``trajectory_epochs`` cap what is farmed per recipe (never below what the config
-    reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack)."""
+    reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack);
+    ``overrides`` sets method knobs (``--set``: an ablation of the setting, a departure like the others)."""
     setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
     check_int("pack", pack)
+    if overrides:  # unknown knobs are one line naming the accepted ones, before any work
+        config_cls = get_method(setting.method).config_cls
+        config_cls.defaults(setting.dataset, setting.ipc).with_overrides(**overrides)
+        overrides = {config_cls.aliases.get(k, k): v for k, v in overrides.items()}
+        sc = dataclasses.replace(sc, knobs=sc.knobs + tuple(sorted(overrides.items())))
     seconds_budget = parse_budget(budget)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")
@@ -151,6 +167,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     eval_settings = setting.eval_settings(sc)
     eval_config = protocol_config(dataset, eval_settings)
     caps = "".join(f"-{k}{v}" for k, v in (("t", trajectories), ("e", trajectory_epochs)) if v is not None)
+    caps += "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
     run_dir = Path(workdir) / (f"{name}-{sc.name}{caps}" + (f"-on-{on}" if on else ""))
     checkpoint = run_dir / "method.safetensors"
     if checkpoint.exists() and not resume:
@@ -160,8 +177,10 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
         f"{setting.run_iterations(sc)} of the paper's {setting.iterations} iterations")
     started = time.perf_counter()
     train, test = _load(dataset, "train", data_root, sc.train_per_class), _load(dataset, "test", data_root, None)
-    farmed = (_farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, pack, progress)
-              if jobs else [])
+    farmed, teacher = (_farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, pack,
+                             progress) if jobs else ([], None))
+    if teacher is not None and getattr(config, "teacher", "") is None:  # read the teacher this run farmed
+        config = dataclasses.replace(config, teacher=teacher)
     farm_s = time.perf_counter() - started
     from ..store import TrajectoryStore
 
@@ -178,7 +197,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
         t1 = time.perf_counter()
         say(f"evaluating {setting.method} and Random: {eval_config}")
         result = evaluate(syn, test, eval_config, teachers=teachers, progress=progress)
-        with get_method("random")(make_config("random", dataset, setting.ipc), train, None, device=device,
+        with get_method("random")(make_config("random", dataset, config.ipc), train, None, device=device,
                                   seed=seed) as rnd:
             rnd.step()
             random_result = evaluate(rnd.synthetic_set(), test, eval_config, teachers=teachers, progress=progress)
@@ -186,6 +205,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
                       {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
                        "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
     out.row = _ledger_row(out, device, run.resumed_from)
+    if overrides:  # an ablation of the setting: kept apart from its measured results in --list
+        out.row["overrides"] = dict(sorted(overrides.items()))
     if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
         out.row["image_format"] = train.info.image_format
     path = default_ledger() if ledger is None else ledger
@@ -215,11 +236,11 @@ def _ledger_row(out: ReproResult, device: str, resumed_from: int) -> dict[str, A
 
 def list_settings(ledger: str | Path | None = None) -> str:
     """Every registered setting with the paper's number and the best measured so far per scale (the ledger;
-    rows run on another dataset than the paper's are left out)."""
+    rows run on another dataset than the paper's, and ablations with knobs set, are left out)."""
     rows = [] if ledger == "" else read_ledger(default_ledger() if ledger is None else ledger)
     best: dict[tuple[str, str], dict] = {}
     for r in rows:  # rows on another dataset are smoke runs, except an ImageFolder copy of the paper's data
-        if (r.get("on") and r["on"] != "imagefolder") or r.get("acc_mean") is None:
+        if (r.get("on") and r["on"] != "imagefolder") or r.get("acc_mean") is None or r.get("overrides"):
             continue
         key = (r["setting"], r["scale"])
         if key not in best or r["acc_mean"] > best[key]["acc_mean"]:
@@ -231,8 +252,9 @@ def list_settings(ledger: str | Path | None = None) -> str:
             return "–"
         copy = ", ImageFolder copy" if r.get("on") else f", {r['image_format']} copy" if r.get("image_format") else ""
         capped = f", {r['departures']}" if scale == "paper" and not r["departures"].startswith("none") else ""
+        used = "".join(f"{t['recipe']} {t['count']}x{t['epochs'] or ''}, " for t in r.get("trajectories", []))
         return (f"{100 * r['acc_mean']:.2f} (Random {100 * r['random_mean']:.2f}; {r['iterations']}/"
-                f"{r['paper_iterations']} it, {r['device']}{copy}{capped}, {r['date'][:10]})")
+                f"{r['paper_iterations']} it, {r['device']}{copy}{capped}, {used}{r['date'][:10]})")
 
     settings = published_settings()
     lines = [f"{len(settings)} published settings (raydd reproduce NAME [--scale paper|cpu|tiny]):", "",
