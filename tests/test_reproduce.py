@@ -49,6 +49,7 @@ def test_two_settings_end_to_end_on_digits(tmp_path):
     assert [(r["setting"], r["scale"], r["on"], r["iterations"]) for r in rows] == \
            [("mtt_cifar10_ipc1", "tiny", "digits", 2), ("dm_fashion_mnist_ipc10", "tiny", "digits", 2)]
     assert rows[1]["acc_mean"] == dm.result.mean and rows[1]["paper_acc"] == 83.5 and rows[1]["device"] == "cpu"
+    assert rows[1]["seed"] == 0
     assert "| mtt | 2 / 5000 |" in mtt.table() and "Random (same evaluation)" in mtt.table()
     assert "| mtt_cifar10_ipc1 | 46.3 (MTT Table 1) | 5000 | – | – |" in list_settings(ledger)  # smoke rows apart
 

@@ -31,7 +31,7 @@ use momentum 0.5 for the outer optimisers and a plain-SGD student) and "Multiple
 read as every DSA op per view (DSA's aug_mode 'M'; the Table 3 caption speaks of "multiple
 synthetic trajectories"). Both are knobs (``inner_momentum``, ``multi_aug``). Measured at the CPU
 scale on CIFAR-10 IPC 1, the literal momentum reading is what puts DATM-CLR below DATM (17.4 vs 21.7;
-21.9 with ``inner_momentum=0``), the all-op views change little
+21.9 with ``inner_momentum=0``; a second seed: 18.3 vs 20.4), the all-op views change little
 (benchmarks/results/cifar10_ipc1_cpu_datm_clr_diagnosis.md). The paper reports
 "Multiple" only on CIFAR-10/100 (Table 3), so ``defaults`` turns it on there and elsewhere keeps
 DSA's standard one op per view, the augmentation the store's experts are trained with: on

@@ -205,6 +205,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
                       {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
                        "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
     out.row = _ledger_row(out, device, run.resumed_from)
+    out.row["seed"] = seed
     if overrides:  # an ablation of the setting: kept apart from its measured results in --list
         out.row["overrides"] = dict(sorted(overrides.items()))
     if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
