@@ -132,16 +132,22 @@ class MethodConfig:
         """Names accepted as overrides (every field but dataset and ipc, plus the aliases)."""
         return [f.name for f in dataclasses.fields(cls) if f.name not in ("dataset", "ipc")]
 
-    def with_overrides(self, **overrides: Any) -> "MethodConfig":
-        """A copy with ``overrides`` applied; unknown knobs are a ValueError listing the accepted ones."""
+    @classmethod
+    def resolve_knobs(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` with aliases replaced by the knobs they name; unknown knobs are a ValueError listing
+        the accepted ones."""
         resolved = {}
         for key, value in overrides.items():
-            key = self.aliases.get(key, key)
-            if key not in self.knobs():
-                accepted = self.knobs() + [f"{a} (= {t})" for a, t in self.aliases.items()]
-                raise ValueError(f"unknown {type(self).__name__} knob {key!r}: accepted {', '.join(accepted)}")
+            key = cls.aliases.get(key, key)
+            if key not in cls.knobs():
+                accepted = cls.knobs() + [f"{a} (= {t})" for a, t in cls.aliases.items()]
+                raise ValueError(f"unknown {cls.__name__} knob {key!r}: accepted {', '.join(accepted)}")
             resolved[key] = value
-        return dataclasses.replace(self, **resolved)
+        return resolved
+
+    def with_overrides(self, **overrides: Any) -> "MethodConfig":
+        """A copy with ``overrides`` applied (``resolve_knobs``), validated like any config."""
+        return dataclasses.replace(self, **self.resolve_knobs(overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -197,10 +197,7 @@ class DATMCLR(DATM):
         images, alpha, labels = leaves[0], leaves[1], leaves[2]
         size = state.numel() // 2
         params, velocity = state[:size], state[size:]
-        if not pending:
-            n_syn = images.shape[0]
-            pending.extend(torch.randperm(n_syn, generator=generator).split(min(cfg.batch_syn or n_syn, n_syn)))
-        idx = pending.pop(0).to(self.device)
+        idx = self._next_minibatch(images.shape[0], generator, pending)
         x = images[idx]
         x1, x2 = self.view_dsa(x, generator=generator), self.view_dsa(x, generator=generator)
         f1, logits = self._features_and_logits(params, x1)

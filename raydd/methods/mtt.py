@@ -308,15 +308,19 @@ class MTT(CondensationMethod):
         """What the matching loss is differentiated in: S and α (DATM adds its labels)."""
         return [self.images, self.syn_lr]
 
+    def _next_minibatch(self, n_syn: int, generator: torch.Generator, pending: list[torch.Tensor]) -> torch.Tensor:
+        """Indices of the next student minibatch: the head of ``pending``, refilled when empty with a fresh
+        permutation of the n_syn synthetic images from ``generator``, split into batch_syn-sized pieces."""
+        if not pending:
+            pending.extend(torch.randperm(n_syn, generator=generator).split(min(self.config.batch_syn or n_syn, n_syn)))
+        return pending.pop(0).to(self.device)
+
     def _student_step(self, params: torch.Tensor, leaves: list[torch.Tensor], generator: torch.Generator,
                       pending: list[torch.Tensor], *, create_graph: bool) -> torch.Tensor:
         """One student step of eq. 1 on the next minibatch of ``pending`` (refilled with a fresh permutation
         of S from ``generator``), DSA drawn from ``generator``."""
         images, alpha = leaves[0], leaves[1]
-        if not pending:  # a fresh permutation of S, consumed in minibatches
-            n_syn = images.shape[0]
-            pending.extend(torch.randperm(n_syn, generator=generator).split(min(self.config.batch_syn or n_syn, n_syn)))
-        idx = pending.pop(0).to(self.device)
+        idx = self._next_minibatch(images.shape[0], generator, pending)
         x = images[idx]
         if self.dsa is not None:
             x = self.dsa(x, generator=generator)  # per-sample DSA parameters

@@ -156,8 +156,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     check_int("pack", pack)
     if overrides:  # unknown knobs are one line naming the accepted ones, before any work
         config_cls = get_method(setting.method).config_cls
-        config_cls.defaults(setting.dataset, setting.ipc).with_overrides(**overrides)
-        overrides = {config_cls.aliases.get(k, k): v for k, v in overrides.items()}
+        overrides = config_cls.resolve_knobs(overrides)
+        config_cls.defaults(setting.dataset, setting.ipc).with_overrides(**overrides)  # values validated too
         sc = dataclasses.replace(sc, knobs=sc.knobs + tuple(sorted(overrides.items())))
     seconds_budget = parse_budget(budget)
     if backend not in ("local", "ray"):
@@ -204,10 +204,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     out = ReproResult(setting, sc, on, reached, planned, result, random_result, farmed,
                       {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
                        "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
-    out.row = _ledger_row(out, device, run.resumed_from)
-    out.row["seed"] = seed
-    if overrides:  # an ablation of the setting: kept apart from its measured results in --list
-        out.row["overrides"] = dict(sorted(overrides.items()))
+    out.row = _ledger_row(out, device, run.resumed_from, seed, overrides)
     if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
         out.row["image_format"] = train.info.image_format
     path = default_ledger() if ledger is None else ledger
@@ -216,7 +213,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     return out
 
 
-def _ledger_row(out: ReproResult, device: str, resumed_from: int) -> dict[str, Any]:
+def _ledger_row(out: ReproResult, device: str, resumed_from: int, seed: int,
+                overrides: dict[str, Any] | None) -> dict[str, Any]:
     from ..training import resolve_device
 
     dev = resolve_device(device)
@@ -232,6 +230,9 @@ def _ledger_row(out: ReproResult, device: str, resumed_from: int) -> dict[str, A
         "random_mean": None if out.random is None else out.random.mean,
         "random_std": None if out.random is None else out.random.std,
         "paper_acc": s.paper_acc, "source": s.paper.source, "eval": out.eval_settings, "seconds": out.seconds,
+        "seed": seed,
+        # an ablation of the setting (--set): kept apart from its measured results in --list
+        **({"overrides": dict(sorted(overrides.items()))} if overrides else {}),
     }
 
 
