@@ -97,6 +97,28 @@ def test_two_farms_at_once_train_each_trajectory_once(tmp_path):
     assert leftovers(root) == []  # no claims, no temp files
 
 
+def test_a_trajectory_published_between_the_check_and_the_claim_is_not_trained_again(tmp_path, monkeypatch):
+    """The other farm publishes, then releases its claim, just after this farm looked: this farm's claim then
+    succeeds, and only a second look under the claim keeps it from training the trajectory again (the race
+    test above hit this window now and then)."""
+    from raydd.farm import plan_tasks, prepare_data
+    from raydd.farm.claims import WorkQueue
+    from raydd.farm.task import data_fingerprint
+
+    spec = FarmSpec(store=str(tmp_path / "store"), trajectories=1, **TINY)
+    data = prepare_data(spec)
+    (task,) = plan_tasks(spec, data, data_fingerprint(data))
+    store = TrajectoryStore(spec.store)
+    looks = iter([False, True])  # not there at the first look, published by the second
+    monkeypatch.setattr(store, "exists", lambda tid: next(looks))
+    queue = WorkQueue(store, [task], ttl_s=60)
+    try:
+        assert queue.take() is None and queue.empty and queue.by_others == [task.trajectory_id]
+        assert queue.held() == [] and leftovers(spec.store) == []  # its claim was released
+    finally:
+        queue.close()
+
+
 def test_leftovers_of_a_dead_farm_are_cleaned_and_its_claims_taken_over(tmp_path, digits):
     """A farm killed mid-trajectory leaves a claim and a temp file: the next farm removes both and trains
     the trajectory; a claim that expired on another host is taken over as well."""

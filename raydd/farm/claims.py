@@ -38,18 +38,22 @@ class WorkQueue:
     def take(self) -> TrajectoryTask | None:
         for task in list(self.pending):
             tid = task.trajectory_id
-            if self.store.exists(tid):  # another farm published it
-                self.pending.remove(task)
-                self.by_others.append(tid)
-                self.held_elsewhere.pop(tid, None)
-                continue
-            got = self.store.claim(claim_meta(task), ttl_s=self.ttl_s)
-            if isinstance(got, Lease):
+            if not self.store.exists(tid):
+                got = self.store.claim(claim_meta(task), ttl_s=self.ttl_s)
+                if not isinstance(got, Lease):
+                    self.held_elsewhere[tid] = got.owner
+                    continue
                 self.keeper.add(got)
-                self.pending.remove(task)
-                self.held_elsewhere.pop(tid, None)
-                return task
-            self.held_elsewhere[tid] = got.owner
+                # checked again under the claim: another farm may have published it and released its claim
+                # between the check above and this claim (it publishes first, then releases)
+                if not self.store.exists(tid):
+                    self.pending.remove(task)
+                    self.held_elsewhere.pop(tid, None)
+                    return task
+                self.keeper.release(tid)
+            self.pending.remove(task)  # another farm published it
+            self.by_others.append(tid)
+            self.held_elsewhere.pop(tid, None)
         return None
 
     def release(self, task: TrajectoryTask) -> None:

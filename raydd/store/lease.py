@@ -141,15 +141,21 @@ def try_claim(path: str, trajectory_id: str, filesystem: pafs.FileSystem, local:
             if not _remove_dead(path, current, filesystem, local):
                 continue
         if local:
+            # written whole beside it, then linked into place (fails if the claim exists): a claim file is
+            # never seen empty or half-written — such a file reads as dead, and another farm starting at
+            # that moment (its gc, its own claim) would remove it and train the same trajectory
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "wb") as f:
+            staged = f"{path}.{claim.token[:8]}.tmp"
+            with open(staged, "wb") as f:
                 f.write(claim.to_json())
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(staged, path)
+            except FileExistsError:
+                continue
+            finally:
+                os.remove(staged)
             return Lease(path, claim, filesystem, local, ttl_s)
         with filesystem.open_output_stream(path) as out:  # object store: put, then read back
             out.write(claim.to_json())
