@@ -48,6 +48,8 @@ def _farm_parser(sub) -> None:
     p.add_argument("--dtype", help="stored parameter dtype: float32, float16, bfloat16")
     p.add_argument("--precision", help="forward/loss arithmetic: fp32 (default) or bf16 (autocast; parameters, "
                    "optimizer state and snapshots stay float32; a bf16 trajectory has its own id)")
+    p.add_argument("--engine", help="how training steps run: eager (default) or graph (the same trajectories from "
+                                    "pre-drawn randomness, the data on the device, CUDA graphs on a GPU)")
     p.add_argument("--backend", help="ray (default) or local (sequential, no Ray)")
     p.add_argument("--workers", type=int, help="number of worker actors")
     p.add_argument("--pack", type=int, help="trajectories each worker trains together as one computation "
@@ -95,8 +97,8 @@ def farm_spec_from_args(args):
 
     base = FarmSpec.from_yaml(args.spec).to_dict() if args.spec else FarmSpec().to_dict()
     for key in ("store", "dataset", "data_root", "download", "resolution", "zca", "train_per_class", "recipe",
-                "trajectories", "seed", "dtype", "precision", "backend", "workers", "cpus_per_worker",
-                "gpus_per_worker", "address", "device", "tensorboard"):
+                "trajectories", "seed", "dtype", "precision", "engine", "backend", "workers", "pack",
+                "cpus_per_worker", "gpus_per_worker", "address", "device", "tensorboard"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -133,7 +135,12 @@ def cmd_farm(args) -> int:
     print(report.table())
     others = f", {len(report.by_others)} trained by another farm" if report.by_others else ""
     cleaned = f", {len(report.cleaned)} leftover file(s) of dead writers removed" if report.cleaned else ""
-    print(f"\n{len(report.trained)} trained, {len(report.skipped)} already stored{others}{cleaned}, "
+    prefix = ""
+    if report.served:
+        prefix += f", {len(report.served)} served by longer stored trajectories of the same runs"
+    if report.extended:
+        prefix += f", {len(report.extended)} of them extended from shorter stored ones"
+    print(f"\n{len(report.trained)} trained{prefix}, {len(report.skipped)} already stored{others}{cleaned}, "
           f"{report.wall_time_s:.1f} s; inspect with: raydd store ls {spec.store}"
           + (f"; curves: tensorboard --logdir {spec.tensorboard}" if spec.tensorboard else ""))
     return 0

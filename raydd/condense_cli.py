@@ -65,6 +65,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "auto (default): on CUDA at IPC 1 only, where it was measured to pay")
     p.add_argument(f"--{prefix}precision", dest="eval_precision",
                    help="forward/loss arithmetic of the evaluation networks: fp32 (default) or bf16 (autocast)")
+    p.add_argument(f"--{prefix}engine", dest="eval_engine",
+                   help="standard protocol: how the networks' training steps run, eager (default) or graph (the same "
+                        "networks from pre-drawn randomness; CUDA graphs on a GPU)")
     p.add_argument("--zeta", type=float, help="edc protocol: smoothing LR schedule zeta (1 = plain cosine)")
     p.add_argument("--teachers", action="store_true", default=None,
                    help="edc protocol: relabel every augmented batch with the method's observers (condense only)")
@@ -88,7 +91,8 @@ def eval_config_from_args(args, dataset: str):
             model["depth"] = args.eval_depth
     flags = {"model": model, "num_models": args.num_models, "epochs": args.eval_epochs, "lr": args.eval_lr,
              "batch_size": args.eval_batch_size, "zeta": args.zeta, "teachers": args.teachers,
-             "device": args.device, "seed": args.seed, "precision": getattr(args, "eval_precision", None)}
+             "device": args.device, "seed": args.seed, "precision": getattr(args, "eval_precision", None),
+             "engine": getattr(args, "eval_engine", None)}
     if args.eval_dsa_mode is not None:
         flags["dsa_single_per_call"] = args.eval_dsa_mode == "single"
     if args.networks_together in ("yes", "no"):

@@ -29,6 +29,12 @@ class EpochStats:
 # Either way parameters, gradients, optimizer state and stored snapshots are float32.
 PRECISIONS = ("fp32", "bf16")
 
+# How a network's training steps run (``engine=`` of FarmSpec and EvalConfig): ``eager``, the loop below; ``graph``,
+# raydd.graphs: every random draw of an epoch made up front in the eager loop's order, the data on the device,
+# and on CUDA each step replayed as a captured CUDA graph (elsewhere run as the same step eagerly: the numbers
+# of the eager loop, tests/test_graphs.py).
+ENGINES = ("eager", "graph")
+
 
 def check_precision(where: str, value) -> str:
     """``value`` is one of PRECISIONS (one-line error naming ``where`` otherwise); returns it."""
@@ -50,28 +56,46 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator, shuffle: bo
         yield order[start:start + batch_size]
 
 
-def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Generator
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """CutMix (Yun et al. 2019): paste a box from a shuffled batch; returns (x, y_a, y_b, lam).
+@dataclass(frozen=True)
+class CutMixDraw:
+    """One CutMix draw for a batch: the shuffle, the pasted box (rows y0:y1, columns x0:x1) and the label
+    weight λ of the unshuffled labels."""
 
-    Every draw comes from ``generator`` (λ ~ Beta(β, β) through a NumPy generator seeded from it: torch's
-    Beta sampler only reads the global RNG), so a trajectory is a function of its seed."""
+    perm: torch.Tensor
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    lam: float
+
+
+def draw_cutmix(batch: int, h: int, w: int, beta: float, generator: torch.Generator) -> CutMixDraw:
+    """CutMix's random draws for a batch of ``batch`` images of ``h``×``w``, in the order ``cutmix`` draws them.
+
+    λ ~ Beta(β, β) through a NumPy generator seeded from ``generator`` (torch's Beta sampler only reads the
+    global RNG), so a trajectory is a function of its seed."""
     if beta > 0:
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         lam = float(np.random.default_rng(seed).beta(beta, beta))
     else:
         lam = 1.0
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
-    h, w = x.shape[-2:]
+    perm = torch.randperm(batch, generator=generator)
     cut = math.sqrt(1.0 - lam)
     ch, cw = int(h * cut), int(w * cut)
     cy, cx = int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator))
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    return CutMixDraw(perm, y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w))
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019): paste a box from a shuffled batch; returns (x, y_a, y_b, lam)."""
+    d = draw_cutmix(x.shape[0], *x.shape[-2:], beta, generator)
+    perm = d.perm.to(x.device)
     x = x.clone()
-    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
-    return x, y, y[perm], lam
+    x[:, :, d.y0:d.y1, d.x0:d.x1] = x[perm, :, d.y0:d.y1, d.x0:d.x1]
+    return x, y, y[perm], d.lam
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,

@@ -18,17 +18,18 @@ def test_every_reported_number_is_a_setting_with_its_protocol():
     mtt = settings["mtt_cifar10_ipc1"]
     assert (mtt.paper_acc, mtt.paper.source, mtt.iterations) == (46.3, "MTT Table 1", 5000)
     config, jobs = mtt.plan(SCALES["paper"])
-    assert [(need.recipe, count, epochs) for need, count, epochs in jobs] == [("expert", 100, 50)]
+    # the first 4 epochs of the paper's 100 x 50 experts: MTT reads epochs 0..4 and the expert recipe is prefix-exact
+    assert [(need.recipe, count, epochs) for need, count, epochs in jobs] == [("expert", 100, 4)]
     assert config.zca and config.syn_steps == 50  # the published CIFAR-10 IPC 1 row
     assert mtt.eval_settings(SCALES["paper"]) == {"epochs": 1000, "num_models": 5}
     scaled, jobs = mtt.plan(SCALES["cpu"])  # every departure is a knob value
-    assert scaled.syn_steps == 20 and [(c, e) for _, c, e in jobs] == [(4, 10)]  # 4 experts x the scale's 10 epochs
+    assert scaled.syn_steps == 20 and [(c, e) for _, c, e in jobs] == [(4, 4)]  # 4 experts, the epochs MTT reads
     assert settings["edc_cifar10_ipc10"].eval_settings(SCALES["paper"])["model"] == "resnet18-bn"
     for setting in settings.values():  # every setting plans and has a valid evaluation at every scale
         for scale in SCALES.values():
             setting.plan(scale)
     capped, jobs = mtt.plan(SCALES["paper"].capped(trajectories=8, epochs=30))  # the paper's protocol, 8 of 100
-    assert [(c, e) for _, c, e in jobs] == [(8, 30)] and capped.syn_steps == 50 and capped.max_start_epoch == 2
+    assert [(c, e) for _, c, e in jobs] == [(8, 4)] and capped.syn_steps == 50 and capped.max_start_epoch == 2
     assert SCALES["paper"].capped(trajectories=8).departures() == "trajectories 8"
     assert SCALES["cpu"].capped(trajectories=2).trajectories == 2 and SCALES["cpu"].capped(trajectories=9).trajectories == 4
     table = list_settings(ledger="")
@@ -77,9 +78,10 @@ def test_capped_and_packed_farm_is_reported(tmp_path):
     out = reproduce("mtt_cifar10_ipc1", scale="tiny", on="digits", store=str(tmp_path / "store"),
                     workdir=str(tmp_path / "work"), ledger=ledger, device="cpu", progress=False,
                     trajectories=1, trajectory_epochs=5, pack=2)
-    assert out.trajectories[0]["count"] == 1 and out.trajectories[0]["epochs"] == 5
+    # the expert recipe is prefix-exact: whatever the cap above it, the farm trains the 4 epochs MTT reads
+    assert out.trajectories[0]["count"] == 1 and out.trajectories[0]["epochs"] == 4
     assert (tmp_path / "work" / "mtt_cifar10_ipc1-tiny-t1-e5-on-digits" / "synthetic.safetensors").exists()
-    assert "epochs 5" in out.row["departures"] and "expert 1 x 5 epochs" in out.table()
+    assert "epochs 5" in out.row["departures"] and "expert 1 x 4 epochs" in out.table()
     row = {**out.row, "on": None, "scale": "paper", "departures": "trajectories 8"}
     ledger.write_text(__import__("json").dumps(row) + "\n")
     assert "; 2/5000 it, cpu, trajectories 8, " in list_settings(ledger)

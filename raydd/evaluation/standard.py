@@ -21,8 +21,10 @@ from ..data.augment import DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
 from ..models.spec import fields_from_name
-from ..training import NetworkStack, check_precision, evaluate_together, resolve_device, train_epoch_together
-from ..validation import check_bool, check_int, check_range
+from ..graphs import GraphTrainer
+from ..training import (ENGINES, NetworkStack, check_precision, evaluate_together, resolve_device,
+                        train_epoch_together)
+from ..validation import check_bool, check_choice, check_int, check_range
 
 DEFAULT_LR = 0.01
 
@@ -55,6 +57,9 @@ class EvalConfig:
     # Forward/loss arithmetic of the networks' training and test (raydd.training.PRECISIONS): fp32, or bf16
     # autocast (parameters and optimizer state stay float32).
     precision: str = "fp32"
+    # How the networks' training steps run (raydd.training.ENGINES): eager, or graph (pre-drawn randomness, the
+    # set on the device, CUDA graphs on CUDA: raydd.graphs; the same networks).
+    engine: str = "eager"
 
     def __post_init__(self) -> None:
         check_eval_model("EvalConfig", self.model)
@@ -72,6 +77,7 @@ class EvalConfig:
             check_bool("EvalConfig.together", self.together, "True: networks trained as one computation, "
                        "False: one by one; or null: together on CUDA at IPC 1 only")
         check_precision("EvalConfig.precision", self.precision)
+        check_choice("EvalConfig.engine", self.engine, ENGINES)
 
     @classmethod
     def defaults(cls, dataset: str, **overrides: Any) -> "EvalConfig":
@@ -168,7 +174,6 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     dsa = None
     if config.dsa:
         dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call)
-    augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
     together = networks_together(config, device, len(labels), info.num_classes)
     seeds = [config.seed + i for i in range(config.num_models)]
@@ -177,7 +182,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     accs, train_accs = [], []
     for group in groups:
         group_accs, group_train = _train_group(group, images, labels, test, spec, config, lr=lr, device=device,
-                                               augment=augment, decay_epoch=decay_epoch,
+                                               dsa=dsa, decay_epoch=decay_epoch,
                                                on_epoch=on_epoch, first_index=len(accs))
         for acc in group_accs:
             if on_model is not None:
@@ -197,21 +202,29 @@ def networks_together(config: EvalConfig, device: torch.device, n_images: int, n
     return device.type == "cuda" and n_images <= num_classes
 
 
-def _train_group(seeds, images, labels, test, spec, config, *, lr, device, augment, decay_epoch, on_epoch,
+def _train_group(seeds, images, labels, test, spec, config, *, lr, device, dsa, decay_epoch, on_epoch,
                  first_index):
     """The networks of ``seeds`` (network i of the protocol: seed + i) trained together, one alone trained as
     itself; their final test and train accuracies."""
     nets, gens = zip(*(fresh_network(spec, seed, device) for seed in seeds))
     stack = NetworkStack(list(nets))
     opt = torch.optim.SGD(stack.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.engine == "graph":  # the same epochs from pre-drawn randomness, CUDA graphs on CUDA (raydd.graphs)
+        train_one_epoch = GraphTrainer(stack, opt, images, labels, batch_size=config.batch_size, generators=list(gens),
+                                       device=device, dsa=dsa, precision=config.precision).epoch
+    else:
+        augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
+
+        def train_one_epoch():
+            return train_epoch_together(stack, opt, images, labels, batch_size=config.batch_size,
+                                        generators=list(gens), device=device, augment=augment,
+                                        precision=config.precision)
     stats = None
     for epoch in range(config.epochs):
         if epoch == decay_epoch:
             for group in opt.param_groups:
                 group["lr"] = lr * 0.1
-        stats = train_epoch_together(stack, opt, images, labels, batch_size=config.batch_size,
-                                     generators=list(gens), device=device, augment=augment,
-                                     precision=config.precision)
+        stats = train_one_epoch()
         if on_epoch is not None:
             for i in range(len(stack)):
                 on_epoch(first_index + i, epoch)

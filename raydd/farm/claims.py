@@ -35,8 +35,11 @@ class WorkQueue:
     def empty(self) -> bool:
         return not self.pending
 
-    def take(self) -> TrajectoryTask | None:
+    def take(self, where=None) -> TrajectoryTask | None:
+        """The next pending task (``where(task)`` true, when given) this farm now holds, or None."""
         for task in list(self.pending):
+            if where is not None and not where(task):
+                continue
             tid = task.trajectory_id
             if not self.store.exists(tid):
                 got = self.store.claim(claim_meta(task), ttl_s=self.ttl_s)

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..data.datasets import ImageDataset
 from ..data.augment import DSAConfig, make_dsa
-from ..models import ModelSpec, build_model, flatten_buffers, flatten_params
-from ..training import PRECISIONS, NetworkStack, evaluate_together, train_epoch_together
+from ..models import ModelSpec, build_model, flatten_buffers, flatten_params, load_flat_params
+from ..graphs import GraphTrainer
+from ..training import ENGINES, PRECISIONS, NetworkStack, evaluate_together, train_epoch_together
 from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -49,6 +50,22 @@ class RecipeContext:
     on_epoch: Callable[[int, int, dict], None] | None = None
     store_root: str | None = None  # the farm's store, for recipes that read other trajectories (SSD students)
     precision: str = "fp32"  # forward/loss arithmetic (raydd.training.PRECISIONS): FarmSpec.precision
+    engine: str = "eager"  # how training steps run (raydd.training.ENGINES): FarmSpec.engine
+    # Extending a stored trajectory (prefix-exact recipes): its last epoch and the training state after it
+    # (``ResumePoint``); training continues from there. None: from the start.
+    resume_from: "ResumePoint | None" = None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a network's training stopped: the epoch and what the next epoch needs — its float32 parameters and
+    buffers, its generator state, its optimiser's momentum buffers (flat, parameter layout order; None: none)."""
+
+    epoch: int
+    params: torch.Tensor
+    buffers: torch.Tensor | None
+    generator: torch.Tensor
+    momentum: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +150,8 @@ def _build(ctx: RecipeContext) -> nn.Module:
         return build_model(ctx.model).to(ctx.device)
 
 
-def _augment(cfg: TrainingConfig, ctx: RecipeContext):
-    if not cfg.dsa:
-        return None
-    dsa = make_dsa(cfg.dsa_strategy, flip_ok=ctx.train.info.flip_ok)
-    return lambda x, g: dsa(x, generator=g)
+def _dsa(cfg: TrainingConfig, ctx: RecipeContext):
+    return make_dsa(cfg.dsa_strategy, flip_ok=ctx.train.info.flip_ok) if cfg.dsa else None
 
 
 def _snapshot(sink: SnapshotSink, net: nn.Module, epoch: int, metrics: dict[str, float]) -> None:
@@ -149,29 +163,44 @@ def _snapshot(sink: SnapshotSink, net: nn.Module, epoch: int, metrics: dict[str,
 def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSink], *, keep: Callable[[int], bool],
          optimizer_for: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
          scheduler_for: Callable[[torch.optim.Optimizer], Any] | None = None,
-         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0) -> list[dict[str, float]]:
+         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0, resumable: bool = False) -> list[dict[str, float]]:
     """Train one network per context (each from its own seed), snapshots to its own sink. Several contexts
     are trained as one computation (a ``NetworkStack``: the farm's ``pack``), each network keeping the
-    initialisation, batch order and augmentation it has when trained alone."""
+    initialisation, batch order and augmentation it has when trained alone. Contexts with a ``resume_from``
+    (all or none; at one epoch) continue a stored trajectory; ``resumable`` hands each sink the training state
+    after the last epoch (``keep_resume_state``), from which it can be extended later."""
     nets = [_build(ctx) for ctx in ctxs]
     gens = [torch.Generator().manual_seed(ctx.seed) for ctx in ctxs]
     ctx0 = ctxs[0]
-    augment = _augment(cfg, ctx0)
+    resumes = [ctx.resume_from for ctx in ctxs]
+    start_epoch = _resume_networks(nets, gens, resumes)
+    dsa = _dsa(cfg, ctx0)
     stack = NetworkStack(nets)  # one network alone is trained as itself
     optimizer = optimizer_for(stack.parameters())
+    if start_epoch:
+        _load_momentum(stack, optimizer, [r.momentum for r in resumes])
     scheduler = scheduler_for(optimizer) if scheduler_for else None
     nan = float("nan")
     metrics = [{"train_loss": nan, "train_acc": nan, "test_loss": nan, "test_acc": nan, "lr": cfg.lr} for _ in nets]
-    if keep(0):
+    if keep(0) and not start_epoch:
         for sink, net, m in zip(sinks, nets, metrics):
             _snapshot(sink, net, 0, m)
     images, labels = ctx0.train.images, ctx0.train.labels
-    for epoch in range(1, cfg.epochs + 1):
+    if ctx0.engine == "graph":  # the same epochs from pre-drawn randomness, as CUDA graphs on CUDA (raydd.graphs)
+        trainer = GraphTrainer(stack, optimizer, images, labels, batch_size=cfg.batch_size, generators=gens,
+                               device=ctx0.device, dsa=dsa, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta,
+                               precision=ctx0.precision)
+        train_one_epoch = trainer.epoch
+    else:
+        augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
+
+        def train_one_epoch():
+            return train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
+                                        generators=gens, device=ctx0.device, augment=augment,
+                                        cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta, precision=ctx0.precision)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
-                                           generators=gens, device=ctx0.device, augment=augment,
-                                           cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta,
-                                           precision=ctx0.precision)
+        train_stats = train_one_epoch()
         if scheduler is not None:
             scheduler.step()
         metrics = [{"train_loss": st.loss, "train_acc": st.acc, "test_loss": nan, "test_acc": nan, "lr": lr}
@@ -188,7 +217,71 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
         for ctx, m in zip(ctxs, metrics):
             if ctx.on_epoch is not None:
                 ctx.on_epoch(epoch, cfg.epochs, m)
+    if resumable:
+        stack.write_back()
+        for sink, net, gen, momentum in zip(sinks, nets, gens, _momentum(stack, optimizer)):
+            keep_state = getattr(sink, "keep_resume_state", None)  # the store's writers (lists in tests: none)
+            if keep_state is not None:
+                state = {"generator": gen.get_state(), "params": flatten_params(net)}
+                if momentum is not None:
+                    state["momentum"] = momentum
+                keep_state(state)
     return metrics
+
+
+def _resume_networks(nets: list[nn.Module], gens: list[torch.Generator], resumes: list) -> int:
+    """Load each network's resume point (parameters, buffers, generator); the epoch they continue after (0:
+    none, trained from the start)."""
+    if all(r is None for r in resumes):
+        return 0
+    epochs = {None if r is None else r.epoch for r in resumes}
+    if len(epochs) != 1:
+        raise ValueError(f"networks trained together continue from one epoch: got {sorted(map(str, epochs))}")
+    for net, gen, r in zip(nets, gens, resumes):
+        load_flat_params(net, r.params.to(next(net.parameters()).device),
+                         None if r.buffers is None else r.buffers.to(next(net.parameters()).device))
+        gen.set_state(r.generator)
+    return epochs.pop()
+
+
+def _stacked_parameters(stack: NetworkStack) -> list[tuple[torch.Tensor, int | None]]:
+    """(optimised tensor, slice of network i or None) per parameter of each network, in layout order."""
+    if stack.single is not None:
+        return [[(p, None) for p in stack.single.parameters()]]
+    return [[(stack.params[name], i) for name, _ in net.named_parameters()] for i, net in enumerate(stack.networks)]
+
+
+def _momentum(stack: NetworkStack, optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
+    """Each network's momentum buffers, flat in parameter layout order (None where the optimiser keeps none)."""
+    out = []
+    for params in _stacked_parameters(stack):
+        bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p, _ in params]
+        if any(b is None for b in bufs):
+            out.append(None)
+            continue
+        out.append(torch.cat([(b if i is None else b[i]).detach().reshape(-1) for b, (_, i) in zip(bufs, params)]))
+    return out
+
+
+def _load_momentum(stack: NetworkStack, optimizer: torch.optim.Optimizer, momenta: list[torch.Tensor | None]) -> None:
+    """Set the optimiser's momentum buffers from each network's flat ones (``_momentum``'s inverse)."""
+    if all(m is None for m in momenta):
+        return
+    if any(m is None for m in momenta):
+        raise ValueError("networks trained together continue with momentum buffers for all of them or none")
+    per_network = _stacked_parameters(stack)
+    for net_params, flat in zip(per_network, momenta):
+        offset = 0
+        for p, i in net_params:
+            size = p[0].numel() if i is not None else p.numel()
+            shape = p.shape[1:] if i is not None else p.shape
+            chunk = flat[offset:offset + size].view(shape).to(p.device)
+            offset += size
+            state = optimizer.state[p]
+            if i is None:
+                state["momentum_buffer"] = chunk.clone()
+            else:
+                state.setdefault("momentum_buffer", torch.zeros_like(p))[i].copy_(chunk)
 
 
 def _sgd(cfg: TrainingConfig) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
@@ -200,7 +293,7 @@ def run_expert(cfg: ExpertConfig, ctx: RecipeContext | list[RecipeContext], sink
     (the experts trained together). So do ``run_pretrain`` and ``run_observer``."""
     keep_to = cfg.epochs if cfg.keep_epochs is None else cfg.keep_epochs
     return _one_or_many(ctx, sink, lambda ctxs, sinks: _fit(cfg, ctxs, sinks, keep=lambda e: e <= keep_to,
-                                                            optimizer_for=_sgd(cfg)))
+                                                            optimizer_for=_sgd(cfg), resumable=True))
 
 
 def run_pretrain(cfg: PretrainConfig, ctx, sink):
@@ -240,12 +333,19 @@ class Recipe:
     # Whether ``run`` also takes lists of contexts and sinks and trains those networks as one computation
     # (the farm's ``pack``): the recipes built on ``_fit``.
     trains_together: bool = False
+    # Whether a trajectory of E epochs is exactly the first E epochs of a longer one of the same seed (no schedule
+    # that depends on the epoch count; the generator continues across epochs): a need for epochs 0..k is then
+    # served by any longer trajectory of the same lineage, and a stored one is extended instead of re-trained
+    # (its files hold the training state after their last epoch). Recipes with a decaying schedule farm whole.
+    prefix_exact: bool = False
     # Optional: resolve store-dependent config values (e.g. an SSD student's teacher="auto" -> a concrete
     # trajectory id) before the trajectory id is hashed: prepare(config, store_root, dataset) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
     # The FarmSpec.precision values ``run`` honours (RecipeContext.precision): all of them for the recipes
     # built on ``_fit``; fp32 alone for a recipe with its own loops until those take it.
     precisions: tuple[str, ...] = ("fp32",)
+    # The FarmSpec.engine values ``run`` honours (RecipeContext.engine): both for the recipes built on ``_fit``.
+    engines: tuple[str, ...] = ("eager",)
 
     def make_config(self, overrides: dict[str, Any] | None = None):
         """The recipe's config with paper defaults, overridden by ``overrides`` (unknown keys are an error)."""
@@ -284,8 +384,9 @@ def recipe_for_kind(kind: str) -> str:
                      f"{', '.join(sorted({r.kind for r in RECIPES.values()}))}")
 
 
-register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert, trains_together=True, precisions=PRECISIONS))
+register_recipe(Recipe("expert", "expert", ExpertConfig, run_expert, trains_together=True, precisions=PRECISIONS,
+                       engines=ENGINES, prefix_exact=True))
 register_recipe(Recipe("pretrain", "pretrain", PretrainConfig, run_pretrain, trains_together=True,
-                       precisions=PRECISIONS))
+                       precisions=PRECISIONS, engines=ENGINES))
 register_recipe(Recipe("observer", "observer", ObserverConfig, run_observer, default_norm="batch",
-                       trains_together=True, precisions=PRECISIONS))
+                       trains_together=True, precisions=PRECISIONS, engines=ENGINES))

@@ -21,7 +21,8 @@ from ..training import check_gpus_here, resolve_device
 from .claims import WorkQueue
 from .progress import FarmProgress, summary_table
 from .spec import FarmSpec
-from .task import FarmData, TrajectoryResult, data_fingerprint, plan_tasks, prepare_data, run_trajectories
+from .task import (FarmData, TrajectoryResult, data_fingerprint, link_prefixes, plan_tasks, prepare_data,
+                   run_trajectories)
 
 ProgressEvent = dict  # {"type": "epoch"|"done"|"retry", "trajectory_id", "epoch", "total", "pid", ...}
 
@@ -31,6 +32,10 @@ class FarmReport:
     trajectory_ids: list[str]  # every trajectory of the spec, in seed order (trained or already stored)
     trained: list[TrajectoryResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already in the store when the farm started
+    # prefix-exact recipes: {asked id: stored id} of asked trajectories a longer stored one of the same lineage
+    # serves (its first epochs are the asked trajectory), and the asked ids trained by extending a shorter one
+    served: dict[str, str] = field(default_factory=dict)
+    extended: list[str] = field(default_factory=list)
     by_others: list[str] = field(default_factory=list)  # claimed and published by another farm meanwhile
     cleaned: list[str] = field(default_factory=list)  # leftovers of dead writers removed at the start
     wall_time_s: float = 0.0
@@ -57,10 +62,11 @@ def farm(spec: FarmSpec, *, progress: bool = True, on_event: Callable[[ProgressE
     check_devices_here(spec)
     store = TrajectoryStore(spec.store).require_writable()
     data = data if data is not None else prepare_data(spec)
-    tasks = plan_tasks(spec, data, data_fingerprint(data))
-    todo = [t for t in tasks if not store.exists(t.trajectory_id)]
+    tasks, served = link_prefixes(plan_tasks(spec, data, data_fingerprint(data)), store)
+    todo = [t for t in tasks if t.trajectory_id not in served and not store.exists(t.trajectory_id)]
     skipped = [t.trajectory_id for t in tasks if t not in todo]
-    report = FarmReport([t.trajectory_id for t in tasks], skipped=skipped)
+    report = FarmReport([served.get(t.trajectory_id, t.trajectory_id) for t in tasks], skipped=skipped, served=served,
+                        extended=[t.trajectory_id for t in todo if t.extend_from is not None])
     if todo:
         report.cleaned = store.gc()
         work = WorkQueue(store, todo, spec.lease_ttl_s)
@@ -102,10 +108,21 @@ def check_devices_here(spec: FarmSpec) -> None:
 
 
 def take_pack(work: WorkQueue, size: int, retries: list | None = None) -> list:
-    """Up to ``size`` claimed tasks to train together (retried ones first); empty when none is free now."""
-    pack = []
+    """Up to ``size`` claimed tasks to train together (retried ones first), all continuing from the same epoch
+    (``extend_epoch``: trained from the start, or extending stored trajectories of one length); empty when none
+    is free now."""
+    pack: list = []
+
+    def fits(task) -> bool:
+        return not pack or task.extend_epoch == pack[0].extend_epoch
+
     while len(pack) < size:
-        task = retries.pop() if retries else work.take()
+        again = [t for t in retries or [] if fits(t)]
+        if again:
+            task = again[-1]
+            retries.remove(task)
+        else:
+            task = work.take(where=fits)
         if task is None:
             break
         pack.append(task)

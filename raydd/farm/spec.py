@@ -10,7 +10,7 @@ import yaml
 
 from ..data.datasets import check_dataset_name
 from ..models.spec import ModelSpec
-from ..training import check_precision
+from ..training import ENGINES, check_precision
 from ..validation import check_choice, check_int, check_range
 from .recipes import RECIPES, get_recipe
 
@@ -44,6 +44,9 @@ class FarmSpec:
     # optimizer state and the stored snapshots stay float32 (``dtype`` is the stored one). Part of the
     # trajectory id when not fp32, so fp32 ids are those of farms before the option existed.
     precision: str = "fp32"
+    # How the training steps run (raydd.training.ENGINES): eager, or graph (pre-drawn randomness, data on the
+    # device, CUDA graphs on CUDA: raydd.graphs). Not part of the trajectory id: the same trajectory either way.
+    engine: str = "eager"
     backend: str = "ray"
     workers: int = 2
     pack: int = 1  # trajectories each worker trains together as one computation (same trajectories)
@@ -75,6 +78,10 @@ class FarmSpec:
         if self.precision not in recipe.precisions:
             raise ValueError(f"precision={self.precision!r} is invalid for recipe {self.recipe!r}: it trains in "
                              f"{', '.join(recipe.precisions)} only")
+        check_choice("engine", self.engine, ENGINES)
+        if self.engine not in recipe.engines:
+            raise ValueError(f"engine={self.engine!r} is invalid for recipe {self.recipe!r}: it trains with "
+                             f"{', '.join(recipe.engines)} only")
         check_choice("backend", self.backend, BACKENDS)
         check_range("cpus_per_worker", self.cpus_per_worker, low=0, low_open=True)
         check_range("gpus_per_worker", self.gpus_per_worker, low=0)

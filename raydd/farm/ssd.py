@@ -45,8 +45,8 @@ from .recipes import (
     RecipeContext,
     SnapshotSink,
     TrainingConfig,
-    _augment,
     _build,
+    _dsa,
     _snapshot,
     register_recipe,
 )
@@ -429,7 +429,8 @@ def run_ssd_student(cfg: SSDStudentConfig, ctx: RecipeContext, sink: SnapshotSin
     visible[split.labelled] = train.labels[split.labelled]
     net = _build(ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
-    augment = _augment(cfg, ctx)
+    dsa = _dsa(cfg, ctx)
+    augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     keep_to = cfg.epochs if cfg.keep_epochs is None else cfg.keep_epochs
     nan = float("nan")

@@ -6,6 +6,7 @@ the benchmarks and the tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ import torch
 
 from ..data.datasets import DatasetInfo, ImageDataset, load_dataset
 from ..models import ModelSpec, ParamLayout, build_model
-from ..store import TrajectoryStore, trajectory_id
+from ..store import TrajectoryStore, lineage_id, trajectory_id
 from ..training import resolve_device
-from .recipes import RecipeContext, get_recipe
+from .recipes import RecipeContext, ResumePoint, get_recipe
 from .spec import FarmSpec
 
 
@@ -35,6 +36,24 @@ class TrajectoryTask:
     dtype: str
     store: str
     precision: str = "fp32"  # forward/loss arithmetic (FarmSpec.precision)
+    engine: str = "eager"  # how the training steps run (FarmSpec.engine; not hashed: the same trajectory)
+    # a stored shorter trajectory of the same lineage (prefix-exact recipes) this one extends, and its last epoch
+    extend_from: str | None = None
+    extend_epoch: int | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """What the trajectory id hashes (and, without its length options, the lineage id)."""
+        payload = {"recipe": self.recipe, "recipe_config": self.recipe_config, "model": self.model,
+                   "dataset": self.dataset, "seed": self.seed, "dtype": self.dtype}
+        if self.precision != "fp32":  # hashed only when set: fp32 keeps the ids farmed before the option existed
+            payload["precision"] = self.precision
+        return payload
+
+    def stored_epochs(self) -> set[int]:
+        """The epochs its file will store: 0..keep_epochs (all without it) and the last one."""
+        epochs = int(self.recipe_config["epochs"])
+        keep_to = self.recipe_config.get("keep_epochs")
+        return set(range(0, (epochs if keep_to is None else min(keep_to, epochs)) + 1)) | {epochs}
 
 
 @dataclass
@@ -116,13 +135,48 @@ def plan_tasks(spec: FarmSpec, data: FarmData, fingerprint: str) -> list[Traject
     recipe_config = config.to_dict()
     tasks = []
     for seed in spec.seeds:
-        payload = {"recipe": spec.recipe, "recipe_config": recipe_config, "model": model, "dataset": dataset,
-                   "seed": seed, "dtype": spec.dtype}
-        if spec.precision != "fp32":  # hashed only when set: fp32 keeps the ids farmed before the option existed
-            payload["precision"] = spec.precision
-        tasks.append(TrajectoryTask(trajectory_id(payload), seed, spec.recipe, recipe_config, model, dataset,
-                                    spec.dtype, spec.store, spec.precision))
+        task = TrajectoryTask("", seed, spec.recipe, recipe_config, model, dataset, spec.dtype, spec.store,
+                              spec.precision, spec.engine)
+        tasks.append(dataclasses.replace(task, trajectory_id=trajectory_id(task.payload())))
     return tasks
+
+
+def link_prefixes(tasks: list[TrajectoryTask], store: TrajectoryStore) -> tuple[list[TrajectoryTask], dict[str, str]]:
+    """For a prefix-exact recipe (``Recipe.prefix_exact``): the tasks that a stored trajectory of the same lineage
+    already serves — it stores every epoch the task would — as {task id: serving id}, and the tasks a shorter
+    stored one can be extended into (``extend_from``: the longest resumable one holding every epoch the task
+    stores up to its last). Other tasks are returned unchanged."""
+    if not tasks or not get_recipe(tasks[0].recipe).prefix_exact:
+        return tasks, {}
+    first = tasks[0]
+    lineages: dict[str, list] = {}
+    for info in store.list(dataset=first.dataset["name"], kind=get_recipe(first.recipe).kind,
+                           model=first.model["name"]):
+        try:
+            lineages.setdefault(info.lineage, []).append(info)
+        except KeyError:  # metadata without a field the lineage needs: not a farm's trajectory
+            continue
+    served: dict[str, str] = {}
+    linked = []
+    for task in tasks:
+        family = lineages.get(lineage_id(task.payload()), [])
+        wanted = task.stored_epochs()
+        if store.exists(task.trajectory_id) or not family:
+            linked.append(task)
+            continue
+        covering = [i for i in family if wanted <= set(i.epochs)]
+        if covering:
+            served[task.trajectory_id] = max(covering, key=lambda i: (len(i.epochs), i.trajectory_id)).trajectory_id
+            linked.append(task)
+            continue
+        last = max(wanted)
+        prefixes = [i for i in family if i.resumable and i.epochs[-1] < last
+                    and {e for e in wanted if e <= i.epochs[-1]} <= set(i.epochs)]
+        if prefixes:
+            source = max(prefixes, key=lambda i: (i.epochs[-1], i.trajectory_id))
+            task = dataclasses.replace(task, extend_from=source.trajectory_id, extend_epoch=source.epochs[-1])
+        linked.append(task)
+    return linked, served
 
 
 def data_fingerprint(data: FarmData) -> str:
@@ -145,11 +199,11 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
     stacked: the farm's ``pack``) and publish each atomically; nothing is published if training fails.
     ``on_epoch(trajectory_id, epoch, total, metrics)``."""
     first = tasks[0]
-    if any((t.recipe, t.recipe_config, t.model, t.dataset, t.dtype, t.precision) !=
-           (first.recipe, first.recipe_config, first.model, first.dataset, first.dtype, first.precision)
-           for t in tasks):
-        raise ValueError("trajectories trained together must share recipe, config, model, dataset, dtype and "
-                         "precision")
+    if any((t.recipe, t.recipe_config, t.model, t.dataset, t.dtype, t.precision, t.engine, t.extend_epoch) !=
+           (first.recipe, first.recipe_config, first.model, first.dataset, first.dtype, first.precision, first.engine,
+            first.extend_epoch) for t in tasks):
+        raise ValueError("trajectories trained together must share recipe, config, model, dataset, dtype, "
+                         "precision, engine and the epoch they continue from")
     recipe = get_recipe(first.recipe)
     if len(tasks) > 1 and not recipe.trains_together:
         raise ValueError(f"recipe {first.recipe!r} trains one network at a time: pack=1")
@@ -166,14 +220,42 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
     with contextlib.ExitStack() as open_writers:
         writers, ctxs = [], []
         for task in tasks:
-            writers.append(open_writers.enter_context(store.writer(
+            task_extra = {**extra, "lineage": lineage_id(task.payload())} if recipe.prefix_exact else extra
+            if task.extend_from is not None:
+                task_extra["extended_from"] = task.extend_from
+            writer = open_writers.enter_context(store.writer(
                 trajectory_id=task.trajectory_id, kind=recipe.kind, recipe=task.recipe,
                 recipe_config=task.recipe_config, seed=task.seed, model=task.model, **layouts, dtype=task.dtype,
-                dataset=task.dataset, metric_names=list(recipe.metric_names), extra=extra,
-            )))
+                dataset=task.dataset, metric_names=list(recipe.metric_names), extra=task_extra,
+            ))
+            writers.append(writer)
+            resume = _copy_prefix(task, store, writer) if task.extend_from is not None else None
             report = (lambda *a, _tid=task.trajectory_id: on_epoch(_tid, *a)) if on_epoch else None
             ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store,
-                                      precision=task.precision))
+                                      precision=task.precision, engine=task.engine, resume_from=resume))
         finals = recipe.run(config, ctxs, writers) if len(tasks) > 1 else [recipe.run(config, ctxs[0], writers[0])]
     seconds = time.perf_counter() - start
     return [TrajectoryResult(t.trajectory_id, t.seed, final, seconds) for t, final in zip(tasks, finals)]
+
+
+def _copy_prefix(task: TrajectoryTask, store: TrajectoryStore, writer) -> ResumePoint:
+    """Copy the snapshots of the stored trajectory ``task`` extends that ``task`` stores into ``writer`` (as they
+    are: the same bytes a run from the start would write) and return where its training stopped."""
+    if not get_recipe(task.recipe).prefix_exact:
+        raise ValueError(f"recipe {task.recipe!r} is not prefix-exact: its trajectories cannot be extended")
+    with store.open(task.extend_from) as source:
+        if lineage_id(task.payload()) != source.info.lineage:
+            raise ValueError(f"trajectory {task.extend_from} is not a shorter run of {task.trajectory_id}")
+        state = source.resume_state()
+        if state is None:
+            raise ValueError(f"trajectory {task.extend_from} holds no resume state: it cannot be extended")
+        last = source.epochs[-1]
+        wanted = task.stored_epochs()
+        for row in source.metrics():
+            epoch = row.pop("epoch")
+            if epoch in wanted:
+                writer.append(epoch, source.params(epoch), buffers=source.buffers(epoch), metrics=row)
+        params = state["params"] if "params" in state else source.params(last, torch.float32).clone()
+        buffers = source.buffers(last)
+        return ResumePoint(last, params, None if buffers is None else buffers.float().clone(), state["generator"],
+                           state.get("momentum"))

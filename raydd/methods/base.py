@@ -333,7 +333,9 @@ class CondensationMethod(ABC):
         """Restore ``state_dict()`` output; a checkpoint of another method or config is a ValueError."""
         if state.get("method") != self.name:
             raise ValueError(f"checkpoint is for method {state.get('method')!r}, not {self.name!r}")
-        mine, theirs = _plain(self.config.to_dict()), _plain(state.get("config", {}))
+        # how the iterations run (engine) does not change what they compute: a checkpoint resumes under either
+        mine, theirs = ({k: v for k, v in _plain(c).items() if k != "engine"}
+                        for c in (self.config.to_dict(), state.get("config", {})))
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"checkpoint config differs from this method's config in {diff}")

@@ -93,6 +93,7 @@ class DATMConfig(MTTConfig):
     label_epoch: int | None = None  # expert snapshot for selection and label logits; None: each expert's last
 
     default_iterations: ClassVar[int] = 10000
+    engines: ClassVar[tuple[str, ...]] = ("eager",)  # engine="graph" is built for MTT's iteration only
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple(_PUBLISHED)
     reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM Table 1 (METHODS.md)
         ("cifar10", 1): 46.9, ("cifar10", 10): 66.8, ("cifar10", 50): 76.1}

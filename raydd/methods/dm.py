@@ -24,17 +24,21 @@ Randomness: the embedder seed, the real batches and the augmentation seeds are a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ..data.augment import DSAConfig, make_dsa
-from ..models import ModelSpec, build_model, default_depth
+from ..graphs import GraphedIteration, table_from, table_inputs
+from ..models import FlatModel, ModelSpec, build_model, default_depth, flatten_params
 from ..models.spec import ARCHITECTURES, NORMS
 from .base import (CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree,
                    embed_classes_together, register_method)
 from .synthetic import SyntheticSet
+from ..training import ENGINES
+from ..validation import check_choice
 
 DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"  # reference --dsa_strategy default
 _SEED_HIGH = 2 ** 31 - 1  # augmentation seeds are drawn in [0, 2^31 - 1)
@@ -60,8 +64,14 @@ class DMConfig(MethodConfig):
     norm: str = "instance"  # 'instance' | 'batch' | 'none'
     # all classes in one real and one synthetic forward (instance norm / none only); None: on CUDA only
     embed_classes_together: bool | None = None
+    # How an iteration runs (raydd.training.ENGINES): eager, or graph — its random draws made up front (the
+    # embedder's initialisation, the real batches, the siamese DSA draws) and on CUDA the rest of the iteration
+    # (augmentation, both embeddings, eq. 4, the backward pass, the SGD step) replayed as one CUDA graph; the
+    # classes embedded together (as embed_classes_together). The same numbers (tests/test_graphs.py).
+    engine: str = "eager"
 
     default_iterations: ClassVar[int] = 20000
+    engines: ClassVar[tuple[str, ...]] = ENGINES
     # The paper's settings are the same for every dataset and IPC; these are the ones it reports.
     published: ClassVar[tuple[tuple[str, int], ...]] = tuple(
         (d, i) for d in ("mnist", "fashion_mnist", "cifar10", "cifar100") for i in (1, 10, 50))
@@ -93,6 +103,10 @@ class DMConfig(MethodConfig):
         DSAConfig(strategy=self.dsa_strategy)  # validates the strategy string
         embed_classes_together("DMConfig.embed_classes_together", self.embed_classes_together, self.norm,
                                torch.device("cpu"))
+        check_choice("DMConfig.engine", self.engine, ENGINES)
+        if self.engine == "graph" and self.embed_classes_together is False:
+            raise ValueError("DMConfig.engine='graph' embeds the classes together: use embed_classes_together=null "
+                             "or true with it (got false)")
 
     def model_spec(self, info) -> ModelSpec:
         """The embedder for a dataset with DatasetInfo ``info``."""
@@ -115,8 +129,9 @@ class DM(CondensationMethod):
         with torch.random.fork_rng(devices=[]):  # fails here, before any work, if the spec does not fit
             build_model(self.model_spec)
         self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=info.flip_ok) if cfg.dsa else None
-        self.embed_together = embed_classes_together("DMConfig.embed_classes_together", cfg.embed_classes_together,
-                                                     cfg.norm, self.device)
+        self.embed_together = cfg.engine == "graph" or embed_classes_together(
+            "DMConfig.embed_classes_together", cfg.embed_classes_together, cfg.norm, self.device)
+        self._graphed: GraphedIteration | None = None  # engine="graph": built at the first step
         self.num_classes = info.num_classes
         self._class_idx = [train.class_indices(c) for c in range(self.num_classes)]
         self._real = train.images.to(self.device)  # the reference keeps the whole training set on the device
@@ -137,14 +152,16 @@ class DM(CondensationMethod):
 
     def _embedder(self, generator: torch.Generator) -> torch.nn.Module:
         """A freshly initialised, frozen embedder: default init seeded from ``generator`` (CPU, then moved)."""
-        seed = int(torch.randint(_NET_SEED_HIGH, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):  # the global RNG is restored on exit
-            torch.manual_seed(seed)
-            net = build_model(self.model_spec)
-        net = net.to(self.device).train()  # reference: net.train(); BN uses batch statistics
+        net = self._embedder_on_cpu(generator).to(self.device).train()  # reference: net.train(); BN: batch stats
         for p in net.parameters():
             p.requires_grad_(False)
         return net
+
+    def _embedder_on_cpu(self, generator: torch.Generator) -> torch.nn.Module:
+        seed = int(torch.randint(_NET_SEED_HIGH, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):  # the global RNG is restored on exit
+            torch.manual_seed(seed)
+            return build_model(self.model_spec)
 
     def _draw_class_batch(self, c: int, generator: torch.Generator) -> tuple[torch.Tensor, int | None]:
         """(real images of class c, DSA seed): up to batch_real images without replacement."""
@@ -211,6 +228,8 @@ class DM(CondensationMethod):
         return total
 
     def step(self) -> dict[str, float]:
+        if self.config.engine == "graph":
+            return self._graph_step()
         step_meter = StepMeter(self.device)
         self.opt_img.zero_grad(set_to_none=True)
         loss = self._distribution_loss(self.generator, backward=True)
@@ -223,6 +242,84 @@ class DM(CondensationMethod):
         metrics = {"loss": float(loss), "loss_per_class": float(loss) / self.num_classes,
                    "grad_norm_img": grad_norm}
         return step_meter.finish(metrics)
+
+    # ------------------------------------------------------------------ engine="graph"
+    def _plan_iteration(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The iteration's random draws in the order ``_distribution_loss`` draws them — the embedder's seed and
+        initialisation, then per class its real batch and DSA seed — as named inputs: the embedder's flat
+        parameters, the real images' indices, and the siamese draws as DSA tables of the real and the synthetic
+        images (each class's one draw repeated over its images)."""
+        net = self._embedder_on_cpu(generator)
+        picks, real_draws, syn_draws = [], [], []
+        size, ipc = tuple(self.images.shape[-2:]), self.config.ipc
+        for c in range(self.num_classes):
+            idx = self._class_idx[c]
+            picks.append(idx[torch.randperm(len(idx), generator=generator)[:self.config.batch_real]])
+            if self.dsa is not None:
+                seed = int(torch.randint(_SEED_HIGH, (1,), generator=generator))
+                draw = self.dsa.draw(torch.Generator().manual_seed(seed), 1, size) if self.dsa.ops else None
+                real_draws.append(draw)
+                syn_draws.append(draw)
+        inputs = {"params": flatten_params(net).to(self.device), "idx": torch.cat(picks).to(self.device)}
+        if real_draws and real_draws[0] is not None:
+            sizes = [len(p) for p in picks]
+            inputs.update({k: v.to(self.device) for k, v in table_inputs(
+                self.dsa.table([d.repeated(n) for d, n in zip(real_draws, sizes)], sizes), "r_").items()})
+            inputs.update({k: v.to(self.device) for k, v in table_inputs(
+                self.dsa.table([d.repeated(ipc) for d in syn_draws], [ipc] * self.num_classes), "s_").items()})
+        return inputs
+
+    def _graph_iteration(self, inputs: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """One iteration on planned draws (what the CUDA graph captures): eq. 4 over every class with the
+        embedder's parameters ``inputs["params"]``, the backward pass into S and its SGD step; loss and the
+        gradient norm left in ``out``."""
+        ipc, flat = self.config.ipc, self._graph_net
+        real = self._real[inputs["idx"]]
+        syn = self.images
+        if self.dsa is not None and self.dsa.ops:
+            real = self.dsa.apply_table(real, table_from(inputs, self.dsa, "r_"))
+            syn = self.dsa.apply_table(syn, table_from(inputs, self.dsa, "s_"))
+        sizes = [len(idx) for idx in self._class_batches()]
+        with torch.no_grad():
+            real_feats = self._embed_rows_flat(flat, inputs["params"], real).split(sizes)
+        real_means = torch.stack([f.mean(0) for f in real_feats])
+        syn_means = flat.embed(inputs["params"], syn).view(self.num_classes, ipc, -1).mean(1)
+        loss = (real_means - syn_means).pow(2).sum()  # eq. 4
+        self.opt_img.zero_grad(set_to_none=True)
+        loss.backward(inputs=[self.images])
+        out[0].copy_(loss.detach())
+        out[1].copy_(self.images.grad.norm())
+        self.opt_img.step()
+
+    def _class_batches(self) -> list[range]:
+        """Each class's real batch positions (its size: batch_real, or the whole class if smaller)."""
+        return [range(min(self.config.batch_real, len(idx))) for idx in self._class_idx]
+
+    def _embed_rows_flat(self, flat: FlatModel, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``_embed_rows`` at the parameters ``params`` (a BatchNorm embedder: one forward, batch statistics)."""
+        if self.device.type != "cpu" or self.model_spec.norm == "batch":
+            return flat.embed(params, x)
+        height, width = x.shape[-2:]
+        chunk = max(1, self.cpu_chunk_bytes // (self.model_spec.width * (height + 4) * (width + 4) * 4))
+        return torch.cat([flat.embed(params, part) for part in x.split(chunk)])
+
+    def _graph_step(self) -> dict[str, float]:
+        if self._graphed is None:
+            with torch.random.fork_rng(devices=[]):
+                net = build_model(self.model_spec).to(self.device).train()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            self._graph_net = FlatModel(net)
+            self._graphed = GraphedIteration(self._graph_iteration, device=self.device, metrics=2,
+                                             leaves=lambda: [self.images], optimisers=[self.opt_img])
+        step_meter = StepMeter(self.device)
+        loss, grad_norm = self._graphed.run(self._plan_iteration(self.generator))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"DM loss is {loss} at iteration {self._iteration}: "
+                                     f"lower lr_img ({self.config.lr_img})")
+        self._iteration += 1
+        return step_meter.finish({"loss": loss, "loss_per_class": loss / self.num_classes,
+                                  "grad_norm_img": grad_norm})
 
     def matching_loss(self, seed: int = 0) -> float:
         """Eq. 4 for a fixed embedder/real batches/augmentations (from ``seed``), without updating S.

@@ -119,6 +119,22 @@ def farm_commands(needs: Iterable[TrajectoryNeed], dataset: str, store_root: str
     return ", then ".join(farm_command(n, dataset, store_root, data_root=data_root) for n in needs)
 
 
+def longest_of_each_lineage(infos: list) -> list:
+    """``infos`` with one trajectory per lineage of a prefix-exact recipe (one training run stored at several
+    lengths): the one storing the most snapshots; order kept."""
+    from ..farm.recipes import RECIPES
+
+    longest: dict[str, Any] = {}
+    for info in infos:
+        recipe = RECIPES.get(info.recipe)
+        if recipe is not None and recipe.prefix_exact:
+            key = info.lineage
+            if key not in longest or len(info.epochs) > len(longest[key].epochs):
+                longest[key] = info
+    return [i for i in infos if not (RECIPES.get(i.recipe) and RECIPES[i.recipe].prefix_exact)
+            or longest[i.lineage] is i]
+
+
 def fits(spec: dict, info) -> bool:
     """A stored network (ModelSpec dict) takes the data's images and predicts its classes."""
     return (spec["channels"], spec["num_classes"], tuple(spec["resolution"])) == \
@@ -174,9 +190,11 @@ class StoreInputs:
         return [i for i in infos if all(i.meta.get("recipe_config", {}).get(k) == v for k, v in wanted.items())]
 
     def find(self, need: TrajectoryNeed) -> list:
-        """The TrajectoryInfos that serve ``need`` (checked, store order; ``need.ids`` order if given)."""
+        """The TrajectoryInfos that serve ``need`` (checked, store order; ``need.ids`` order if given). Of a
+        prefix-exact recipe's trajectories of one lineage (one training run stored at several lengths, e.g. after
+        an extension) only the one storing the most snapshots is kept: each run is one trajectory."""
         store, shown, role = self.store, need.filters(self.dataset), need.role
-        infos = self.list(need)
+        infos = longest_of_each_lineage(self.list(need))
         if not infos:
             noun = role if role.endswith("trajectories") else "trajectories"
             raise self.missing(f"no {noun} in store {store.root} match {shown}; farm {role} first")

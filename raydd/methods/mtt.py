@@ -26,8 +26,10 @@ import torch
 from torch.nn import functional as F
 
 from ..data.augment import DSAConfig, make_dsa
+from ..graphs import GraphedIteration, table_from, table_inputs
 from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
+from ..training import ENGINES
 from .unroll import UNROLL_MODES, checkpointed_unroll, first_order_unroll
 from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
@@ -78,6 +80,10 @@ class MTTConfig(MethodConfig):
     # 'tesla': TESLA's constant-memory gradient, first-order for N > 1 (raydd/methods/unroll.py)
     unroll_segment: int = 0  # steps re-run together in the backward pass (unroll='checkpoint'); 0: 1
     expert_kind: str = "expert"  # store kind of the trajectories to match
+    # How an iteration runs (raydd.training.ENGINES): eager, or graph — its random draws made up front, and on
+    # CUDA the whole iteration (N student steps, eq. 2, the backward pass, both optimiser steps) replayed as one
+    # CUDA graph; elsewhere the same iteration runs eagerly. The same numbers (tests/test_graphs.py).
+    engine: str = "eager"
 
     aliases: ClassVar[dict[str, str]] = {"alpha": "syn_lr_init"}
     default_iterations: ClassVar[int] = 5000
@@ -89,6 +95,7 @@ class MTTConfig(MethodConfig):
         notes="distill.py: 5 ConvNet-3 w128 IN x 1000 epochs at the learned lr, each network's final accuracy "
               "(its Max_Accuracy line is the best checkpoint; which one Table 1 quotes is not stated)")
     matched_recipe: ClassVar[str] = "expert"  # the farm recipe whose trajectories are matched
+    engines: ClassVar[tuple[str, ...]] = ENGINES  # the engines this method's iteration is built for
     matched_role: ClassVar[str] = "experts"
 
     def needs(self) -> tuple[TrajectoryNeed, ...]:
@@ -122,6 +129,12 @@ class MTTConfig(MethodConfig):
             self.check(key, low=0, high=1, high_open=True)
         self.check("batch_syn", low=1)
         self.check("unroll_segment", low=0)
+        if self.engine not in self.engines:
+            raise ValueError(f"{type(self).__name__}.engine={self.engine!r} is invalid: accepted "
+                             f"{', '.join(self.engines)}")
+        if self.engine == "graph" and self.unroll != "full":
+            raise ValueError(f"{type(self).__name__}.engine='graph' replays the full unroll: use unroll='full' "
+                             f"(got {self.unroll!r})")
         if self.unroll not in UNROLL_MODES:
             raise ValueError(f"{type(self).__name__}.unroll={self.unroll!r} is invalid: accepted {', '.join(UNROLL_MODES)}")
         if self.pix_init not in ("real", "noise"):
@@ -207,6 +220,7 @@ class MTT(CondensationMethod):
 
     def __init__(self, config: MTTConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
+        self._graphed: GraphedIteration | None = None  # engine="graph": built at the first step
         self._build()
 
     def _build(self) -> None:
@@ -369,6 +383,8 @@ class MTT(CondensationMethod):
                                       f"(last: {error})")
 
     def step(self) -> dict[str, float]:
+        if self.config.engine == "graph":
+            return self._graph_step()
         cfg = self.config
         step_meter = StepMeter(self.device)
         start, theta_start, theta_target = self.sample_segment()
@@ -393,6 +409,67 @@ class MTT(CondensationMethod):
             "graph_mem_mb": meter.megabytes,
         }
         return step_meter.finish(metrics, graph_mb=meter.megabytes)
+
+    # ------------------------------------------------------------------ engine="graph"
+    def _plan_unroll(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The unroll's random draws made up front, in the order ``_unroll`` draws them (each step's minibatch
+        — a fresh permutation when the last is used up — then its DSA parameters), as named inputs."""
+        inputs: dict[str, torch.Tensor] = {}
+        pending: list[torch.Tensor] = []
+        size = tuple(self.images.shape[-2:])
+        for n in range(self.config.syn_steps):
+            idx = self._next_minibatch(self.images.shape[0], generator, pending)
+            inputs[f"idx{n}"] = idx
+            if self.dsa is not None and self.dsa.ops:
+                table = self.dsa.table([self.dsa.draw(generator, len(idx), size)], [len(idx)])
+                inputs.update({k: v.to(self.device) for k, v in table_inputs(table, f"s{n}_").items()})
+        return inputs
+
+    def _graph_iteration(self, inputs: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """One whole iteration on planned draws (what the CUDA graph captures): the student's N steps (eq. 1),
+        eq. 2, the backward pass into S and α, their optimiser steps; the metrics left in ``out``."""
+        leaves = self._leaves()
+        images, alpha = leaves[0], leaves[1]
+        theta_start, theta_target = inputs["theta_start"], inputs["theta_target"]
+        with _SavedTensorMeter() as meter:
+            params = theta_start.detach().clone().requires_grad_(True)
+            for n in range(self.config.syn_steps):
+                idx = inputs[f"idx{n}"]
+                x = images[idx]
+                if self.dsa is not None and self.dsa.ops:
+                    x = self.dsa.apply_table(x, table_from(inputs, self.dsa, f"s{n}_"))
+                loss = self._inner_loss(self.flat_model(params, x), idx, leaves)
+                (grad,) = torch.autograd.grad(loss, params, create_graph=True)
+                params = params - alpha * grad  # eq. 1
+            loss = self._matching_loss(params, theta_start, theta_target)
+        self._graph_mem_mb = meter.megabytes  # measured where the step runs in Python (eagerly, or at capture)
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        loss.backward(inputs=leaves)
+        out[0].copy_(loss.detach())
+        out[1].copy_(self.images.grad.norm())
+        out[2].copy_(self.syn_lr.grad.abs().reshape(()))
+        out[3].copy_((theta_start - theta_target).pow(2).sum())
+        self.opt_img.step()
+        self.opt_lr.step()
+
+    def _graph_step(self) -> dict[str, float]:
+        if self._graphed is None:
+            self._graphed = GraphedIteration(self._graph_iteration, device=self.device, metrics=4,
+                                             leaves=lambda: [self.images, self.syn_lr],
+                                             optimisers=[self.opt_img, self.opt_lr])
+        step_meter = StepMeter(self.device)
+        start, theta_start, theta_target = self.sample_segment()
+        inputs = {"theta_start": theta_start, "theta_target": theta_target, **self._plan_unroll(self.generator)}
+        loss, grad_img, grad_lr, param_dist = self._graphed.run(inputs)
+        if not math.isfinite(loss):  # as the eager step: nothing was updated
+            raise FloatingPointError(f"MTT matching loss is {loss} at iteration {self._iteration}: "
+                                     f"lower lr_img ({self.config.lr_img}) or lr_lr ({self.config.lr_lr})")
+        self._iteration += 1
+        metrics = {"loss": loss, "syn_lr": float(self.syn_lr.detach()), "start_epoch": float(start),
+                   "grad_norm_img": grad_img, "grad_norm_lr": grad_lr, "param_dist": param_dist,
+                   "graph_mem_mb": self._graph_mem_mb}
+        return step_meter.finish(metrics, graph_mb=self._graph_mem_mb)
 
     def matching_loss(self, trajectory_id: str, start_epoch: int, seed: int = 0) -> float:
         """Eq. 2 for a fixed (expert, start epoch) and a fixed augmentation/batch seed, without updating S.

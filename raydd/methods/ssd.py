@@ -77,6 +77,7 @@ class SSDConfig(MTTConfig):
               "protocol (5 ConvNets x 300 epochs) and the method's own needs")
     matched_recipe: ClassVar[str] = STUDENT_RECIPE
     matched_role: ClassVar[str] = "student trajectories"
+    engines: ClassVar[tuple[str, ...]] = ("eager",)  # engine="graph" is built for MTT's iteration only
 
     def needs(self) -> tuple[TrajectoryNeed, ...]:
         """A FixMatch teacher (ResNet-18 in the paper), then its dual-consistency students storing epochs

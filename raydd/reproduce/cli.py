@@ -35,6 +35,20 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="set a method knob, e.g. --set inner_momentum=0 (an ablation: a departure the table, the "
                         "ledger and --list state; repeatable)")
+    p.add_argument("--engine", default="eager", help="how training steps run: eager (default) or graph (the same "
+                                                     "numbers from pre-drawn randomness; CUDA graphs on a GPU) for "
+                                                     "the farm, the method where it has one, and the evaluation")
+    p.add_argument("--plan", action="store_true", help="print what the setting would farm, condense and evaluate, "
+                                                       "and exit")
+    p.add_argument("--campaign", metavar="DIR",
+                   help="one sitting of the paper-scale campaign kept in DIR: the next settings without a "
+                        "paper-scale ledger row, in a fixed priority order, each to its end or to a checkpoint a "
+                        "later sitting resumes (needs --time)")
+    p.add_argument("--time", help="the campaign sitting's length (e.g. 8m)")
+    p.add_argument("--smoke", action="store_true", help="the campaign at the test-sized scale on digits")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="the campaign's settings restricted to these")
+    p.add_argument("--eval-reserve", dest="eval_reserve", default="90s",
+                   help="campaign: stop condensing this long before the sitting ends, for the evaluation (90s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_reproduce)
@@ -42,18 +56,34 @@ def add_reproduce_parser(subparsers) -> None:
 
 def cmd_reproduce(args) -> int:
     from ..condense_cli import parse_overrides
-    from .run import list_settings, reproduce
+    from .run import list_settings, plan_text, reproduce
 
     if args.list:
         print(list_settings(args.ledger))
         return 0
+    if args.campaign:
+        from .campaign import run_campaign
+
+        if args.name:
+            raise ValueError(f"--campaign runs the settings in its own order: drop {args.name!r} (or use --only)")
+        report = run_campaign(args.campaign, time_limit=args.time, smoke=args.smoke, only=args.only,
+                              data_root=args.data_root, store=args.store, device=args.device, engine=args.engine,
+                              pack=args.pack, budget=args.budget, eval_reserve=args.eval_reserve, ledger=args.ledger,
+                              progress=not args.quiet)
+        print(report.table() if report.rows else "campaign: nothing left to run in this sitting (every entry is "
+                                                  "done, has a paper-scale ledger row, or the time is too short)")
+        return 0
     if not args.name:
         raise ValueError("name a published setting (raydd reproduce --list shows them)")
+    if args.plan:
+        print(plan_text(args.name, scale=args.scale, on=args.on, trajectories=args.trajectories,
+                        trajectory_epochs=args.trajectory_epochs))
+        return 0
     out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
                     workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
                     ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet,
                     trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack,
-                    overrides=parse_overrides(args.options))
+                    overrides=parse_overrides(args.options), engine=args.engine)
     print(out.table())
     if out.row and args.ledger != "":
         print(f"ledger row appended ({out.row['setting']}, scale {out.row['scale']})", file=sys.stderr)

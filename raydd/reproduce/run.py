@@ -23,7 +23,8 @@ from ..condense import TimeBudget, condense
 from ..data.datasets import ImageDataset, load_dataset
 from ..evaluation import EvalResult, evaluate, protocol_config
 from ..methods import get_method, make_config
-from ..validation import check_int
+from ..training import ENGINES
+from ..validation import check_choice, check_int
 from .settings import PublishedSetting, ReproScale, get_scale, get_setting, published_settings
 
 DEFAULT_LEDGER = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reproduce_ledger.jsonl"
@@ -79,6 +80,8 @@ class ReproResult:
     seconds: dict[str, float] = field(default_factory=dict)
     eval_settings: dict = field(default_factory=dict)
     row: dict = field(default_factory=dict)
+    resumed_from: int = 0  # the checkpoint's iteration this run continued (0: from the start)
+    method_engine: str = "eager"  # how the method's iterations ran (its config's engine; eager where it has none)
 
     @property
     def finished(self) -> bool:
@@ -114,7 +117,7 @@ def _load(dataset: str, split: str, data_root: str | None, train_per_class: int 
 
 def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, scale: ReproScale, store: str,
           train: ImageDataset, test: ImageDataset, device: str, backend: str, pack: int,
-          progress: bool) -> tuple[list[dict], str | None]:
+          progress: bool, engine: str = "eager") -> tuple[list[dict], str | None]:
     """Farm the jobs in order; returns what was farmed and the teacher trajectory farmed for this run, if any.
     A teacher is pinned: the later jobs that train against a teacher (SSD's students) name it, so the run
     reads its own teacher even where the store holds teachers of other settings on the same data."""
@@ -131,12 +134,14 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
             fields["recipe_options"]["teacher"] = teacher
         spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
                         train_per_class=scale.train_per_class, backend=backend, device=device,
-                        pack=pack if recipe.trains_together else 1, **fields)
+                        pack=pack if recipe.trains_together else 1,
+                        engine=engine if engine in recipe.engines else "eager", **fields)
         started = time.perf_counter()
         report = farm(spec, progress=progress, data=data)
         if need.role == "teacher" and len(report.trajectory_ids) == 1:
             teacher = report.trajectory_ids[0]
         done.append({"recipe": need.recipe, "count": count, "epochs": epochs, "trained": len(report.trained),
+                     "extended": len(report.extended), "served_by_longer": len(report.served),
                      "seconds": round(time.perf_counter() - started, 1)})
     return done, teacher
 
@@ -146,12 +151,18 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
               budget: str | float | None = None, resume: bool = False, ledger: str | Path | None = None,
               backend: str = "local", seed: int = 0, progress: bool = True, trajectories: int | None = None,
               trajectory_epochs: int | None = None, pack: int = 1,
-              overrides: dict[str, Any] | None = None) -> ReproResult:
+              overrides: dict[str, Any] | None = None, engine: str = "eager",
+              evaluate_unfinished: bool = True, condense_until: float | None = None) -> ReproResult:
     """Run the published setting ``name`` at ``scale`` (see the module doc); returns the result, after
     appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none).
     ``trajectories``/``trajectory_epochs`` cap what is farmed per recipe (never below what the config
     reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack);
-    ``overrides`` sets method knobs (``--set``: an ablation of the setting, a departure like the others)."""
+    ``overrides`` sets method knobs (``--set``: an ablation of the setting, a departure like the others).
+    ``engine`` (raydd.training.ENGINES) is how the farm's, the method's (where it has one) and the standard
+    evaluation's training steps run: the same numbers, not a departure. ``evaluate_unfinished=False`` skips the
+    evaluation (and the ledger row) of a run its budget stopped: its checkpoint is what it leaves.
+    ``condense_until`` (a ``time.perf_counter()`` instant) stops the condensation then at the latest, whatever
+    farming took before it."""
     setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
     check_int("pack", pack)
     if overrides:  # unknown knobs are one line naming the accepted ones, before any work
@@ -163,12 +174,15 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     if backend not in ("local", "ray"):
         raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")
     dataset = on or setting.dataset
+    check_choice("engine", engine, ENGINES)
     config, jobs = setting.plan(sc, on)  # validated before any data is loaded
+    config = with_engine(config, engine)
     eval_settings = setting.eval_settings(sc)
     eval_config = protocol_config(dataset, eval_settings)
-    caps = "".join(f"-{k}{v}" for k, v in (("t", trajectories), ("e", trajectory_epochs)) if v is not None)
-    caps += "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
-    run_dir = Path(workdir) / (f"{name}-{sc.name}{caps}" + (f"-on-{on}" if on else ""))
+    if engine != "eager" and "engine" in {f.name for f in dataclasses.fields(eval_config)}:
+        eval_config = dataclasses.replace(eval_config, engine=engine)
+    run_dir = run_directory(workdir, name, sc.name, trajectories=trajectories, trajectory_epochs=trajectory_epochs,
+                            overrides=overrides, on=on)
     checkpoint = run_dir / "method.safetensors"
     if checkpoint.exists() and not resume:
         raise ValueError(f"{checkpoint} holds an earlier run of {name}: pass --resume to continue it, or remove it")
@@ -178,7 +192,7 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     started = time.perf_counter()
     train, test = _load(dataset, "train", data_root, sc.train_per_class), _load(dataset, "test", data_root, None)
     farmed, teacher = (_farm(setting, jobs, dataset, data_root, sc, store, train, test, device, backend, pack,
-                             progress) if jobs else ([], None))
+                             progress, engine) if jobs else ([], None))
     if teacher is not None and getattr(config, "teacher", "") is None:  # read the teacher this run farmed
         config = dataclasses.replace(config, teacher=teacher)
     farm_s = time.perf_counter() - started
@@ -189,12 +203,21 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     planned = setting.run_iterations(sc)
     t0 = time.perf_counter()
     with get_method(setting.method)(config, train, trajectory_store, device=device, seed=seed) as method:
+        if condense_until is not None:  # what is left of the sitting once farming is done (at least one step)
+            left = max(condense_until - time.perf_counter(), 1e-3)
+            seconds_budget = left if seconds_budget is None else min(seconds_budget, left)
         sinks = [TimeBudget(seconds_budget)] if seconds_budget else []
         run = condense(method, planned, sinks=sinks, checkpoint_path=str(checkpoint), progress=progress)
         syn, teachers, reached = method.synthetic_set(), method.teacher_models(), method.iteration
         syn.save(run_dir / "synthetic.safetensors")
         condense_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        if reached < planned and not evaluate_unfinished:
+            say(f"stopped at iteration {reached} of {planned} (budget): checkpoint {checkpoint}; not evaluated")
+            return ReproResult(setting, sc, on, reached, planned, None, None, farmed,
+                               {"farm": round(farm_s, 1), "condense": round(condense_s, 1), "evaluate": 0.0},
+                               eval_settings, resumed_from=run.resumed_from,
+                               method_engine=getattr(config, "engine", "eager"))
         say(f"evaluating {setting.method} and Random: {eval_config}")
         result = evaluate(syn, test, eval_config, teachers=teachers, progress=progress)
         with get_method("random")(make_config("random", dataset, config.ipc), train, None, device=device,
@@ -203,7 +226,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
             random_result = evaluate(rnd.synthetic_set(), test, eval_config, teachers=teachers, progress=progress)
     out = ReproResult(setting, sc, on, reached, planned, result, random_result, farmed,
                       {"farm": round(farm_s, 1), "condense": round(condense_s, 1),
-                       "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings)
+                       "evaluate": round(time.perf_counter() - t1, 1)}, eval_settings,
+                      resumed_from=run.resumed_from, method_engine=getattr(config, "engine", "eager"))
     out.row = _ledger_row(out, device, run.resumed_from, seed, overrides)
     if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
         out.row["image_format"] = train.info.image_format
@@ -211,6 +235,46 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     if path:
         append_ledger(path, out.row)
     return out
+
+
+def run_directory(workdir: str | Path, name: str, scale: str, *, trajectories: int | None = None,
+                  trajectory_epochs: int | None = None, overrides: dict[str, Any] | None = None,
+                  on: str | None = None) -> Path:
+    """Where a run keeps its checkpoint and synthetic set: one directory per setting, scale, caps and knobs."""
+    caps = "".join(f"-{k}{v}" for k, v in (("t", trajectories), ("e", trajectory_epochs)) if v is not None)
+    caps += "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
+    return Path(workdir) / (f"{name}-{scale}{caps}" + (f"-on-{on}" if on else ""))
+
+
+def with_engine(config, engine: str):
+    """``config`` with its ``engine`` field set to ``engine`` where the method's iteration is built for it
+    (``engines``), else as it is: the engine changes how, not what, a method computes."""
+    if engine != "eager" and engine in getattr(config, "engines", ()):
+        return dataclasses.replace(config, engine=engine)
+    return config
+
+
+def plan_text(name: str, *, scale: str = "paper", on: str | None = None, trajectories: int | None = None,
+              trajectory_epochs: int | None = None) -> str:
+    """What ``reproduce`` would run, without running it: iterations, the trajectories it farms (prefix-exact
+    recipes only the epochs the method reads) and the evaluation."""
+    setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
+    config, jobs = setting.plan(sc, on)
+    from ..farm.recipes import get_recipe
+
+    lines = [f"{name}: {setting.method} on {on or setting.dataset} IPC {config.ipc}, scale {sc.name}",
+             f"- condensation: {setting.run_iterations(sc)} of the paper's {setting.iterations} iterations",
+             f"- departures from the paper: {sc.departures()}"]
+    for need, count, epochs in jobs:
+        paper_count, paper_epochs = setting.paper.trajectories.get(need.recipe, (None, None))
+        note = ""
+        if get_recipe(need.recipe).prefix_exact and paper_epochs and epochs is not None and epochs < paper_epochs:
+            note = (f" (the first {epochs} of the paper's {paper_epochs}: the recipe is prefix-exact, so these are "
+                    f"its trajectories' epochs 0..{epochs}, bit for bit)")
+        lines.append(f"- farm: {need.recipe} {count} x {epochs or 'default'} epochs{note}")
+    lines.append(f"- evaluation: {json.dumps(setting.eval_settings(sc), sort_keys=True)} (final accuracy), with "
+                 f"Random under the same protocol")
+    return "\n".join(lines) + "\n"
 
 
 def _ledger_row(out: ReproResult, device: str, resumed_from: int, seed: int,

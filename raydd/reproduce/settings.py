@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..farm.recipes import get_recipe
 from ..methods import METHODS, Scale, get_method
 from ..methods.base import PaperProtocol
 from ..validation import check_int
@@ -123,6 +124,10 @@ class PublishedSetting:
             count, epochs = farm[need.recipe]
             if epochs is not None and need.epochs is not None:
                 epochs = max(epochs, need.epochs)
+            if need.epochs is not None and get_recipe(need.recipe).prefix_exact:
+                # the epochs the config reads: the first epochs of a longer trajectory of a prefix-exact recipe
+                # are those of a trajectory that stops there, bit for bit (not a departure)
+                epochs = need.epochs
             jobs.append((need, max(count, need.count), epochs))
         return config, jobs
 

@@ -14,6 +14,7 @@ from .schema import (
     CorruptTrajectoryWarning,
     TrajectoryNotFoundError,
     UnknownEpochError,
+    lineage_id,
     trajectory_id,
 )
 from .store import TrajectoryStore, VerifyResult
@@ -28,6 +29,7 @@ __all__ = [
     "TrajectoryNotFoundError",
     "TrajectoryStore",
     "TrajectoryWriter",
+    "lineage_id",
     "UnknownEpochError",
     "VerifyResult",
     "trajectory_id",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import mmap
@@ -27,10 +28,13 @@ from .schema import (
     NUM_SNAPSHOTS,
     PARAMS_COLUMN,
     PARAMS_CRC,
+    RESUME_STATE,
+    RESUME_STATE_CRC,
     WALL_TIME_S,
     CorruptTrajectoryError,
     UnknownEpochError,
     layout_numel,
+    lineage_id,
     meta_from_schema,
 )
 
@@ -57,6 +61,12 @@ class TrajectoryInfo:
     meta: dict
     size_bytes: int = 0
     final_metrics: dict[str, float] = field(default_factory=dict)
+    resumable: bool = False  # the file holds the training state after its last epoch (it can be extended)
+
+    @property
+    def lineage(self) -> str:
+        """The training run this trajectory is a part of, whatever its length (raydd.store.schema.lineage_id)."""
+        return lineage_id(self.meta)
 
 
 def make_info(path: str, meta: dict, trailer: dict, *, size_bytes: int, final_metrics: dict) -> TrajectoryInfo:
@@ -76,6 +86,7 @@ def make_info(path: str, meta: dict, trailer: dict, *, size_bytes: int, final_me
         meta=meta,
         size_bytes=size_bytes,
         final_metrics=final_metrics,
+        resumable=bool(trailer.get(RESUME_STATE)),
     )
 
 
@@ -97,6 +108,7 @@ def _parse_trailer(md: dict | None, path: str) -> dict:
             NUM_SNAPSHOTS: int(md[NUM_SNAPSHOTS]),
             WALL_TIME_S: float(md[WALL_TIME_S]),
             EPOCHS: [int(e) for e in json.loads(md[EPOCHS])],
+            RESUME_STATE: RESUME_STATE in md,
         }
     except (KeyError, ValueError, TypeError) as exc:
         raise CorruptTrajectoryError(path, f"last snapshot lacks the trailing info ({exc!r})") from None
@@ -281,6 +293,20 @@ class Trajectory:
                 out[name] = flat[offset:offset + n].view(shape)
                 offset += n
         return out
+
+    def resume_state(self) -> dict[str, torch.Tensor] | None:
+        """The training state the file holds after its last epoch (generator, optimiser state, exact parameters
+        where the store dtype rounds them), crc32-checked; None for a file written without one."""
+        _, md = self._batch(self.epochs[-1])
+        blob = md.get(RESUME_STATE)
+        if blob is None:
+            return None
+        data = base64.b64decode(blob)
+        if str(crc32_bytes(data)) != md.get(RESUME_STATE_CRC):
+            raise CorruptTrajectoryError(self.info.path, "resume state crc32 mismatch")
+        from safetensors.torch import load
+
+        return load(data)
 
     def metrics(self) -> list[dict[str, Any]]:
         """Per snapshot: ``{"epoch": e, <metric>: value, ...}`` (reads no params)."""

@@ -35,6 +35,10 @@ BUFFERS_CRC = "buffers_crc32"
 NUM_SNAPSHOTS = "num_snapshots"
 WALL_TIME_S = "wall_time_s"
 EPOCHS = "epochs"
+# optional, last batch only: the training state after the final epoch (safetensors bytes, base64) and its crc32,
+# which a prefix-exact recipe needs to extend the trajectory to more epochs (raydd.farm.recipes.Recipe.prefix_exact)
+RESUME_STATE = "resume_state"
+RESUME_STATE_CRC = "resume_state_crc32"
 
 EPOCH_COLUMN, PARAMS_COLUMN, BUFFERS_COLUMN = "epoch", "params", "buffers"
 RESERVED_COLUMNS = frozenset({EPOCH_COLUMN, PARAMS_COLUMN, BUFFERS_COLUMN})
@@ -86,6 +90,23 @@ def trajectory_id(payload: Mapping[str, Any]) -> str:
     """
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+# recipe options that only say how far a trajectory goes: a prefix-exact recipe's shorter trajectory is a prefix
+# of a longer one that differs from it in these alone (same lineage)
+LENGTH_OPTIONS = ("epochs", "keep_epochs")
+
+
+def lineage_id(meta: Mapping[str, Any]) -> str:
+    """The id of the training run a trajectory is a part of, whatever its length: ``trajectory_id`` of its
+    payload (recipe, recipe config, model, dataset, seed, dtype, precision) with the LENGTH_OPTIONS left out.
+    Computed from a stored file's metadata as well as from a farm task's payload."""
+    payload = {"recipe": meta["recipe"], "model": meta["model"], "dataset": meta["dataset"], "seed": meta["seed"],
+               "dtype": meta["dtype"],
+               "recipe_config": {k: v for k, v in meta["recipe_config"].items() if k not in LENGTH_OPTIONS}}
+    if meta.get("precision", "fp32") != "fp32":
+        payload["precision"] = meta["precision"]
+    return trajectory_id(payload)
 
 
 def check_trajectory_id(tid: str) -> str:

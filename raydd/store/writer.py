@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import operator
@@ -23,6 +24,8 @@ from .schema import (
     EPOCHS,
     NUM_SNAPSHOTS,
     PARAMS_CRC,
+    RESUME_STATE,
+    RESUME_STATE_CRC,
     TEMP_SUFFIX,
     WALL_TIME_S,
     build_schema,
@@ -67,6 +70,7 @@ class TrajectoryWriter:
         self._schema = build_schema(meta)
         self._epochs: list[int] = []
         self._pending: tuple[pa.RecordBatch, dict] | None = None  # last batch waits for the trailer
+        self._resume_state: bytes | None = None
         self._state = "open"
         self._started = time.monotonic()
         if local:
@@ -130,6 +134,18 @@ class TrajectoryWriter:
         self._pending = (batch, custom)
         self._epochs.append(epoch)
 
+    def keep_resume_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The training state after the last snapshot (generator, optimiser state, the exact float32 ``params``),
+        stored with the last snapshot's metadata at commit and crc32-checked on read: what extending the
+        trajectory resumes from. ``params`` are kept only where the store dtype rounds the snapshots (a float32
+        snapshot already holds them exactly)."""
+        self._check_open()
+        from safetensors.torch import save
+
+        keep = {k: v.detach().cpu().contiguous() for k, v in tensors.items()
+                if not (k == "params" and self.meta["dtype"] == "float32")}
+        self._resume_state = save(keep)
+
     # --- finishing ---------------------------------------------------------
     def commit(self, *, wall_time_s: float | None = None) -> TrajectoryInfo:
         """Write the trailer, close and publish atomically; returns the info.
@@ -141,11 +157,15 @@ class TrajectoryWriter:
             self.abort()
             raise ValueError(f"trajectory {self.trajectory_id}: no snapshots appended, nothing committed")
         wall = time.monotonic() - self._started if wall_time_s is None else float(wall_time_s)
-        trailer = {NUM_SNAPSHOTS: len(self._epochs), WALL_TIME_S: wall, EPOCHS: list(self._epochs)}
+        trailer = {NUM_SNAPSHOTS: len(self._epochs), WALL_TIME_S: wall, EPOCHS: list(self._epochs),
+                   RESUME_STATE: self._resume_state is not None}
         batch, custom = self._pending
         try:
             custom = {**custom, NUM_SNAPSHOTS: str(len(self._epochs)), WALL_TIME_S: repr(wall),
                       EPOCHS: json.dumps(self._epochs)}
+            if self._resume_state is not None:
+                custom.update({RESUME_STATE: base64.b64encode(self._resume_state).decode("ascii"),
+                               RESUME_STATE_CRC: str(crc32_bytes(self._resume_state))})
             self._ipc.write_batch(batch, custom_metadata=custom)
             self._ipc.close()
             size = self._publish()

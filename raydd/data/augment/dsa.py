@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ...validation import check_bool, check_range
 
-__all__ = ["DSA", "DSAConfig", "DSA_OPS", "NO_FLIP_DATASETS", "dsa_for_dataset", "make_dsa"]
+__all__ = ["DSA", "DSAConfig", "DSADraw", "DSATable", "DSA_OPS", "NO_FLIP_DATASETS", "dsa_for_dataset", "make_dsa"]
 
 #: Accepted operation names, in the order they are applied when ``single_per_call`` is False.
 DSA_OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -141,42 +141,119 @@ class DSA:
             n_params = x.shape[0]
         if not self.ops or x.shape[0] == 0:
             return x
+        return self.apply(x, self.draw(generator, n_params, tuple(x.shape[-2:])))
 
+    # ----------------------------------------------------------------- drawing and applying
+    def draw(self, generator: torch.Generator, n: int, size: tuple[int, int]) -> "DSADraw":
+        """The random parameters of one call on ``n`` parameter sets (1: siamese) for images of ``size``
+        (H, W), drawn from ``generator`` in the order ``__call__`` draws them: the op pick first (one op per
+        call), then each op's values in the order the op uses them."""
         if self.config.single_per_call:
             pick = int(torch.randint(len(self.ops), (1,), generator=generator, device=generator.device))
             ops = (self.ops[pick],)
         else:
             ops = self.ops
-        for op in ops:
-            x = _OP_FNS[op](self, x, generator, n_params)
+        return DSADraw(ops, {op: _DRAWS[op](self, generator, n, size) for op in ops})
+
+    def apply(self, x: Tensor, draw: "DSADraw") -> Tensor:
+        """``x`` transformed by the ops of ``draw`` with its values (differentiable w.r.t. ``x``)."""
+        for op in draw.ops:
+            x = _OP_FNS[op](self, x, *draw.values[op])
         return x.contiguous()
 
-    # ----------------------------------------------------------------- parameter draws
+    def table(self, draws: "list[DSADraw]", sizes: list[int]) -> "DSATable":
+        """Several calls' draws as one fixed-shape table for a batch that concatenates their images (call j's
+        ``sizes[j]`` images; each call's draw holds one parameter set per image): every op of the strategy
+        gets a value per image (zero where the image's call did not draw that op) and, with one op per call,
+        each image the index of its call's op. ``apply_table`` on the concatenated batch gives what ``apply``
+        gives each call's images, while its shape never depends on which ops were drawn (a CUDA graph)."""
+        total = sum(sizes)
+        values: dict[str, list[Tensor]] = {}
+        op_index = torch.zeros(total, dtype=torch.int64)
+        start = 0
+        for draw, size in zip(draws, sizes):
+            if self.config.single_per_call:
+                op_index[start:start + size] = self.ops.index(draw.ops[0])
+            for op in self.ops:
+                got = draw.values.get(op)
+                if got is not None and any(len(v) != size for v in got):
+                    raise ValueError(f"DSA table: a call of {size} images drew {len(got[0])} parameter sets for {op}")
+                slots = values.setdefault(op, [torch.zeros(total, dtype=dt) for dt in _SLOT_DTYPES[op]])
+                if got is not None:
+                    for slot, v in zip(slots, got):
+                        slot[start:start + size] = v
+            start += size
+        return DSATable(op_index if self.config.single_per_call else None,
+                        {op: tuple(values[op]) for op in self.ops})
+
+    def apply_table(self, x: Tensor, table: "DSATable") -> Tensor:
+        """``x`` (the images of the table's calls, concatenated) transformed as ``apply`` transforms each call's
+        images. One op per call: every op is computed on every image and each image keeps the output of its
+        own op (``torch.where``: a selection, no arithmetic, so values and gradients are ``apply``'s); every
+        op per call: the ops in order, as ``apply``."""
+        if table.op_index is None:
+            for op in self.ops:
+                x = _OP_FNS[op](self, x, *table.values[op])
+            return x.contiguous()
+        out = x
+        for j, op in enumerate(self.ops):
+            chosen = (table.op_index == j).view(-1, 1, 1, 1)
+            out = torch.where(chosen, _OP_FNS[op](self, x, *table.values[op]), out)
+        return out.contiguous()
+
+    # ----------------------------------------------------------------- parameter draws (CPU generator)
     @staticmethod
-    def _rand(g: torch.Generator, n: int, x: Tensor) -> Tensor:
-        """Uniform [0,1) draws as float64 on the generator's device (dtype-independent), moved to x."""
-        r = torch.rand(n, generator=g, dtype=torch.float64, device=g.device)
-        return r.to(device=x.device, dtype=x.dtype)
+    def _rand(g: torch.Generator, n: int) -> Tensor:
+        """Uniform [0,1) draws as float64 on the generator's device (dtype-independent)."""
+        return torch.rand(n, generator=g, dtype=torch.float64, device=g.device)
 
     @staticmethod
-    def _randint(g: torch.Generator, low: int, high: int, n: int, x: Tensor) -> Tensor:
-        r = torch.randint(low, high, (n,), generator=g, device=g.device)
-        return r.to(device=x.device)
+    def _randint(g: torch.Generator, low: int, high: int, n: int) -> Tensor:
+        return torch.randint(low, high, (n,), generator=g, device=g.device)
 
-    # ----------------------------------------------------------------- operations
-    def _color(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+    def _draw_color(self, g, n, size):
+        return self._rand(g, n), self._rand(g, n), self._rand(g, n)
+
+    def _draw_flip(self, g, n, size):
+        return (self._rand(g, n),)
+
+    def _draw_scale(self, g, n, size):
+        return self._rand(g, n), self._rand(g, n)
+
+    def _draw_rotate(self, g, n, size):
+        return (self._rand(g, n),)
+
+    def _draw_crop(self, g, n, size):
+        H, W = size
+        ratio = self.config.crop_pad_fraction
+        max_h, max_w = int(H * ratio + 0.5), int(W * ratio + 0.5)
+        return self._randint(g, -max_h, max_h + 1, n), self._randint(g, -max_w, max_w + 1, n)
+
+    def _cutout_size(self, H: int, W: int) -> tuple[int, int]:
+        ratio = self.config.cutout_fraction
+        return max(int(H * ratio + 0.5), 1), max(int(W * ratio + 0.5), 1)
+
+    def _draw_cutout(self, g, n, size):
+        H, W = size
+        ch, cw = self._cutout_size(H, W)
+        return self._randint(g, 0, H + (1 - ch % 2), n), self._randint(g, 0, W + (1 - cw % 2), n)
+
+    # ----------------------------------------------------------------- operations (on drawn values)
+    @staticmethod
+    def _on(values: Tensor, x: Tensor) -> Tensor:
+        """Drawn float64 values as ``x``'s dtype on its device, one per sample (or one for all)."""
+        return values.to(device=x.device, dtype=x.dtype)
+
+    def _color(self, x: Tensor, rb: Tensor, rs: Tensor, rc: Tensor) -> Tensor:
         c = self.config
-        rb = self._rand(g, n, x).view(-1, 1, 1, 1)
-        x = x + (rb - 0.5) * c.brightness
-        rs = self._rand(g, n, x).view(-1, 1, 1, 1)
+        x = x + (self._on(rb, x).view(-1, 1, 1, 1) - 0.5) * c.brightness
         mean_c = x.mean(dim=1, keepdim=True)
-        x = (x - mean_c) * (rs * c.saturation) + mean_c
-        rc = self._rand(g, n, x).view(-1, 1, 1, 1)
+        x = (x - mean_c) * (self._on(rs, x).view(-1, 1, 1, 1) * c.saturation) + mean_c
         mean_all = x.mean(dim=(1, 2, 3), keepdim=True)
-        return (x - mean_all) * (rc + c.contrast) + mean_all
+        return (x - mean_all) * (self._on(rc, x).view(-1, 1, 1, 1) + c.contrast) + mean_all
 
-    def _flip(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
-        do_flip = (self._rand(g, n, x) < _FLIP_PROBABILITY).view(-1, 1, 1, 1)
+    def _flip(self, x: Tensor, r: Tensor) -> Tensor:
+        do_flip = (self._on(r, x) < _FLIP_PROBABILITY).view(-1, 1, 1, 1)
         return torch.where(do_flip, x.flip(3), x)
 
     @staticmethod
@@ -185,28 +262,25 @@ class DSA:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def _scale(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+    def _scale(self, x: Tensor, rx: Tensor, ry: Tensor) -> Tensor:
         ratio = self.config.scale
-        sx = self._rand(g, n, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
-        sy = self._rand(g, n, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        sx = self._on(rx, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
+        sy = self._on(ry, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
         zero = torch.zeros_like(sx)
         theta = torch.stack([torch.stack([sx, zero, zero], -1), torch.stack([zero, sy, zero], -1)], 1)
         return self._warp(x, theta)
 
-    def _rotate(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+    def _rotate(self, x: Tensor, r: Tensor) -> Tensor:
         max_rad = self.config.rotate_degrees / 180.0 * math.pi
-        angle = (self._rand(g, n, x) - 0.5) * 2.0 * max_rad
+        angle = (self._on(r, x) - 0.5) * 2.0 * max_rad
         cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
         theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
         return self._warp(x, theta)
 
-    def _crop(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+    def _crop(self, x: Tensor, th: Tensor, tw: Tensor) -> Tensor:
         # Translation by an integer shift with zero fill ("pad then crop").
         N, _, H, W = x.shape
-        ratio = self.config.crop_pad_fraction
-        max_h, max_w = int(H * ratio + 0.5), int(W * ratio + 0.5)
-        th = self._randint(g, -max_h, max_h + 1, n, x).expand(N)
-        tw = self._randint(g, -max_w, max_w + 1, n, x).expand(N)
+        th, tw = th.to(device=x.device).expand(N), tw.to(device=x.device).expand(N)
         padded = F.pad(x, (1, 1, 1, 1))  # a zero border that out-of-range indices clamp onto
         rows = (torch.arange(H, device=x.device)[None, :] + th[:, None] + 1).clamp(0, H + 1)
         cols = (torch.arange(W, device=x.device)[None, :] + tw[:, None] + 1).clamp(0, W + 1)
@@ -214,13 +288,10 @@ class DSA:
         out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
         return out.permute(0, 3, 1, 2)
 
-    def _cutout(self, x: Tensor, g: torch.Generator, n: int) -> Tensor:
+    def _cutout(self, x: Tensor, top: Tensor, left: Tensor) -> Tensor:
         N, _, H, W = x.shape
-        ratio = self.config.cutout_fraction
-        ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
-        ch, cw = max(ch, 1), max(cw, 1)
-        top = self._randint(g, 0, H + (1 - ch % 2), n, x) - ch // 2
-        left = self._randint(g, 0, W + (1 - cw % 2), n, x) - cw // 2
+        ch, cw = self._cutout_size(H, W)
+        top, left = top.to(device=x.device) - ch // 2, left.to(device=x.device) - cw // 2
         ar_h = torch.arange(H, device=x.device)[None, :]
         ar_w = torch.arange(W, device=x.device)[None, :]
         in_h = (ar_h >= top[:, None]) & (ar_h < top[:, None] + ch)  # [n, H]
@@ -228,6 +299,50 @@ class DSA:
         keep = ~(in_h[:, :, None] & in_w[:, None, :])  # [n, H, W]
         return x * keep.unsqueeze(1).to(x.dtype)
 
+
+@dataclass(frozen=True)
+class DSADraw:
+    """One call's drawn parameters: the ops it applies, in order, and each op's drawn values (CPU tensors with
+    one entry per parameter set: 1 for a siamese call, else one per image)."""
+
+    ops: tuple[str, ...]
+    values: dict[str, tuple[Tensor, ...]]
+
+    def repeated(self, n: int) -> "DSADraw":
+        """A siamese draw (one parameter set) as ``n`` equal per-image sets: what ``apply`` broadcasts."""
+        return DSADraw(self.ops, {op: tuple(v.expand(n).clone() for v in vs) for op, vs in self.values.items()})
+
+
+@dataclass(frozen=True)
+class DSATable:
+    """Several calls' draws in a fixed shape (``DSA.table``): per op of the strategy one value per image
+    (zeros where not drawn) and, with one op per call, each image's op index (None: every op applies)."""
+
+    op_index: Tensor | None
+    values: dict[str, tuple[Tensor, ...]]
+
+    def to(self, device) -> "DSATable":
+        return DSATable(None if self.op_index is None else self.op_index.to(device),
+                        {op: tuple(v.to(device) for v in vs) for op, vs in self.values.items()})
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the table in a fixed order (to copy into a CUDA graph's static inputs)."""
+        out = [] if self.op_index is None else [self.op_index]
+        return out + [v for op in sorted(self.values) for v in self.values[op]]
+
+
+_FLOAT, _INT = torch.float64, torch.int64
+_SLOT_DTYPES = {"color": (_FLOAT,) * 3, "crop": (_INT,) * 2, "cutout": (_INT,) * 2, "flip": (_FLOAT,),
+                "scale": (_FLOAT,) * 2, "rotate": (_FLOAT,)}
+
+_DRAWS = {
+    "color": DSA._draw_color,
+    "crop": DSA._draw_crop,
+    "cutout": DSA._draw_cutout,
+    "flip": DSA._draw_flip,
+    "scale": DSA._draw_scale,
+    "rotate": DSA._draw_rotate,
+}
 
 _OP_FNS = {
     "color": DSA._color,
