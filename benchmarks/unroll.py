@@ -91,6 +91,71 @@ print(json.dumps(out))
 """
 
 
+FLOOR = """
+import json, statistics, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads({threads})
+from raydd.data.datasets import load_dataset
+from raydd.methods import get_method, make_config
+from raydd.store import TrajectoryStore
+train = load_dataset({dataset!r}, "train", {data_root!r}).per_class({per_class}, seed=0)
+methods = {{}}
+for mode in ("full", "checkpoint", "tesla"):
+    config = make_config({method!r}, {dataset!r}, {ipc}, syn_steps={n}, expert_epochs=2, max_start_epoch=1,
+                         batch_syn=None, unroll=mode, model="convnet3-w{width}-in")
+    methods[mode] = get_method({method!r})(config, train, TrajectoryStore({store!r}), device="cpu", seed=0)
+full = methods["full"]
+start, theta_start, theta_target = full.sample_segment()
+
+def cpu(fn):
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
+
+def forward(create_graph):  # the N student steps and eq. 2, no backward
+    end = full._unroll(theta_start, torch.Generator().manual_seed(5), create_graph=create_graph)
+    return full._matching_loss(end, theta_start, theta_target)
+
+def iteration(mode):  # the whole gradient of an iteration in S and alpha (no optimiser step: the same problem)
+    m = methods[mode]
+    end = m._unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)
+    torch.autograd.grad(m._matching_loss(end, theta_start, theta_target), m._leaves()[:2])
+
+times = {{k: [] for k in ("forward_graph", "forward_plain", "full", "checkpoint", "tesla")}}
+for _ in range({repeats}):
+    times["forward_graph"].append(cpu(lambda: forward(True)))
+    times["forward_plain"].append(cpu(lambda: forward(False)))
+    for mode in ("full", "checkpoint", "tesla"):
+        times[mode].append(cpu(lambda: iteration(mode)))
+print(json.dumps({{k: statistics.median(v) for k, v in times.items()}}))
+"""
+
+
+def floor_table(args) -> None:
+    """What checkpoint and TESLA must cost at least, from the parts of one iteration measured in one process:
+    checkpoint re-runs every step's forward and first-order gradient with a graph in the backward pass
+    (floor = (full + forward with graph) / full); TESLA runs the steps once without a graph, then replays each
+    with a graph and backpropagates it (floor = (full + forward without graph) / full)."""
+    print(f"\n# the floor of checkpoint and tesla ({args.method.upper()}, {args.dataset} shapes, IPC {args.ipc}, "
+          f"w{args.width}, {args.threads} thread(s); CPU s, median of {args.repeats}, one process per N)")
+    print("| N | forward, graph | forward, no graph | full | checkpoint | floor | tesla | floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in args.floor:
+        code = FLOOR.format(repo=str(REPO), threads=args.threads, data_root=args.data_root, per_class=args.per_class,
+                            ipc=args.ipc, n=n, width=args.width, store=args.store, method=args.method,
+                            dataset=args.dataset, repeats=args.repeats)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {n} | failed: {out.stderr.strip().splitlines()[-1]} | | | | | | |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        f = r["full"]
+        print(f"| {n} | {r['forward_graph']:.2f} | {r['forward_plain']:.2f} | {f:.2f} | {r['checkpoint'] / f:.2f}x | "
+              f"{(f + r['forward_graph']) / f:.2f}x | {r['tesla'] / f:.2f}x | {(f + r['forward_plain']) / f:.2f}x |",
+              flush=True)
+
+
 def farm_expert(args) -> None:
     sys.path.insert(0, str(REPO))
     from raydd.farm import FarmSpec, farm
@@ -129,10 +194,17 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100, help="training images per class (the expert and S init)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--segment", type=int, default=0, help="unroll_segment of the checkpoint runs (0: the default, 1)")
+    p.add_argument("--floor", type=int, nargs="*", default=[], help="N: checkpoint's and tesla's CPU against their "
+                                                                    "floors, from the parts of an iteration")
+    p.add_argument("--repeats", type=int, default=3, help="--floor: alternating repeats per part")
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak: the CUDA allocator's, above the level before "
                                                      "the iteration; time: wall, after one warm-up iteration)")
     args = p.parse_args()
     farm_expert(args)
+    if args.floor:
+        floor_table(args)
+        if not (args.full or args.checkpoint or args.tesla or args.agreement):
+            return
     rows = []
     for mode, ns in (("full", args.full), ("checkpoint", args.checkpoint), ("tesla", args.tesla)):
         for n in ns:

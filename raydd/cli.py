@@ -163,7 +163,9 @@ def cmd_store(args) -> int:
         return 0
     if args.store_cmd == "tensorboard":
         from .store.tensorboard import write_curves
+        from .validation import check_writable
 
+        check_writable("logdir", args.logdir, directory=True)
         filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
         written = write_curves(store, args.logdir, **filters)
         print(f"{len(written)} trajectory run(s) written to {args.logdir} (runs already there are kept); "
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as typed (continuation commands)
     handlers = {"farm": cmd_farm, "store": cmd_store}
     with warnings.catch_warnings():  # restored on return (main() may run inside another program)
         warnings.showwarning = _one_line_warnings
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. `raydd store ls | head`: the reader left, nothing more to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except KeyboardInterrupt:  # commands with state to keep say so themselves; the others keep nothing
+            print(f"raydd {args.command}: interrupted; nothing of it was kept: run the same command again",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_STORE = "raydd-store"
@@ -196,29 +197,76 @@ def method_plan(args):
 def cmd_condense(args) -> int:
     from .condense import condense
     from .data.datasets import load_dataset
-    from .methods import get_method
+    from .methods import get_method, save_checkpoint
     from .store import TrajectoryStore
+    from .validation import check_writable
 
     cls = get_method(args.method)
     config, iterations = method_plan(args)
+    evaluating = bool(args.eval_every or args.evaluate)
     eval_config = eval_config_from_args(args, args.dataset)  # validated before any data is loaded
+    out = check_writable("--out", args.out or f"{args.method}_{args.dataset}_ipc{args.ipc}.safetensors")
+    checkpoint = check_writable("--checkpoint", args.checkpoint or default_checkpoint(out))
+    if args.logdir:
+        check_writable("--logdir", args.logdir, directory=True)
     train = load_dataset(args.dataset, "train", args.data_root, download=args.download, resolution=args.resolution)
     test = None
-    if args.eval_every or args.evaluate:
+    if evaluating:
+        eval_config.model_spec(train.info)  # the evaluation network fits the data (before any condensing)
         test = load_dataset(args.dataset, "test", args.data_root, download=args.download, resolution=args.resolution)
     store = TrajectoryStore(args.store) if config.needs() else None
-    out = args.out or f"{args.method}_{args.dataset}_ipc{args.ipc}.safetensors"
     with cls(config, train, store, device=args.device, seed=args.seed) as method:  # checks before any work
         print(f"raydd condense: {args.method} on {args.dataset}, ipc {args.ipc}, {iterations} iterations -> {out}",
               file=sys.stderr)
-        result = condense(method, iterations, eval_every=args.eval_every or ([iterations] if args.evaluate else 0),
-                          eval_config=eval_config, test=test, logdir=args.logdir, progress=not args.quiet,
-                          checkpoint_path=args.checkpoint)
-    path = result.synthetic.save(out)
-    print(f"saved {len(result.synthetic)} images to {path} ({result.seconds_per_iteration:.3f} s/iteration)")
+        try:
+            result = condense(method, iterations, eval_every=args.eval_every or ([iterations] if args.evaluate else 0),
+                              eval_config=eval_config, test=test, logdir=args.logdir, progress=not args.quiet,
+                              checkpoint_path=args.checkpoint)
+        except KeyboardInterrupt:
+            if args.checkpoint is None:  # with --checkpoint the loop has saved it already
+                save_checkpoint(method, checkpoint)
+            print(f"raydd condense: interrupted at iteration {method.iteration} of {iterations}; its state is in "
+                  f"{checkpoint}; continue with: {continuation(args, '--checkpoint', checkpoint)}", file=sys.stderr)
+            return 130
+    path = save_or_fall_back(result.synthetic, out)
+    rate = (f"{result.seconds_per_iteration:.3f} s/iteration" if result.history
+            else f"no iteration run: the checkpoint had reached {iterations}" if result.resumed_from else
+            "no iteration run")
+    print(f"saved {len(result.synthetic)} images to {path} ({rate})")
     if result.final_eval is not None:
         print(f"final evaluation: {result.final_eval}")
     return 0
+
+
+def default_checkpoint(out: str) -> str:
+    """Where an interrupted ``raydd condense`` without --checkpoint keeps its state: next to its --out."""
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    return f"{stem}.checkpoint.safetensors"
+
+
+def continuation(args, *flag: str) -> str:
+    """The command the user typed, with ``flag`` (e.g. --checkpoint PATH or --resume) added if it is not there."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or [])
+    if flag and flag[0] not in argv:
+        argv += list(flag)
+    return "raydd " + " ".join(shlex.quote(a) for a in argv)
+
+
+def save_or_fall_back(syn, out: str) -> str:
+    """Save ``syn`` to ``out``; if that fails now (the disk filled, the folder went away), to a temporary file
+    named on stderr: a long run never loses its product."""
+    import tempfile
+
+    try:
+        return str(syn.save(out))
+    except OSError as err:
+        fd, fallback = tempfile.mkstemp(prefix="raydd-", suffix=".safetensors")
+        os.close(fd)
+        path = str(syn.save(fallback))
+        print(f"raydd: could not write {out} ({type(err).__name__}: {err}); the set is in {path}", file=sys.stderr)
+        return path
 
 
 def cmd_evaluate(args) -> int:
@@ -234,6 +282,10 @@ def cmd_evaluate(args) -> int:
     name, resolution = syn.dataset["name"], tuple(syn.dataset["resolution"])
     test = load_dataset(name, "test", args.data_root, download=args.download, resolution=resolution)
     progress = not (args.json or args.quiet)
+    eval_config.model_spec(syn.info)  # the network fits the set's images (one line before any training)
+    if progress:
+        print(f"raydd evaluate: {args.synthetic} ({syn.method}, {len(syn)} images): {eval_config.num_models} "
+              f"network(s) x {eval_config.epochs} epochs, {args.eval_protocol} protocol", file=sys.stderr)
     result = evaluate(syn, test, eval_config, progress=progress)
     robustness = None
     if scores is not None:

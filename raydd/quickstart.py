@@ -57,9 +57,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         say(f"raydd quickstart 2/3: sweep {', '.join(spec.methods)} x IPC {list(spec.ipcs)} "
             f"({spec.num_trials} trials, ASHA) -> {spec.storage}/{spec.name}")
         result = run_sweep(spec, progress=not args.quiet, verbose=args.verbose, resume=True)
+    except KeyboardInterrupt:  # during the farm (the sweep's interrupt comes back as result.interrupted)
+        print("raydd quickstart: interrupted; what was farmed stays in the store; continue with: raydd quickstart",
+              file=sys.stderr)
+        return 130
     finally:
         if started:
             ray.shutdown()
+    if result.interrupted:
+        print(f"raydd quickstart: interrupted; the unfinished trials keep their checkpoints in "
+              f"{result.experiment_path}; continue with: raydd quickstart (it resumes)", file=sys.stderr)
+        return 130
     say("raydd quickstart 3/3: leaderboard")
     print(result.markdown())
     print(f"\nleaderboard: {result.leaderboard_csv}\nbest synthetic sets: {result.experiment_path}/best/\n"

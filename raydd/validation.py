@@ -59,3 +59,56 @@ def check_bool(where: str, value: Any, meaning: str = "") -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{where}={value!r} is invalid: expected true or false{f' ({meaning})' if meaning else ''}")
     return value
+
+
+def check_writable(where: str, path: Any, *, directory: bool = False) -> str:
+    """A local path a command will write (a file, or with ``directory`` a folder), checked before any work: its
+    nearest existing ancestor must be a directory this process can create files in (probed with a uniquely named
+    file that is removed again), and the path itself not a directory (a file) or not a file (a folder). Returns the
+    path; URIs (``s3://...``) are left to the filesystem that writes them."""
+    import os
+    import tempfile
+
+    text = os.fspath(path)
+    if "://" in text:
+        return text
+    target = os.path.abspath(os.path.expanduser(text))
+    if os.path.exists(target) and os.path.isdir(target) != directory:
+        kind = "a directory" if os.path.isdir(target) else "a file"
+        raise ValueError(f"{where} {text} is {kind}: expected {'a folder' if directory else 'a file path'}")
+    parent = target if directory and os.path.isdir(target) else os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{where} {text} cannot be written: {parent} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".raydd-write-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{where} {text} cannot be written ({type(err).__name__} in {parent}): choose a "
+                         f"writable location") from None
+    return text
+
+
+def check_ray_address(where: str, address: Any, *, timeout_s: float = 3.0) -> Any:
+    """A Ray cluster address (``host:port`` or ``ray://host:port``) that answers a TCP connection within
+    ``timeout_s``, checked before any work: a one-line error instead of Ray's half-minute of retries and its
+    traceback. ``None``, ``auto`` and ``local`` are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in (None, "", "auto", "local"):
+        return address
+    text = str(address)
+    parts = urlsplit(text if "://" in text else f"ray://{text}")
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"{where}={text!r} is invalid: expected host:port or ray://host:port")
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ValueError(f"{where}={text!r}: no Ray cluster answers there ({type(err).__name__}: "
+                         f"{err.strerror or err}); check the address, or leave it out to start a local "
+                         f"cluster") from None
+    return address

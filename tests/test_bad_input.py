@@ -80,6 +80,40 @@ CASES = {
         lambda tmp: ["reproduce", "mtt_imagenet_ipc1", "--workdir", str(tmp / "w")],
         "unknown published setting 'mtt_imagenet_ipc1': e.g. mtt_cifar10_ipc1"),
     "reproduce without a setting": (lambda tmp: ["reproduce"], "name a published setting (raydd reproduce --list"),
+    # issue 23: flags the CLI used to drop, checks that came after the work
+    "farm --pack 0": (lambda tmp: ["farm", "--store", str(tmp / "s"), "--pack", "0"], "pack=0 is invalid"),
+    "farm --pack with a recipe that trains one network": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--recipe", "ssd_teacher", "--pack", "2"],
+        "pack=2 is invalid for recipe 'ssd_teacher'"),
+    "an evaluation network that does not fit the data": (
+        lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "2",
+                     "--evaluate", "--eval-model", "resnet18", "--out", str(tmp / "o.safetensors")],
+        "instance-normalises 1x1 feature maps"),
+    "condense --out where nothing can be written": (
+        lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "2",
+                     "--out", str(tmp / "file.txt" / "o.safetensors")],
+        "--out " + "{tmp}/file.txt/o.safetensors cannot be written"),
+    "condense --out that is a directory": (
+        lambda tmp: ["condense", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "2",
+                     "--out", str(tmp)], "is a directory: expected a file path"),
+    "reproduce --ledger under a file": (
+        lambda tmp: ["reproduce", "dm_fashion_mnist_ipc1", "--scale", "tiny", "--on", "digits", "--workdir",
+                     str(tmp / "w"), "--ledger", str(tmp / "file.txt" / "ledger.jsonl")], "--ledger"),
+    "reproduce --workdir under a file": (
+        lambda tmp: ["reproduce", "dm_fashion_mnist_ipc1", "--scale", "tiny", "--on", "digits", "--workdir",
+                     str(tmp / "file.txt" / "w")], "--workdir"),
+    "sweep --storage that is a file": (
+        lambda tmp: ["sweep", write_spec(tmp / "s.yaml"), "--storage", str(tmp / "file.txt")],
+        "--storage " + "{tmp}/file.txt is a file: expected a folder"),
+    "store tensorboard into a file": (
+        lambda tmp: ["store", "tensorboard", str(tmp / "store"), str(tmp / "file.txt")], "is a file: expected a folder"),
+    "a Ray address nobody answers": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--address", "ray://127.0.0.1:1", "--trajectories", "1"],
+        "no Ray cluster answers there"),
+    "a sweep on a Ray address nobody answers": (
+        lambda tmp: ["sweep", write_spec(tmp / "a.yaml"), "--address", "127.0.0.1:1"], "no Ray cluster answers"),
+    "an engine that does not exist": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--engine", "fast"], "engine='fast' is invalid"),
 }
 
 
@@ -98,7 +132,9 @@ def test_bad_input_is_one_line_before_any_work(case, tmp_path, capsys, no_ray):
     (tmp_path / "file.txt").write_text("not a store")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     save_a_set(tmp_path / "set.safetensors")
+    (tmp_path / "store").mkdir()
     argv, expected = CASES[case]
+    expected = expected.replace("{tmp}", str(tmp_path))
     code, lines = run_cli(argv(tmp_path), capsys)
     errors = [line for line in lines if ": error: " in line]
     assert code == 2 and len(errors) == 1 and expected in errors[0], lines

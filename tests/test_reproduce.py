@@ -81,7 +81,9 @@ def test_capped_and_packed_farm_is_reported(tmp_path):
     # the expert recipe is prefix-exact: whatever the cap above it, the farm trains the 4 epochs MTT reads
     assert out.trajectories[0]["count"] == 1 and out.trajectories[0]["epochs"] == 4
     assert (tmp_path / "work" / "mtt_cifar10_ipc1-tiny-t1-e5-on-digits" / "synthetic.safetensors").exists()
-    assert "epochs 5" in out.row["departures"] and "expert 1 x 4 epochs" in out.table()
+    # the cap of 5 epochs does not bind (4 are read), so it is no departure; the cap of 1 trajectory is one
+    assert "trajectories 1" in out.row["departures"] and "epochs" not in out.row["departures"].replace(
+        "eval epochs", "") and "expert 1 x 4 epochs" in out.table()
     row = {**out.row, "on": None, "scale": "paper", "departures": "trajectories 8"}
     ledger.write_text(__import__("json").dumps(row) + "\n")
     assert "; 2/5000 it, cpu, trajectories 8, " in list_settings(ledger)

@@ -183,3 +183,34 @@ def test_progress_line_counts_groups_best_and_eta():
     line = progress.line(trials)
     assert line.startswith("raydd sweep: 1/3 trials done | dm IPC 1 1/2 best 70.0% | mtt IPC 1 0/1 | 60 s elapsed")
     assert line.endswith("ETA <= 60 s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["early", "after a checkpoint"])
+def test_ctrl_c_leaves_an_unfinished_sweep_that_resumes(ray_session, tmp_path, when):
+    """Ctrl-C at any moment: one line naming the command that continues, exit 130, no sweep_done.json (the sweep
+    is unfinished, never finished); --resume then finishes it."""
+    spec = promotion_spec(tmp_path / "sweeps")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "raydd.cli", "sweep", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    experiment = tmp_path / "sweeps" / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if when == "early" and experiment.exists():
+            break
+        if when != "early" and any(checkpointed(d) for d in trial_dirs(experiment).values()):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    lines = [line for line in err.splitlines() if line.startswith("raydd sweep: interrupted")]
+    assert proc.returncode == 130, err[-2000:]
+    assert len(lines) == 1 and f"continue with: raydd sweep {path} --quiet --resume" in lines[0]
+    assert "Traceback" not in err and "Tuner.restore" not in err
+    assert not (experiment / "sweep_done.json").exists()
+    resumed = run_sweep(spec, progress=False, resume=True)
+    assert resumed.complete and resumed.num_errors == 0 and (experiment / "sweep_done.json").exists()
+    assert sorted(t["iterations"] for t in resumed.trials) == [1, 1, 1, 9]

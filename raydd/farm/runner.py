@@ -97,6 +97,10 @@ def check_devices_here(spec: FarmSpec) -> None:
     started here — the device and the GPUs per worker must exist here, as torch sees them."""
     import sys
 
+    if spec.backend == "ray":  # an unreachable cluster is one line now, not Ray's retries and traceback later
+        from ..validation import check_ray_address
+
+        check_ray_address("address" if spec.address else "RAY_ADDRESS", spec.address or os.environ.get("RAY_ADDRESS"))
     ray = sys.modules.get("ray")
     if spec.backend == "ray" and (spec.address or os.environ.get("RAY_ADDRESS")
                                   or (ray is not None and ray.is_initialized())):

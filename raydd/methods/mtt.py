@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -266,6 +267,11 @@ class MTT(CondensationMethod):
             starts = [s for s in sorted(stored) if s < T and s + M in stored]
             if starts:
                 experts.append(_Expert(info.trajectory_id, info.path, starts, info.meta["recipe_config"].get("lr")))
+        if experts and max(max(e.starts) for e in experts) + 1 < T:  # said, not silently narrowed
+            widest = max(max(e.starts) for e in experts)
+            warnings.warn(f"max_start_epoch={T} but the {need.role} store start epochs with a target "
+                          f"{M} epochs later only up to {widest}: start epochs are drawn from 0..{widest} (farm "
+                          f"longer {need.role} for the whole window)", stacklevel=2)
         if not experts:
             longest = max(max(i.epochs) for i in infos)
             raise self.inputs.missing(

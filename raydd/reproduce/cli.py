@@ -55,8 +55,8 @@ def add_reproduce_parser(subparsers) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from ..condense_cli import parse_overrides
-    from .run import list_settings, plan_text, reproduce
+    from ..condense_cli import continuation, parse_overrides
+    from .run import list_settings, plan_text, reproduce, run_directory
 
     if args.list:
         print(list_settings(args.ledger))
@@ -66,10 +66,15 @@ def cmd_reproduce(args) -> int:
 
         if args.name:
             raise ValueError(f"--campaign runs the settings in its own order: drop {args.name!r} (or use --only)")
-        report = run_campaign(args.campaign, time_limit=args.time, smoke=args.smoke, only=args.only,
-                              data_root=args.data_root, store=args.store, device=args.device, engine=args.engine,
-                              pack=args.pack, budget=args.budget, eval_reserve=args.eval_reserve, ledger=args.ledger,
-                              progress=not args.quiet)
+        try:
+            report = run_campaign(args.campaign, time_limit=args.time, smoke=args.smoke, only=args.only,
+                                  data_root=args.data_root, store=args.store, device=args.device, engine=args.engine,
+                                  pack=args.pack, budget=args.budget, eval_reserve=args.eval_reserve,
+                                  ledger=args.ledger, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print(f"raydd reproduce: campaign interrupted; {args.campaign} keeps the finished entries' rows and the "
+                  f"checkpoint of the one that was running; continue with: {continuation(args)}", file=sys.stderr)
+            return 130
         print(report.table() if report.rows else "campaign: nothing left to run in this sitting (every entry is "
                                                   "done, has a paper-scale ledger row, or the time is too short)")
         return 0
@@ -79,11 +84,22 @@ def cmd_reproduce(args) -> int:
         print(plan_text(args.name, scale=args.scale, on=args.on, trajectories=args.trajectories,
                         trajectory_epochs=args.trajectory_epochs))
         return 0
-    out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
-                    workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
-                    ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet,
-                    trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack,
-                    overrides=parse_overrides(args.options), engine=args.engine)
+    overrides = parse_overrides(args.options)
+    try:
+        out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
+                        workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,
+                        ledger=args.ledger, backend=args.backend, seed=args.seed, progress=not args.quiet,
+                        trajectories=args.trajectories, trajectory_epochs=args.trajectory_epochs, pack=args.pack,
+                        overrides=overrides, engine=args.engine)
+    except KeyboardInterrupt:
+        run_dir = run_directory(args.workdir, args.name, args.scale, trajectories=args.trajectories,
+                                trajectory_epochs=args.trajectory_epochs, overrides=overrides, on=args.on)
+        checkpoint = run_dir / "method.safetensors"
+        kept = (f"the condensation's state is in {checkpoint}" if checkpoint.exists() else
+                f"the trajectories farmed so far stay in {args.store}")
+        print(f"raydd reproduce: interrupted; {kept}; continue with: {continuation(args, '--resume')}",
+              file=sys.stderr)
+        return 130
     print(out.table())
     if out.row and args.ledger != "":
         print(f"ledger row appended ({out.row['setting']}, scale {out.row['scale']})", file=sys.stderr)

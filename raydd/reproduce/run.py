@@ -24,7 +24,7 @@ from ..data.datasets import ImageDataset, load_dataset
 from ..evaluation import EvalResult, evaluate, protocol_config
 from ..methods import get_method, make_config
 from ..training import ENGINES
-from ..validation import check_choice, check_int
+from ..validation import check_choice, check_int, check_writable
 from .settings import PublishedSetting, ReproScale, get_scale, get_setting, published_settings
 
 DEFAULT_LEDGER = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reproduce_ledger.jsonl"
@@ -91,7 +91,7 @@ class ReproResult:
         s, sc = self.setting, self.scale
         where = f" on {self.on}" if self.on else ""
         lines = [f"### {s.name} — {s.method} on {s.dataset} IPC {s.ipc}{where}, scale {sc.name}",
-                 "", f"- departures from the paper: {sc.departures()}" + (
+                 "", f"- departures from the paper: {s.departures(sc, self.on)}" + (
                      f"; data: {self.on} instead of {s.dataset}" if self.on else ""),
                  "- trajectories: " + (", ".join(f"{t['recipe']} {t['count']} x {t['epochs'] or 'default'} epochs"
                                                   for t in self.trajectories) or "none"),
@@ -154,7 +154,8 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
               overrides: dict[str, Any] | None = None, engine: str = "eager",
               evaluate_unfinished: bool = True, condense_until: float | None = None) -> ReproResult:
     """Run the published setting ``name`` at ``scale`` (see the module doc); returns the result, after
-    appending its row to ``ledger`` (default: ``default_ledger()``; ``ledger=""`` writes none).
+    appending its row to ``ledger`` (default: ``default_ledger()`` for a run on the setting's own data at the
+    paper or cpu scale, none for a smoke run — the tiny scale or ``on`` another dataset; ``ledger=""`` writes none).
     ``trajectories``/``trajectory_epochs`` cap what is farmed per recipe (never below what the config
     reads; reported as departures); ``pack`` trains that many experts per worker together (farm --pack);
     ``overrides`` sets method knobs (``--set``: an ablation of the setting, a departure like the others).
@@ -186,7 +187,13 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     checkpoint = run_dir / "method.safetensors"
     if checkpoint.exists() and not resume:
         raise ValueError(f"{checkpoint} holds an earlier run of {name}: pass --resume to continue it, or remove it")
+    ledger_path = ledger_for(ledger, sc, on)
+    check_writable("--workdir", workdir, directory=True)  # what the run writes, checked before any work
+    if ledger_path:
+        check_writable("--ledger", ledger_path)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    if resume and not checkpoint.exists():
+        say(f"raydd reproduce: --resume: no earlier run of {name} in {run_dir}; starting from iteration 0")
     say(f"raydd reproduce: {name} ({setting.method} on {dataset} IPC {setting.ipc}), scale {sc.name}: "
         f"{setting.run_iterations(sc)} of the paper's {setting.iterations} iterations")
     started = time.perf_counter()
@@ -218,6 +225,9 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
                                {"farm": round(farm_s, 1), "condense": round(condense_s, 1), "evaluate": 0.0},
                                eval_settings, resumed_from=run.resumed_from,
                                method_engine=getattr(config, "engine", "eager"))
+        if reached < planned:  # said now, not after the evaluation
+            say(f"raydd reproduce: stopped at iteration {reached} of {planned} (budget); the checkpoint {checkpoint} "
+                f"continues with --resume; evaluating the set so far")
         say(f"evaluating {setting.method} and Random: {eval_config}")
         result = evaluate(syn, test, eval_config, teachers=teachers, progress=progress)
         with get_method("random")(make_config("random", dataset, config.ipc), train, None, device=device,
@@ -231,10 +241,19 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     out.row = _ledger_row(out, device, run.resumed_from, seed, overrides)
     if train.info.image_format:  # e.g. CIFAR-10 read from its JPEG copy: close to, not the same as, the paper's data
         out.row["image_format"] = train.info.image_format
-    path = default_ledger() if ledger is None else ledger
-    if path:
-        append_ledger(path, out.row)
+    if ledger_path:
+        append_ledger(ledger_path, out.row)
     return out
+
+
+def ledger_for(ledger: str | Path | None, scale: ReproScale, on: str | None) -> Path | str:
+    """The ledger a run appends to: the one given (``""``: none); by default the repository's for a run on the
+    setting's own data at the paper or cpu scale, and none for a smoke run (the tiny scale, or another dataset)."""
+    if ledger is not None:
+        return ledger
+    if scale.name == "tiny" or (on is not None and on != "imagefolder"):
+        return ""
+    return default_ledger()
 
 
 def run_directory(workdir: str | Path, name: str, scale: str, *, trajectories: int | None = None,
@@ -264,7 +283,7 @@ def plan_text(name: str, *, scale: str = "paper", on: str | None = None, traject
 
     lines = [f"{name}: {setting.method} on {on or setting.dataset} IPC {config.ipc}, scale {sc.name}",
              f"- condensation: {setting.run_iterations(sc)} of the paper's {setting.iterations} iterations",
-             f"- departures from the paper: {sc.departures()}"]
+             f"- departures from the paper: {setting.departures(sc, on)}"]
     for need, count, epochs in jobs:
         paper_count, paper_epochs = setting.paper.trajectories.get(need.recipe, (None, None))
         note = ""
@@ -286,7 +305,7 @@ def _ledger_row(out: ReproResult, device: str, resumed_from: int, seed: int,
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "setting": s.name,
         "method": s.method, "dataset": s.dataset, "on": out.on, "ipc": s.ipc, "scale": out.scale.name,
-        "departures": out.scale.departures(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "departures": s.departures(out.scale, out.on), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "iterations": out.iterations, "planned_iterations": out.planned,
         "paper_iterations": s.iterations, "resumed_from": resumed_from, "trajectories": out.trajectories,
         "acc_mean": None if out.result is None else out.result.mean,

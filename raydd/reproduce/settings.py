@@ -131,6 +131,44 @@ class PublishedSetting:
             jobs.append((need, max(count, need.count), epochs))
         return config, jobs
 
+    def departures(self, scale: ReproScale, on: str | None = None) -> str:
+        """What the run of this setting at ``scale`` does differently from the paper: the scale's caps that bind
+        for this setting (an IPC cap above its IPC, trajectory caps for a method that reads none, or an epoch
+        cap above what a prefix-exact recipe farms, are not departures) and the knobs it sets that the method
+        has."""
+        published = get_method(self.method).config_cls.defaults(self.dataset, self.ipc)
+        config, jobs = self.plan(scale, on)
+        listed = []
+        if scale.train_per_class is not None:
+            listed.append(f"train per class {scale.train_per_class}")
+        if scale.width is not None:
+            listed.append(f"width {scale.width}")
+        if scale.iterations is not None and scale.iterations < self.iterations:
+            listed.append(f"iterations {scale.iterations}")
+        for need, count, epochs in jobs:
+            paper_count, paper_epochs = self.paper.trajectories.get(need.recipe, (None, None))
+            if scale.trajectories is not None and count < (paper_count or need.count):
+                listed.append(f"trajectories {count}")
+            recipe = get_recipe(need.recipe)
+            full = paper_epochs or need.epochs or recipe.config_cls().epochs  # the paper's, else the recipe's
+            if scale.epochs is not None and epochs is not None and epochs < full and not recipe.prefix_exact:
+                listed.append(f"{need.recipe} epochs {epochs}")
+        if scale.syn_steps is not None and getattr(config, "syn_steps", None) is not None \
+                and config.syn_steps < published.syn_steps:
+            listed.append(f"syn steps {config.syn_steps}")
+        settings, paper_eval = self.eval_settings(scale), self.paper.eval
+        if scale.eval_models is not None and settings.get("num_models", 5) < paper_eval.get("num_models", 5):
+            listed.append(f"eval models {settings['num_models']}")
+        if scale.eval_epochs is not None and settings.get("epochs", 300) < paper_eval.get("epochs", 300):
+            listed.append(f"eval epochs {settings['epochs']}")
+        if scale.ipc is not None and self.ipc > scale.ipc:
+            listed.append(f"ipc {scale.ipc}")
+        fields = {f.name for f in dataclasses.fields(published)}
+        knobs = [(k, v) for k, v in scale.knobs if k in fields]
+        if knobs:
+            listed.append(", ".join(f"{k}={v}" for k, v in knobs))
+        return ", ".join(dict.fromkeys(listed)) or "none (the paper's protocol)"
+
     def run_iterations(self, scale: ReproScale) -> int:
         return min(self.iterations, scale.iterations or self.iterations)
 

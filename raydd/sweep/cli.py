@@ -28,6 +28,9 @@ def cmd_sweep(args) -> int:
     from .spec import SweepSpec
 
     spec = SweepSpec.from_yaml(args.spec)  # validated before Ray is imported
+    from .runner import check_destination
+
+    check_destination(spec, args.storage, args.address)  # before any farming or Ray
     print(f"raydd sweep: {spec.name}: {spec.num_trials} trial(s) of {', '.join(spec.methods)} on {spec.dataset} "
           f"IPC {list(spec.ipcs)}", file=sys.stderr)
     import ray
@@ -37,12 +40,25 @@ def cmd_sweep(args) -> int:
     started = _connect(args.address) if args.farm else False
     try:
         if args.farm:
-            farm_for_sweep(spec, progress=not args.quiet)
+            try:
+                farm_for_sweep(spec, progress=not args.quiet)
+            except KeyboardInterrupt:
+                from ..condense_cli import continuation
+
+                print(f"raydd sweep: interrupted while farming; what was published stays in {spec.store}; "
+                      f"continue with: {continuation(args)}", file=sys.stderr)
+                return 130
         result = run_sweep(spec, progress=not args.quiet, verbose=args.verbose, resume=args.resume,
                            storage=args.storage, address=args.address)
     finally:
         if started:
             ray.shutdown()
+    if result.interrupted:
+        from ..condense_cli import continuation
+
+        print(f"raydd sweep: interrupted; {result.unfinished} unfinished trial(s) keep their checkpoints in "
+              f"{result.experiment_path}; continue with: {continuation(args, '--resume')}", file=sys.stderr)
+        return 130
     print(result.markdown())
     print(f"{len(result.trials)} trial(s), {result.num_errors} errored, {result.unfinished} unfinished, "
           f"{result.wall_time_s:.0f} s; results in {result.experiment_path}; "

@@ -61,8 +61,9 @@ class SweepResult:
     hparams_dir: str | None
     num_errors: int
     wall_time_s: float
-    unfinished: int = 0  # trials neither terminated nor errored (an interrupted sweep): resume=True finishes them
+    unfinished: int = 0  # trials that neither reached their iterations, nor errored, nor were stopped by ASHA
     result_grid: Any = field(default=None, repr=False)
+    interrupted: bool = False  # Ctrl-C stopped the sweep (resume=True continues it)
 
     @property
     def complete(self) -> bool:
@@ -287,7 +288,20 @@ def write_hparams(records: list[dict], fs, experiment_path: str) -> str:
     return dest
 
 
-def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> SweepResult:
+def _asha_stopped(fs, experiment: str) -> set[str]:
+    """The trials ASHA stopped, from the decisions it saved with the experiment (empty without ASHA)."""
+    import pyarrow.fs as pafs
+
+    from .scheduler import DECISIONS_FILE
+
+    path = f"{experiment}/{DECISIONS_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return set()
+    with fs.open_input_stream(path) as f:
+        return set(json.loads(f.read().decode()).get("stopped", []))
+
+
+def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0, interrupted: bool = False) -> SweepResult:
     """Leaderboard, trial table, best synthetic sets and the hparams view, written into the experiment dir."""
     fs = result_grid.filesystem
     exp = result_grid.experiment_path
@@ -296,7 +310,11 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     statuses = _trial_statuses(result_grid)
     for r in records:
         r["status"] = statuses.get(r["trial_id"], "ERROR" if r["error"] else "UNKNOWN")
-    unfinished = len(result_grid) - result_grid.num_terminated - result_grid.num_errors
+    # finished: errored, reached its iterations, or stopped by ASHA (its saved decisions) — not merely TERMINATED,
+    # which is also what Tune calls the trials it stops when the sweep is interrupted
+    stopped = _asha_stopped(fs, exp)
+    unfinished = sum(1 for r in records if not (r["error"] or r["iterations"] >= r["target_iterations"]
+                                                  or r["trial_id"] in stopped))
     board = build_leaderboard(records)
     fs.create_dir(f"{exp}/best", recursive=True)
     rows = []
@@ -315,8 +333,8 @@ def summarize(result_grid, spec: SweepSpec, *, wall_time_s: float = 0.0) -> Swee
     hparams = write_hparams(records, fs, exp) if records else None
     result = SweepResult(spec.name, exp, rows, trials, paths["leaderboard.csv"], paths["leaderboard.md"],
                          paths["trials.csv"], hparams, sum(1 for r in records if r["error"]), wall_time_s,
-                         unfinished, result_grid)
-    if result.complete and result_grid.num_errors == 0:  # what a resume reads: nothing left to run (a crashed
+                         unfinished, result_grid, interrupted)
+    if result.complete and not interrupted and result_grid.num_errors == 0:  # what a resume reads: nothing left to run (a crashed
         # trial, Tune status ERROR, is retried by a resume; a trial that reported its error is final)
         saved = {k: v for k, v in asdict(result).items() if k != "result_grid"}
         write_text(fs, f"{exp}/{FINISHED_FILE}", json.dumps(saved, indent=1, default=str))

@@ -9,6 +9,7 @@ method whose needs that section does not cover, what its needs declare.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from ray import tune
 
 from ..data.datasets import ImageDataset, load_dataset
 from ..methods import StoreInputs, get_method, make_config
+from ..validation import check_ray_address, check_writable
 from .leaderboard import SweepResult, load_finished, summarize, write_text
 from .progress import ScalarTBXLogger, SweepProgress, tune_console
 from .scheduler import grouped_asha
@@ -256,6 +258,56 @@ def _check_same_spec(spec: SweepSpec, experiment: str) -> None:
         raise ValueError(f"cannot resume {experiment}: the spec differs from the one it was started with in {diff}")
 
 
+def check_destination(spec: SweepSpec, storage: str | None, address: str | None) -> None:
+    """Before Ray starts: a local storage the sweep can write, and a cluster address that answers."""
+    storage = storage or spec.storage
+    if "://" not in storage:
+        check_writable("--storage", storage, directory=True)
+    if not ray.is_initialized():
+        check_ray_address("--address" if address else "RAY_ADDRESS", address or os.environ.get("RAY_ADDRESS"))
+
+
+@contextlib.contextmanager
+def graceful_interrupt():
+    """Ctrl-C during ``Tuner.fit`` as a stop the sweep knows of: the first one sets the yielded event and asks
+    Tune to stop cleanly (its SIGUSR1: trials checkpoint, the experiment's state is saved), a second one
+    raises KeyboardInterrupt. Tune's own SIGINT handler is left out (it hides the interrupt from the caller) and
+    so is its "Tuner.restore" advice (raydd resumes with --resume)."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def on_sigint(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    class _NoRestoreAdvice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tuner.restore" not in record.getMessage()
+
+    before_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    quiet = _NoRestoreAdvice()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(quiet)
+    try:
+        yield event
+    finally:
+        tune_logger.removeFilter(quiet)
+        signal.signal(signal.SIGINT, previous)
+        if before_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before_env
+
+
 def run_sweep(spec: SweepSpec, *, progress: bool = True, verbose: bool = False, resume: bool = False,
               storage: str | None = None, address: str | None = None,
               trainable: Callable[[dict], None] | None = None) -> SweepResult:
@@ -288,6 +340,7 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, verbose: bool = False, 
             print(f"raydd sweep: {experiment} has finished already, nothing to run; leaderboard: "
                   f"{finished.leaderboard_md}", file=sys.stderr)
         return finished
+    check_destination(spec, storage, address)
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):  # Ray will start here
         check_devices_here(spec)
     train = load_dataset(spec.dataset, "train", data_root, resolution=spec.resolution)
@@ -318,9 +371,9 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, verbose: bool = False, 
                 print(f"raydd sweep: new sweep {experiment} (nothing to resume there)", file=sys.stderr)
             tuner = _new_tuner(spec, trainable, storage, store, data_root, progress, verbose, pinned)
             _save_spec(spec, experiment)
-        with tune_console(verbose):
+        with tune_console(verbose), graceful_interrupt() as interrupted:
             grid = tuner.fit()
-        return summarize(grid, spec, wall_time_s=time.perf_counter() - started_at)
+        return summarize(grid, spec, wall_time_s=time.perf_counter() - started_at, interrupted=interrupted.is_set())
     finally:
         if started:
             ray.shutdown()
