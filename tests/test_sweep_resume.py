@@ -70,9 +70,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_leaderboard(ray_session, tmp_path):
-    straight = run_sweep(promotion_spec(tmp_path / "straight"), progress=False)
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory):
+    straight = run_sweep(promotion_spec(tmp_path_factory.mktemp("straight")), progress=False)
     assert straight.num_errors == 0 and straight.complete
+    return straight
+
+
+@pytest.mark.parametrize("kill_when", ["first checkpoint", "three judged"])
+def test_kill_and_resume_gives_the_uninterrupted_leaderboard(ray_session, straight, tmp_path, kill_when):
+    """Killed as soon as a trial's first checkpoint is written (often before ASHA has decided on its rung
+    report) or once three trials have been judged: every trial ends where the uninterrupted sweep left it."""
     by_lr = {t["knobs"]["lr_img"]: t for t in straight.trials}
     assert sorted(t["iterations"] for t in straight.trials) == [1, 1, 1, 9]  # ASHA stopped three early
 
@@ -87,8 +95,11 @@ def test_kill_and_resume_gives_the_uninterrupted_leaderboard(ray_session, tmp_pa
     decisions = experiment / "asha_decisions.jsonl"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None:  # kill once three trials have been judged
-            if decisions.exists() and list(experiment.glob("experiment_state*.json")):
+        while time.time() < deadline and proc.poll() is None:
+            if kill_when == "first checkpoint":
+                if any(checkpointed(d) for d in experiment.glob("dm_ipc1_*")):
+                    break
+            elif decisions.exists() and list(experiment.glob("experiment_state*.json")):
                 level = json.loads(decisions.read_text())["groups"]["dm|ipc1"]["level"]
                 if len(level) >= 3:
                     break

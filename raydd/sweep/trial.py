@@ -162,8 +162,8 @@ class TuneReport(Sink):
         return bool(self.history.get("finished"))
 
     def report_finished(self) -> None:
-        """A restarted trial that had already finished: report its last result again, run nothing (its
-        checkpoints and synthetic set are already in the trial directory)."""
+        """A restarted trial's last result, reported again: a trial that had finished runs nothing more (its
+        checkpoints and synthetic set are already in the trial directory); one that had not goes on after it."""
         tune.report(dict(self.history["last"]))
 
     def on_start(self, run: Run) -> None:
@@ -313,6 +313,11 @@ def condensation_trainable(config: dict, *, sinks: Sequence[Sink] = ()) -> None:
             if reporter.restore(method):
                 reporter.report_finished()
                 return
+            if reporter.history.get("last"):
+                # restarted from a checkpoint: its report again before going on. A driver killed between the
+                # trial's report and ASHA's decision on it lost that decision; without this the scheduler would
+                # judge the trial at its rung on a later report (a duplicate is ignored: already judged there)
+                reporter.report_finished()
             condense(method, s.iterations, eval_every=s.eval_points(), eval_config=eval_cfg,
                      final_eval_config=final_cfg, test=test, robustness=robustness_config(s.metrics),
                      sinks=[TensorBoard(workdir / "tensorboard"), reporter, *sinks], progress=False)
