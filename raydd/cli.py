@@ -190,6 +190,18 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     print(f"raydd: warning: {message}", file=file or sys.stderr)
 
 
+def _threads_for(command: str) -> None:
+    """Commands that train in this process use at most the CPUs it may run on (its affinity, which a container
+    or taskset narrows below the machine's cores); OMP_NUM_THREADS set by the user wins. The farm and sweep
+    set their own per worker."""
+    if command not in ("condense", "evaluate", "reproduce") or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydd", description="Dataset distillation at cluster scale.")
     parser.add_argument("--version", action="version", version=f"raydd {_version()}")
@@ -210,10 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OpenMP threads sleep between parallel regions instead of spinning (benchmarks/threads.py, 2 cores: DM condense
+# 24 s passive vs 35 s active on a quiet machine, 27 vs 44 s next to a busy process; one thread 26-27 s). Set
+# before torch is imported (the parser imports it); an explicit OMP_WAIT_POLICY wins.
+_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    os.environ.setdefault("OMP_WAIT_POLICY", _WAIT_POLICY)
     args = build_parser().parse_args(argv)
+    _threads_for(args.command)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as typed (continuation commands)
     handlers = {"farm": cmd_farm, "store": cmd_store}
     with warnings.catch_warnings():  # restored on return (main() may run inside another program)
