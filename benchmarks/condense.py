@@ -102,20 +102,19 @@ def notes(config: MethodConfig) -> str:
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``["mtt.lr_img=1000", ...]`` -> {"mtt": {"lr_img": 1000}}; values parsed as JSON where they parse."""
-    out: dict[str, dict[str, Any]] = {}
+    """``["mtt.lr_img=1000", ...]`` -> {"mtt": {"lr_img": 1000.0}}: each value read by the method config's
+    annotation (raydd's one --set parser, ``method_overrides``)."""
+    from raydd.condense_cli import method_overrides
+
+    grouped: dict[str, list[str]] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         method, dot, knob = key.strip().partition(".")
         if not sep or not dot or method not in METHOD_ORDER or not knob:
             raise ValueError(f"--set {item!r} is invalid: expected METHOD.KNOB=VALUE with METHOD one of "
                              f"{', '.join(METHOD_ORDER)}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = {"none": None, "null": None, "true": True, "false": False}.get(value.strip().lower(), value)
-        out.setdefault(method, {})[knob] = parsed
-    return out
+        grouped.setdefault(method, []).append(f"{knob}={value}")
+    return {method: method_overrides(method, knobs) for method, knobs in grouped.items()}
 
 
 # --------------------------------------------------------------------------- data and farm

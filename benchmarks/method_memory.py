@@ -54,12 +54,12 @@ def main() -> None:
     p.add_argument("--syn-steps", type=int, default=20)
     p.add_argument("--expert-epochs", type=int, default=20)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (YAML value)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method knob (raydd's --set)")
     args = p.parse_args()
-    import yaml
+    from raydd.condense_cli import method_overrides
 
     train, _ = load_data(args.dataset, args.data_root, args.train_per_class)
-    sets = {args.method: {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}}
+    sets = {args.method: method_overrides(args.method, args.set)}
     scale = argparse.Namespace(dataset=args.dataset, width=32, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
                                ssd_student_epochs=args.expert_epochs, pretrain_experts=4)
     config = scaled_config(args.method, args.ipc, 200, scale, sets)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -85,15 +84,10 @@ def _store_parser(sub) -> None:
         tb.add_argument(f"--{key}")
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def farm_spec_from_args(args):
     from .farm import FarmSpec
+    from .farm.recipes import get_recipe
+    from .overrides import typed_overrides
 
     base = FarmSpec.from_yaml(args.spec).to_dict() if args.spec else FarmSpec().to_dict()
     for key in ("store", "dataset", "data_root", "download", "resolution", "zca", "train_per_class", "recipe",
@@ -106,11 +100,8 @@ def farm_spec_from_args(args):
     for key in ("epochs", "keep_epochs"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    for item in args.options:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} is invalid: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _parse_value(value)
+    if args.options:  # read by the recipe config's annotations: dsa=False is the bool False
+        options.update(typed_overrides(get_recipe(base["recipe"]).config_cls, args.options))
     base["recipe_options"] = options
     model = dict(base.get("model") or {})
     for key in ("arch", "width", "depth", "norm"):

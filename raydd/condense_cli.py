@@ -17,27 +17,14 @@ import sys
 DEFAULT_STORE = "raydd-store"
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        lowered = text.strip().lower()
-        if lowered in ("none", "null"):
-            return None
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return text
+def method_overrides(method: str, items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items of ``raydd condense``/``reproduce`` read by the method config's annotations
+    (``raydd.overrides``), the sweep symbols λ, τ, α, ζ replaced by the knobs they name."""
+    from .methods import get_method
+    from .overrides import typed_overrides
 
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["KEY=VALUE", ...]`` -> dict (values parsed as JSON where they parse, else strings)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} is invalid: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+    config_cls = get_method(method).config_cls
+    return typed_overrides(config_cls, items, aliases=config_cls.aliases, exclude=("dataset", "ipc"), noun="knob")
 
 
 # --------------------------------------------------------------------------- evaluation flags
@@ -76,8 +63,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def eval_config_from_args(args, dataset: str):
     """The evaluation config the flags ask for: the protocol's rows for ``dataset`` with the given flags."""
-    from .evaluation import protocol_config
+    from .evaluation import get_protocol, protocol_config
     from .evaluation.standard import named_model_fields
+    from .overrides import typed_overrides
 
     settings: dict = {"protocol": args.eval_protocol}
     model = args.eval_model
@@ -99,6 +87,8 @@ def eval_config_from_args(args, dataset: str):
     if args.networks_together in ("yes", "no"):
         flags["together"] = args.networks_together == "yes"
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "eval_options", None):  # raydd evaluate --set: any field, read by its annotation
+        settings.update(typed_overrides(get_protocol(args.eval_protocol).config_cls, args.eval_options))
     return protocol_config(dataset, settings)
 
 
@@ -149,6 +139,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="eval_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any field of the protocol's config, e.g. --set momentum=0.5 --set dsa=false "
+                        "--set lr_decay_at=none (repeatable; typed by the field, after the flags above)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="cross-architecture: evaluate under each of these networks (e.g. convnet resnet10 "
                         "resnet18-bn vgg11 alexnet) and print one table; the other flags apply to all")
@@ -190,7 +183,7 @@ def method_plan(args):
     if args.iterations is not None and args.iterations < 0:
         raise ValueError(f"--iterations {args.iterations} is invalid: expected an integer >= 0")
     config = make_config(args.method, args.dataset, args.ipc, iterations=args.iterations or None,
-                         **parse_overrides(args.options))
+                         **method_overrides(args.method, args.options))
     return config, config.planned_iterations if args.iterations is None else args.iterations
 
 

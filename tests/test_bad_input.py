@@ -114,6 +114,21 @@ CASES = {
         lambda tmp: ["sweep", write_spec(tmp / "a.yaml"), "--address", "127.0.0.1:1"], "no Ray cluster answers"),
     "an engine that does not exist": (
         lambda tmp: ["farm", "--store", str(tmp / "s"), "--engine", "fast"], "engine='fast' is invalid"),
+    "farm --set a bool that is not one": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--set", "dsa=maybe"],
+        "--set dsa=maybe is invalid: ExpertConfig.dsa expects bool (true or false)"),
+    "farm --set an option the recipe lacks": (
+        lambda tmp: ["farm", "--store", str(tmp / "s"), "--recipe", "pretrain", "--set", "keep_epochs=3"],
+        "unknown PretrainConfig key 'keep_epochs': accepted epochs, lr,"),
+    "condense --set an int knob given a fraction": (
+        lambda tmp: ["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--set", "syn_steps=2.5"],
+        "--set syn_steps=2.5 is invalid: MTTConfig.syn_steps expects int"),
+    "evaluate --set a float given a word": (
+        lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--set", "momentum=high"],
+        "--set momentum=high is invalid: EvalConfig.momentum expects float"),
+    "reproduce --set without a value": (
+        lambda tmp: ["reproduce", "ptlm_fashion_mnist_ipc10", "--scale", "cpu", "--set", "total_iterations"],
+        "--set 'total_iterations' is invalid: expected KEY=VALUE"),
 }
 
 

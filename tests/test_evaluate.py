@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raydd.condense import condense, image_grid
-from raydd.condense_cli import add_condense_parser, add_evaluate_parser, parse_overrides
+from raydd.condense_cli import add_condense_parser, add_evaluate_parser
 from raydd.evaluation import EvalConfig, evaluate_synthetic, full_data
 from raydd.methods import MTT, SyntheticSet, load_synthetic, make_config
 
@@ -213,5 +213,3 @@ def test_cli_refuses_bad_input_before_work(digits_experts, tmp_path):
         args = _parser().parse_args(base + extra)
         with pytest.raises(ValueError, match=message):
             args.func(args)
-    assert parse_overrides(["a=1", "b=0.5", "c=none", "d=true", "e=convnet3-w16-in"]) == \
-        {"a": 1, "b": 0.5, "c": None, "d": True, "e": "convnet3-w16-in"}

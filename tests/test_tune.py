@@ -270,7 +270,9 @@ def test_failed_trial_resumes_exactly_from_its_checkpoint(ray_session, one_threa
     for it in (3, 5):  # both faults did happen
         assert Path(trial["path"], FAULT_MARKER.format(it)).read_text() == str(it)
     progress = list(csv.DictReader(open(Path(trial["path"]) / "progress.csv")))
-    assert [int(float(r["restored_from"])) for r in progress] == [0, 2, 4]  # one report per restart
+    # each restart reports its checkpoint's result again (ASHA ignores the repeat) before reporting new ones
+    assert [(int(float(r[TIME_ATTR])), int(float(r["restored_from"]))) for r in progress] == \
+           [(2, 0), (2, 0), (4, 2), (4, 2), (6, 4)]
     # exact: the twice-restored trial ends where an uninterrupted run of the same method ends
     from raydd.data.datasets import load_train_test
     from raydd.methods.base import get_method

@@ -28,6 +28,7 @@ from ..data.augment import DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params, load_flat_params
 from ..graphs import GraphTrainer
 from ..training import ENGINES, PRECISIONS, NetworkStack, evaluate_together, train_epoch_together
+from ..overrides import check_annotations
 from ..validation import check_int, check_range
 
 METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -82,6 +83,7 @@ class TrainingConfig:
     eval_every: int = 1  # test-set evaluation every k epochs (and always after the last)
 
     def __post_init__(self) -> None:
+        check_annotations(self)  # a bool is a bool (dsa=False), an int is accepted for a float
         for key in ("epochs", "batch_size", "eval_every"):
             check_int(key, getattr(self, key))
         check_range("lr", self.lr, low=0, low_open=True)
@@ -354,9 +356,7 @@ class Recipe:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown {self.name} recipe option(s) {unknown}: accepted {sorted(known)}")
-        if "milestones" in overrides:
-            overrides["milestones"] = tuple(overrides["milestones"])
-        return self.config_cls(**overrides)
+        return self.config_cls(**overrides)  # annotations enforced (a JSON list is read as a tuple)
 
 
 RECIPES: dict[str, Recipe] = {}

@@ -31,8 +31,6 @@ import random
 import resource
 import sys
 import time
-import types
-import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data.datasets import ImageDataset, check_dataset_name
+from ..overrides import check_annotations
 from ..training import resolve_device
 from ..validation import check_range
 from .inputs import StoreInputs, TrajectoryNeed
@@ -85,10 +84,7 @@ class MethodConfig:
     paper: ClassVar[PaperProtocol | None] = None  # how ``reported`` was measured (raydd reproduce)
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _check_type(type(self).__name__, f.name, hints[f.name], getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
+        check_annotations(self)
         check_dataset_name(self.dataset)
         if self.ipc < 1:
             raise ValueError(f"ipc={self.ipc} is invalid: expected an integer >= 1 (images per class)")
@@ -170,33 +166,6 @@ class Scale:
     syn_steps: int = 20  # cap on unrolled student steps (trajectory matching)
     epochs: dict[str, int] = dataclasses.field(default_factory=dict)  # farm recipe -> epochs of its trajectories
     counts: dict[str, int] = dataclasses.field(default_factory=dict)  # farm recipe -> trajectories farmed
-
-
-def _check_type(owner: str, name: str, hint: Any, value: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-    else:
-        options = (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option in (bool, str) and isinstance(value, option):
-            return value
-        if typing.get_origin(option) is tuple and isinstance(value, list):
-            value = tuple(value)  # JSON (checkpoints, CLI) has no tuples
-        if option not in (int, float, bool, str, type(None)) and _loosely_is(value, option):
-            return value
-    names = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-    raise ValueError(f"{owner}.{name}={value!r} is invalid: expected {names}")
-
-
-def _loosely_is(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint) or hint
-    return not isinstance(origin, type) or isinstance(value, origin)
 
 
 def process_peak_rss_mb() -> float:

@@ -55,7 +55,8 @@ def add_reproduce_parser(subparsers) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from ..condense_cli import continuation, parse_overrides
+    from ..condense_cli import continuation, method_overrides
+    from .settings import get_setting
     from .run import list_settings, plan_text, reproduce, run_directory
 
     if args.list:
@@ -80,11 +81,11 @@ def cmd_reproduce(args) -> int:
         return 0
     if not args.name:
         raise ValueError("name a published setting (raydd reproduce --list shows them)")
+    overrides = method_overrides(get_setting(args.name).method, args.options)
     if args.plan:
         print(plan_text(args.name, scale=args.scale, on=args.on, trajectories=args.trajectories,
-                        trajectory_epochs=args.trajectory_epochs))
+                        trajectory_epochs=args.trajectory_epochs, overrides=overrides))
         return 0
-    overrides = parse_overrides(args.options)
     try:
         out = reproduce(args.name, scale=args.scale, on=args.on, data_root=args.data_root, store=args.store,
                         workdir=args.workdir, device=args.device, budget=args.budget, resume=args.resume,

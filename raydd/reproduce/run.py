@@ -164,13 +164,9 @@ def reproduce(name: str, *, scale: str = "paper", on: str | None = None, data_ro
     evaluation (and the ledger row) of a run its budget stopped: its checkpoint is what it leaves.
     ``condense_until`` (a ``time.perf_counter()`` instant) stops the condensation then at the latest, whatever
     farming took before it."""
-    setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
+    setting = get_setting(name)
     check_int("pack", pack)
-    if overrides:  # unknown knobs are one line naming the accepted ones, before any work
-        config_cls = get_method(setting.method).config_cls
-        overrides = config_cls.resolve_knobs(overrides)
-        config_cls.defaults(setting.dataset, setting.ipc).with_overrides(**overrides)  # values validated too
-        sc = dataclasses.replace(sc, knobs=sc.knobs + tuple(sorted(overrides.items())))
+    sc, overrides = _scale_for(setting, scale, trajectories, trajectory_epochs, overrides)
     seconds_budget = parse_budget(budget)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend {backend!r} is invalid: accepted local, ray")
@@ -273,16 +269,34 @@ def with_engine(config, engine: str):
     return config
 
 
+def _scale_for(setting: PublishedSetting, scale: str, trajectories: int | None, trajectory_epochs: int | None,
+               overrides: dict[str, Any] | None) -> tuple[ReproScale, dict[str, Any] | None]:
+    """The scale of a run with its caps and the ``--set`` knobs (aliases resolved, values validated: one line
+    naming the accepted knobs, before any work); the knobs join the scale's, which ``plan`` applies."""
+    sc = get_scale(scale).capped(trajectories, trajectory_epochs)
+    if overrides:
+        config_cls = get_method(setting.method).config_cls
+        overrides = config_cls.resolve_knobs(overrides)
+        config_cls.defaults(setting.dataset, setting.ipc).with_overrides(**overrides)  # values validated too
+        sc = dataclasses.replace(sc, knobs=sc.knobs + tuple(sorted(overrides.items())))
+    return sc, overrides
+
+
 def plan_text(name: str, *, scale: str = "paper", on: str | None = None, trajectories: int | None = None,
-              trajectory_epochs: int | None = None) -> str:
-    """What ``reproduce`` would run, without running it: iterations, the trajectories it farms (prefix-exact
-    recipes only the epochs the method reads) and the evaluation."""
-    setting, sc = get_setting(name), get_scale(scale).capped(trajectories, trajectory_epochs)
+              trajectory_epochs: int | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """What ``reproduce`` would run, without running it: iterations, the method's knobs that differ from the
+    published row, the trajectories it farms (prefix-exact recipes only the epochs the method reads) and the
+    evaluation."""
+    setting = get_setting(name)
+    sc, overrides = _scale_for(setting, scale, trajectories, trajectory_epochs, overrides)
     config, jobs = setting.plan(sc, on)
     from ..farm.recipes import get_recipe
 
+    published = get_method(setting.method).config_cls.defaults(setting.dataset, setting.ipc).to_dict()
+    changed = [f"{k}={v}" for k, v in config.to_dict().items() if published.get(k) != v]
     lines = [f"{name}: {setting.method} on {on or setting.dataset} IPC {config.ipc}, scale {sc.name}",
              f"- condensation: {setting.run_iterations(sc)} of the paper's {setting.iterations} iterations",
+             f"- knobs that differ from the published row: {', '.join(changed) or 'none'}",
              f"- departures from the paper: {setting.departures(sc, on)}"]
     for need, count, epochs in jobs:
         paper_count, paper_epochs = setting.paper.trajectories.get(need.recipe, (None, None))

@@ -94,7 +94,12 @@ class PublishedSetting:
         """(config, farm jobs) of a run at ``scale``: the published config (on dataset ``on`` when given: a
         smoke run elsewhere), planned for the scaled iteration count and shrunk to the scale; one farm job
         per trajectory need as (need, count, epochs): the paper's count and epochs (else the method's own
-        need), capped by the scale, never below what the config reads."""
+        need), capped by the scale, never below what the config reads.
+
+        One fixed order: the published defaults; the dataset ``on``; the scale's knobs and ``--set`` overrides
+        (``scale.knobs``) and its IPC cap; the run length (``for_run``); those knobs again, so an explicit knob wins
+        over what the run length plans (PTLM's ``total_iterations``, DATM's ``expansion_end_epoch``); then the
+        scale's shrinking (``scaled``)."""
         published = get_method(self.method).config_cls.defaults(self.dataset, self.ipc)
         if on is not None and on != self.dataset:
             published = dataclasses.replace(published, dataset=on)
@@ -105,6 +110,8 @@ class PublishedSetting:
         if smoke:  # validated again with the scale's values
             published = dataclasses.replace(published, **smoke)
         config = published.for_run(self.run_iterations(scale))
+        if smoke:  # the knobs win over the run length's planning (a horizon or window set by --set), as in
+            config = dataclasses.replace(config, **smoke)  # make_config: defaults, run length, knobs; then scaled
         farm: dict[str, tuple[int, int | None]] = {}
         for need in config.needs():
             count, epochs = self.paper.trajectories.get(need.recipe, (None, None))
