@@ -3,13 +3,20 @@
 Not a test (the tests cover each fault on its own, faster); this runs them end to end through the
 CLI, the way a user meets them, and prints what happened:
 
-    python benchmarks/fault_run.py            # ~5 minutes on 2 cores, in a temporary directory
+    python benchmarks/fault_run.py            # ~10 minutes on 2 cores, in a temporary directory
+    python benchmarks/fault_run.py --only sweep_ctrl_c farm_node_loss
 
 1. ``raydd farm`` (Ray backend) is killed with SIGKILL — the driver and the Ray it started — while
    trajectories are being written; the same command is run again.
 2. One farm worker (a Ray actor process) is killed with SIGKILL mid-trajectory; the farm goes on.
 3. ``raydd sweep`` is killed with SIGKILL mid-sweep and resumed with ``--resume``; the same sweep is
    also run without interruption, and the two leaderboards are compared.
+4. ``raydd sweep`` gets Ctrl-C (SIGINT) a few seconds in: it must exit 130 as unfinished, never "finished", and
+   ``--resume`` must end on the uninterrupted leaderboard.
+5. A node is lost: on a three-node Ray cluster (``ray.cluster_utils.Cluster``, one CPU per node), the farm runs
+   with ``--address`` and one worker node is killed without grace mid-farm; the farm must finish with every
+   trajectory trained once. Then a sweep on the same kind of cluster loses a node: its trials there are retried
+   from their checkpoints (``max_failures``) and the leaderboard must equal the uninterrupted one.
 
 Afterwards: ``raydd store verify`` on the store (must pass, no warnings about leftovers), each
 trajectory trained exactly once (published ids and the farms' own counts), and the same leaderboard.
@@ -40,7 +47,7 @@ SWEEP = {"name": "faults", "dataset": "digits", "store": None, "methods": ["dm"]
 
 
 def raydd(*args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # SIGINT reaches it (not ignored)
     return subprocess.Popen([sys.executable, "-m", "raydd.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
@@ -164,13 +171,98 @@ def sweep_driver_kill(tmp: Path) -> list[str]:
     return lines
 
 
+def sweep_ctrl_c(tmp: Path) -> list[str]:
+    spec = tmp / "ctrlc.yaml"
+    spec.write_text(yaml.safe_dump({**SWEEP, "name": "ctrlc"}))
+    code, _, _ = finish(raydd("sweep", str(spec), "--storage", str(tmp / "ctrlc-straight"), "--quiet"))
+    straight = leaderboard(tmp / "ctrlc-straight" / "ctrlc")
+    proc = raydd("sweep", str(spec), "--storage", str(tmp / "ctrlc"), "--quiet")
+    experiment = tmp / "ctrlc" / "ctrlc"
+    wait_for(lambda: list(experiment.glob("experiment_state*.json")), proc, "sweep (Ctrl-C)")
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    lines = [f"sweep Ctrl-C: SIGINT once the experiment had started; exit {code} (130 expected); "
+             f"finished marker written: {(experiment / 'sweep_done.json').exists()}; last line: {last}"]
+    code, out, err = finish(raydd("sweep", str(spec), "--storage", str(tmp / "ctrlc"), "--resume", "--quiet"))
+    lines.append(f"  --resume: exit {code}; same leaderboard as uninterrupted: {leaderboard(experiment) == straight}")
+    return lines
+
+
+class ThreeNodes:
+    """A head and two worker nodes of one CPU each on this machine; ``lose()`` kills a worker node outright."""
+
+    def __enter__(self) -> "ThreeNodes":
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        self.workers = [self.cluster.add_node(num_cpus=1) for _ in range(2)]
+        self.cluster.wait_for_nodes()
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def lose(self) -> None:
+        self.cluster.remove_node(self.workers.pop(0), allow_graceful=False)
+
+    def __exit__(self, *exc) -> None:
+        self.cluster.shutdown()
+
+
+def farm_node_loss(tmp: Path) -> list[str]:
+    store = tmp / "store-node"
+    farm_args = [*FARM[:-4], "--workers", "3", "--train-per-class", "60"]
+    with ThreeNodes() as nodes:
+        proc = raydd("farm", "--store", str(store), "--address", nodes.address, *farm_args)
+        wait_for(lambda: partials(store), proc, "farm (node loss)")
+        nodes.lose()
+        lost_at = time.time()
+        code, out, err = finish(proc)
+    summary = next((line for line in out.splitlines() if " trained, " in line), err.strip()[-500:])
+    retried = [line for line in out.splitlines() if line.rstrip().endswith(" trained") and line.split()[-2] != "1"]
+    lines = [f"farm node loss: a worker node of three killed mid-farm ({time.time() - lost_at:.0f} s to the end)",
+             f"  exit {code}; {summary}; trajectories needing a second attempt: {len(retried)}",
+             f"  published {len(published(store))} (each once: {len(published(store)) == 4}), leftovers "
+             f"{len(partials(store))}"]
+    vcode, vline = verify(store)
+    lines.append(f"  raydd store verify: exit {vcode}: {vline}")
+    return lines
+
+
+def sweep_node_loss(tmp: Path) -> list[str]:
+    spec_dict = {**SWEEP, "name": "nodes", "resources": {"cpu": 1, "gpu": 0}, "max_failures": 2}
+    spec = tmp / "nodes.yaml"
+    spec.write_text(yaml.safe_dump(spec_dict))
+    with ThreeNodes() as nodes:
+        code, _, _ = finish(raydd("sweep", str(spec), "--storage", str(tmp / "nodes-straight"), "--address",
+                                  nodes.address, "--quiet"))
+    straight = leaderboard(tmp / "nodes-straight" / "nodes")
+    lines = [f"sweep on three nodes, uninterrupted: exit {code}; {len(straight)} leaderboard rows"]
+    experiment = tmp / "nodes-lost" / "nodes"
+    with ThreeNodes() as nodes:
+        proc = raydd("sweep", str(spec), "--storage", str(tmp / "nodes-lost"), "--address", nodes.address, "--quiet")
+        wait_for(lambda: any(experiment.rglob("checkpoint_*")), proc, "sweep (node loss)")
+        nodes.lose()
+        code, out, err = finish(proc)
+    lines.append(f"sweep node loss: a worker node of three killed once a trial had checkpointed; exit {code}; "
+                 f"same leaderboard as uninterrupted: {leaderboard(experiment) == straight}")
+    return lines
+
+
+STEPS = (farm_driver_kill, farm_worker_kill, sweep_driver_kill, sweep_ctrl_c, farm_node_loss, sweep_node_loss)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.parse_args(argv)
+    p.add_argument("--only", nargs="+", choices=[s.__name__ for s in STEPS], help="run these scenarios only")
+    args = p.parse_args(argv)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="raydd-faults-") as d:
         tmp = Path(d)
-        for step in (farm_driver_kill, farm_worker_kill, sweep_driver_kill):
+        for step in (s for s in STEPS if not args.only or s.__name__ in args.only):
             t0 = time.time()
             for line in step(tmp):
                 print(line, flush=True)

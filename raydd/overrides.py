@@ -39,17 +39,18 @@ def _options(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
-def describe(hint: Any) -> str:
-    """An annotation in words, for error lines: ``int or None``, ``bool (true or false)``."""
+def describe(hint: Any, *, as_text: bool = False) -> str:
+    """An annotation in words, for error lines: ``int or None``; ``as_text``: how a ``--set`` value is written
+    (``bool (true or false)``)."""
     names = []
     for option in _options(hint):
         if option is type(None):
             names.append("None")
         elif option is bool:
-            names.append("bool (true or false)")
-        elif typing.get_origin(option) in (tuple, list):
+            names.append("bool (true or false)" if as_text else "bool")
+        elif typing.get_origin(option) in (tuple, list) and as_text:
             names.append("a comma-separated list or a JSON list")
-        elif typing.get_origin(option) is dict or option is dict:
+        elif (typing.get_origin(option) is dict or option is dict) and as_text:
             names.append("a JSON object")
         else:
             names.append(getattr(option, "__name__", str(option)))
@@ -128,7 +129,7 @@ def typed_overrides(cls: type, items: list[str] | tuple[str, ...] | None, *, ali
             out[name] = read_value(hints[name], text)
         except ValueError:
             raise ValueError(f"--set {key}={text} is invalid: {what}.{name} expects "
-                             f"{describe(hints[name])}") from None
+                             f"{describe(hints[name], as_text=True)}") from None
     return out
 
 

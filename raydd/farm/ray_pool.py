@@ -10,6 +10,7 @@ from typing import Callable
 
 import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..store import TrajectoryStore
 from .claims import WorkQueue
@@ -59,10 +60,8 @@ def connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(**kwargs)
+    # no address: a Ray of its own ("local"), never the one a stale /tmp/ray/ray_current_cluster names
+    ray.init(address=address or "local", **kwargs)
     return True
 
 
@@ -106,7 +105,9 @@ class _Pool:
         self.bar = bar
         self.on_event = on_event
         self.data_ref = ray.put(data)  # once; each node maps it once for all its workers
-        self.progress = Queue(actor_options={"num_cpus": 0})
+        # the progress queue lives on the driver's node: losing any other node loses no event channel
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.n_workers = n_workers
         self.options = dict(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0)
 
@@ -115,12 +116,15 @@ class _Pool:
             self.data_ref, int(self.spec.cpus_per_worker), self.spec.device, self.progress)
 
     def run(self, work: WorkQueue) -> list[TrajectoryResult]:
-        """Train what ``work`` hands out (claimed tasks) on idle workers; a dead worker's task is retried from
-        scratch under the same claim; tasks other farms hold are waited for."""
+        """Train what ``work`` hands out (claimed tasks) on idle workers; a dead worker's task (its process or
+        its whole node lost) is retried from scratch under the same claim by the next idle worker, and a
+        replacement worker is started — it takes work once Ray has placed it, so with a node gone for good the
+        farm goes on with the workers that remain; tasks other farms hold are waited for."""
         retries: list[TrajectoryTask] = []
         attempts: dict[str, int] = {}
         idle = [self._new_worker() for _ in range(self.n_workers)]
         running: dict = {}  # ObjectRef -> (worker, pack of tasks)
+        starting: dict = {}  # ObjectRef of a replacement's pid() -> the replacement, until Ray has placed it
         results: list[TrajectoryResult] = []
         try:
             while not work.empty or retries or running:
@@ -132,14 +136,24 @@ class _Pool:
                         attempts[task.trajectory_id] = attempts.get(task.trajectory_id, 0) + 1
                     worker = idle.pop()
                     running[worker.run.remote(pack)] = (worker, pack)
-                if not running:  # everything left is held by other live farms
+                if not running and not starting:  # everything left is held by other live farms
                     self.bar.waiting(work.held_elsewhere)
                     time.sleep(WAIT_S)
                     self.bar.finished_elsewhere(work.by_others)
                     continue
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=0.2)
                 self._drain_progress()
                 for ref in ready:
+                    if ref in starting:  # a replacement is placed (or died before it ran anything)
+                        worker = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                            idle.append(worker)
+                        except ray.exceptions.RayActorError:
+                            ray.kill(worker, no_restart=True)
+                            replacement = self._new_worker()
+                            starting[replacement.pid.remote()] = replacement
+                        continue
                     worker, pack = running.pop(ref)
                     try:
                         done = ray.get(ref)
@@ -148,7 +162,12 @@ class _Pool:
                             self._retry(task, attempts, err)
                             retries.append(task)
                         ray.kill(worker, no_restart=True)
-                        idle.append(self._new_worker())
+                        replacement = self._new_worker()
+                        starting[replacement.pid.remote()] = replacement
+                        if not idle and not running:
+                            log.warning("no farm worker is left: the retried trajectories wait for Ray to place "
+                                        "a new one (%g CPU, %g GPU)", self.spec.cpus_per_worker,
+                                        self.spec.gpus_per_worker)
                         continue
                     for task, result in zip(pack, done):
                         work.release(task)
@@ -160,9 +179,7 @@ class _Pool:
             self._drain_progress()
             self.bar.finished_elsewhere(work.by_others)
         finally:
-            for worker, _ in running.values():
-                ray.kill(worker, no_restart=True)
-            for worker in idle:
+            for worker in [*(w for w, _ in running.values()), *starting.values(), *idle]:
                 ray.kill(worker, no_restart=True)
             ray.kill(self.progress.actor, no_restart=True)
         return results

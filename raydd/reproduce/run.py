@@ -129,6 +129,8 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
         fields = need.farm_fields(count=count, epochs=epochs)
         if scale.width is not None and fields["model"].get("arch", "convnet") == "convnet":
             fields["model"]["width"] = scale.width
+        elif scale.teacher_width is not None and need.role == "teacher":
+            fields["model"]["width"] = scale.teacher_width
         recipe = get_recipe(need.recipe)
         if teacher is not None and "teacher" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
             fields["recipe_options"]["teacher"] = teacher

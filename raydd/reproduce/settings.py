@@ -26,6 +26,7 @@ class ReproScale:
     name: str
     train_per_class: int | None = None  # a class-balanced subset of the training split
     width: int | None = None  # ConvNet width of the farmed and the evaluation networks
+    teacher_width: int | None = None  # width of a farmed teacher that is not a ConvNet (SSD's ResNet-18)
     iterations: int | None = None  # cap on the condensation iterations
     trajectories: int | None = None  # cap on the trajectories farmed per recipe
     epochs: int | None = None  # cap on their epochs
@@ -71,8 +72,9 @@ SCALES: dict[str, ReproScale] = {
     # the tiny experts and teacher (a few dozen SGD steps) classify too few images correctly for DATM's
     # selection of correctly classified images and SSD's teacher-agreed labels; digits has < 200 images per
     # class, fewer than DANCE/PTLM's IPC-50 rows initialise from: the smoke run says so and steps around it
-    "tiny": ReproScale("tiny", train_per_class=100, width=16, iterations=2, trajectories=1, epochs=8, syn_steps=2,
-                       eval_models=1, eval_epochs=2, ipc=10, knobs=(("init_correct", False), ("syn_labels", "hard"))),
+    "tiny": ReproScale("tiny", train_per_class=100, width=16, teacher_width=16, iterations=2, trajectories=1,
+                       epochs=8, syn_steps=2, eval_models=1, eval_epochs=2, ipc=10,
+                       knobs=(("init_correct", False), ("syn_labels", "hard"))),
 }
 
 
@@ -150,6 +152,9 @@ class PublishedSetting:
             listed.append(f"train per class {scale.train_per_class}")
         if scale.width is not None:
             listed.append(f"width {scale.width}")
+        if scale.teacher_width is not None and any(need.role == "teacher" and need.model_fields().get("arch")
+                                                   not in (None, "convnet") for need, _, _ in jobs):
+            listed.append(f"teacher width {scale.teacher_width}")
         if scale.iterations is not None and scale.iterations < self.iterations:
             listed.append(f"iterations {scale.iterations}")
         for need, count, epochs in jobs:

@@ -176,7 +176,8 @@ def check_devices_here(spec: SweepSpec) -> None:
 def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    # "local": a Ray of its own, never the one a stale /tmp/ray/ray_current_cluster names (a killed cluster's)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     # workers log warnings and errors only (not Tune's per-checkpoint INFO lines)
     ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
              logging_config=ray.LoggingConfig(log_level="WARNING"))
