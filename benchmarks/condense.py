@@ -4,7 +4,7 @@ Not a test. Two sub-commands, each prints a markdown table with a baseline measu
 same run. Run from the repository root:
 
     python benchmarks/condense.py speed --dataset digits --ipc 10 --iterations 5
-    python benchmarks/condense.py accuracy --data-root /work/shared/datasets --ipcs 1 10 --out results.md
+    python benchmarks/condense.py accuracy --data-root ../shared/datasets --ipcs 1 10 --out results.md
     python benchmarks/condense.py accuracy --quick          # digits, IPC 1, a few minutes on a laptop
 
 ``speed``: seconds per iteration (median of ``--iterations`` steps after one warm-up step)
@@ -122,7 +122,7 @@ def load_data(dataset: str, data_root: str | None, train_per_class: int | None
               ) -> tuple[ImageDataset, ImageDataset]:
     root = None if dataset == "digits" else data_root
     if dataset != "digits" and not data_root:
-        raise ValueError(f"--dataset {dataset} needs --data-root (e.g. /work/shared/datasets)")
+        raise ValueError(f"--dataset {dataset} needs --data-root (e.g. ../shared/datasets)")
     train = load_dataset(dataset, "train", root)
     test = load_dataset(dataset, "test", root)
     if train_per_class is not None:
@@ -607,7 +607,7 @@ def accuracy_report(args, methods, outcomes, full, farmed, n_train, store_note, 
         lines.append("| " + " | ".join(row) + " |")
     if paper_cols:
         lines.append("")
-        lines.append("† Papers' numbers (/work/shared/METHODS.md; SSD with 10% labels): paper protocol — full 60k "
+        lines.append("† Papers' numbers (../shared/METHODS.md; SSD with 10% labels): paper protocol — full 60k "
                      "training set, ConvNet-3 width 128, thousands of iterations, 300-1000 evaluation epochs. NOT "
                      "comparable with the CPU-scaled columns.")
         refs = ", ".join(f"{label(k)} {'/'.join(str(c.reported[(args.dataset, i)]) for i in PAPER_IPCS)}"
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data-root", default=os.environ.get("RAYDD_DATA"),
-                       help="dataset folder (e.g. /work/shared/datasets); not needed for digits")
+                       help="dataset folder (e.g. ../shared/datasets); not needed for digits")
         q.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="default: all")
         q.add_argument("--width", type=int, default=32, help="ConvNet width of every network (default 32)")
         q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (no Ray either way)")

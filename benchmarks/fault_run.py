@@ -15,7 +15,8 @@ CLI, the way a user meets them, and prints what happened:
    ``--resume`` must end on the uninterrupted leaderboard.
 5. A node is lost: on a three-node Ray cluster (``ray.cluster_utils.Cluster``, one CPU per node), the farm runs
    with ``--address`` and one worker node is killed without grace mid-farm; the farm must finish with every
-   trajectory trained once. Then a sweep on the same kind of cluster loses a node: its trials there are retried
+   trajectory trained once; the same farm into the S3 store (a local moto server). Then a sweep on the same
+   kind of cluster loses a node: its trials there are retried
    from their checkpoints (``max_failures``) and the leaderboard must equal the uninterrupted one.
 
 Afterwards: ``raydd store verify`` on the store (must pass, no warnings about leftovers), each
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -88,7 +90,7 @@ def partials(store: Path) -> list[Path]:
     return [p for p in store.rglob("*") if p.name.endswith(".partial")]
 
 
-def verify(store: Path) -> tuple[int, str]:
+def verify(store: Path | str) -> tuple[int, str]:
     code, out, err = finish(raydd("store", "verify", str(store)))
     return code, (out + err).strip().splitlines()[-1]
 
@@ -212,24 +214,61 @@ class ThreeNodes:
         self.cluster.shutdown()
 
 
-def farm_node_loss(tmp: Path) -> list[str]:
-    store = tmp / "store-node"
+def _farm_loses_a_node(store_uri: str, training, published_ids, leftovers, what: str) -> list[str]:
     farm_args = [*FARM[:-4], "--workers", "3", "--train-per-class", "60"]
     with ThreeNodes() as nodes:
-        proc = raydd("farm", "--store", str(store), "--address", nodes.address, *farm_args)
-        wait_for(lambda: partials(store), proc, "farm (node loss)")
+        proc = raydd("farm", "--store", store_uri, "--address", nodes.address, *farm_args)
+        wait_for(training, proc, f"farm ({what})")
         nodes.lose()
         lost_at = time.time()
         code, out, err = finish(proc)
     summary = next((line for line in out.splitlines() if " trained, " in line), err.strip()[-500:])
     retried = [line for line in out.splitlines() if line.rstrip().endswith(" trained") and line.split()[-2] != "1"]
-    lines = [f"farm node loss: a worker node of three killed mid-farm ({time.time() - lost_at:.0f} s to the end)",
+    ids = published_ids()
+    lines = [f"farm {what}: a worker node of three killed mid-farm ({time.time() - lost_at:.0f} s to the end)",
              f"  exit {code}; {summary}; trajectories needing a second attempt: {len(retried)}",
-             f"  published {len(published(store))} (each once: {len(published(store)) == 4}), leftovers "
-             f"{len(partials(store))}"]
-    vcode, vline = verify(store)
+             f"  published {len(ids)} (each once: {len(ids) == len(set(ids)) == 4}), leftovers {len(leftovers())}"]
+    vcode, vline = verify(store_uri)
     lines.append(f"  raydd store verify: exit {vcode}: {vline}")
     return lines
+
+
+def farm_node_loss(tmp: Path) -> list[str]:
+    store = tmp / "store-node"
+    return _farm_loses_a_node(str(store), lambda: partials(store), lambda: published(store),
+                              lambda: partials(store), "node loss")
+
+
+def farm_node_loss_s3(tmp: Path) -> list[str]:
+    """The same into the S3 store on a local moto server; the workers start training once three are claimed."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from raydd.store import TrajectoryStore
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per S3 request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="faults")
+        uri = f"s3://faults/farm?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        store = TrajectoryStore(uri)
+
+        def objects() -> list[str]:  # object keys, less pyarrow's directory markers
+            found = client.list_objects_v2(Bucket="faults", Prefix="farm/").get("Contents", [])
+            return [o["Key"] for o in found if not o["Key"].endswith("/")]
+
+        lines = _farm_loses_a_node(uri, lambda: len(store.claims()) >= 3,
+                                   lambda: [k.rsplit("/", 1)[1] for k in objects() if k.endswith(".arrow")],
+                                   lambda: [k for k in objects() if not k.endswith(".arrow")], "node loss, S3 store")
+        lines.append(f"  claims left in the store: {len(store.claims())}")
+        return lines
+    finally:
+        server.stop()
 
 
 def sweep_node_loss(tmp: Path) -> list[str]:
@@ -252,7 +291,8 @@ def sweep_node_loss(tmp: Path) -> list[str]:
     return lines
 
 
-STEPS = (farm_driver_kill, farm_worker_kill, sweep_driver_kill, sweep_ctrl_c, farm_node_loss, sweep_node_loss)
+STEPS = (farm_driver_kill, farm_worker_kill, sweep_driver_kill, sweep_ctrl_c, farm_node_loss, farm_node_loss_s3,
+         sweep_node_loss)
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,7 @@ and re-runs one segment of k steps at a time in the backward pass (k = 1 by defa
 augmentations), the gradient in S and α of ``tesla`` and ``checkpoint`` with the ``full`` one (cosine,
 relative error): how far TESLA's Eq. 6 is from the exact gradient at this setting.
 
-    python benchmarks/unroll.py --data-root /work/shared/datasets --store /tmp/bench/unroll-store \\
+    python benchmarks/unroll.py --data-root ../shared/datasets --store /tmp/bench/unroll-store \\
         --full 10 20 --checkpoint 10 20 40 80 --tesla 10 20 40 80 --agreement 1 5 10 20
     # DATM's published CIFAR-10 IPC 50 (N=80, all 500 images per step) on a GPU:
     python benchmarks/unroll.py --device cuda --method datm --dataset cifar10 --ipc 50 --per-class 500 \
@@ -179,7 +179,7 @@ def run_one(args, mode: str, n: int, template: str = ONE) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="/work/shared/datasets")
+    p.add_argument("--data-root", default="../shared/datasets")
     p.add_argument("--store", default="/tmp/bench/unroll-store")
     p.add_argument("--full", type=int, nargs="*", default=[10, 20], help="N for unroll=full")
     p.add_argument("--checkpoint", type=int, nargs="*", default=[10, 20, 40, 80], help="N for unroll=checkpoint")

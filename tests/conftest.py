@@ -16,7 +16,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)  # its own Ray, never a cluster another test started
         started = True
     yield ray
     if started:

@@ -1,5 +1,5 @@
 """DATM-CLR: Contrastive Learning-Enhanced Trajectory Matching for Small-Scale Dataset
-Distillation (Li, Sakai & Hasegawa; /work/shared/papers/002_79f1c4a544f3b959.txt). No public code.
+Distillation (Li, Sakai & Hasegawa). No public code.
 
 DATM (``raydd.methods.datm``) plus a supervised SimCLR-style contrastive loss on S
 (Sec. 3.2, Algorithm 1). At every inner step n of the unrolled student:
