@@ -69,3 +69,25 @@ class WorkQueue:
 
     def close(self) -> None:
         self.keeper.close()
+
+
+def take_pack(work: WorkQueue, size: int, retries: list | None = None) -> list:
+    """Up to ``size`` claimed tasks to train together (retried ones first), all continuing from the same epoch
+    (``extend_epoch``: trained from the start, or extending stored trajectories of one length); empty when none
+    is free now."""
+    pack: list = []
+
+    def fits(task) -> bool:
+        return not pack or task.extend_epoch == pack[0].extend_epoch
+
+    while len(pack) < size:
+        again = [t for t in retries or [] if fits(t)]
+        if again:
+            task = again[-1]
+            retries.remove(task)
+        else:
+            task = work.take(where=fits)
+        if task is None:
+            break
+        pack.append(task)
+    return pack

@@ -13,10 +13,9 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..store import TrajectoryStore
-from .claims import WorkQueue
+from .claims import WorkQueue, take_pack
 from .progress import FarmProgress
 from .spec import FarmSpec
-from .runner import take_pack
 from .task import FarmData, TrajectoryResult, TrajectoryTask, run_trajectories
 
 WAIT_S = 2.0  # how often the pool looks again at trajectories another live farm holds

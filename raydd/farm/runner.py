@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..store import TrajectoryStore
 from ..training import check_gpus_here, resolve_device
-from .claims import WorkQueue
+from .claims import WorkQueue, take_pack
 from .progress import FarmProgress, summary_table
 from .spec import FarmSpec
 from .task import (FarmData, TrajectoryResult, data_fingerprint, link_prefixes, plan_tasks, prepare_data,
@@ -109,28 +109,6 @@ def check_devices_here(spec: FarmSpec) -> None:
         resolve_device(spec.device)
     if spec.backend == "ray":
         check_gpus_here(spec.gpus_per_worker, "gpus_per_worker")
-
-
-def take_pack(work: WorkQueue, size: int, retries: list | None = None) -> list:
-    """Up to ``size`` claimed tasks to train together (retried ones first), all continuing from the same epoch
-    (``extend_epoch``: trained from the start, or extending stored trajectories of one length); empty when none
-    is free now."""
-    pack: list = []
-
-    def fits(task) -> bool:
-        return not pack or task.extend_epoch == pack[0].extend_epoch
-
-    while len(pack) < size:
-        again = [t for t in retries or [] if fits(t)]
-        if again:
-            task = again[-1]
-            retries.remove(task)
-        else:
-            task = work.take(where=fits)
-        if task is None:
-            break
-        pack.append(task)
-    return pack
 
 
 def _run_local(spec, work: WorkQueue, data: FarmData, store, bar: FarmProgress, on_event

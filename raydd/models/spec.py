@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from .classic_layout import plan
+
 ARCHITECTURES = ("convnet", "resnet10", "resnet18", "vgg11", "alexnet")
 DEFAULT_WIDTH = {"convnet": 128, "resnet10": 64, "resnet18": 64, "vgg11": 64, "alexnet": 128}  # the references
 NORMS = ("instance", "batch", "none")
@@ -53,8 +55,6 @@ class ModelSpec:
         if len(self.resolution) != 2 or min(self.resolution) <= 0:
             raise ValueError(f"model resolution={self.resolution!r} is invalid: expected (height, width) > 0")
         if self.arch in ("vgg11", "alexnet"):
-            from .classic import plan
-
             final = plan(self.arch, self.channels, self.resolution, self.width)[2]
             if min(final) < 1:
                 raise ValueError(f"model {self.arch} does not fit {self.resolution[0]}x{self.resolution[1]} images: "
@@ -71,8 +71,6 @@ class ModelSpec:
         before each block's pooling; a ResNet's last stage has had three stride-2 convolutions; VGG-11 and
         AlexNet normalise after their last convolution."""
         if self.arch in ("vgg11", "alexnet"):
-            from .classic import plan
-
             return plan(self.arch, self.channels, self.resolution, self.width)[1]
         if self.arch == "convnet":
             halvings = 0 if self.pooling == "none" else self.depth - 1
