@@ -66,8 +66,10 @@ class CondenseResult:
     robustness: RobustnessResult | None = None  # DD-Ranking's scores of the last set (``robustness=``)
 
     @property
-    def final_eval(self) -> EvalResult | None:
-        return self.evals[-1][1] if self.evals else None
+    def last_eval(self) -> tuple[int, EvalResult] | None:
+        """(iteration, result) of the last periodic evaluation (not ``final``, the extra one asked for with
+        ``final_eval_config``); None when nothing was evaluated."""
+        return self.evals[-1] if self.evals else None
 
 
 @dataclass

@@ -226,8 +226,9 @@ def cmd_condense(args) -> int:
             else f"no iteration run: the checkpoint had reached {iterations}" if result.resumed_from else
             "no iteration run")
     print(f"saved {len(result.synthetic)} images to {path} ({rate})")
-    if result.final_eval is not None:
-        print(f"final evaluation: {result.final_eval}")
+    if result.last_eval is not None:
+        iteration, evaluation = result.last_eval
+        print(f"evaluation at iteration {iteration}: {evaluation}")
     return 0
 
 

@@ -112,7 +112,7 @@ def test_condense_logs_evaluates_checkpoints_and_resumes(digits, digits_experts,
     result = condense(MTT(cfg, train, store, device="cpu"), 4, eval_every=2, eval_config=eval_cfg, test=test,
                       logdir=str(tmp_path / "tb"), progress=False, checkpoint_path=str(ckpt))
     assert [h["iteration"] for h in result.history] == [1, 2, 3, 4]
-    assert [it for it, _ in result.evals] == [2, 4] and result.final_eval is result.evals[-1][1]
+    assert [it for it, _ in result.evals] == [2, 4] and result.last_eval == result.evals[-1]
     assert result.seconds_per_iteration > 0 and ckpt.exists()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

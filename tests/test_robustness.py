@@ -142,4 +142,4 @@ def test_condense_scores_its_last_set_on_the_standard_protocol_only(digits):
     scores = result.robustness
     assert scores.metrics == ("ior",) and [r["seed"] for r in scores.runs] == [0]
     # run 0's set network is the evaluation's network (seed 0, lr 0.05, same protocol): the same accuracy
-    assert scores.runs[0]["set"] == result.final_eval.accuracies[0] and scores.runs[0]["set_lr"] == 0.05
+    assert scores.runs[0]["set"] == result.last_eval[1].accuracies[0] and scores.runs[0]["set_lr"] == 0.05
