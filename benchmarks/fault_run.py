@@ -95,6 +95,19 @@ def verify(store: Path | str) -> tuple[int, str]:
     return code, (out + err).strip().splitlines()[-1]
 
 
+def farm_report(ended: tuple[int, str, str], store: str, ids: list[str], leftovers: list, lead: str = ""
+                ) -> list[str]:
+    """What a farm that met a fault printed and left: its exit and summary, retried trajectories, what the
+    store holds (each of the 4 once?) and ``raydd store verify``'s verdict."""
+    code, out, err = ended
+    summary = next((line for line in out.splitlines() if " trained, " in line), err.strip()[-500:])
+    retried = [line for line in out.splitlines() if line.rstrip().endswith(" trained") and line.split()[-2] != "1"]
+    vcode, vline = verify(store)
+    return [f"  {lead}exit {code}; {summary}; trajectories needing a second attempt: {len(retried)}",
+            f"  published {len(ids)} (each once: {len(ids) == len(set(ids)) == 4}), leftovers {len(leftovers)}",
+            f"  raydd store verify: exit {vcode}: {vline}"]
+
+
 def farm_driver_kill(tmp: Path) -> list[str]:
     store = tmp / "store-driver"
     lines = []
@@ -129,15 +142,8 @@ def farm_worker_kill(tmp: Path) -> list[str]:
     wait_for(lambda: workers(), proc, "farm worker process")
     victim = workers()[0]
     victim.send_signal(signal.SIGKILL)
-    code, out, err = finish(proc)
-    summary = next(line for line in out.splitlines() if " trained, " in line)
-    retried = [line for line in out.splitlines() if line.rstrip().endswith(" trained") and line.split()[-2] != "1"]
-    lines = [f"farm worker: SIGKILL of worker pid {victim.pid} mid-trajectory",
-             f"  the farm went on: exit {code}; {summary}; trajectories needing a second attempt: {len(retried)}",
-             f"  published {len(published(store))} (each once), leftovers {len(partials(store))}"]
-    vcode, vline = verify(store)
-    lines.append(f"  raydd store verify: exit {vcode}: {vline}")
-    return lines
+    return [f"farm worker: SIGKILL of worker pid {victim.pid} mid-trajectory",
+            *farm_report(finish(proc), str(store), published(store), partials(store), "the farm went on: ")]
 
 
 def leaderboard(experiment: Path) -> list[tuple]:
@@ -221,16 +227,9 @@ def _farm_loses_a_node(store_uri: str, training, published_ids, leftovers, what:
         wait_for(training, proc, f"farm ({what})")
         nodes.lose()
         lost_at = time.time()
-        code, out, err = finish(proc)
-    summary = next((line for line in out.splitlines() if " trained, " in line), err.strip()[-500:])
-    retried = [line for line in out.splitlines() if line.rstrip().endswith(" trained") and line.split()[-2] != "1"]
-    ids = published_ids()
-    lines = [f"farm {what}: a worker node of three killed mid-farm ({time.time() - lost_at:.0f} s to the end)",
-             f"  exit {code}; {summary}; trajectories needing a second attempt: {len(retried)}",
-             f"  published {len(ids)} (each once: {len(ids) == len(set(ids)) == 4}), leftovers {len(leftovers())}"]
-    vcode, vline = verify(store_uri)
-    lines.append(f"  raydd store verify: exit {vcode}: {vline}")
-    return lines
+        ended = finish(proc)
+    return [f"farm {what}: a worker node of three killed mid-farm ({time.time() - lost_at:.0f} s to the end)",
+            *farm_report(ended, store_uri, published_ids(), leftovers())]
 
 
 def farm_node_loss(tmp: Path) -> list[str]:

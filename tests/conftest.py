@@ -103,3 +103,30 @@ def pretrain_experts(tmp_path_factory):
                       recipe_options={"epochs": 3, "batch_size": 64, "lr": 0.05}, model={"width": 16, "depth": 2}),
              progress=False)
     return TrajectoryStore(root)
+
+
+S3_CREDENTIALS = {  # a moto server's; never look for real ones
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, bucket: str):
+    """A fresh moto S3 server on 127.0.0.1 with one bucket and its credentials in the environment:
+    yields (endpoint "127.0.0.1:PORT", boto3 client)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket=bucket)
+        yield f"{host}:{port}", client
+    finally:
+        server.stop()

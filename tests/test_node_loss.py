@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import S3_CREDENTIALS, moto_s3
 
 HERE = Path(__file__).parent
 
@@ -31,11 +32,6 @@ def _raydd(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen([sys.executable, "-m", "raydd.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-
-
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                  "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +118,10 @@ def test_a_farm_survives_losing_a_node(three_nodes, tmp_path):
 
 @pytest.fixture
 def s3_bucket(monkeypatch):
-    """An ``s3://`` store URI on a local moto server (127.0.0.1), with its credentials in the environment of the
+    """An ``s3://`` store URI on a local moto server (127.0.0.1), its credentials in the environment of the
     farm (the cluster's nodes have them from the start), and a boto3 client."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    for key, value in S3_CREDENTIALS.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
-        client.create_bucket(Bucket="farm")
-        yield f"s3://farm/lost?endpoint_override={host}:{port}&scheme=http&region=us-east-1", client
-    finally:
-        server.stop()
+    with moto_s3(monkeypatch, "farm") as (endpoint, client):
+        yield f"s3://farm/lost?endpoint_override={endpoint}&scheme=http&region=us-east-1", client
 
 
 def test_a_farm_into_s3_survives_losing_a_node(three_nodes, s3_bucket):

@@ -5,44 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
+pytest.importorskip("moto.server", reason="moto[server] is not installed")
+pytest.importorskip("boto3", reason="boto3 is not installed")
 
 import pyarrow.fs as pafs  # noqa: E402
 
 from raydd.store import CorruptTrajectoryError, CorruptTrajectoryWarning, TrajectoryStore  # noqa: E402
 from raydd.store.cli import format_ls  # noqa: E402
+from conftest import moto_s3  # noqa: E402
 
 BUCKET = "trajectories"
 LAYOUT = [("fc.weight", [10, 8]), ("fc.bias", [10])]
 NUM_PARAMS = 90
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",  # never look for instance credentials
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """(endpoint "127.0.0.1:PORT", boto3 client) of a fresh moto server with one bucket."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in CREDENTIALS.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"{host}:{port}"
-            client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint, client
-        finally:
-            server.stop()
+    with pytest.MonkeyPatch.context() as mp, moto_s3(mp, BUCKET) as (endpoint, client):
+        yield endpoint, client
 
 
 def keys(client, prefix):
