@@ -519,7 +519,7 @@ def run_one(method: str, ipc: int, args, train, test, store, sets, eval_cfg, ear
         out.synthetic = syn
         if args.save_dir:
             syn.save(Path(args.save_dir) / f"{method}_ipc{ipc}.safetensors")
-        ev = result.final_eval
+        ev = result.last_eval[1]
         out.acc, out.std = 100 * ev.mean, 100 * ev.std
         out.eval_note = f"eval lr {ev.lr:.3g}" + ("" if syn.syn_lr is None else " (learned α)") \
             + f", {'soft' if syn.soft else 'hard'} labels, {len(syn)} images"

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..data.augment import DSAConfig, make_dsa
+from ..data.augment import DSA_STRATEGY, DSAConfig, make_dsa
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ARCHITECTURES, ModelSpec, build_model
 from ..models.spec import fields_from_name
@@ -43,7 +43,7 @@ class EvalConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # flip dropped where the dataset forbids it
+    dsa_strategy: str = DSA_STRATEGY  # flip dropped where the dataset forbids it
     dsa_single_per_call: bool = True  # reference aug_mode 'S' (one op per batch, the standard); False: 'M', every op
     lr_decay_at: float | None = 0.5  # lr ×0.1 after this fraction of the epochs; None: constant lr
     device: str = "auto"

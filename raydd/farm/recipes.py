@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..data.datasets import ImageDataset
-from ..data.augment import DSAConfig, make_dsa
+from ..data.augment import DSA_STRATEGY, DSAConfig, make_dsa
 from ..models import ModelSpec, build_model, flatten_buffers, flatten_params, load_flat_params
 from ..graphs import GraphTrainer
 from ..training import ENGINES, PRECISIONS, NetworkStack, evaluate_together, train_epoch_together
@@ -79,7 +79,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = DSA_STRATEGY
     eval_every: int = 1  # test-set evaluation every k epochs (and always after the last)
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import CondensationMethod, MethodConfig, PaperProtocol, register_method
+from .initial import class_labels
 from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 
@@ -212,7 +213,7 @@ class CoresetMethod(CondensationMethod):
         ipc, k = self.config.ipc, self.train.info.num_classes
         return SyntheticSet(
             images=self.train.images[self.selected].detach().cpu().clone(),
-            labels=torch.arange(k).repeat_interleave(ipc), dataset={**self.train.info.to_dict(), "zca": False},
+            labels=class_labels(k, ipc), dataset={**self.train.info.to_dict(), "zca": False},
             method=self.name, config=self.config.to_dict(), iteration=self._iteration,
             meta={"indices": self.selected.tolist(), "seed": self.seed, **self._provenance()},
         )

@@ -45,6 +45,7 @@ from ..models import FlatModel, ModelSpec, build_model
 from .base import (CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree,
                    embed_classes_together, register_method)
 from .inputs import StoreInputs, TrajectoryNeed
+from .initial import class_labels, random_real_indices
 from .synthetic import SyntheticSet
 
 MATCH_DSA = "color_crop_cutout"  # IDC/DANCE condensation augmentation (arg_condense.py aug_type)
@@ -271,18 +272,17 @@ class PretrainedDM(CondensationMethod):
     # ------------------------------------------------------------------ synthetic set
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, info = self.config, self.train.info
-        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
+        labels = class_labels(info.num_classes, cfg.ipc)
         if cfg.pix_init == "noise":  # reference Synthesizer: clamp(randn / 4 + 0.5, 0, 1) in pixel space
             pixels = (torch.randn((len(labels), info.channels, *info.resolution), generator=self.generator) / 4
                       + 0.5).clamp(0, 1).to(self.device)
             mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
             std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
             return ((pixels - mean) / std).float(), labels.to(self.device)
+        picks = random_real_indices(self._class_idx, cfg.ipc * self.factor ** 2, self.generator)
         per_class = []
-        for c in range(info.num_classes):
-            idx = self._class_idx[c]
-            picks = idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc * self.factor ** 2]]
-            reals = self._real[picks.to(self.device)]
+        for class_picks in picks.view(info.num_classes, -1):
+            reals = self._real[class_picks.to(self.device)]
             per_class.append(reals if self.factor == 1 else encode_tiles(reals, self.factor, self._fill))
         return torch.cat(per_class).float().clone(), labels.to(self.device)
 

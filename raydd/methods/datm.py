@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from ..store import CorruptTrajectoryError
 from .base import PaperProtocol, StepMeter, clone_tree, register_method
 from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
+from .initial import class_labels
 from .synthetic import SyntheticSet
 
 # Reference configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml and configs/CIFAR-100/ConvIN/IPC{1,10,50}.yaml
@@ -227,7 +228,7 @@ class DATM(MTT):
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, info = self.config, self.train.info
         self._label_net = None
-        self.classes = torch.arange(info.num_classes).repeat_interleave(cfg.ipc).to(self.device)
+        self.classes = class_labels(info.num_classes, cfg.ipc).to(self.device)
         if not cfg.init_correct:  # reference pix_init 'real': random real images, the first expert's logits
             images, _ = super()._init_synthetic()
             logits = self.expert_logits(self.experts[0].trajectory_id, images)

@@ -30,17 +30,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..data.augment import DSAConfig, make_dsa
+from ..data.augment import DSA_STRATEGY, DSAConfig, make_dsa
 from ..graphs import GraphedIteration, table_from, table_inputs
 from ..models import FlatModel, ModelSpec, build_model, default_depth, flatten_params
 from ..models.spec import ARCHITECTURES, NORMS
 from .base import (CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree,
                    embed_classes_together, register_method)
+from .initial import class_labels, random_real_indices
 from .synthetic import SyntheticSet
 from ..training import ENGINES
 from ..validation import check_choice
 
-DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"  # reference --dsa_strategy default
 _SEED_HIGH = 2 ** 31 - 1  # augmentation seeds are drawn in [0, 2^31 - 1)
 _NET_SEED_HIGH = 2 ** 62  # embedder seeds
 
@@ -57,7 +57,7 @@ class DMConfig(MethodConfig):
     batch_real: int = 256  # real images per class per iteration (all of the class if it has fewer)
     init: str = "real"  # 'real' (random real images of each class) or 'noise' (N(0, 1) pixels)
     dsa: bool = True  # differentiable siamese augmentation on real and synthetic batches
-    dsa_strategy: str = DSA_DEFAULT  # flip is dropped automatically where the dataset forbids it
+    dsa_strategy: str = DSA_STRATEGY  # flip is dropped automatically where the dataset forbids it
     arch: str = "convnet"  # embedder architecture (the paper's ablation also learns with ResNets)
     width: int | None = None  # None: 128 for ConvNet, 64 (stem) for ResNets
     depth: int | None = None  # ConvNet depth; None: models.default_depth (2 at 8 px, 3 up to 32 px, 4 at 64, 5 at 128)
@@ -142,12 +142,11 @@ class DM(CondensationMethod):
     # ------------------------------------------------------------------ setup
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, info = self.config, self.train.info
-        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)  # [0,..,0, 1,..,1, ...]
+        labels = class_labels(info.num_classes, cfg.ipc)
         if cfg.init == "noise":
             images = torch.randn((len(labels), info.channels, *info.resolution), generator=self.generator)
         else:
-            picks = [idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc]] for idx in self._class_idx]
-            images = self.train.images[torch.cat(picks)].clone()
+            images = self.train.images[random_real_indices(self._class_idx, cfg.ipc, self.generator)].clone()
         return images.float().to(self.device), labels.to(self.device)
 
     def _embedder(self, generator: torch.Generator) -> torch.nn.Module:

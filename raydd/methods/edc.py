@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from ..data.augment import apply_affine, random_resized_crop_params
 from .base import CondensationMethod, MethodConfig, PaperProtocol, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
+from .initial import class_labels, random_real_indices
 from .synthetic import SyntheticSet
 
 TURNS = ("round_robin", "all")
@@ -212,12 +213,10 @@ class EDC(CondensationMethod):
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Real-image initialisation (Sec. 3.2 ③): ``ipc`` random training images per class."""
         cfg, info = self.config, self.train.info
-        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
-        picks = []
-        for c in range(info.num_classes):
-            idx = self.train.class_indices(c)
-            picks.append(idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc]])
-        images = self.train.images[torch.cat(picks)].clone().float()
+        labels = class_labels(info.num_classes, cfg.ipc)
+        picks = random_real_indices([self.train.class_indices(c) for c in range(info.num_classes)], cfg.ipc,
+                                    self.generator)
+        images = self.train.images[picks].clone().float()
         return images.to(self.device), labels.to(self.device)
 
     def _chunks(self) -> list[torch.Tensor]:

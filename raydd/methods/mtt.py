@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from ..data.augment import DSAConfig, make_dsa
+from ..data.augment import DSA_STRATEGY, DSAConfig, make_dsa
 from ..graphs import GraphedIteration, table_from, table_inputs
 from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
@@ -34,9 +34,9 @@ from ..training import ENGINES
 from .unroll import UNROLL_MODES, checkpointed_unroll, first_order_unroll
 from .base import CondensationMethod, MethodConfig, PaperProtocol, Scale, StepMeter, clone_tree, register_method
 from .inputs import TrajectoryNeed
+from .initial import class_labels, random_real_indices
 from .synthetic import SyntheticSet
 
-DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
 
 # Published CIFAR settings (METHODS.md: the MTT author's commands; CIFAR-100 IPC1: the reference README).
 _PUBLISHED: dict[tuple[str, int], dict[str, Any]] = {
@@ -74,7 +74,7 @@ class MTTConfig(MethodConfig):
     batch_syn: int | None = None  # minibatch of S per student step; None: all of S
     zca: bool | None = None  # None: follow the experts; True/False: require experts in that space
     dsa: bool = True
-    dsa_strategy: str = DSA_DEFAULT  # flip is dropped automatically where the dataset forbids it
+    dsa_strategy: str = DSA_STRATEGY  # flip is dropped automatically where the dataset forbids it
     pix_init: str = "real"  # 'real' (random real images per class) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held;
@@ -295,16 +295,14 @@ class MTT(CondensationMethod):
 
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, info = self.config, self.train.info
-        labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)  # [0,..,0, 1,..,1, ...]
+        labels = class_labels(info.num_classes, cfg.ipc)
         if cfg.pix_init == "noise":
             shape = (len(labels), info.channels, *info.resolution)
             images = torch.randn(shape, generator=self.generator)
         else:
-            picks = []
-            for c in range(info.num_classes):
-                idx = self.train.class_indices(c)
-                picks.append(idx[torch.randperm(len(idx), generator=self.generator)[:cfg.ipc]])
-            images = self.train.images[torch.cat(picks)].clone()
+            picks = random_real_indices([self.train.class_indices(c) for c in range(info.num_classes)], cfg.ipc,
+                                        self.generator)
+            images = self.train.images[picks].clone()
             if self.zca_whitening is not None:
                 images = self.zca_whitening.transform(images)
         return images.float().to(self.device), labels.to(self.device)

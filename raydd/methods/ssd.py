@@ -36,6 +36,7 @@ from ..data.semisup import SemiSupervisedSplit, semi_supervised_split
 from .base import CondensationMethod, PaperProtocol, check_ipc, register_method
 from .inputs import TrajectoryNeed
 from .mtt import MTT, MTTConfig
+from .initial import class_labels
 from .synthetic import SyntheticSet
 
 STUDENT_KIND, STUDENT_RECIPE, TEACHER_RECIPE = "student", "ssd_student", "ssd_teacher"
@@ -251,7 +252,7 @@ class SSD(MTT):
 
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, k = self.config, self.train.info.num_classes
-        classes = torch.arange(k).repeat_interleave(cfg.ipc)
+        classes = class_labels(k, cfg.ipc)
         if cfg.pix_init == "noise":
             images, _ = super()._init_synthetic()
             self.init_indices = torch.full((len(classes),), -1, dtype=torch.long)

@@ -3,8 +3,8 @@ the standard evaluation protocol), SSD's FixMatch weak/strong augmentation, and 
 RandomResizedCrop that EDC's synthesis and evaluation protocol use. Plain torch; every random draw
 comes from a generator or seed passed in."""
 from .affine import apply_affine, random_resized_crop_params
-from .dsa import DSA, DSA_OPS, NO_FLIP_DATASETS, DSAConfig, dsa_for_dataset, make_dsa
+from .dsa import DSA, DSA_OPS, DSA_STRATEGY, NO_FLIP_DATASETS, DSAConfig, dsa_for_dataset, make_dsa
 from .strong import StrongAugment
 
-__all__ = ["DSA", "DSAConfig", "DSA_OPS", "NO_FLIP_DATASETS", "StrongAugment", "apply_affine", "dsa_for_dataset",
+__all__ = ["DSA", "DSAConfig", "DSA_OPS", "DSA_STRATEGY", "NO_FLIP_DATASETS", "StrongAugment", "apply_affine", "dsa_for_dataset",
            "make_dsa", "random_resized_crop_params"]

@@ -34,6 +34,7 @@ __all__ = ["DSA", "DSAConfig", "DSADraw", "DSATable", "DSA_OPS", "NO_FLIP_DATASE
 
 #: Accepted operation names, in the order they are applied when ``single_per_call`` is False.
 DSA_OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # the references' --dsa_strategy default: every op
 
 #: Datasets of handwritten digits: a horizontal flip changes their meaning, so no flip.
 NO_FLIP_DATASETS: frozenset[str] = frozenset({"digits", "mnist"})
@@ -67,7 +68,7 @@ def _parse_strategy(strategy: object) -> tuple[str, ...]:
 class DSAConfig:
     """Parameters of DSA; defaults are those of the reference ``ParamDiffAug``."""
 
-    strategy: str = "color_crop_cutout_flip_scale_rotate"  # '_'-separated subset of DSA_OPS, or 'none'
+    strategy: str = DSA_STRATEGY  # '_'-separated subset of DSA_OPS, or 'none'
     scale: float = 1.2  # ratio_scale: per-axis scale drawn in [1/scale, scale]
     rotate_degrees: float = 15.0  # angle drawn in [-rotate_degrees, rotate_degrees]
     crop_pad_fraction: float = 0.125  # max translation as a fraction of the side
