@@ -41,6 +41,7 @@ RUN = textwrap.dedent("""
     import sys, json
     sys.path.insert(0, sys.argv[1])
     import torch
+    from safetensors.torch import save_file
     torch.set_num_threads(1)
     from raydd.condense import condense
     from raydd.data.datasets import load_train_test
@@ -69,7 +70,7 @@ RUN = textwrap.dedent("""
         with get_method(name)(config, train, store, device="cpu", seed=0) as method:
             run = condense(method, 4, eval_every=2, eval_config=evaluation, test=test, progress=False)
         syn = run.synthetic
-        torch.save({"images": syn.images, "labels": syn.labels}, f"{out}_{name}.pt")
+        save_file({"images": syn.images.contiguous(), "labels": syn.labels.contiguous()}, f"{out}_{name}.safetensors")
         result[name] = {"syn_lr": syn.syn_lr, "losses": [h.get("loss") for h in run.history],
                         "evals": [e.accuracies for _, e in run.evals]}
     json.dump(result, open(out + ".json", "w"))
@@ -92,6 +93,7 @@ def python(code: str, *args: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     import torch
+    from safetensors.torch import load_file
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             print("\n| method | synthetic set | losses | evaluations | learned α |\n|---|---|---|---|---|")
             identical = True
             for name in names:
-                a, b = (torch.load(Path(tmp) / f"{side}_{name}.pt") for side in ("base", "new"))
+                a, b = (load_file(Path(tmp) / f"{side}_{name}.safetensors") for side in ("base", "new"))
                 cells = [torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"]),
                          old[name]["losses"] == new[name]["losses"], old[name]["evals"] == new[name]["evals"],
                          old[name]["syn_lr"] == new[name]["syn_lr"]]

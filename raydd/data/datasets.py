@@ -94,11 +94,6 @@ class ImageDataset:
         h.update(self.images[:: max(1, len(self) // 256)].numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def unnormalise(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
-        return images * std + mean
-
 
 class DataNotFoundError(FileNotFoundError):
     """Raised when a dataset's files are not where raydd looked."""
