@@ -16,8 +16,8 @@ CLI, the way a user meets them, and prints what happened:
 5. A node is lost: on a three-node Ray cluster (``ray.cluster_utils.Cluster``, one CPU per node), the farm runs
    with ``--address`` and one worker node is killed without grace mid-farm; the farm must finish with every
    trajectory trained once; the same farm into the S3 store (a local moto server). Then a sweep on the same
-   kind of cluster loses a node: its trials there are retried
-   from their checkpoints (``max_failures``) and the leaderboard must equal the uninterrupted one.
+   kind of cluster loses a node: its trials there are retried from their checkpoints (``max_failures``) and the
+   leaderboard must equal the uninterrupted one.
 
 Afterwards: ``raydd store verify`` on the store (must pass, no warnings about leftovers), each
 trajectory trained exactly once (published ids and the farms' own counts), and the same leaderboard.

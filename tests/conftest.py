@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -130,3 +131,15 @@ def moto_s3(monkeypatch, bucket: str):
         yield f"{host}:{port}", client
     finally:
         server.stop()
+
+
+def checkpointed(trial) -> int:
+    """The iteration of a trial's newest checkpoint in its directory (written by the trial as it reports,
+    unlike result.json, which Tune's driver copies there every few seconds), 0 if none."""
+    found = [0]
+    for state in trial.glob("checkpoint_*/trial.json"):
+        try:
+            found.append(int(json.loads(state.read_text())["last"]["iterations"]))
+        except (OSError, ValueError, KeyError):
+            pass  # a checkpoint cut short by the kill
+    return max(found)

@@ -10,22 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import S3_CREDENTIALS, moto_s3
+from conftest import S3_CREDENTIALS, checkpointed, moto_s3
 
 HERE = Path(__file__).parent
-
-
-def checkpointed(trial: Path) -> int:
-    """The iteration of a sweep trial's newest complete checkpoint, 0 if none."""
-    import json
-
-    found = [0]
-    for state in trial.glob("checkpoint_*/trial.json"):
-        try:
-            found.append(int(json.loads(state.read_text())["last"]["iterations"]))
-        except (OSError, ValueError, KeyError):
-            pass  # being written
-    return max(found)
 
 
 def _raydd(*args: str) -> subprocess.Popen:
@@ -78,7 +65,7 @@ def three_nodes(cluster):
     return address, remove_node
 
 
-def _farm_loses_a_node(address, remove_node, store_uri: str, training, published, verify_env=None):
+def _farm_loses_a_node(address, remove_node, store_uri: str, training, published):
     """``raydd farm`` on the cluster into ``store_uri``; a worker node is removed once ``training()`` says the
     workers are at it; the farm must train every trajectory once (the lost one twice, attempt 2) and the store
     must verify clean. ``published()``: the trajectory files in the store afterwards."""
@@ -133,12 +120,12 @@ def test_a_farm_into_s3_survives_losing_a_node(three_nodes, s3_bucket):
     address, remove_node = three_nodes
     store = TrajectoryStore(uri)
 
-    def objects(suffix):
+    def trajectory_objects():
         found = client.list_objects_v2(Bucket="farm", Prefix="lost/").get("Contents", [])
-        return [o["Key"] for o in found if o["Key"].endswith(suffix)]
+        return [o["Key"] for o in found if o["Key"].endswith(".arrow")]
 
     _farm_loses_a_node(address, remove_node, uri, training=lambda: len(store.claims()) >= 3,
-                       published=lambda: objects(".arrow"))
+                       published=trajectory_objects)
     assert not store.claims()  # every claim released: none left for a later farm to wait on
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from raydd.sweep.runner import run_sweep
 from raydd.sweep.spec import SweepSpec
+from conftest import checkpointed
 
 EVAL = {"model": {"arch": "convnet", "width": 16}, "num_models": 1, "epochs": 30, "lr": 0.05}
 
@@ -38,18 +39,6 @@ def trial_dirs(experiment: Path) -> dict[float, Path]:
     for params in experiment.glob("dm_ipc1_*/params.json"):
         found[json.loads(params.read_text())["arm"]["method_knobs"]["lr_img"]] = params.parent
     return found
-
-
-def checkpointed(trial: Path) -> int:
-    """The iteration of a trial's newest checkpoint in its directory (written by the trial as it reports,
-    unlike result.json, which Tune's driver copies there every few seconds), 0 if none."""
-    found = [0]
-    for state in trial.glob("checkpoint_*/trial.json"):
-        try:
-            found.append(int(json.loads(state.read_text())["last"]["iterations"]))
-        except (OSError, ValueError, KeyError):
-            pass  # a checkpoint cut short by the kill
-    return max(found)
 
 
 def segments(trial: Path) -> list[dict]:

@@ -6,5 +6,5 @@ from .affine import apply_affine, random_resized_crop_params
 from .dsa import DSA, DSA_OPS, DSA_STRATEGY, NO_FLIP_DATASETS, DSAConfig, dsa_for_dataset, make_dsa
 from .strong import StrongAugment
 
-__all__ = ["DSA", "DSAConfig", "DSA_OPS", "DSA_STRATEGY", "NO_FLIP_DATASETS", "StrongAugment", "apply_affine", "dsa_for_dataset",
-           "make_dsa", "random_resized_crop_params"]
+__all__ = ["DSA", "DSAConfig", "DSA_OPS", "DSA_STRATEGY", "NO_FLIP_DATASETS", "StrongAugment", "apply_affine",
+           "dsa_for_dataset", "make_dsa", "random_resized_crop_params"]
