@@ -219,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 _WAIT_POLICY = "PASSIVE"
 
 
+def _forget_handled_interrupt() -> None:
+    """Keep the exit code a command returns after it handled Ctrl-C (130, its state saved).
+
+    CPython marks a KeyboardInterrupt "unhandled" when it ends a string ``exec`` (a dataclass or namedtuple being
+    defined by a lazy import, say), even if a caller catches it, and under ``python -m`` then kills the process with
+    SIGINT at exit whatever code it returned. The mark is cleared when the next string ``exec`` starts: this one.
+    """
+    exec("")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -230,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # restored on return (main() may run inside another program)
         warnings.showwarning = _one_line_warnings
         try:
-            return handlers[args.command](args) if args.command in handlers else args.func(args)
+            try:
+                return handlers[args.command](args) if args.command in handlers else args.func(args)
+            finally:
+                _forget_handled_interrupt()
         except (ValueError, FileNotFoundError, KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             print(f"raydd {args.command}: error: {message}", file=sys.stderr)

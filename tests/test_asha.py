@@ -106,6 +106,29 @@ def test_grouped_asha_does_not_pause_a_group_whose_grace_period_is_its_budget():
     assert laddered.on_trial_result(None, trial("a", 6, 2), {"iterations": 2, "eval_acc": 0.2}) == TrialScheduler.PAUSE
 
 
+def test_grouped_asha_starts_trials_in_creation_order_whatever_order_tune_lists_them():
+    """A restore re-adds Tune's trials most recent result first; with one trial at a time the order trials reach
+    a rung decides the promotions, so the scheduler starts them in creation order (the trial id's count)."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from raydd.sweep.scheduler import grouped_asha
+
+    config = {"method": "dm", "dataset": "digits", "ipc": 1, "iterations": 9, "eval_every": 1}
+    trials = [SimpleNamespace(trial_id=f"ab12_{i:05d}", config=config, status=Trial.PENDING) for i in (2, 10, 0, 1)]
+    controller = SimpleNamespace(get_trials=lambda: trials, search_alg=SimpleNamespace(is_finished=lambda: True))
+    scheduler = grouped_asha(grace_period=1, variant="promotion")
+    scheduler.set_search_properties("eval_acc", "max")
+    started = []
+    for _ in range(4):
+        chosen = scheduler.choose_trial_to_run(controller)
+        chosen.status = Trial.RUNNING
+        started.append(chosen.trial_id)
+        chosen.status = Trial.TERMINATED
+    assert started == ["ab12_00000", "ab12_00001", "ab12_00002", "ab12_00010"]
+
+
 @pytest.mark.parametrize("kwargs, named", [
     ({"grace_period": 0}, "grace_period=0"),
     ({"max_t": 0}, "max_t=0"),

@@ -67,6 +67,25 @@ def test_evaluate_says_nothing_was_kept(tmp_path):
         "raydd evaluate: interrupted; nothing of it was kept: run the same command again"
 
 
+def test_an_interrupt_inside_a_lazy_import_still_exits_130(tmp_path):
+    """CPython kills a ``python -m`` process with SIGINT at exit when a KeyboardInterrupt ended a string exec (a
+    dataclass defined by a lazy import), even one the command caught: main() must still exit with its 130."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\n"
+        "from raydd import cli\n"
+        "def stopped(args):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt')  # what a Ctrl-C during a dataclass's exec looks like\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('kept', file=sys.stderr)\n"
+        "        return 130\n"
+        "cli.cmd_store = stopped\n"
+        "sys.exit(cli.main(['store', 'ls', 'nowhere']))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1:]) == (130, ["kept"]), proc.stderr[-2000:]
+
+
 def test_reproduce_names_its_checkpoint_and_resume(tmp_path, monkeypatch, capsys):
     import raydd.reproduce.run as run
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from raydd.sweep.runner import run_sweep
+from raydd.sweep.scheduler import DECISIONS_FILE
 from raydd.sweep.spec import SweepSpec
 from conftest import checkpointed
 
@@ -61,7 +62,14 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def straight(ray_session, tmp_path_factory):
-    straight = run_sweep(promotion_spec(tmp_path_factory.mktemp("straight")), progress=False)
+    storage = tmp_path_factory.mktemp("straight")
+    # left by a run interrupted before Tune saved its state: decisions about trials that no longer exist, which a
+    # new sweep there must not count (this ghost would outrank every trial at rung 1 and stop them all)
+    (storage / "killed").mkdir()
+    (storage / "killed" / DECISIONS_FILE).write_text(json.dumps({"variant": "promotion", "stopped": [], "groups": {
+        "dm|ipc1": {"rungs": [1, 3], "scores": [[["ghost_00000", 1.0]], []], "promoted": [[], []],
+                    "level": {"ghost_00000": 0}}}}))
+    straight = run_sweep(promotion_spec(storage), progress=False)
     assert straight.num_errors == 0 and straight.complete
     return straight
 

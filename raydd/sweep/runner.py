@@ -27,7 +27,7 @@ from ..methods import StoreInputs, get_method, make_config
 from ..validation import check_ray_address, check_writable
 from .leaderboard import SweepResult, load_finished, summarize, write_text
 from .progress import ScalarTBXLogger, SweepProgress, tune_console
-from .scheduler import grouped_asha
+from .scheduler import DECISIONS_FILE, grouped_asha
 from .space import param_space
 from .spec import Knob, SweepSpec
 from .trial import METRIC, MODE, condensation_trainable
@@ -245,6 +245,14 @@ def _save_spec(spec: SweepSpec, experiment: str) -> None:
     write_text(fs, f"{path}/sweep_spec.json", json.dumps(spec.to_dict(), indent=2, sort_keys=True))
 
 
+def _forget_decisions(experiment: str) -> None:
+    """A sweep interrupted before Tune saved its state starts anew under new trial ids: ASHA decisions saved for
+    the old ids would count as results of trials that no longer exist."""
+    fs, path = _fs(experiment)
+    if fs.get_file_info(f"{path}/{DECISIONS_FILE}").type == pafs.FileType.File:
+        fs.delete_file(f"{path}/{DECISIONS_FILE}")
+
+
 def _check_same_spec(spec: SweepSpec, experiment: str) -> None:
     fs, path = _fs(experiment)
     target = f"{path}/sweep_spec.json"
@@ -370,6 +378,7 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, verbose: bool = False, 
         else:
             if resume and progress:
                 print(f"raydd sweep: new sweep {experiment} (nothing to resume there)", file=sys.stderr)
+            _forget_decisions(experiment)
             tuner = _new_tuner(spec, trainable, storage, store, data_root, progress, verbose, pinned)
             _save_spec(spec, experiment)
         with tune_console(verbose), graceful_interrupt() as interrupted:

@@ -168,7 +168,10 @@ class GroupedASHA(FIFOScheduler):
             self._scheduler_for(trial).on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        trials = tune_controller.get_trials()
+        # In creation order, not Tune's list order (which a restore or a retried trial reshuffles): with one
+        # trial at a time, which configuration reaches a rung first decides ASHA's promotions, so a resumed
+        # sweep must start them in the order the uninterrupted one did.
+        trials = sorted(tune_controller.get_trials(), key=creation_order)
         for t in trials:
             self._scheduler_for(t)
         self._stop_revived(tune_controller, trials)
@@ -218,6 +221,13 @@ class GroupedASHA(FIFOScheduler):
             stopped = len(self._stopped)
         return (f"Using ASHA ({self.variant}) per (method, IPC) group: {len(self._groups)} group(s), "
                 f"{stopped} trial(s) stopped early")
+
+
+def creation_order(trial) -> tuple[int, str]:
+    """Sort key of trials by the order Tune created them: its trial ids end in a running count
+    (``<experiment>_00003``), kept by a restore."""
+    _, _, count = trial.trial_id.rpartition("_")
+    return (int(count), trial.trial_id) if count.isdigit() else (2**63, trial.trial_id)
 
 
 def _group_name(key: tuple) -> str:
