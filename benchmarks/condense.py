@@ -52,9 +52,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.data.datasets import ImageDataset, load_dataset  # noqa: E402
-from raydd.methods import METHODS, Scale, get_method, make_config  # noqa: E402
+from raydd.data.datasets import ImageDataset, data_root_for, load_dataset  # noqa: E402
+from raydd.methods import METHODS, get_method, make_config  # noqa: E402
 from raydd.methods.base import MethodConfig, process_peak_rss_mb  # noqa: E402
+from raydd.plan import Shrink, plan_config  # noqa: E402
 from raydd.training import resolve_device  # noqa: E402
 
 METHOD_ORDER = tuple(METHODS)  # the registry's order: baselines, trajectory matching, distribution matching
@@ -73,23 +74,24 @@ def label(method: str) -> str:
     return get_method(method).label
 
 
-def scale_of(args) -> Scale:
-    """The CPU-scaling choices (CLI flags) every method's ``MethodConfig.scaled`` reads."""
-    epochs = {r: getattr(args, e) for r, (_, e) in RECIPE_FLAGS.items() if getattr(args, e, None) is not None}
-    counts = {r: getattr(args, c) for r, (c, _) in RECIPE_FLAGS.items() if c and getattr(args, c, None) is not None}
-    return Scale(width=args.width, syn_steps=getattr(args, "syn_steps", None) or 10 ** 9, epochs=epochs,
-                 counts=counts)
+def shrink_of(args) -> Shrink:
+    """The CPU-scaling flags as the planner reads them: --width, --syn-steps and each recipe's count and epochs
+    flags (what the accuracy table farms: the most a method may read)."""
+    recipes = {r: (getattr(args, c, None) if c else None, getattr(args, e, None)) for r, (c, e) in RECIPE_FLAGS.items()}
+    return Shrink(width=args.width, syn_steps=getattr(args, "syn_steps", None),
+                  recipes={r: caps for r, caps in recipes.items() if caps != (None, None)})
 
 
 def scaled_config(method: str, ipc: int, iterations: int, args, sets: dict[str, Any]) -> MethodConfig:
-    """The ONE place where the accuracy table departs from each method's published defaults: the run
+    """The ONE place where the accuracy table departs from each method's published defaults, by raydd's planner
+    (``raydd.plan``, the same order as every entry point): the published row, --set METHOD.KNOB=VALUE, the run
     planned for ``iterations`` (``for_run``: EDC's cosine horizon, PTLM's |T|, DATM's window growth), then
     ``MethodConfig.scaled`` (each method's own file says how it shrinks: N capped at --syn-steps, the
     start-epoch window fitted to the short experts, at most --pretrain-experts experts, DM's embedder at
-    --width), then --set METHOD.KNOB=VALUE. Learning rates, momenta, augmentation and label handling stay
+    --width); an explicit --set wins over both. Learning rates, momenta, augmentation and label handling stay
     the papers' values."""
-    config = make_config(method, args.dataset, ipc, iterations=iterations).scaled(scale_of(args))
-    return config.with_overrides(**sets.get(method, {}))
+    return plan_config(method, args.dataset, ipc, iterations=iterations, knobs=sets.get(method, {}),
+                       shrink=shrink_of(args))[0]
 
 
 def iterations_for(config: MethodConfig, cap: int) -> int:
@@ -120,8 +122,8 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- data and farm
 def load_data(dataset: str, data_root: str | None, train_per_class: int | None
               ) -> tuple[ImageDataset, ImageDataset]:
-    root = None if dataset == "digits" else data_root
-    if dataset != "digits" and not data_root:
+    root = data_root_for(dataset, data_root)
+    if not root and data_root_for(dataset, "?"):  # a dataset read from files, no --data-root given
         raise ValueError(f"--dataset {dataset} needs --data-root (e.g. ../shared/datasets)")
     train = load_dataset(dataset, "train", root)
     test = load_dataset(dataset, "test", root)
@@ -154,7 +156,7 @@ def farm_all(jobs: list[FarmJob], store: str, dataset: str, data_root: str | Non
     data = FarmData.from_datasets(train, test)
     done = []
     for job in jobs:
-        spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
+        spec = FarmSpec(store=store, dataset=dataset, data_root=data_root_for(dataset, data_root),
                         train_per_class=train_per_class, recipe=job.recipe, recipe_options=job.options,
                         model=job.model, trajectories=job.trajectories, backend="local", device=device)
         started = time.perf_counter()
@@ -333,8 +335,8 @@ def speed_worker(payload: dict[str, Any]) -> dict[str, Any]:
     else:
         from raydd.store import TrajectoryStore
 
-        config = make_config(payload["method"], payload["dataset"], payload["ipc"]).scaled(
-            Scale(width=payload["width"], syn_steps=10 ** 9)).with_overrides(**payload["overrides"])
+        config = plan_config(payload["method"], payload["dataset"], payload["ipc"], knobs=payload["overrides"],
+                             shrink=Shrink(width=payload["width"]))[0]
         one_shot = type(config).default_iterations == 1
         config_notes = notes(config)
         with get_method(payload["method"])(config, train, TrajectoryStore(payload["store"]), device=device,
@@ -365,8 +367,8 @@ def cmd_speed(args) -> str:
     configs, failed = {}, {}
     for m in wanted:  # published defaults, networks at --width (DM's embedder; the farmed ones below)
         try:
-            configs[m] = make_config(m, args.dataset, args.ipc).scaled(
-                Scale(width=args.width, syn_steps=10 ** 9)).with_overrides(**sets.get(m, {}))
+            configs[m] = plan_config(m, args.dataset, args.ipc, knobs=sets.get(m, {}),
+                                     shrink=Shrink(width=args.width))[0]
         except ValueError as exc:
             failed[m] = f"config: {exc}"
     train, test = load_data(args.dataset, args.data_root, tpc)

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.data.datasets import load_train_test  # noqa: E402
+from raydd.data.datasets import data_root_for, load_train_test  # noqa: E402
 from raydd.evaluation.standard import EvalConfig, train_and_test  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         print(f"| dataset | IPC | 1x images CPU s | {args.networks}x images CPU s | ratio r | ceiling {args.networks} / r |")
         print("|---|---:|---:|---:|---:|---:|")
         for name in args.datasets:
-            train, test = load_train_test(name, None if name == "digits" else args.data_root)
+            train, test = load_train_test(name, data_root_for(name, args.data_root))
             for ipc in args.ipcs:
                 config = EvalConfig(model={"arch": "convnet", "width": args.width}, epochs=args.epochs)
                 t1, tn = floor_ratio(train.per_class(ipc, seed=0), test, config, args.networks)
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     print(f"{'dataset':<14}{'IPC':>4}{f'one-by-one {unit} s':>19}{f'together {unit} s':>17}{'CPU speed-up':>14}"
           f"{'wall speed-up':>15}{'max |acc diff|':>16}")
     for name in args.datasets:
-        train, test = load_train_test(name, None if name == "digits" else args.data_root)
+        train, test = load_train_test(name, data_root_for(name, args.data_root))
         for ipc in args.ipcs:
             subset = train.per_class(ipc, seed=0)
             base = EvalConfig(model={"arch": "convnet", "width": args.width}, num_models=args.networks,

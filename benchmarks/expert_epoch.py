@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydd.data.augment import DSA, DSAConfig  # noqa: E402
+from raydd.data.datasets import data_root_for  # noqa: E402
 from raydd.farm import FarmSpec, prepare_data  # noqa: E402
 from raydd.farm import recipes  # noqa: E402
 from raydd.farm.task import model_spec_for  # noqa: E402
@@ -152,7 +153,7 @@ def child(args) -> None:
 
 
 def farm_spec(args, recipe: str, width: int) -> FarmSpec:
-    return FarmSpec(store="unused", dataset=args.dataset, data_root=None if args.dataset == "digits" else args.data_root,
+    return FarmSpec(store="unused", dataset=args.dataset, data_root=data_root_for(args.dataset, args.data_root),
                     train_per_class=args.train_per_class, recipe=recipe, model={"width": width})
 
 

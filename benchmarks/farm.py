@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydd.data.augment import DSA, DSAConfig  # noqa: E402
+from raydd.data.datasets import data_root_for  # noqa: E402
 from raydd.farm import FarmSpec, farm, prepare_data  # noqa: E402
 from raydd.farm.task import model_spec_for  # noqa: E402
 from raydd.models import ModelSpec, ParamLayout, build_model  # noqa: E402
@@ -186,7 +187,7 @@ def print_verified_reads(epochs: int, tmp: Path) -> None:
 def _pack_tasks(args, width: int, k: int):
     from raydd.farm.task import data_fingerprint, plan_tasks
 
-    root = args.data_root if args.dataset != "digits" else None
+    root = data_root_for(args.dataset, args.data_root)
     spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
                     recipe_options={"epochs": args.epochs}, model={"width": width}, trajectories=k,
                     device=args.device)
@@ -326,7 +327,7 @@ def main(argv=None) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    root = args.data_root if args.dataset != "digits" else None
+    root = data_root_for(args.dataset, args.data_root)
     spec = FarmSpec(store="unused", dataset=args.dataset, data_root=root, train_per_class=args.train_per_class,
                     recipe_options={"epochs": args.epochs}, model={"width": args.width},
                     trajectories=args.trajectories)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,7 +64,14 @@ def _add_eval_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def eval_config_from_args(args, dataset: str):
     """The evaluation config the flags ask for: the protocol's rows for ``dataset`` with the given flags."""
-    from .evaluation import get_protocol, protocol_config
+    from .evaluation import protocol_config
+
+    return protocol_config(dataset, eval_settings_from_args(args))
+
+
+def eval_settings_from_args(args) -> dict:
+    """The evaluation settings the flags ask for (``raydd.evaluation.protocol_config`` reads them)."""
+    from .evaluation import get_protocol
     from .evaluation.standard import named_model_fields
     from .overrides import typed_overrides
 
@@ -89,7 +97,7 @@ def eval_config_from_args(args, dataset: str):
     settings.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "eval_options", None):  # raydd evaluate --set: any field, read by its annotation
         settings.update(typed_overrides(get_protocol(args.eval_protocol).config_cls, args.eval_options))
-    return protocol_config(dataset, settings)
+    return settings
 
 
 # --------------------------------------------------------------------------- parsers
@@ -175,16 +183,17 @@ def add_methods_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- commands
-def method_plan(args):
-    """(method config, iterations) of ``raydd condense``: the published defaults planned for --iterations
-    (``make_config(..., iterations=)``, the same call the sweep trials and benchmarks make), then --set."""
-    from .methods import make_config
+def condense_plan(args):
+    """The ``RunPlan`` of ``raydd condense`` (``raydd.plan.plan_run``, the planner every entry point uses): the
+    published defaults, --set, --iterations, the evaluation the flags ask for (validated before any work)."""
+    from .plan import plan_run
 
     if args.iterations is not None and args.iterations < 0:
         raise ValueError(f"--iterations {args.iterations} is invalid: expected an integer >= 0")
-    config = make_config(args.method, args.dataset, args.ipc, iterations=args.iterations or None,
-                         **method_overrides(args.method, args.options))
-    return config, config.planned_iterations if args.iterations is None else args.iterations
+    plan = plan_run(args.method, args.dataset, args.ipc, iterations=args.iterations or None,
+                    knobs=method_overrides(args.method, args.options), eval_settings=eval_settings_from_args(args),
+                    data_root=args.data_root)
+    return plan if args.iterations != 0 else dataclasses.replace(plan, iterations=0)
 
 
 def cmd_condense(args) -> int:
@@ -195,9 +204,9 @@ def cmd_condense(args) -> int:
     from .validation import check_writable
 
     cls = get_method(args.method)
-    config, iterations = method_plan(args)
+    plan = condense_plan(args)  # validated before any data is loaded
+    config, iterations, eval_config = plan.config, plan.iterations, plan.eval_config
     evaluating = bool(args.eval_every or args.evaluate)
-    eval_config = eval_config_from_args(args, args.dataset)  # validated before any data is loaded
     out = check_writable("--out", args.out or f"{args.method}_{args.dataset}_ipc{args.ipc}.safetensors")
     checkpoint = check_writable("--checkpoint", args.checkpoint or default_checkpoint(out))
     if args.logdir:

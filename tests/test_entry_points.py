@@ -1,43 +1,24 @@
-"""Every entry point runs the same loop on the same plan: ``raydd condense``, the Python API, a one-trial
-sweep and the benchmark harness give a bit-identical synthetic set for the same (method, dataset, IPC,
-knobs, iterations, seed), and set a method's horizon (EDC's cosine schedule, PTLM's |T|, DATM's window
-growth) the same way."""
+"""Every entry point runs the same loop on the same plan (``raydd.plan``): ``raydd condense``, the Python API
+and a one-trial sweep give a bit-identical synthetic set for the same (method, dataset, IPC, knobs, iterations,
+seed), and set a method's horizon (EDC's cosine schedule, PTLM's |T|, DATM's window growth) the same way.
+(benchmarks/condense.py plans through the same ``plan_config``; benchmarks/same_numbers.py checks its sets.)"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from raydd.cli import main as raydd_main
 from raydd.condense import condense
-from raydd.condense_cli import add_condense_parser, method_plan
+from raydd.condense_cli import add_condense_parser, condense_plan
 from raydd.methods import get_method, load_synthetic, make_config
 
-REPO = Path(__file__).resolve().parents[1]
 IPC, ITERATIONS, SEED = 2, 4, 0
 KNOBS = {  # a trajectory method and a distribution method, small enough for a test
     "mtt": {"syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 3, "lr_img": 100.0},
     "dm": {"width": 16, "batch_real": 32, "lr_img": 0.5},
 }
-
-
-def benchmark_module():
-    spec = importlib.util.spec_from_file_location("raydd_benchmark_condense", REPO / "benchmarks" / "condense.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def benchmark_args(**changes) -> argparse.Namespace:
-    """The accuracy harness's flags with no CPU scaling of its own (wide caps): the plan is the knobs'."""
-    args = dict(dataset="digits", width=16, syn_steps=10 ** 6, iterations=ITERATIONS, eval_at=[], eval_epochs=2,
-                num_models=1, device="cpu", seed=SEED, progress=False, save_dir=None, ssd_teacher_arch="convnet")
-    return argparse.Namespace(**{**args, **changes})
 
 
 def same(a, b) -> bool:
@@ -46,16 +27,14 @@ def same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def sets_by_entry_point(digits, digits_experts, tmp_path_factory, ray_session):
-    from raydd.evaluation import EvalConfig
     from raydd.sweep.runner import run_sweep
     from raydd.sweep.spec import SweepSpec
     from conftest import one_torch_thread
 
-    train, test = digits
+    train, _ = digits
     out: dict[str, dict] = {m: {} for m in KNOBS}
     work = tmp_path_factory.mktemp("entry_points")
     tiny = {"model": {"arch": "convnet", "width": 8, "depth": 2}, "num_models": 1, "epochs": 2}
-    bench = benchmark_module()
     with one_torch_thread():
         for method, knobs in KNOBS.items():
             # the Python API
@@ -69,10 +48,6 @@ def sets_by_entry_point(digits, digits_experts, tmp_path_factory, ray_session):
                                "--iterations", str(ITERATIONS), "--store", str(digits_experts.root), "--out",
                                str(path), "--seed", str(SEED), "--device", "cpu", "--quiet", *sets]) == 0
             out[method]["cli"] = load_synthetic(path)
-            # the benchmark harness (benchmarks/condense.py accuracy: run_one)
-            outcome = bench.run_one(method, IPC, benchmark_args(), train, test, digits_experts,
-                                    {method: dict(knobs)}, EvalConfig(**tiny, device="cpu"))
-            out[method]["benchmark"] = outcome.synthetic
     # a sweep: one trial per method (constant knobs), Tune trainable on a Ray worker
     spec = SweepSpec.from_dict({
         "name": "entry", "dataset": "digits", "store": str(digits_experts.root), "methods": list(KNOBS),
@@ -88,7 +63,7 @@ def sets_by_entry_point(digits, digits_experts, tmp_path_factory, ray_session):
 @pytest.mark.parametrize("method", sorted(KNOBS))
 def test_every_entry_point_gives_the_same_synthetic_set(method, sets_by_entry_point):
     sets = sets_by_entry_point[method]
-    assert set(sets) == {"python", "cli", "benchmark", "sweep"}
+    assert set(sets) == {"python", "cli", "sweep"}
     reference = sets["python"]
     assert reference.iteration == ITERATIONS
     for where, syn in sets.items():
@@ -108,13 +83,13 @@ def test_the_horizon_is_set_the_same_way_everywhere(method, ipc, field, expected
     python = make_config(method, "digits", ipc, iterations=iterations)
     parser = argparse.ArgumentParser()
     add_condense_parser(parser.add_subparsers())
-    cli, cli_iterations = method_plan(parser.parse_args(["condense", "--method", method, "--dataset", "digits",
-                                                         "--ipc", str(ipc), "--iterations", str(iterations)]))
+    plan = condense_plan(parser.parse_args(["condense", "--method", method, "--dataset", "digits",
+                                            "--ipc", str(ipc), "--iterations", str(iterations)]))
+    cli, cli_iterations = plan.config, plan.iterations
     trial = TrialSettings.from_config({"arm": {"method": method, "iterations": iterations, "method_knobs": {},
                                                "eval_knobs": {}}, "dataset": "digits", "ipc": ipc}).method_config()
-    bench = benchmark_module().scaled_config(method, ipc, iterations, benchmark_args(iterations=iterations), {})
     assert cli_iterations == iterations
-    for config in (python, cli, trial, bench):
+    for config in (python, cli, trial):
         assert getattr(config, field) == expected and config == python
     # an explicit knob wins over the horizon, everywhere alike
     assert getattr(make_config(method, "digits", ipc, iterations=iterations, **{field: 7}), field) == 7

@@ -1,8 +1,8 @@
 """The method contract, for every registered method (a new method is picked up by itself).
 
-Each method runs at its published digits defaults, planned for a short run (``make_config(...,
-iterations=)``) and shrunk by its own ``MethodConfig.scaled``; the store holds what its
-``needs()`` declare, farmed tiny. Checked for every method: exact resume from a checkpoint and
+Each method runs at its published digits defaults, planned by raydd's planner (``raydd.plan``) for a short
+run and shrunk by its own ``MethodConfig.scaled``; its store holds what its ``needs()`` declare, farmed tiny
+when a test first asks for that method (a method that reads nothing farms nothing). Checked for every method: exact resume from a checkpoint and
 from ``state_dict``, the synthetic set's save/load round trip, one-line errors (IPC <= 0, IPC too
 large, unknown knob, nothing in the store — naming the farm command), and the loss going down on
 a fixed problem (the same draws as the first iteration, with the trained synthetic set).
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from raydd.farm import FarmSpec, farm
-from raydd.methods import METHODS, Scale, get_method, load_checkpoint, load_synthetic, make_config, save_checkpoint
+from raydd.methods import METHODS, get_method, load_checkpoint, load_synthetic, make_config, save_checkpoint
+from raydd.plan import Shrink, plan_config
 from raydd.store import TrajectoryStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -28,8 +29,8 @@ RECIPE_OPTIONS = {
                     "labelled_fraction": FRACTION},
     "ssd_student": {"epochs": 4, "batch_size": 64, "labelled_fraction": FRACTION},
 }
-TINY = Scale(width=16, syn_steps=4, epochs={r: o["epochs"] for r, o in RECIPE_OPTIONS.items()},
-             counts={"pretrain": 2, "expert": 2, "observer": 1, "ssd_student": 2})
+COUNTS = {"pretrain": 2, "expert": 2, "observer": 1, "ssd_student": 2}  # trajectories farmed per recipe
+TINY = Shrink(width=16, syn_steps=4, recipes={r: (COUNTS.get(r), o["epochs"]) for r, o in RECIPE_OPTIONS.items()})
 ITERATIONS = 6
 IPC = 2
 # Knobs that put more of a method's state to work when set (minibatch permutations and subsets, a second
@@ -39,24 +40,29 @@ NAMES = sorted(METHODS)
 
 
 def contract_config(name: str, ipc: int = IPC, **knobs):
-    return make_config(name, "digits", ipc, iterations=ITERATIONS).scaled(TINY).with_overrides(**knobs)
+    return plan_config(name, "digits", ipc, iterations=ITERATIONS, knobs=knobs, shrink=TINY)[0]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Every recipe the registered methods' configs declare, farmed tiny, into one store."""
+def stores(tmp_path_factory):
+    """``stores(name)``: the store holding what method ``name`` reads, its recipes farmed tiny on first use (one
+    root for all: each recipe once); None for a method that reads nothing."""
     root = str(tmp_path_factory.mktemp("contract") / "store")
-    farmed = set()
-    for name in NAMES:
-        for need in contract_config(name).needs():
+    farmed: set[str] = set()
+
+    def store_for(name: str) -> TrajectoryStore | None:
+        needs = contract_config(name).needs()
+        for need in needs:
             if need.recipe in farmed:
                 continue
             farmed.add(need.recipe)
             model = {"width": 16, "depth": 2, **({"norm": need.norm} if need.norm else {})}
             farm(FarmSpec(store=root, dataset="digits", recipe=need.recipe, backend="local",
-                          trajectories=max(need.count, TINY.counts.get(need.recipe, 1)),
+                          trajectories=max(need.count, COUNTS.get(need.recipe, 1)),
                           recipe_options=RECIPE_OPTIONS[need.recipe], model=model), progress=False)
-    return TrajectoryStore(root)
+        return TrajectoryStore(root) if needs else None
+
+    return store_for
 
 
 def build(name, train, store, seed=0, **knobs):
@@ -82,14 +88,14 @@ def same_state(a, b) -> bool:
 
 @pytest.mark.parametrize("stateful", [False, True], ids=["defaults", "stateful"])
 @pytest.mark.parametrize("name", NAMES)
-def test_resume_is_exact(name, stateful, digits, store, tmp_path):
+def test_resume_is_exact(name, stateful, digits, stores, tmp_path):
     train, _ = digits
     knobs = {k: v for k, v in STATEFUL.items() if stateful and k in get_method(name).config_cls.knobs()}
     if stateful and not knobs:
         pytest.skip(f"{name} has none of the knobs {sorted(STATEFUL)}")
 
     def new(**changes):
-        return build(name, train, store, seed=3, **{**knobs, **changes})
+        return build(name, train, stores(name), seed=3, **{**knobs, **changes})
 
     with new() as straight:
         for _ in range(4):
@@ -117,9 +123,9 @@ def test_resume_is_exact(name, stateful, digits, store, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_synthetic_set_round_trip(name, digits, store, tmp_path):
+def test_synthetic_set_round_trip(name, digits, stores, tmp_path):
     train, _ = digits
-    with build(name, train, store) as method:
+    with build(name, train, stores(name)) as method:
         method.step()
         syn = method.synthetic_set()
     back = load_synthetic(syn.save(tmp_path / "set.safetensors"))
@@ -129,10 +135,10 @@ def test_synthetic_set_round_trip(name, digits, store, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bad_input_is_one_line_before_work(name, digits, store, tmp_path):
+def test_bad_input_is_one_line_before_work(name, digits, stores, tmp_path):
     train, _ = digits
     cases = [(lambda: make_config(name, "digits", 0), "ipc=0 is invalid"),
-             (lambda: build(name, train, store, ipc=5000), "ipc=5000 is"),
+             (lambda: build(name, train, stores(name), ipc=5000), "ipc=5000 is"),
              (lambda: contract_config(name, bogus=1), f"unknown {get_method(name).config_cls.__name__} knob 'bogus'")]
     needs = contract_config(name).needs()
     if needs:
@@ -155,9 +161,9 @@ def _first_problem(method, initial: dict) -> float:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_loss_goes_down_on_a_fixed_problem(name, digits, store):
+def test_loss_goes_down_on_a_fixed_problem(name, digits, stores):
     train, _ = digits
-    with build(name, train, store) as method:
+    with build(name, train, stores(name)) as method:
         initial = method.state_dict()
         before = method.step()["loss"]
         for _ in range(ITERATIONS - 1):

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from raydd.cli import build_parser, farm_spec_from_args, main
-from raydd.condense_cli import eval_config_from_args, method_plan
+from raydd.condense_cli import eval_config_from_args, condense_plan
 from raydd.farm.recipes import ExpertConfig, PretrainConfig
 from raydd.farm.spec import FarmSpec
 from raydd.overrides import read_value
@@ -59,16 +59,16 @@ def test_read_value_by_annotation():
 
 
 def test_condense_set_is_typed_by_the_method_config_and_resolves_aliases():
-    config, iterations = method_plan(parse(["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1",
-                                            "--iterations", "5", "--set", "syn_steps=3", "--set", "lr_img=100",
-                                            "--set", "dsa=false"]))
-    assert (config.syn_steps, config.lr_img, config.dsa, iterations) == (3, 100.0, False, 5)
-    config, _ = method_plan(parse(["condense", "--method", "datm_clr", "--dataset", "digits", "--ipc", "1",
-                                   "--set", "tau=0.5", "--set", "alpha=2"]))  # the sweep symbols τ, α
+    plan = condense_plan(parse(["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1",
+                                "--iterations", "5", "--set", "syn_steps=3", "--set", "lr_img=100",
+                                "--set", "dsa=false"]))
+    assert (plan.config.syn_steps, plan.config.lr_img, plan.config.dsa, plan.iterations) == (3, 100.0, False, 5)
+    config = condense_plan(parse(["condense", "--method", "datm_clr", "--dataset", "digits", "--ipc", "1",
+                                  "--set", "tau=0.5", "--set", "alpha=2"])).config  # the sweep symbols τ, α
     assert (config.temperature, config.con_weight) == (0.5, 2.0)
     with pytest.raises(ValueError, match=r"--set tau=hot is invalid: DATMCLRConfig.temperature expects float"):
-        method_plan(parse(["condense", "--method", "datm_clr", "--dataset", "digits", "--ipc", "1",
-                           "--set", "tau=hot"]))
+        condense_plan(parse(["condense", "--method", "datm_clr", "--dataset", "digits", "--ipc", "1",
+                             "--set", "tau=hot"]))
 
 
 def test_evaluate_set_reaches_the_protocol_config():

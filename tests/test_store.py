@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import random
 import shutil
 import warnings
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -332,33 +330,6 @@ def test_file_uri_root(tmp_path):
     assert store.exists(info.trajectory_id)
     with store.open(info.trajectory_id) as traj:
         assert torch.equal(traj.params(3), written[3][0])
-
-
-def test_sample_respects_start_and_span(store):
-    write(store, epochs=range(11), seed=1)           # 0..10
-    write(store, epochs=[0, 5, 10], seed=2)          # only (0, 5) and (5, 10) pairs with span 5
-    write(store, epochs=range(3), seed=3)            # too short for span 5
-    write(store, epochs=range(11), seed=4, kind="teacher")
-    seen = set()
-    for rng in (random.Random(0), np.random.default_rng(0)):
-        for _ in range(200):
-            traj, start = store.sample(rng, max_start_epoch=4, span=5, kind="expert")
-            with traj:
-                assert 0 <= start < 4 and start in traj.epochs and start + 5 in traj.epochs
-                assert traj.info.kind == "expert" and traj.info.seed in (1, 2)
-                traj.params(start + 5)
-                seen.add((traj.info.seed, start))
-    assert seen == {(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)}
-    again = set()
-    for _ in range(3):
-        traj, start = store.sample(random.Random(7), max_start_epoch=4, span=5)
-        traj.close()
-        again.add((traj.info.trajectory_id, start))
-    assert len(again) == 1  # deterministic for a seeded rng
-    with pytest.raises(ValueError, match="s\\+20"):
-        store.sample(random.Random(0), max_start_epoch=4, span=20)
-    with pytest.raises(ValueError, match="no trajectory"):
-        store.sample(random.Random(0), max_start_epoch=4, span=1, kind="student")
 
 
 # --- CLI text -------------------------------------------------------------------

@@ -348,6 +348,12 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}: accepted {', '.join(DATASETS)}")
 
 
+def data_root_for(dataset: str, data_root: str | None) -> str | None:
+    """The data root ``dataset`` is read from: None for a built-in dataset (digits), else ``data_root``."""
+    check_dataset_name(dataset)
+    return data_root if DATASETS[dataset].needs_root else None
+
+
 def check_resolution(resolution) -> tuple[int, int]:
     """An image side (int) or (height, width), each >= 1 -> (height, width); else a one-line ValueError."""
     sides = (resolution, resolution) if isinstance(resolution, int) and not isinstance(resolution, bool) \

@@ -134,12 +134,18 @@ class MethodConfig:
         the accepted ones."""
         resolved = {}
         for key, value in overrides.items():
-            key = cls.aliases.get(key, key)
-            if key not in cls.knobs():
+            target = cls.knob_target(key)
+            if target is None:
                 accepted = cls.knobs() + [f"{a} (= {t})" for a, t in cls.aliases.items()]
                 raise ValueError(f"unknown {cls.__name__} knob {key!r}: accepted {', '.join(accepted)}")
-            resolved[key] = value
+            resolved[target] = value
         return resolved
+
+    @classmethod
+    def knob_target(cls, name: str) -> str | None:
+        """The field a knob name sets (itself, or the field a shared symbol maps to); None if none."""
+        target = cls.aliases.get(name, name)
+        return target if target in cls.knobs() else None
 
     def with_overrides(self, **overrides: Any) -> "MethodConfig":
         """A copy with ``overrides`` applied (``resolve_knobs``), validated like any config."""
@@ -288,6 +294,15 @@ class CondensationMethod(ABC):
     def synthetic_set(self) -> SyntheticSet:
         """A detached CPU copy of the current synthetic set."""
 
+    def _synthetic(self, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any], *, whitened: bool = False,
+                   syn_lr: float | None = None, zca: dict[str, torch.Tensor] | None = None) -> SyntheticSet:
+        """The ``SyntheticSet`` of ``images`` and ``labels`` (CPU copies) made by this method now: the training
+        data's description (``whitened``: the images live in its ZCA space, ``zca`` that whitening's state), the
+        method, its config and iteration; ``meta``: its provenance."""
+        return SyntheticSet(images=images, labels=labels, dataset={**self.train.info.to_dict(), "zca": whitened},
+                            method=self.name, config=self.config.to_dict(), syn_lr=syn_lr, iteration=self._iteration,
+                            zca=zca, meta=meta)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: subclasses extend this dict (tensors are copies)."""
         rng_version, rng_words, rng_gauss = self.rng.getstate()
@@ -373,18 +388,38 @@ def register_method(cls: type[CondensationMethod]) -> type[CondensationMethod]:
     return cls
 
 
+def method_key(name: str) -> str:
+    """A method's registry name from how a user wrote it: ``DATM-CLR`` and `` datm_clr`` are ``datm_clr``."""
+    return str(name).strip().lower().replace("-", "_")
+
+
 def get_method(name: str) -> type[CondensationMethod]:
-    key = str(name).strip().lower().replace("-", "_")
+    key = method_key(name)
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}: accepted {', '.join(sorted(METHODS))}")
     return METHODS[key]
 
 
-def make_config(method: str, dataset: str, ipc: int, *, iterations: int | None = None,
-                **overrides: Any) -> MethodConfig:
-    """The published settings of ``method`` for (dataset, ipc), planned for a run of ``iterations``
-    iterations (``MethodConfig.for_run``; None: the published count), with ``overrides`` applied last."""
-    config = get_method(method).config_cls.defaults(dataset, ipc)
+def make_config(method: str, dataset: str, ipc: int, *, iterations: int | None = None, on: str | None = None,
+                ipc_cap: int | None = None, **overrides: Any) -> MethodConfig:
+    """The config of a run of ``method``: the planner's steps 1-5 (``raydd.plan`` states the whole order).
+
+    The published settings for (dataset, ipc); the same row on dataset ``on`` and at most ``ipc_cap`` images
+    per class, where given; the knobs ``overrides`` (aliases resolved); the run length ``iterations``
+    (``MethodConfig.for_run``; None: the published count); the knobs again, so an explicit knob wins over
+    what the run length plans (a knob applies first too because ``for_run`` may read it)."""
+    config_cls = get_method(method).config_cls
+    knobs = config_cls.resolve_knobs(overrides)
+    config = config_cls.defaults(dataset, ipc)
+    moved: dict[str, Any] = {}
+    if on is not None and on != dataset:
+        moved["dataset"] = on
+    if ipc_cap is not None and config.ipc > ipc_cap:
+        moved["ipc"] = ipc_cap
+    if moved or knobs:  # validated again with the new values
+        config = dataclasses.replace(config, **moved, **knobs)
     if iterations is not None:
         config = config.for_run(iterations)
-    return config.with_overrides(**overrides)
+        if knobs:
+            config = dataclasses.replace(config, **knobs)
+    return config

@@ -211,12 +211,8 @@ class CoresetMethod(CondensationMethod):
     def synthetic_set(self) -> SyntheticSet:
         self._ensure_selected()
         ipc, k = self.config.ipc, self.train.info.num_classes
-        return SyntheticSet(
-            images=self.train.images[self.selected].detach().cpu().clone(),
-            labels=class_labels(k, ipc), dataset={**self.train.info.to_dict(), "zca": False},
-            method=self.name, config=self.config.to_dict(), iteration=self._iteration,
-            meta={"indices": self.selected.tolist(), "seed": self.seed, **self._provenance()},
-        )
+        return self._synthetic(self.train.images[self.selected].detach().cpu().clone(), class_labels(k, ipc),
+                               {"indices": self.selected.tolist(), "seed": self.seed, **self._provenance()})
 
     def _provenance(self) -> dict[str, Any]:
         return {}

@@ -440,13 +440,10 @@ class PretrainedDM(CondensationMethod):
     # ------------------------------------------------------------------ bookkeeping
     def synthetic_set(self) -> SyntheticSet:
         x, y = self.decoded()
-        return SyntheticSet(
-            images=x.cpu().clone(), labels=y.cpu().clone(), dataset={**self.train.info.to_dict(), "zca": False},
-            method=self.name, config=self.config.to_dict(), syn_lr=None, iteration=self._iteration,
-            meta={"expert_model": self.model_spec.to_dict(), "store": str(self.store.root),
-                  "experts": [e.trajectory_id for e in self.experts], "seed": self.seed, "factor": self.factor,
-                  "lr_img": self.lr_img, "encoded_shape": list(self.images.shape)},
-        )
+        return self._synthetic(x.cpu().clone(), y.cpu().clone(), {
+            "expert_model": self.model_spec.to_dict(), "store": str(self.store.root),
+            "experts": [e.trajectory_id for e in self.experts], "seed": self.seed, "factor": self.factor,
+            "lr_img": self.lr_img, "encoded_shape": list(self.images.shape)})
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -200,13 +200,7 @@ class DATM(MTT):
 
     def sample_expert(self) -> tuple[str, int]:
         """A uniform expert with a stored start in the window, then a uniform start in [min_start, upper)."""
-        lo, hi = self.config.min_start_epoch, self.start_upper()
-        choices = [(e.trajectory_id, [s for s in e.starts if lo <= s < hi]) for e in self.experts]
-        choices = [(tid, starts) for tid, starts in choices if starts]
-        if not choices:  # the experts storing this window were dropped as corrupt
-            raise self.inputs.missing(f"no healthy expert stores a start epoch in [{lo}, {hi})")
-        tid, starts = choices[self.rng.randrange(len(choices))]
-        return tid, starts[self.rng.randrange(len(starts))]
+        return self.sample_in_window(self.config.min_start_epoch, self.start_upper())
 
     # ------------------------------------------------------------------ soft-label initialisation (a)
     def _label_epoch(self, trajectory_id: str) -> int:

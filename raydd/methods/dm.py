@@ -331,12 +331,8 @@ class DM(CondensationMethod):
 
     # ------------------------------------------------------------------ results and state
     def synthetic_set(self) -> SyntheticSet:
-        return SyntheticSet(
-            images=self.images.detach().cpu().clone(), labels=self.labels.detach().cpu().clone(),
-            dataset={**self.train.info.to_dict(), "zca": False}, method=self.name,
-            config=self.config.to_dict(), iteration=self._iteration,
-            meta={"embedder": self.model_spec.to_dict(), "seed": self.seed},
-        )
+        return self._synthetic(self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(),
+                               {"embedder": self.model_spec.to_dict(), "seed": self.seed})
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

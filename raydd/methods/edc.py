@@ -384,15 +384,11 @@ class EDC(CondensationMethod):
 
     def synthetic_set(self) -> SyntheticSet:
         logits = self.soft_label_logits().float().cpu()
-        return SyntheticSet(
-            images=self.images.detach().cpu().clone(), labels=F.softmax(logits, dim=1),
-            dataset={**self.train.info.to_dict(), "zca": False}, method=self.name, config=self.config.to_dict(),
-            iteration=self._iteration,
-            meta={"logits": logits, "hard_labels": self.labels.detach().cpu().clone(),
-                  "observers": [o.trajectory_id for o in self.observers],
-                  "observer_models": [o.model_name for o in self.observers],
-                  "store": str(self.store.root), "seed": self.seed},
-        )
+        return self._synthetic(self.images.detach().cpu().clone(), F.softmax(logits, dim=1), {
+            "logits": logits, "hard_labels": self.labels.detach().cpu().clone(),
+            "observers": [o.trajectory_id for o in self.observers],
+            "observer_models": [o.model_name for o in self.observers], "store": str(self.store.root),
+            "seed": self.seed})
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

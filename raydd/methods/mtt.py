@@ -313,8 +313,17 @@ class MTT(CondensationMethod):
 
     def sample_expert(self) -> tuple[str, int]:
         """(trajectory id, start epoch t): a uniform expert, then a uniform stored t < max_start_epoch."""
-        expert = self.experts[self.rng.randrange(len(self.experts))]
-        return expert.trajectory_id, expert.starts[self.rng.randrange(len(expert.starts))]
+        return self.sample_in_window(0, self.config.max_start_epoch)
+
+    def sample_in_window(self, lo: int, hi: int) -> tuple[str, int]:
+        """A uniform expert among those storing a start in [lo, hi), then a uniform such start (the one way
+        experts are drawn: MTT's window is [0, T+), DATM's its growing [T-, T))."""
+        choices = [(e.trajectory_id, [s for s in e.starts if lo <= s < hi]) for e in self.experts]
+        choices = [(tid, starts) for tid, starts in choices if starts]
+        if not choices:  # the experts storing this window were dropped as corrupt
+            raise self.inputs.missing(f"no healthy expert stores a start epoch in [{lo}, {hi})")
+        tid, starts = choices[self.rng.randrange(len(choices))]
+        return tid, starts[self.rng.randrange(len(starts))]
 
     # ------------------------------------------------------------------ the unrolled student
     def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
@@ -489,14 +498,12 @@ class MTT(CondensationMethod):
 
     # ------------------------------------------------------------------ results and state
     def synthetic_set(self) -> SyntheticSet:
-        return SyntheticSet(
-            images=self.images.detach().cpu().clone(), labels=self.labels.detach().cpu().clone(),
-            dataset={**self.train.info.to_dict(), "zca": self.uses_zca}, method=self.name,
-            config=self.config.to_dict(), syn_lr=float(self.syn_lr.detach()), iteration=self._iteration,
-            zca=self.zca_whitening.state_dict() if self.zca_whitening is not None else None,
-            meta={"expert_model": self.model_spec.to_dict(), "store": str(self.inputs.store.root),
-                  "experts": len(self.experts), "seed": self.seed},
-        )
+        return self._synthetic(
+            self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(),
+            {"expert_model": self.model_spec.to_dict(), "store": str(self.inputs.store.root),
+             "experts": len(self.experts), "seed": self.seed},
+            whitened=self.uses_zca, syn_lr=float(self.syn_lr.detach()),
+            zca=self.zca_whitening.state_dict() if self.zca_whitening is not None else None)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..condense import TimeBudget, condense
-from ..data.datasets import ImageDataset, load_dataset
+from ..data.datasets import ImageDataset, data_root_for, load_dataset
 from ..evaluation import EvalResult, evaluate, protocol_config
 from ..methods import get_method, make_config
 from ..training import ENGINES
@@ -111,7 +111,7 @@ class ReproResult:
 
 
 def _load(dataset: str, split: str, data_root: str | None, train_per_class: int | None) -> ImageDataset:
-    data = load_dataset(dataset, split, None if dataset == "digits" else data_root)
+    data = load_dataset(dataset, split, data_root_for(dataset, data_root))
     return data.per_class(train_per_class, seed=0) if train_per_class and split == "train" else data
 
 
@@ -134,7 +134,7 @@ def _farm(setting: PublishedSetting, jobs, dataset: str, data_root: str | None, 
         recipe = get_recipe(need.recipe)
         if teacher is not None and "teacher" in {f.name for f in dataclasses.fields(recipe.config_cls)}:
             fields["recipe_options"]["teacher"] = teacher
-        spec = FarmSpec(store=store, dataset=dataset, data_root=None if dataset == "digits" else data_root,
+        spec = FarmSpec(store=store, dataset=dataset, data_root=data_root_for(dataset, data_root),
                         train_per_class=scale.train_per_class, backend=backend, device=device,
                         pack=pack if recipe.trains_together else 1,
                         engine=engine if engine in recipe.engines else "eager", **fields)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..farm.recipes import get_recipe
-from ..methods import METHODS, Scale, get_method
+from ..methods import METHODS, get_method
 from ..methods.base import PaperProtocol
+from ..plan import Shrink, farm_jobs, plan_config
 from ..validation import check_int
 
 
@@ -93,52 +94,19 @@ class PublishedSetting:
         return get_method(self.method).config_cls.defaults(self.dataset, self.ipc).planned_iterations
 
     def plan(self, scale: ReproScale, on: str | None = None) -> tuple[Any, list[tuple[Any, int, int | None]]]:
-        """(config, farm jobs) of a run at ``scale``: the published config (on dataset ``on`` when given: a
-        smoke run elsewhere), planned for the scaled iteration count and shrunk to the scale; one farm job
-        per trajectory need as (need, count, epochs): the paper's count and epochs (else the method's own
-        need), capped by the scale, never below what the config reads.
-
-        One fixed order: the published defaults; the dataset ``on``; the scale's knobs and ``--set`` overrides
-        (``scale.knobs``) and its IPC cap; the run length (``for_run``); those knobs again, so an explicit knob wins
-        over what the run length plans (PTLM's ``total_iterations``, DATM's ``expansion_end_epoch``); then the
-        scale's shrinking (``scaled``)."""
-        published = get_method(self.method).config_cls.defaults(self.dataset, self.ipc)
-        if on is not None and on != self.dataset:
-            published = dataclasses.replace(published, dataset=on)
-        fields = {f.name for f in dataclasses.fields(published)}
-        smoke = {k: v for k, v in scale.knobs if k in fields}
-        if scale.ipc is not None and published.ipc > scale.ipc:
-            smoke["ipc"] = scale.ipc
-        if smoke:  # validated again with the scale's values
-            published = dataclasses.replace(published, **smoke)
-        config = published.for_run(self.run_iterations(scale))
-        if smoke:  # the knobs win over the run length's planning (a horizon or window set by --set), as in
-            config = dataclasses.replace(config, **smoke)  # make_config: defaults, run length, knobs; then scaled
-        farm: dict[str, tuple[int, int | None]] = {}
-        for need in config.needs():
-            count, epochs = self.paper.trajectories.get(need.recipe, (None, None))
-            count, epochs = count or need.count, epochs or need.epochs
-            if scale.trajectories is not None:
-                count = min(count, scale.trajectories)
-            if scale.epochs is not None:  # a recipe's default length (epochs None) is capped too
-                epochs = scale.epochs if epochs is None else min(epochs, scale.epochs)
-            farm[need.recipe] = (count if scale.trajectories is not None else max(count, need.count), epochs)
-        if scale.shrinks:  # the paper's protocol stays the published config
-            config = config.scaled(Scale(width=scale.width or getattr(config, "width", None) or 128,
-                                         syn_steps=scale.syn_steps or 10 ** 9,
-                                         epochs={r: e for r, (_, e) in farm.items() if e is not None},
-                                         counts={r: c for r, (c, _) in farm.items()}))
-        jobs = []
-        for need in config.needs():  # the (possibly scaled) config's needs: what it reads is farmed
-            count, epochs = farm[need.recipe]
-            if epochs is not None and need.epochs is not None:
-                epochs = max(epochs, need.epochs)
-            if need.epochs is not None and get_recipe(need.recipe).prefix_exact:
-                # the epochs the config reads: the first epochs of a longer trajectory of a prefix-exact recipe
-                # are those of a trajectory that stops there, bit for bit (not a departure)
-                epochs = need.epochs
-            jobs.append((need, max(count, need.count), epochs))
-        return config, jobs
+        """(config, farm jobs) of a run at ``scale``, by the one planner (``raydd.plan``: its order): the
+        published row (on dataset ``on`` when given: a smoke run elsewhere, at most ``scale.ipc`` images per
+        class), the scale's knobs and ``--set`` (``scale.knobs``, where the method has them), the scaled
+        iteration count, the scale's shrinking; one farm job per trajectory need as (need, count, epochs): the
+        paper's count and epochs (else the method's own need), capped by the scale, never below what the
+        config reads."""
+        fields = {f.name for f in dataclasses.fields(get_method(self.method).config_cls)}
+        shrink = Shrink(width=scale.width, syn_steps=scale.syn_steps, trajectories=scale.trajectories,
+                        epochs=scale.epochs) if scale.shrinks else None
+        config, sizes = plan_config(self.method, self.dataset, self.ipc, iterations=self.run_iterations(scale),
+                                    knobs={k: v for k, v in scale.knobs if k in fields}, on=on, ipc_cap=scale.ipc,
+                                    shrink=shrink, trajectories=self.paper.trajectories)
+        return config, [(job.need, job.count, job.epochs) for job in farm_jobs(config, sizes)]
 
     def departures(self, scale: ReproScale, on: str | None = None) -> str:
         """What the run of this setting at ``scale`` does differently from the paper: the scale's caps that bind

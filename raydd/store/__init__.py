@@ -3,8 +3,8 @@
 >>> store = TrajectoryStore("/data/trajectories")          # or "s3://bucket/prefix"
 >>> with store.writer(trajectory_id=tid, kind="expert", ...) as w:
 ...     w.append(0, flat_params, metrics={"test_acc": 0.1})
->>> traj, start = store.sample(random.Random(0), max_start_epoch=20, span=2, kind="expert")
->>> traj.params(start)                                       # zero-copy for local files
+>>> info = store.list(kind="expert")[0]
+>>> store.open(info.trajectory_id).params(2)                 # zero-copy for local files
 """
 
 from .reader import Trajectory, TrajectoryInfo

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import random
 import shutil
 import tempfile
 import uuid
@@ -62,14 +61,6 @@ def _age_s(entry: pafs.FileInfo, now: _dt.datetime) -> float:
 
 def _name(spec: Any) -> str:
     return spec["name"] if isinstance(spec, Mapping) else str(spec)
-
-
-def _random_below(rng, n: int) -> int:
-    if isinstance(rng, random.Random):
-        return rng.randrange(n)
-    if hasattr(rng, "integers"):  # numpy.random.Generator
-        return int(rng.integers(n))
-    raise TypeError(f"rng must be random.Random or numpy.random.Generator, got {type(rng).__name__}")
 
 
 class TrajectoryStore:
@@ -304,27 +295,6 @@ class TrajectoryStore:
     def open(self, trajectory_id: str) -> Trajectory:
         """Open a trajectory by id (CorruptTrajectoryError / TrajectoryNotFoundError)."""
         return Trajectory(self.path_for(trajectory_id), filesystem=self.filesystem, local=self._local)
-
-    def sample(self, rng, *, max_start_epoch: int, span: int, **filters) -> tuple[Trajectory, int]:
-        """Uniformly pick a trajectory among those (matching ``filters``) that
-        store some start epoch s in [0, max_start_epoch) together with s + span,
-        then uniformly pick such an s. Returns (opened trajectory, s)."""
-        if max_start_epoch < 1 or span < 0:
-            raise ValueError(f"need max_start_epoch >= 1 and span >= 0, got {max_start_epoch}, {span}")
-        candidates = []
-        infos = self.list(**filters)
-        for info in infos:
-            stored = set(info.epochs)
-            starts = [s for s in sorted(stored) if s < max_start_epoch and s + span in stored]
-            if starts:
-                candidates.append((info, starts))
-        if not candidates:
-            raise ValueError(
-                f"no trajectory in {self.root} matching {filters or 'no filters'} stores both epoch s and "
-                f"s+{span} for some s in [0, {max_start_epoch}) ({len(infos)} trajectories matched the filters)")
-        info, starts = candidates[_random_below(rng, len(candidates))]
-        start = starts[_random_below(rng, len(starts))]
-        return Trajectory(info.path, filesystem=self.filesystem, local=self._local), start
 
     def discard_partials(self, trajectory_id: str) -> int:
         """Delete temp files that writers of ``trajectory_id`` left behind (a worker killed

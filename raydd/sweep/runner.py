@@ -24,6 +24,7 @@ from ray import tune
 
 from ..data.datasets import ImageDataset, load_dataset
 from ..methods import StoreInputs, get_method, make_config
+from ..plan import plan_run
 from ..validation import check_ray_address, check_writable
 from .leaderboard import SweepResult, load_finished, summarize, write_text
 from .progress import ScalarTBXLogger, SweepProgress, tune_console
@@ -148,13 +149,15 @@ def needs_farm_specs(spec: SweepSpec, **extra: Any) -> list:
     store = TrajectoryStore(spec.store)
     specs, seen = [], set()
     for arm in spec.arms():
-        config = make_config(arm["method"], spec.dataset, spec.ipcs[0], **_constant_knobs(arm))
-        inputs = StoreInputs(store, train, spec.dataset, config.needs())
-        for need in config.needs():
+        plan = plan_run(arm["method"], spec.dataset, spec.ipcs[0], knobs=_constant_knobs(arm),
+                        data_root=spec.data_root)
+        inputs = StoreInputs(store, train, spec.dataset, plan.needs)
+        for need in (job.need for job in plan.farm):
             if need.recipe in covered or need in seen or inputs.list(need):
                 continue
             seen.add(need)
-            fields = {"store": spec.store, "dataset": spec.dataset, "data_root": spec.data_root,
+            # a need of one trajectory leaves the count to the farm's default (farm_fields without a count)
+            fields = {"store": spec.store, "dataset": spec.dataset, "data_root": plan.data_root,
                       "resolution": spec.resolution, **need.farm_fields()}
             specs.append(FarmSpec.from_dict({**fields, **extra}))
     return specs

@@ -35,6 +35,7 @@ import yaml
 
 from ..evaluation import protocol_config, protocol_fields
 from ..methods import get_method, make_config
+from ..methods.base import method_key
 from ..validation import check_int, is_number
 from .rungs import ASHA_VARIANTS, RUNGS, check_asha
 
@@ -113,8 +114,8 @@ def resolve_knob(method: str, name: str, eval_settings: dict | None = None) -> t
             raise ValueError(f"knob {name!r}: the evaluation protocol has no setting {target!r}: accepted "
                              f"{', '.join('eval.' + f for f in sorted(fields - {'device'}))}")
         return "eval", target
-    target = config_cls.aliases.get(name, name)
-    if target in config_cls.knobs():
+    target = config_cls.knob_target(name)
+    if target is not None:
         return "method", target
     if name == "zeta" and "zeta" in fields:
         return "eval", "zeta"
@@ -463,7 +464,7 @@ class SweepSpec:
             raise ValueError(f"methods={methods!r} is invalid: expected a list of method names")
         for m in methods:
             get_method(m)
-        data["methods"] = tuple(str(m).strip().lower().replace("-", "_") for m in methods)
+        data["methods"] = tuple(method_key(m) for m in methods)
         for key in ("ipcs", "seeds"):
             if key in data:
                 value = data[key]
@@ -475,10 +476,10 @@ class SweepSpec:
         knobs = data.get("knobs") or {}
         if not isinstance(knobs, dict) or not all(isinstance(v, dict) for v in knobs.values()):
             raise ValueError(f"knobs={knobs!r} is invalid: expected {{method: {{knob: value or range}}}}")
-        data["knobs"] = {str(m).lower().replace("-", "_"): {k: Knob.parse(f"knobs.{m}.{k}", v) for k, v in ks.items()}
+        data["knobs"] = {method_key(m): {k: Knob.parse(f"knobs.{m}.{k}", v) for k, v in ks.items()}
                          for m, ks in knobs.items()}
         if isinstance(data.get("method_eval"), dict):
-            data["method_eval"] = {str(m).lower().replace("-", "_"): v for m, v in data["method_eval"].items()}
+            data["method_eval"] = {method_key(m): v for m, v in data["method_eval"].items()}
         for key in ("scheduler", "resources", "eval", "farm", "method_eval"):
             if key in data and data[key] is None:
                 data.pop(key)

@@ -32,8 +32,8 @@ import ray
 from ray import tune
 
 from ..condense import EvalRecord, Run, Sink, TensorBoard, condense
-from ..evaluation import protocol_config
-from ..methods import get_method, load_checkpoint, make_config, save_checkpoint
+from ..methods import get_method, load_checkpoint, save_checkpoint
+from ..plan import RunPlan, plan_run
 from .rungs import RUNGS, asha_rungs
 from .spec import default_trial_iterations, resolve_knob, robustness_config
 
@@ -113,16 +113,20 @@ class TrialSettings:
         """The knobs as the leaderboard shows them: config fields, evaluation settings as ``eval.<field>``."""
         return {**self.method_knobs, **{f"eval.{k}": v for k, v in self.eval_knobs.items()}}
 
+    def plan(self, final: bool = False) -> RunPlan:
+        """The trial's run by the planner (``raydd.plan``): the method's published defaults, planned for the
+        trial's length, with its knobs; the evaluation with the evaluation knobs (``final``: the extra
+        end-of-trial one, None when the spec asks for none)."""
+        settings = self.final_eval if final else self.eval
+        return plan_run(self.method, self.dataset, self.ipc, iterations=self.iterations, knobs=self.method_knobs,
+                        eval_settings=None if final and not settings else {**settings, **self.eval_knobs},
+                        data_root=self.data_root)
+
     def method_config(self):
-        """The method's config: published defaults, planned for this trial's length, then the knobs."""
-        return make_config(self.method, self.dataset, self.ipc, iterations=self.iterations, **self.method_knobs)
+        return self.plan().config
 
     def eval_config(self, final: bool = False):
-        """The (final) evaluation config with the evaluation knobs applied; None if no final evaluation."""
-        settings = self.final_eval if final else self.eval
-        if final and not settings:
-            return None
-        return protocol_config(self.dataset, settings, **self.eval_knobs)
+        return self.plan(final).eval_config
 
     def eval_points(self) -> list[int]:
         if self.eval_every == RUNGS:
@@ -302,13 +306,13 @@ def condensation_trainable(config: dict, *, sinks: Sequence[Sink] = ()) -> None:
     workdir = Path.cwd()  # Tune's per-trial working directory: synced to the trial dir (sync_artifacts)
     method = None
     try:
-        method_config = s.method_config()
+        plan = s.plan()
         device = _trial_device(s.device)
-        eval_cfg = _on_device(s.eval_config(), device)
+        eval_cfg = _on_device(plan.eval_config, device)
         final_cfg = _on_device(s.eval_config(final=True), device)
-        train, test = load_train_test(s.dataset, s.data_root, resolution=s.resolution)
+        train, test = load_train_test(s.dataset, plan.data_root, resolution=s.resolution)
         store = TrajectoryStore(s.store) if s.store else None
-        with get_method(s.method)(method_config, train, store, device=device, seed=s.seed) as method:
+        with get_method(s.method)(plan.config, train, store, device=device, seed=s.seed) as method:
             reporter = TuneReport(workdir)
             if reporter.restore(method):
                 reporter.report_finished()
