@@ -412,6 +412,9 @@ def method_card(cls, dataset: str, ipc: int, store: str) -> str:
     if needs:
         lines.append(f"farm it: {farm_commands(needs, dataset, store)}")
     lines.append(f"published settings: {_published(cls.config_cls)}")
+    paper = cls.config_cls.paper
+    if paper is not None:  # how its numbers were measured, and how raydd reads what the paper leaves open
+        lines.append(f"paper protocol: {paper.source}" + (f"; {paper.notes}" if paper.notes else ""))
     lines.append(f"iterations: {config.planned_iterations} by default"
                  + (f"; --iterations N also sets {cls.config_cls.horizon}" if cls.config_cls.horizon else ""))
     shared = ", ".join(f"{a} = {t}" for a, t in cls.config_cls.aliases.items())

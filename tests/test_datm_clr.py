@@ -62,7 +62,8 @@ def test_nt_xent_without_negatives_is_zero_with_finite_gradients():
 # ----------------------------------------------------------------------------- config
 def test_defaults_and_aliases():
     cfg = make_config("datm_clr", "cifar10", 1)
-    assert (cfg.syn_steps, cfg.inner_momentum, cfg.temperature, cfg.strategy) == (20, 0.5, 0.1, "fusion")
+    # a plain-SGD student (reading (a) of Sec. 4.1, DATM's code); the momentum reading is the variant 0.5
+    assert (cfg.syn_steps, cfg.inner_momentum, cfg.temperature, cfg.strategy) == (20, 0.0, 0.1, "fusion")
     assert (cfg.con_weight, cfg.tm_weight, cfg.update_weight) == (0.1, 1.0, 0.1)
     assert (cfg.lr_img, cfg.lr_y, cfg.max_start_epoch, cfg.threshold, cfg.zca) == (100.0, 5.0, 4, 1.1, True)  # DATM's
     tuned = make_config("datm_clr", "digits", 2, alpha=0.3, tau=0.2, lam=0.5, current_max_start_epoch=None)
@@ -113,7 +114,7 @@ def test_strategies_run_and_report_both_terms(digits, digits_experts, strategy, 
     head = [p.detach().clone() for p in method.head.parameters()]
     metrics = [method.step() for _ in range(15)]
     after = fixed_loss()
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.9 * before, (before, after)  # at least 10 % lower after 15 iterations
     for m in metrics:
         assert {"loss", "loss_tm", "loss_con", "skipped", "grad_norm_img", "peak_mem_mb", "time_s"} <= set(m)
         assert m["loss_con"] > 0
@@ -168,3 +169,13 @@ def test_a_skipped_step_frees_its_unrolled_graph(digits, digits_experts):
     gc.collect()
     assert len(outputs) == 2 * 2 * method.config.syn_steps  # two views per inner step
     assert [r for r in outputs if r() is not None] == []
+
+
+def test_raydd_methods_says_which_momentum_reading_is_the_default(capsys):
+    from raydd.cli import main
+
+    assert main(["methods", "datm_clr", "--dataset", "cifar10", "--ipc", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "inner_momentum = 0.0" in out
+    assert "plain-SGD student, as DATM's code does (inner_momentum=0, the default)" in out
+    assert "inner_momentum=0.5 is the literal reading, a momentum student" in out

@@ -30,8 +30,8 @@ from .settings import get_setting, published_settings
 CAMPAIGN_ORDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dm_fashion_mnist_ipc10", {}),
     ("mtt_cifar10_ipc1", {}),
-    ("datm_clr_cifar10_ipc1", {}),  # the paper's words: the student takes SGD steps with momentum 0.5
-    ("datm_clr_cifar10_ipc1", {"inner_momentum": 0.0}),  # the code it builds on (DATM's): a plain-SGD student
+    ("datm_clr_cifar10_ipc1", {}),  # the default: a plain-SGD student, as the code it builds on (DATM's)
+    ("datm_clr_cifar10_ipc1", {"inner_momentum": 0.5}),  # the paper's words read literally: a momentum student
     ("dance_fashion_mnist_ipc10", {}),
     ("ptlm_fashion_mnist_ipc10", {}),
     ("ssd_fashion_mnist_ipc10", {}),
