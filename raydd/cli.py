@@ -82,6 +82,13 @@ def _store_parser(sub) -> None:
     tb.add_argument("logdir", help="local directory; then: tensorboard --logdir LOGDIR")
     for key in ("dataset", "model", "kind", "recipe"):
         tb.add_argument(f"--{key}")
+    buf = ssub.add_parser("export-buffer", help="write stored trajectories as a reference replay_buffer_<n>.pt "
+                                                "(MTT/DATM/TESLA's buffer.py layout)")
+    buf.add_argument("root")
+    buf.add_argument("out", help="the .pt file to write, e.g. buffers/CIFAR10/ConvNet/replay_buffer_0.pt")
+    for key in ("dataset", "model", "kind", "recipe"):
+        buf.add_argument(f"--{key}")
+    buf.add_argument("--epochs", type=int, help="epochs 0..EPOCHS of each trajectory (default: every stored epoch)")
 
 
 def farm_spec_from_args(args):
@@ -162,9 +169,36 @@ def cmd_store(args) -> int:
         print(f"{len(written)} trajectory run(s) written to {args.logdir} (runs already there are kept); "
               f"view with: tensorboard --logdir {args.logdir}")
         return 0
+    if args.store_cmd == "export-buffer":
+        return _export_buffer(store, args)
     text, code = format_verify(store)
     print(text)
     return code
+
+
+def _export_buffer(store, args) -> int:
+    from .store.reference_buffer import expert_epochs, save_reference_buffer
+    from .validation import check_int, check_writable
+
+    check_int("--epochs", args.epochs, low=0, none_ok=True)
+    out = check_writable("out", args.out)
+    filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+    infos = store.list(**filters)
+    if not infos:
+        raise ValueError(f"no trajectories in {store.root} match {filters or 'no filters'}: see raydd store ls")
+    models = sorted({i.model_name for i in infos})
+    if len(models) > 1:
+        raise ValueError(f"the matching trajectories are of {len(models)} models {models}: a buffer holds one "
+                         f"model's experts, pick one with --model")
+    epochs = None if args.epochs is None else list(range(args.epochs + 1))
+    experts = []
+    for info in infos:
+        with store.open(info.trajectory_id) as trajectory:
+            experts.append(expert_epochs(trajectory, epochs))
+    save_reference_buffer(experts, out)
+    print(f"{len(experts)} trajectories ({models[0]}, {len(experts[0])} epochs each) written to {out} in the "
+          f"reference replay-buffer layout")
+    return 0
 
 
 def _version() -> str:
