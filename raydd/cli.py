@@ -62,12 +62,15 @@ def _farm_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+STORE_FILTERS = ("dataset", "model", "kind", "recipe")  # what raydd store ls/tensorboard/export-buffer filter on
+
+
 def _store_parser(sub) -> None:
     p = sub.add_parser("store", help="inspect a trajectory store")
     ssub = p.add_subparsers(dest="store_cmd", required=True)
     ls = ssub.add_parser("ls", help="summary table of the stored trajectories (every snapshot's crc32 checked)")
     ls.add_argument("root", nargs="?", default=DEFAULT_STORE)
-    for key in ("dataset", "model", "kind", "recipe"):
+    for key in STORE_FILTERS:
         ls.add_argument(f"--{key}")
     ls.add_argument("--quick", action="store_true", help="read footers only (no crc32 check of the snapshots)")
     info = ssub.add_parser("info", help="one trajectory's metadata and per-epoch metrics")
@@ -80,13 +83,13 @@ def _store_parser(sub) -> None:
     tb = ssub.add_parser("tensorboard", help="write the stored trajectories' per-epoch curves as TensorBoard runs")
     tb.add_argument("root")
     tb.add_argument("logdir", help="local directory; then: tensorboard --logdir LOGDIR")
-    for key in ("dataset", "model", "kind", "recipe"):
+    for key in STORE_FILTERS:
         tb.add_argument(f"--{key}")
     buf = ssub.add_parser("export-buffer", help="write stored trajectories as a reference replay_buffer_<n>.pt "
                                                 "(MTT/DATM/TESLA's buffer.py layout)")
     buf.add_argument("root")
     buf.add_argument("out", help="the .pt file to write, e.g. buffers/CIFAR10/ConvNet/replay_buffer_0.pt")
-    for key in ("dataset", "model", "kind", "recipe"):
+    for key in STORE_FILTERS:
         buf.add_argument(f"--{key}")
     buf.add_argument("--epochs", type=int, help="epochs 0..EPOCHS of each trajectory (default: every stored epoch)")
 
@@ -144,13 +147,18 @@ def cmd_farm(args) -> int:
     return 0
 
 
+def _store_filters(args) -> dict[str, str]:
+    """The --dataset/--model/--kind/--recipe filters a store subcommand was given."""
+    return {k: getattr(args, k) for k in STORE_FILTERS if getattr(args, k)}
+
+
 def cmd_store(args) -> int:
     from .store import TrajectoryStore
     from .store.cli import format_gc, format_info, format_ls, format_verify
 
     store = TrajectoryStore(args.root).require_existing()
     if args.store_cmd == "ls":
-        filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+        filters = _store_filters(args)
         print(format_ls(store, check=not args.quick, **filters))
         return 0
     if args.store_cmd == "info":
@@ -164,7 +172,7 @@ def cmd_store(args) -> int:
         from .validation import check_writable
 
         check_writable("logdir", args.logdir, directory=True)
-        filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+        filters = _store_filters(args)
         written = write_curves(store, args.logdir, **filters)
         print(f"{len(written)} trajectory run(s) written to {args.logdir} (runs already there are kept); "
               f"view with: tensorboard --logdir {args.logdir}")
@@ -182,7 +190,7 @@ def _export_buffer(store, args) -> int:
 
     check_int("--epochs", args.epochs, low=0, none_ok=True)
     out = check_writable("out", args.out)
-    filters = {k: getattr(args, k) for k in ("dataset", "model", "kind", "recipe") if getattr(args, k)}
+    filters = _store_filters(args)
     infos = store.list(**filters)
     if not infos:
         raise ValueError(f"no trajectories in {store.root} match {filters or 'no filters'}: see raydd store ls")

@@ -60,10 +60,6 @@ class FarmJob:
     count: int
     epochs: int | None
 
-    def farm_fields(self) -> dict[str, Any]:
-        """The FarmSpec fields that farm them (recipe, options, model, data space, count)."""
-        return self.need.farm_fields(count=self.count, epochs=self.epochs)
-
 
 @dataclass(frozen=True)
 class RunPlan:

@@ -28,8 +28,9 @@ def expert_epochs(trajectory, epochs: Sequence[int] | None = None) -> list[list[
     """One stored trajectory as a reference expert: per epoch (default: every stored one, in order), its
     parameter tensors in layout order (float32, CPU)."""
     layout = ParamLayout.from_list(trajectory.meta["param_layout"])
-    wanted = sorted(trajectory.epochs) if epochs is None else list(epochs)
-    missing = [e for e in wanted if e not in set(trajectory.epochs)]
+    stored = set(trajectory.epochs)
+    wanted = sorted(stored) if epochs is None else list(epochs)
+    missing = [e for e in wanted if e not in stored]
     if missing:
         raise ValueError(f"trajectory {trajectory.info.trajectory_id} stores no epoch {missing[0]}: it stores "
                          f"{min(trajectory.epochs)}..{max(trajectory.epochs)}")

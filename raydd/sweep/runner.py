@@ -152,7 +152,7 @@ def needs_farm_specs(spec: SweepSpec, **extra: Any) -> list:
         plan = plan_run(arm["method"], spec.dataset, spec.ipcs[0], knobs=_constant_knobs(arm),
                         data_root=spec.data_root)
         inputs = StoreInputs(store, train, spec.dataset, plan.needs)
-        for need in (job.need for job in plan.farm):
+        for need in plan.needs:
             if need.recipe in covered or need in seen or inputs.list(need):
                 continue
             seen.add(need)
