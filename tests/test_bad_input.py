@@ -120,6 +120,10 @@ CASES = {
     "farm --set an option the recipe lacks": (
         lambda tmp: ["farm", "--store", str(tmp / "s"), "--recipe", "pretrain", "--set", "keep_epochs=3"],
         "unknown PretrainConfig key 'keep_epochs': accepted epochs, lr,"),
+    "condense --set the DSA grid to a non-bool": (
+        lambda tmp: ["condense", "--method", "datm", "--dataset", "digits", "--ipc", "1", "--set",
+                     "dsa_align_corners=maybe"],
+        "--set dsa_align_corners=maybe is invalid: DATMConfig.dsa_align_corners expects bool"),
     "condense --set an int knob given a fraction": (
         lambda tmp: ["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--set", "syn_steps=2.5"],
         "--set syn_steps=2.5 is invalid: MTTConfig.syn_steps expects int"),

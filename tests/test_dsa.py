@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from raydd.data.augment import DSA, DSA_OPS, DSAConfig, dsa_for_dataset
+from raydd.data.augment.dsa import DSADraw, make_dsa
 
 
 def _images(n=4, c=3, h=16, w=16, seed=0, dtype=torch.float32):
@@ -256,3 +257,23 @@ def test_cuda_matches_cpu():
     d = DSA(DSAConfig(single_per_call=False))
     x = _images()
     torch.testing.assert_close(d(x.cuda(), seed=3).cpu(), d(x, seed=3), rtol=0, atol=1e-5)
+
+
+def test_align_corners_is_the_same_map_on_square_images_and_the_mtt_family_defaults_to_the_references():
+    """MTT's and DATM's code sample scale/rotate with align_corners=True, DSA's code with torch's default
+    False: on square images one map (rounding apart), so the knob changes rounding only; the MTT family
+    follows its reference code (benchmarks/reference_equivalence.py measured the rounding's effect)."""
+    from raydd.methods import make_config
+
+    x = torch.randn(3, 2, 9, 9, generator=torch.Generator().manual_seed(0))
+    draws = {"scale": (torch.tensor([0.9, 0.1, 0.5], dtype=torch.float64),) * 2,
+             "rotate": (torch.tensor([0.95, 0.2, 0.6], dtype=torch.float64),)}
+    on, off = DSA(DSAConfig(align_corners=True)), DSA(DSAConfig())
+    for op, values in draws.items():
+        a, b = on.apply(x, DSADraw((op,), {op: values})), off.apply(x, DSADraw((op,), {op: values}))
+        assert torch.allclose(a, b, atol=1e-5) and not torch.equal(a, x)
+    assert make_config("mtt", "digits", 1).dsa_align_corners is True
+    assert make_config("datm", "digits", 1).dsa_align_corners is True
+    assert make_dsa(flip_ok=True, align_corners=True).config.align_corners is True
+    with pytest.raises(ValueError, match="DSAConfig.align_corners='yes' is invalid"):
+        DSAConfig(align_corners="yes")

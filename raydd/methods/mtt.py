@@ -75,6 +75,11 @@ class MTTConfig(MethodConfig):
     zca: bool | None = None  # None: follow the experts; True/False: require experts in that space
     dsa: bool = True
     dsa_strategy: str = DSA_STRATEGY  # flip is dropped automatically where the dataset forbids it
+    # Scale/rotate sampling grid: MTT's and DATM's utils.py call affine_grid/grid_sample with align_corners=True;
+    # DSA's own code (followed by DM, raydd's farm and evaluation) uses torch's default False. On square images the
+    # two are the same map up to float rounding, which the unrolled student amplifies: against mtt-distillation
+    # 1e-7 with True, 1e-3 after 2 iterations with False (benchmarks/reference_equivalence.py).
+    dsa_align_corners: bool = True
     pix_init: str = "real"  # 'real' (random real images per class) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held;
@@ -240,7 +245,8 @@ class MTT(CondensationMethod):
         if self.flat_model.layout.numel != stored:
             raise ValueError(f"experts store {stored} parameters but {self.model_spec.name} has "
                              f"{self.flat_model.layout.numel}: the store metadata and the model code disagree")
-        self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=self.train.info.flip_ok) if cfg.dsa else None
+        self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=self.train.info.flip_ok,
+                            align_corners=cfg.dsa_align_corners) if cfg.dsa else None
         self.images, self.labels = self._init_synthetic()
         self.images.requires_grad_(True)
         alpha0 = cfg.syn_lr_init if cfg.syn_lr_init is not None else self._expert_lr()

@@ -77,6 +77,9 @@ class DSAConfig:
     saturation: float = 2.0
     contrast: float = 0.5
     single_per_call: bool = True  # reference aug_mode 'S': one op of the strategy per call
+    # Sampling grid of scale and rotate (F.affine_grid/grid_sample): False is DSA's own code (VICO-UoE/
+    # DatasetCondensation utils.py: torch's default since 1.3); MTT's and DATM's utils.py pass True.
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         _parse_strategy(self.strategy)
@@ -88,6 +91,7 @@ class DSAConfig:
         for name in ("brightness", "saturation", "contrast"):
             check_range(f"DSAConfig.{name}", getattr(self, name), low=0.0, low_open=True)
         check_bool("DSAConfig.single_per_call", self.single_per_call, "one op per call, or every op")
+        check_bool("DSAConfig.align_corners", self.align_corners, "True (MTT/DATM code) or False (DSA code)")
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -257,11 +261,11 @@ class DSA:
         do_flip = (self._on(r, x) < _FLIP_PROBABILITY).view(-1, 1, 1, 1)
         return torch.where(do_flip, x.flip(3), x)
 
-    @staticmethod
-    def _warp(x: Tensor, theta: Tensor) -> Tensor:
+    def _warp(self, x: Tensor, theta: Tensor) -> Tensor:
         theta = theta.expand(x.shape[0], 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        corners = self.config.align_corners
+        grid = F.affine_grid(theta, list(x.shape), align_corners=corners)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=corners)
 
     def _scale(self, x: Tensor, rx: Tensor, ry: Tensor) -> Tensor:
         ratio = self.config.scale
@@ -272,8 +276,8 @@ class DSA:
         return self._warp(x, theta)
 
     def _rotate(self, x: Tensor, r: Tensor) -> Tensor:
-        max_rad = self.config.rotate_degrees / 180.0 * math.pi
-        angle = (self._on(r, x) - 0.5) * 2.0 * max_rad
+        # The reference's order of operations (its rand_rotate), so its float32 rounding is the same.
+        angle = (self._on(r, x) - 0.5) * 2 * self.config.rotate_degrees / 180 * math.pi
         cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
         theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
         return self._warp(x, theta)
@@ -368,7 +372,8 @@ def dsa_for_dataset(dataset_name: str, config: DSAConfig | None = None) -> DSA:
     return DSA(config)
 
 
-def make_dsa(strategy: str = DSAConfig.strategy, *, flip_ok: bool, single_per_call: bool = True) -> DSA:
+def make_dsa(strategy: str = DSAConfig.strategy, *, flip_ok: bool, single_per_call: bool = True,
+             align_corners: bool = False) -> DSA:
     """DSA with ``strategy`` for data whose ``DatasetInfo.flip_ok`` is ``flip_ok`` (flip dropped when False)."""
-    config = DSAConfig(strategy=strategy, single_per_call=single_per_call)
+    config = DSAConfig(strategy=strategy, single_per_call=single_per_call, align_corners=align_corners)
     return DSA(config if flip_ok else config.without_flip())

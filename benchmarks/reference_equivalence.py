@@ -1,0 +1,439 @@
+"""Does raydd's update equal the reference code's on the same inputs? Side by side, iteration by iteration.
+
+Not a test: it imports the public reference repositories from ``--reference-root`` at run time (unmodified
+clones; their commits are printed) and runs *their* distillation loop, then raydd's, on identical inputs:
+
+- the same expert trajectory: farmed by raydd into a tiny digits store (ConvNet-3 w128, instance norm: the
+  reference's ``ConvNet``) and handed to the reference as its ``replay_buffer_0.pt`` (raydd.store.reference_buffer);
+- the same initial synthetic images, labels and step size α0 (the reference's draws, copied into raydd);
+- the same start epochs (the reference's, recorded from its log calls);
+- the same student minibatches (the reference's ``torch.randperm`` draws, recorded; the reference takes the
+  chunks of a permutation from its end, raydd from its head: the replay hands raydd the reference's order);
+- the same DSA parameters (every ``torch.rand``/``torch.randint`` the reference's DiffAugment draws, recorded
+  and replayed through raydd's own DSA operations).
+
+Per iteration it prints the maximum relative difference (max |a - b| / max |b|) of the synthetic images, the
+learned step size and the matching loss. The reference's loop is adapted to this machine only from outside:
+``wandb`` is a recording stub, ``get_dataset`` returns raydd's digits tensors, ``Tensor.cuda`` is the identity
+on a CPU-only host (its iteration-0 image save calls it), DiffAugment's output is handed on in standard strides
+(same values; see ``recording_augment``), ``--no-dsa`` is its own ``--no_aug`` switch (its ``--dsa False``
+path fails at the evaluation print), and its evaluation runs zero networks.
+
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods mtt
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods mtt --no-dsa --batch-syn 10
+
+``--reference-root`` holds ``mtt-distillation/`` (GeorgeCazenavette/mtt-distillation). Only MTT has a side
+here so far; the other methods of issue 24 are listed as not compared.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from raydd.data.augment.dsa import DSA, DSAConfig, DSADraw  # noqa: E402
+from raydd.data.datasets import load_train_test  # noqa: E402
+from raydd.farm import FarmSpec, farm  # noqa: E402
+from raydd.methods import get_method, make_config  # noqa: E402
+from raydd.store import TrajectoryStore  # noqa: E402
+from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
+
+REFERENCES = {"mtt": "mtt-distillation", "dm": "DatasetCondensation"}
+# digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
+# whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
+RESOLUTION = 28
+# The reference's DiffAugment draws per op, in its order: (torch function, count).
+_REFERENCE_DRAWS = {"color": 3, "crop": 2, "cutout": 2, "flip": 1, "scale": 2, "rotate": 1}
+
+
+def commit_of(path: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        stamp = path / "COMMIT"
+        return stamp.read_text().strip() if stamp.exists() else "unknown (not a git clone; put its commit in COMMIT)"
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) or 1.0
+    return float((a - b).abs().max()) / scale
+
+
+# ----------------------------------------------------------------------------- recording the reference
+class _Recorder:
+    """What the reference run did: initial images and α, per-iteration images, α, loss, start epoch, the
+    permutations it drew and each DiffAugment call's random draws."""
+
+    def __init__(self) -> None:
+        self.initial_images: torch.Tensor | None = None
+        self.images: list[torch.Tensor] = []
+        self.syn_lr: list[torch.Tensor] = []
+        self.losses: list[float] = []
+        self.starts: list[int] = []
+        self.perms: list[torch.Tensor] = []
+        self.dsa_calls: list[list[torch.Tensor]] = []
+        self.nets: list[list[torch.Tensor]] = []  # DM: each iteration's freshly initialised embedder
+
+
+def _wandb_stub(record: _Recorder) -> types.ModuleType:
+    wandb = types.ModuleType("wandb")
+    wandb.config = types.SimpleNamespace(_items={})
+    wandb.run = types.SimpleNamespace(name="reference")
+
+    def init(config=None, **_):
+        wandb.config._items = dict(vars(config))
+
+    def log(values, step=None):
+        if "Grand_Loss" in values:
+            record.losses.append(float(values["Grand_Loss"]))
+            record.starts.append(int(values["Start_Epoch"]))
+
+    wandb.init, wandb.log, wandb.finish = init, log, lambda: None
+    wandb.Histogram = wandb.Image = lambda *a, **k: None
+    return wandb
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _recording_sgd(record: _Recorder) -> type:
+    """torch.optim.SGD that records the images it is built on and, after each step, the images or α."""
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            params = list(params)
+            super().__init__(params, **kw)
+            self._leaf = params[0]
+            if self._leaf.dim() > 0:
+                record.initial_images = self._leaf.detach().clone()
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            (record.images if self._leaf.dim() > 0 else record.syn_lr).append(self._leaf.detach().clone())
+            return out
+
+    return RecordingSGD
+
+
+def _recording_augment(reference_augment, record: _Recorder):
+    """The reference's DiffAugment, recording every torch.rand/torch.randint it draws."""
+    rand, randint = torch.rand, torch.randint
+
+    def recording_augment(x, strategy="", seed=-1, param=None):
+        drawn: list[torch.Tensor] = []
+
+        def rec(fn):
+            def wrapped(*a, **k):
+                out = fn(*a, **k)
+                drawn.append(out.detach().clone())
+                return out
+            return wrapped
+
+        with _patched(torch, "rand", rec(rand)), _patched(torch, "randint", rec(randint)):
+            out = reference_augment(x, strategy, seed=seed, param=param)
+        record.dsa_calls.append(drawn)
+        # A one-channel crop leaves strides that today's torch reads as channels-last, and the reference's
+        # ``out.view`` then fails: the same values in standard strides (the reference's torch behaved so).
+        return out.clone(memory_format=torch.contiguous_format)
+
+    return recording_augment
+
+
+def _reference_patches(stack: contextlib.ExitStack, record: _Recorder) -> None:
+    """What every reference run gets: recording SGD, no stdout, Tensor.cuda as the identity without a GPU."""
+    stack.enter_context(_patched(torch.optim, "SGD", _recording_sgd(record)))
+    if not torch.cuda.is_available():  # MTT's iteration-0 save calls image_syn.cuda()
+        stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
+    stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+
+
+def _import_reference(root: Path, module: str):
+    for name in ("utils", "networks", "reparam_module", module):  # each reference has its own utils/networks
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(root))
+    try:
+        return __import__(module)
+    finally:
+        sys.path.remove(str(root))
+
+
+class _TrainView(torch.utils.data.Dataset):
+    def __init__(self, train) -> None:
+        self.train = train
+
+    def __len__(self):
+        return len(self.train.labels)
+
+    def __getitem__(self, i):
+        return self.train.images[i], int(self.train.labels[i])
+
+
+def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recorder) -> None:
+    """mtt-distillation's distill.main on raydd's digits tensors and expert buffer, recording what it does."""
+    sys.modules["wandb"] = _wandb_stub(record)
+    distill = _import_reference(root, "distill")
+    info = train.info
+
+    def get_dataset(*_a, **_k):
+        identity = {c: c for c in range(info.num_classes)}
+        return (info.channels, tuple(info.resolution), info.num_classes, list(range(info.num_classes)), None, None,
+                _TrainView(train), None, None, None, identity, identity)
+
+    randperm = torch.randperm
+
+    def recording_randperm(*a, **k):
+        out = randperm(*a, **k)
+        record.perms.append(out.clone())
+        return out
+
+    ns = argparse.Namespace(
+        dataset="digits", subset="", model="ConvNet", res=0, ipc=args.ipc, eval_mode="S", num_eval=0,
+        eval_it=10 ** 9, epoch_eval_train=0, Iteration=args.iterations - 1, lr_img=args.lr_img, lr_lr=args.lr_lr,
+        lr_teacher=args.syn_lr_init, lr_init=args.syn_lr_init, batch_real=256, batch_syn=args.batch_syn,
+        batch_train=256, pix_init="real", dsa="True", dsa_strategy=args.dsa_strategy,
+        data_path="", buffer_path=str(buffer_root), expert_epochs=args.expert_epochs, syn_steps=args.syn_steps,
+        max_start_epoch=args.max_start_epoch, zca=False, load_all=False, no_aug=not args.dsa, texture=False,
+        canvas_size=2, canvas_samples=1, max_files=None, max_experts=None, force_save=False)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(distill, "get_dataset", get_dataset))
+        stack.enter_context(_patched(distill, "DiffAugment", _recording_augment(distill.DiffAugment, record)))
+        stack.enter_context(_patched(torch, "randperm", recording_randperm))
+        _reference_patches(stack, record)
+        distill.main(ns)
+
+
+def run_reference_dm(root: Path, work: Path, train, args, record: _Recorder) -> None:
+    """DatasetCondensation's main_DM.main on raydd's digits tensors (zero evaluation networks), recording the
+    embedder each iteration draws, the real images it picks (np.random.permutation), the images and the loss.
+    Without DSA: its siamese DiffAugment fails on today's torch (``randf[:] = randf[0]`` writes a tensor into
+    itself); MTT's run replays the same augmentation code non-siamese."""
+    main_dm = _import_reference(root, "main_DM")
+    info = train.info
+
+    def get_dataset(*_a, **_k):
+        return (info.channels, tuple(info.resolution), info.num_classes, list(range(info.num_classes)),
+                [0.0] * info.channels, [1.0] * info.channels, _TrainView(train), None, None)
+
+    get_network = main_dm.get_network
+
+    def recording_get_network(*a, **k):
+        net = get_network(*a, **k)
+        record.nets.append([p.detach().clone() for p in net.parameters()])
+        return net
+
+    permutation = np.random.permutation
+
+    def recording_permutation(x, *a, **k):
+        out = permutation(x, *a, **k)
+        record.perms.append(torch.as_tensor(np.asarray(out)))
+        return out
+
+    backward = torch.Tensor.backward
+
+    def recording_backward(self, *a, **k):
+        if self.dim() == 0:
+            record.losses.append(float(self))
+        return backward(self, *a, **k)
+
+    argv = ["main_DM.py", "--dataset", "digits", "--model", "ConvNet", "--ipc", str(args.ipc), "--eval_mode", "S",
+            "--num_exp", "1", "--num_eval", "0", "--Iteration", str(args.iterations - 1), "--lr_img", str(args.lr_img_dm),
+            "--batch_real", str(args.batch_real), "--init", "real", "--dsa_strategy", "none",
+            "--data_path", str(work / "data"), "--save_path", str(work / "result")]
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(sys, "argv", argv))
+        stack.enter_context(_patched(main_dm, "get_dataset", get_dataset))
+        stack.enter_context(_patched(main_dm, "get_network", recording_get_network))
+        stack.enter_context(_patched(np.random, "permutation", recording_permutation))
+        stack.enter_context(_patched(torch.Tensor, "backward", recording_backward))
+        _reference_patches(stack, record)
+        main_dm.main()
+
+
+# ----------------------------------------------------------------------------- replaying into raydd
+class _ReplayDSA:
+    """raydd's DSA operations applied with the reference's recorded draws, one DiffAugment call at a time."""
+
+    def __init__(self, calls: list[list[torch.Tensor]], strategy: str, align_corners: bool) -> None:
+        # align_corners: MTTConfig.dsa_align_corners (raydd's default True, as the reference); --no-align-corners
+        # shows what DSA's own grid (False) gives against the reference
+        self.calls = list(calls)
+        self.strategy = strategy.split("_")
+        self.dsa = DSA(DSAConfig(strategy=strategy, align_corners=align_corners))  # flip kept, as the reference
+        self.ops = self.dsa.ops
+
+    def __call__(self, x, seed=None, generator=None):
+        drawn = self.calls.pop(0)
+        op = self.strategy[int(drawn[0])]
+        values = [v.reshape(-1) for v in drawn[1:]]
+        if seed is not None:  # a siamese call: the reference uses its draws' first entry for the whole batch
+            values = [v[:1] for v in values]
+        if len(values) != _REFERENCE_DRAWS[op]:
+            raise RuntimeError(f"reference DiffAugment drew {len(values)} values for {op}")
+        if op in ("color", "flip", "scale", "rotate"):
+            values = [v.double() for v in values]
+        # In standard strides, as the reference side's output (recording_augment): a one-channel crop's strides
+        # otherwise send the convolution down another kernel, whose float32 rounding the unroll amplifies.
+        return self.dsa.apply(x, DSADraw((op,), {op: tuple(values)})).clone(memory_format=torch.contiguous_format)
+
+
+def run_raydd_mtt(store, train, args, record: _Recorder) -> dict[str, list[float]]:
+    cfg = make_config("mtt", "digits", args.ipc, **dict(
+        syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+        lr_img=args.lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
+        dsa_strategy=args.dsa_strategy, batch_syn=args.batch_syn))
+    method = get_method("mtt")(cfg, train, store, device="cpu", seed=args.seed)
+    (expert,) = method.experts
+    with torch.no_grad():
+        method.images.copy_(record.initial_images)
+    starts = list(record.starts)
+    method.sample_segment = lambda: (lambda t: (t, method._params(expert.trajectory_id, t),
+                                                method._params(expert.trajectory_id, t + cfg.expert_epochs)))(
+        starts.pop(0))
+    perms = list(record.perms)
+
+    def replay_minibatch(n_syn, generator, pending):
+        if not pending:
+            chunks = list(perms.pop(0).split(min(cfg.batch_syn or n_syn, n_syn)))
+            pending.extend(reversed(chunks))  # the reference pops its chunks from the end
+        return pending.pop(0)
+
+    method._next_minibatch = replay_minibatch
+    if args.dsa:
+        method.dsa = _ReplayDSA(record.dsa_calls, args.dsa_strategy, args.align_corners)
+    rows = {"images": [], "syn_lr": [], "loss": []}
+    for i in range(args.iterations):
+        metrics = method.step()
+        rows["images"].append(max_rel(method.images, record.images[i]))
+        rows["syn_lr"].append(max_rel(method.syn_lr, record.syn_lr[i]))
+        rows["loss"].append(abs(metrics["loss"] - record.losses[i]) / abs(record.losses[i]))
+    return rows
+
+
+def run_raydd_dm(train, args, record: _Recorder) -> dict[str, list[float]]:
+    from raydd.models import build_model
+
+    cfg = make_config("dm", "digits", args.ipc, lr_img=args.lr_img_dm, batch_real=args.batch_real, dsa=False)
+    method = get_method("dm")(cfg, train, device="cpu", seed=args.seed)
+    with torch.no_grad():
+        method.images.copy_(record.initial_images)
+    nets = list(record.nets)
+    # main_DM.py's permutations: the IPC-image initialisation per class first, then a real batch per class
+    batches = list(record.perms[train.info.num_classes:])
+
+    def embedder(generator):
+        net = build_model(method.model_spec).train()
+        with torch.no_grad():  # the reference's ConvNet: the same tensors in the same order
+            for mine, theirs in zip(net.parameters(), nets.pop(0), strict=True):
+                mine.copy_(theirs)
+                mine.requires_grad_(False)
+        return net
+
+    def class_batch(c, generator):
+        return train.images[batches.pop(0)[:cfg.batch_real]], None
+
+    method._embedder, method._draw_class_batch = embedder, class_batch
+    rows = {"images": [], "syn_lr": [], "loss": []}
+    for i in range(args.iterations):
+        metrics = method.step()
+        rows["images"].append(max_rel(method.images, record.images[i]))
+        rows["syn_lr"].append(float("nan"))
+        rows["loss"].append(abs(metrics["loss"] - record.losses[i]) / abs(record.losses[i]))
+    return rows
+
+
+def farm_store(root: Path, args) -> TrajectoryStore:
+    farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="expert", trajectories=1,
+                  model={"width": 128, "depth": 3}, recipe_options={"epochs": args.expert_epochs + args.max_start_epoch,
+                                                                    "batch_size": 256}), progress=False)
+    return TrajectoryStore(str(root))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reference-root", required=True, type=Path)
+    p.add_argument("--methods", nargs="+", default=["mtt"], choices=sorted(REFERENCES))
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--ipc", type=int, default=2)
+    p.add_argument("--syn-steps", type=int, default=10)
+    p.add_argument("--expert-epochs", type=int, default=2)
+    p.add_argument("--max-start-epoch", type=int, default=3)
+    p.add_argument("--lr-img", type=float, default=100.0)
+    p.add_argument("--lr-lr", type=float, default=1e-5)
+    p.add_argument("--syn-lr-init", type=float, default=0.01)
+    p.add_argument("--batch-syn", type=int, default=None)
+    p.add_argument("--no-dsa", dest="dsa", action="store_false")
+    p.add_argument("--dsa-strategy", default="color_crop_cutout_flip_scale_rotate")
+    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
+    p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    missing = [REFERENCES[m] for m in args.methods if not (args.reference_root / REFERENCES[m]).is_dir()]
+    if missing:
+        p.error(f"--reference-root {args.reference_root} holds no {', '.join(missing)}: clone the reference "
+                f"repositories there")
+    if "dm" in args.methods and args.ipc not in (1, 10, 20, 30, 40, 50):
+        p.error(f"--ipc {args.ipc}: main_DM.py runs IPC 1, 10, 20, 30, 40 or 50 only (its get_loops)")
+    torch.set_num_threads(1)
+    train, _ = load_train_test("digits", resolution=RESOLUTION)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = farm_store(tmp / "store", args) if "mtt" in args.methods else None
+        if store is not None:
+            (info,) = store.list()
+            with store.open(info.trajectory_id) as trajectory:
+                experts = [expert_epochs(trajectory)]
+            save_reference_buffer(experts, tmp / "buffers" / "digits" / "ConvNet" / "replay_buffer_0.pt")
+        for name in args.methods:
+            root = args.reference_root / REFERENCES[name]
+            print(f"{name}: reference {REFERENCES[name]} @ {commit_of(root)}")
+            record = _Recorder()
+            cwd = os.getcwd()
+            os.chdir(tmp)  # the references write ./logged_files, ./result
+            try:
+                if name == "mtt":
+                    run_reference_mtt(root, tmp / "buffers", train, args, record)
+                else:
+                    run_reference_dm(root, tmp, train, args, record)
+            finally:
+                os.chdir(cwd)
+            rows = run_raydd_mtt(store, train, args, record) if name == "mtt" else run_raydd_dm(train, args, record)
+            drift = f"; reference α {args.syn_lr_init:g} -> {float(record.syn_lr[-1]):.9g}" if record.syn_lr else ""
+            print(f"  start epochs {record.starts or '-'}, {len(record.nets)} embedders, {len(record.dsa_calls)} DSA "
+                  f"calls and {len(record.perms)} permutations replayed{drift}; reference loss {record.losses[0]:.6g} "
+                  f"-> {record.losses[-1]:.6g}")
+            print("  iteration | images | syn_lr | loss   (max relative difference, float32)")
+            for i in range(args.iterations):
+                print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | {rows['syn_lr'][i]:.2e} | {rows['loss'][i]:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
