@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -43,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raydd.data.augment.dsa import DSA, DSAConfig, DSADraw  # noqa: E402
+from raydd.data.augment.dsa import _SLOT_DTYPES, DSA, DSAConfig, DSADraw  # noqa: E402
 from raydd.data.datasets import load_train_test  # noqa: E402
 from raydd.farm import FarmSpec, farm  # noqa: E402
 from raydd.methods import get_method, make_config  # noqa: E402
@@ -54,8 +55,6 @@ REFERENCES = {"mtt": "mtt-distillation", "dm": "DatasetCondensation"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
 RESOLUTION = 28
-# The reference's DiffAugment draws per op, in its order: (torch function, count).
-_REFERENCE_DRAWS = {"color": 3, "crop": 2, "cutout": 2, "flip": 1, "scale": 2, "rotate": 1}
 
 
 def commit_of(path: Path) -> str:
@@ -280,42 +279,45 @@ def run_reference_dm(root: Path, work: Path, train, args, record: _Recorder) -> 
 class _ReplayDSA:
     """raydd's DSA operations applied with the reference's recorded draws, one DiffAugment call at a time."""
 
-    def __init__(self, calls: list[list[torch.Tensor]], strategy: str, align_corners: bool) -> None:
-        # align_corners: MTTConfig.dsa_align_corners (raydd's default True, as the reference); --no-align-corners
-        # shows what DSA's own grid (False) gives against the reference
+    def __init__(self, calls: list[list[torch.Tensor]], strategy: str, config: DSAConfig) -> None:
+        # ``config``: the method's own DSA config (e.g. its align_corners), with the reference's whole strategy
+        # (raydd drops flip on digits; the reference keeps it on every dataset)
         self.calls = list(calls)
         self.strategy = strategy.split("_")
-        self.dsa = DSA(DSAConfig(strategy=strategy, align_corners=align_corners))  # flip kept, as the reference
+        self.dsa = DSA(dataclasses.replace(config, strategy=strategy))
         self.ops = self.dsa.ops
 
     def __call__(self, x, seed=None, generator=None):
         drawn = self.calls.pop(0)
         op = self.strategy[int(drawn[0])]
-        values = [v.reshape(-1) for v in drawn[1:]]
+        slots = _SLOT_DTYPES[op]  # raydd's values of the op, in the order the reference draws them
+        if len(drawn) - 1 != len(slots):
+            raise RuntimeError(f"reference DiffAugment drew {len(drawn) - 1} values for {op}, raydd's {op} takes "
+                               f"{len(slots)}")
+        values = [v.reshape(-1).to(dtype) for v, dtype in zip(drawn[1:], slots)]
         if seed is not None:  # a siamese call: the reference uses its draws' first entry for the whole batch
             values = [v[:1] for v in values]
-        if len(values) != _REFERENCE_DRAWS[op]:
-            raise RuntimeError(f"reference DiffAugment drew {len(values)} values for {op}")
-        if op in ("color", "flip", "scale", "rotate"):
-            values = [v.double() for v in values]
         # In standard strides, as the reference side's output (recording_augment): a one-channel crop's strides
         # otherwise send the convolution down another kernel, whose float32 rounding the unroll amplifies.
         return self.dsa.apply(x, DSADraw((op,), {op: tuple(values)})).clone(memory_format=torch.contiguous_format)
 
 
 def run_raydd_mtt(store, train, args, record: _Recorder) -> dict[str, list[float]]:
-    cfg = make_config("mtt", "digits", args.ipc, **dict(
-        syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
-        lr_img=args.lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
-        dsa_strategy=args.dsa_strategy, batch_syn=args.batch_syn))
+    cfg = make_config("mtt", "digits", args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
+                      max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
+                      syn_lr_init=args.syn_lr_init, dsa=args.dsa, dsa_strategy=args.dsa_strategy,
+                      batch_syn=args.batch_syn, dsa_align_corners=args.align_corners)
     method = get_method("mtt")(cfg, train, store, device="cpu", seed=args.seed)
     (expert,) = method.experts
     with torch.no_grad():
         method.images.copy_(record.initial_images)
     starts = list(record.starts)
-    method.sample_segment = lambda: (lambda t: (t, method._params(expert.trajectory_id, t),
-                                                method._params(expert.trajectory_id, t + cfg.expert_epochs)))(
-        starts.pop(0))
+
+    def replay_segment():  # the reference's start epoch on the one expert both sides read
+        t = starts.pop(0)
+        return t, method._params(expert.trajectory_id, t), method._params(expert.trajectory_id, t + cfg.expert_epochs)
+
+    method.sample_segment = replay_segment
     perms = list(record.perms)
 
     def replay_minibatch(n_syn, generator, pending):
@@ -326,7 +328,7 @@ def run_raydd_mtt(store, train, args, record: _Recorder) -> dict[str, list[float
 
     method._next_minibatch = replay_minibatch
     if args.dsa:
-        method.dsa = _ReplayDSA(record.dsa_calls, args.dsa_strategy, args.align_corners)
+        method.dsa = _ReplayDSA(record.dsa_calls, args.dsa_strategy, method.dsa.config)
     rows = {"images": [], "syn_lr": [], "loss": []}
     for i in range(args.iterations):
         metrics = method.step()
@@ -390,7 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-syn", type=int, default=None)
     p.add_argument("--no-dsa", dest="dsa", action="store_false")
     p.add_argument("--dsa-strategy", default="color_crop_cutout_flip_scale_rotate")
-    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True,
+                   help="raydd's MTTConfig.dsa_align_corners (default True, its default)")
     p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
     p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
     p.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Whole-file writes: a reader sees the old file or the new one, never half of one.
 
 ``atomic_write``: a local file via a temp file in the same directory (unique name, fsync) and
-``os.replace``. ``write_whole``: the same on a local pyarrow filesystem, one PUT on an object store
+``os.replace`` (``atomic_write_with``: the content streamed by a writer). ``write_whole``: the same on a local pyarrow filesystem, one PUT on an object store
 (atomic there). Used for synthetic sets and checkpoints, store claims, leaderboards and a sweep's
 saved decisions.
 """
@@ -10,17 +10,23 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import pyarrow.fs as pafs
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """``atomic_write`` for content that ``write`` streams into the open temp file (no copy in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -15,12 +15,12 @@ vectors, checked against a layout.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..files import atomic_write_with
 from ..models.flat import ParamLayout
 
 
@@ -55,18 +55,8 @@ def flat_epochs(expert: Sequence[Sequence[torch.Tensor]], layout: ParamLayout) -
 
 
 def save_reference_buffer(experts: list[list[list[torch.Tensor]]], path: str | os.PathLike) -> Path:
-    """Write ``experts`` as a reference ``replay_buffer_<n>.pt`` (temp file + rename: never half written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(experts, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``experts`` as a reference ``replay_buffer_<n>.pt`` (``atomic_write_with``: never half written)."""
+    return atomic_write_with(path, lambda fh: torch.save(experts, fh))
 
 
 def load_reference_buffer(path: str | os.PathLike) -> list[list[list[torch.Tensor]]]:
