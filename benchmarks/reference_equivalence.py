@@ -5,7 +5,8 @@ clones; their commits are printed) and runs *their* distillation loop, then rayd
 
 - the same expert trajectory: farmed by raydd into a tiny digits store (ConvNet-3 w128, instance norm: the
   reference's ``ConvNet``) and handed to the reference as its ``replay_buffer_0.pt`` (raydd.store.reference_buffer);
-- the same initial synthetic images, labels and step size α0 (the reference's draws, copied into raydd);
+- the same initial synthetic images, labels and step size α0 (the reference's draws, copied into raydd; for DATM
+  its initial label logits too, after raydd's soft-label rule has been applied to the same images and compared);
 - the same start epochs (the reference's, recorded from its log calls);
 - the same student minibatches (the reference's ``torch.randperm`` draws, recorded; the reference takes the
   chunks of a permutation from its end, raydd from its head: the replay hands raydd the reference's order);
@@ -13,7 +14,8 @@ clones; their commits are printed) and runs *their* distillation loop, then rayd
   and replayed through raydd's own DSA operations).
 
 Per iteration it prints the maximum relative difference (max |a - b| / max |b|) of the synthetic images, the
-learned step size and the matching loss. The reference's loop is adapted to this machine only from outside:
+learned step size, DATM's label logits and the matching loss, and for DATM which iterations its threshold
+skipped on each side. The reference's loop is adapted to this machine only from outside:
 ``wandb`` is a recording stub, ``get_dataset`` returns raydd's digits tensors, ``Tensor.cuda`` is the identity
 on a CPU-only host (its iteration-0 image save calls it), DiffAugment's output is handed on in standard strides
 (same values; see ``recording_augment``), ``--no-dsa`` is its own ``--no_aug`` switch (its ``--dsa False``
@@ -21,9 +23,11 @@ path fails at the evaluation print), and its evaluation runs zero networks.
 
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods mtt
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods mtt --no-dsa --batch-syn 10
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods datm --current-max-start-epoch 2
 
-``--reference-root`` holds ``mtt-distillation/`` (GeorgeCazenavette/mtt-distillation). Only MTT has a side
-here so far; the other methods of issue 24 are listed as not compared.
+``--reference-root`` holds ``mtt-distillation/`` (GeorgeCazenavette/mtt-distillation), ``DATM/``
+(NUS-HPC-AI-Lab/DATM; its utils/cfg.py needs ``pip install yacs``) and ``DatasetCondensation/``
+(VICO-UoE/DatasetCondensation). DANCE, EDC and TESLA have no side here yet.
 """
 from __future__ import annotations
 
@@ -48,10 +52,11 @@ from raydd.data.augment.dsa import _SLOT_DTYPES, DSA, DSAConfig, DSADraw  # noqa
 from raydd.data.datasets import load_train_test  # noqa: E402
 from raydd.farm import FarmSpec, farm  # noqa: E402
 from raydd.methods import get_method, make_config  # noqa: E402
+from raydd.methods.datm import ExpertLabeller, mean_correct_logits  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
-REFERENCES = {"mtt": "mtt-distillation", "dm": "DatasetCondensation"}
+REFERENCES = {"mtt": "mtt-distillation", "datm": "DATM", "dm": "DatasetCondensation"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
 RESOLUTION = 28
@@ -79,8 +84,12 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.initial_images: torch.Tensor | None = None
+        self.initial_labels: torch.Tensor | None = None  # DATM: the learnable label logits it starts from
+        self.leaves: dict[str, torch.Tensor] = {}  # what its optimisers update, by kind
         self.images: list[torch.Tensor] = []
         self.syn_lr: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.skipped: list[bool] = []  # DATM: iterations above its threshold (no optimiser stepped)
         self.losses: list[float] = []
         self.starts: list[int] = []
         self.perms: list[torch.Tensor] = []
@@ -97,9 +106,13 @@ def _wandb_stub(record: _Recorder) -> types.ModuleType:
         wandb.config._items = dict(vars(config))
 
     def log(values, step=None):
-        if "Grand_Loss" in values:
+        if "Grand_Loss" in values:  # once per iteration, after the optimisers stepped (or did not: DATM's skip)
             record.losses.append(float(values["Grand_Loss"]))
             record.starts.append(int(values["Start_Epoch"]))
+            record.skipped.append(len(record.images) < len(record.losses))
+            for kind, leaf in record.leaves.items():  # a skipped iteration keeps the values it had
+                if len(getattr(record, kind)) < len(record.losses):
+                    getattr(record, kind).append(leaf.detach().clone())
 
     wandb.init, wandb.log, wandb.finish = init, log, lambda: None
     wandb.Histogram = wandb.Image = lambda *a, **k: None
@@ -117,19 +130,25 @@ def _patched(obj, name, value):
 
 
 def _recording_sgd(record: _Recorder) -> type:
-    """torch.optim.SGD that records the images it is built on and, after each step, the images or α."""
+    """torch.optim.SGD that records the tensor it is built on (images [N, C, H, W], α [], DATM's label logits
+    [N, K]) and its value after each step."""
+    kinds = {4: "images", 0: "syn_lr", 2: "labels"}
 
     class RecordingSGD(torch.optim.SGD):
         def __init__(self, params, **kw):
             params = list(params)
             super().__init__(params, **kw)
             self._leaf = params[0]
-            if self._leaf.dim() > 0:
+            self._kind = kinds[self._leaf.dim()]
+            record.leaves[self._kind] = self._leaf
+            if self._kind == "images":
                 record.initial_images = self._leaf.detach().clone()
+            elif self._kind == "labels":
+                record.initial_labels = self._leaf.detach().clone()
 
         def step(self, closure=None):
             out = super().step(closure)
-            (record.images if self._leaf.dim() > 0 else record.syn_lr).append(self._leaf.detach().clone())
+            getattr(record, self._kind).append(self._leaf.detach().clone())
             return out
 
     return RecordingSGD
@@ -167,14 +186,53 @@ def _reference_patches(stack: contextlib.ExitStack, record: _Recorder) -> None:
     stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
 
 
-def _import_reference(root: Path, module: str):
-    for name in ("utils", "networks", "reparam_module", module):  # each reference has its own utils/networks
-        sys.modules.pop(name, None)
-    sys.path.insert(0, str(root))
+@contextlib.contextmanager
+def _restored_env(name: str):
+    old = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _import_reference(root: Path, module: str, where: str = ""):
+    """``module`` from ``root/where``, with ``root`` importable too (DATM's distill/DATM.py imports utils.*)."""
+    for name in list(sys.modules):  # each reference has its own utils/networks
+        if name.split(".")[0] in ("utils", "networks", "reparam_module", module):
+            sys.modules.pop(name)
+    paths = [str(root / where), str(root)] if where else [str(root)]
+    sys.path[:0] = paths
     try:
         return __import__(module)
     finally:
-        sys.path.remove(str(root))
+        for path in paths:
+            sys.path.remove(path)
+
+
+def _recording_randperm(record: _Recorder):
+    randperm = torch.randperm
+
+    def recording_randperm(*a, **k):
+        out = randperm(*a, **k)
+        record.perms.append(out.clone())
+        return out
+
+    return recording_randperm
+
+
+def _digits_dataset(train):
+    """The reference's get_dataset (MTT's and DATM's 12 values) returning raydd's digits tensors."""
+    info = train.info
+
+    def get_dataset(*_a, **_k):
+        identity = {c: c for c in range(info.num_classes)}
+        return (info.channels, tuple(info.resolution), info.num_classes, list(range(info.num_classes)), None, None,
+                _TrainView(train), None, None, None, identity, identity)
+
+    return get_dataset
 
 
 class _TrainView(torch.utils.data.Dataset):
@@ -192,20 +250,6 @@ def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recor
     """mtt-distillation's distill.main on raydd's digits tensors and expert buffer, recording what it does."""
     sys.modules["wandb"] = _wandb_stub(record)
     distill = _import_reference(root, "distill")
-    info = train.info
-
-    def get_dataset(*_a, **_k):
-        identity = {c: c for c in range(info.num_classes)}
-        return (info.channels, tuple(info.resolution), info.num_classes, list(range(info.num_classes)), None, None,
-                _TrainView(train), None, None, None, identity, identity)
-
-    randperm = torch.randperm
-
-    def recording_randperm(*a, **k):
-        out = randperm(*a, **k)
-        record.perms.append(out.clone())
-        return out
-
     ns = argparse.Namespace(
         dataset="digits", subset="", model="ConvNet", res=0, ipc=args.ipc, eval_mode="S", num_eval=0,
         eval_it=10 ** 9, epoch_eval_train=0, Iteration=args.iterations - 1, lr_img=args.lr_img, lr_lr=args.lr_lr,
@@ -218,11 +262,41 @@ def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recor
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(distill, "get_dataset", get_dataset))
+        stack.enter_context(_patched(distill, "get_dataset", _digits_dataset(train)))
         stack.enter_context(_patched(distill, "DiffAugment", _recording_augment(distill.DiffAugment, record)))
-        stack.enter_context(_patched(torch, "randperm", recording_randperm))
+        stack.enter_context(_patched(torch, "randperm", _recording_randperm(record)))
         _reference_patches(stack, record)
         distill.main(ns)
+
+
+def run_reference_datm(root: Path, buffer_root: Path, train, args, record: _Recorder) -> None:
+    """NUS-HPC-AI-Lab/DATM's distill/DATM.py main on raydd's digits tensors and expert buffer, from its own
+    config defaults (utils/cfg.py) with this run's settings: ``samples_predicted_correctly`` initialisation (its
+    ``parall_eva`` on, so that it runs on the host's device instead of cuda:0), soft labels, the threshold."""
+    sys.modules["wandb"] = _wandb_stub(record)
+    datm = _import_reference(root, "DATM", "distill")
+    settings = dict(datm.cfg)  # the reference's own defaults (yacs CfgNode), as its --cfg parser starts from
+    settings.update(
+        dataset="digits", model="ConvNet", ipc=args.ipc, device=[0], num_eval=0, eval_it=10 ** 9, skip_first_eva=True,
+        Iteration=args.iterations - 1, lr_img=args.lr_img, lr_lr=args.lr_lr, lr_teacher=args.syn_lr_init,
+        lr_y=args.lr_y, Momentum_y=0.9, threshold=args.threshold, batch_syn=args.batch_syn, dsa=True,
+        dsa_strategy=args.dsa_strategy, no_aug=not args.dsa, buffer_path=str(buffer_root), zca=False,
+        expert_epochs=args.expert_epochs, syn_steps=args.syn_steps, min_start_epoch=0,
+        max_start_epoch=args.max_start_epoch, Sequential_Generation=args.current_max_start_epoch is not None,
+        current_max_start_epoch=args.current_max_start_epoch or args.max_start_epoch,
+        expansion_end_epoch=args.expansion_end_epoch, pix_init="samples_predicted_correctly", parall_eva=True,
+        load_all=False, max_files=None, max_experts=None, Label_Model_Timestamp=-1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(datm, "manual_seed", lambda seed=0: None))  # seeded above, with args.seed
+        stack.enter_context(_patched(datm, "get_dataset", _digits_dataset(train)))
+        stack.enter_context(_patched(datm, "DiffAugment", _recording_augment(datm.DiffAugment, record)))
+        stack.enter_context(_patched(torch, "randperm", _recording_randperm(record)))
+        stack.enter_context(_restored_env("CUDA_VISIBLE_DEVICES"))  # it sets it from its --device
+        _reference_patches(stack, record)
+        datm.main(argparse.Namespace(**settings))
 
 
 def run_reference_dm(root: Path, work: Path, train, args, record: _Recorder) -> None:
@@ -302,20 +376,32 @@ class _ReplayDSA:
         return self.dsa.apply(x, DSADraw((op,), {op: tuple(values)})).clone(memory_format=torch.contiguous_format)
 
 
-def run_raydd_mtt(store, train, args, record: _Recorder) -> dict[str, list[float]]:
-    cfg = make_config("mtt", "digits", args.ipc, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-                      max_start_epoch=args.max_start_epoch, lr_img=args.lr_img, lr_lr=args.lr_lr,
-                      syn_lr_init=args.syn_lr_init, dsa=args.dsa, dsa_strategy=args.dsa_strategy,
-                      batch_syn=args.batch_syn, dsa_align_corners=args.align_corners)
-    method = get_method("mtt")(cfg, train, store, device="cpu", seed=args.seed)
+def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict[str, list[float]]:
+    """raydd's MTT or DATM from the reference's initial images (and DATM's label logits), replaying its start
+    epochs, minibatches and DSA draws; per iteration the relative differences from the reference's values."""
+    knobs = dict(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+                 lr_img=args.lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
+                 dsa_strategy=args.dsa_strategy, batch_syn=args.batch_syn, dsa_align_corners=args.align_corners)
+    if name == "datm":
+        knobs.update(lr_y=args.lr_y, threshold=args.threshold, current_max_start_epoch=args.current_max_start_epoch,
+                     expansion_end_epoch=args.expansion_end_epoch, min_start_epoch=0)
+    cfg = make_config(name, "digits", args.ipc, **knobs)
+    method = get_method(name)(cfg, train, store, device="cpu", seed=args.seed)
     (expert,) = method.experts
+    rows: dict[str, list[float]] = {"images": [], "syn_lr": [], "labels": [], "loss": []}
+    if name == "datm":  # raydd's soft-label rule (the experts' mean correct logits) on the reference's images
+        labeller = ExpertLabeller(method, cfg.label_epoch)
+        ours = mean_correct_logits(method, labeller, record.initial_images, method.labels.classes)
+        rows["label_init"] = [max_rel(ours, record.initial_labels)]
     with torch.no_grad():
         method.images.copy_(record.initial_images)
+        if name == "datm":
+            method.labels.logits.copy_(record.initial_labels)
     starts = list(record.starts)
 
     def replay_segment():  # the reference's start epoch on the one expert both sides read
         t = starts.pop(0)
-        return t, method._params(expert.trajectory_id, t), method._params(expert.trajectory_id, t + cfg.expert_epochs)
+        return t, method.params(expert.trajectory_id, t), method.params(expert.trajectory_id, t + cfg.expert_epochs)
 
     method.sample_segment = replay_segment
     perms = list(record.perms)
@@ -329,12 +415,14 @@ def run_raydd_mtt(store, train, args, record: _Recorder) -> dict[str, list[float
     method._next_minibatch = replay_minibatch
     if args.dsa:
         method.dsa = _ReplayDSA(record.dsa_calls, args.dsa_strategy, method.dsa.config)
-    rows = {"images": [], "syn_lr": [], "loss": []}
+    rows["skipped"] = []
     for i in range(args.iterations):
         metrics = method.step()
         rows["images"].append(max_rel(method.images, record.images[i]))
         rows["syn_lr"].append(max_rel(method.syn_lr, record.syn_lr[i]))
+        rows["labels"].append(max_rel(method.labels.logits, record.labels[i]) if name == "datm" else float("nan"))
         rows["loss"].append(abs(metrics["loss"] - record.losses[i]) / abs(record.losses[i]))
+        rows["skipped"].append(bool(metrics["skipped"]) == record.skipped[i])
     return rows
 
 
@@ -367,6 +455,7 @@ def run_raydd_dm(train, args, record: _Recorder) -> dict[str, list[float]]:
         rows["images"].append(max_rel(method.images, record.images[i]))
         rows["syn_lr"].append(float("nan"))
         rows["loss"].append(abs(metrics["loss"] - record.losses[i]) / abs(record.losses[i]))
+    rows["labels"] = [float("nan")] * args.iterations
     return rows
 
 
@@ -394,6 +483,11 @@ def main(argv=None) -> int:
     p.add_argument("--dsa-strategy", default="color_crop_cutout_flip_scale_rotate")
     p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True,
                    help="raydd's MTTConfig.dsa_align_corners (default True, its default)")
+    p.add_argument("--lr-y", type=float, default=2.0, help="DATM's label lr (its config default)")
+    p.add_argument("--threshold", type=float, default=1.0, help="DATM's skip threshold (its config default)")
+    p.add_argument("--current-max-start-epoch", type=int, default=None,
+                   help="DATM's growing window (its Sequential_Generation); default: off")
+    p.add_argument("--expansion-end-epoch", type=int, default=1000)
     p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
     p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
     p.add_argument("--seed", type=int, default=0)
@@ -408,7 +502,7 @@ def main(argv=None) -> int:
     train, _ = load_train_test("digits", resolution=RESOLUTION)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = farm_store(tmp / "store", args) if "mtt" in args.methods else None
+        store = farm_store(tmp / "store", args) if {"mtt", "datm"} & set(args.methods) else None
         if store is not None:
             (info,) = store.list()
             with store.open(info.trajectory_id) as trajectory:
@@ -423,18 +517,27 @@ def main(argv=None) -> int:
             try:
                 if name == "mtt":
                     run_reference_mtt(root, tmp / "buffers", train, args, record)
+                elif name == "datm":
+                    run_reference_datm(root, tmp / "buffers", train, args, record)
                 else:
                     run_reference_dm(root, tmp, train, args, record)
             finally:
                 os.chdir(cwd)
-            rows = run_raydd_mtt(store, train, args, record) if name == "mtt" else run_raydd_dm(train, args, record)
+            rows = run_raydd_dm(train, args, record) if name == "dm" else \
+                run_raydd_matching(name, store, train, args, record)
             drift = f"; reference α {args.syn_lr_init:g} -> {float(record.syn_lr[-1]):.9g}" if record.syn_lr else ""
             print(f"  start epochs {record.starts or '-'}, {len(record.nets)} embedders, {len(record.dsa_calls)} DSA "
                   f"calls and {len(record.perms)} permutations replayed{drift}; reference loss {record.losses[0]:.6g} "
                   f"-> {record.losses[-1]:.6g}")
-            print("  iteration | images | syn_lr | loss   (max relative difference, float32)")
+            if "label_init" in rows:
+                print(f"  initial label logits (raydd's rule on the reference's images): {rows['label_init'][0]:.2e}")
+            if "skipped" in rows:
+                print(f"  iterations skipped by the reference: {[i + 1 for i, s in enumerate(record.skipped) if s]}; "
+                      f"raydd skipped the same ones: {all(rows['skipped'])}")
+            print("  iteration | images | syn_lr | labels | loss   (max relative difference, float32)")
             for i in range(args.iterations):
-                print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | {rows['syn_lr'][i]:.2e} | {rows['loss'][i]:.2e}")
+                print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | {rows['syn_lr'][i]:.2e} | {rows['labels'][i]:.2e} "
+                      f"| {rows['loss'][i]:.2e}")
     return 0
 
 

@@ -38,6 +38,7 @@ torch.set_num_threads({threads})
 from condense import PeakMemory
 from raydd.data.datasets import load_dataset
 from raydd.methods import get_method, make_config
+from raydd.methods.matching import normalised_distance
 from raydd.store import TrajectoryStore
 train = load_dataset({dataset!r}, "train", {data_root!r}).per_class({per_class}, seed=0)
 window = dict(current_max_start_epoch=None, init_correct=False) if {method!r} == "datm" else dict()  # cost only
@@ -65,6 +66,7 @@ import torch
 torch.set_num_threads({threads})
 from raydd.data.datasets import load_dataset
 from raydd.methods import get_method, make_config
+from raydd.methods.matching import normalised_distance
 from raydd.store import TrajectoryStore
 train = load_dataset({dataset!r}, "train", {data_root!r}).per_class({per_class}, seed=0)
 window = dict(current_max_start_epoch=None, init_correct=False) if {method!r} == "datm" else dict()
@@ -79,9 +81,9 @@ for mode in ("full", "checkpoint", "tesla", "perturbed"):
     if mode == "perturbed":  # full from a θ̂_0 moved by float32 rounding: how exact "exact" can be here
         noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1))
         theta = theta * (1 + 1e-7 * noise)
-    end = method._unroll(theta, torch.Generator().manual_seed(5), create_graph=True)
-    loss = method._matching_loss(end, theta_start, theta_target)
-    grads[mode] = [g.detach().flatten().double() for g in torch.autograd.grad(loss, method._leaves()[:2])]
+    end = method.unroll(theta, torch.Generator().manual_seed(5), create_graph=True)[0]
+    loss = normalised_distance(end, theta_start, theta_target)
+    grads[mode] = [g.detach().flatten().double() for g in torch.autograd.grad(loss, method.leaves()[:2])]
 out = {{}}
 for mode in ("checkpoint", "tesla", "perturbed"):
     for name, g, f in zip(("S", "alpha"), grads[mode], grads["full"]):
@@ -98,6 +100,7 @@ import torch
 torch.set_num_threads({threads})
 from raydd.data.datasets import load_dataset
 from raydd.methods import get_method, make_config
+from raydd.methods.matching import normalised_distance
 from raydd.store import TrajectoryStore
 train = load_dataset({dataset!r}, "train", {data_root!r}).per_class({per_class}, seed=0)
 methods = {{}}
@@ -114,13 +117,13 @@ def cpu(fn):
     return time.process_time() - t
 
 def forward(create_graph):  # the N student steps and eq. 2, no backward
-    end = full._unroll(theta_start, torch.Generator().manual_seed(5), create_graph=create_graph)
-    return full._matching_loss(end, theta_start, theta_target)
+    end = full.unroll(theta_start, torch.Generator().manual_seed(5), create_graph=create_graph)[0]
+    return normalised_distance(end, theta_start, theta_target)
 
 def iteration(mode):  # the whole gradient of an iteration in S and alpha (no optimiser step: the same problem)
     m = methods[mode]
-    end = m._unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)
-    torch.autograd.grad(m._matching_loss(end, theta_start, theta_target), m._leaves()[:2])
+    end = m.unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)[0]
+    torch.autograd.grad(normalised_distance(end, theta_start, theta_target), m.leaves()[:2])
 
 times = {{k: [] for k in ("forward_graph", "forward_plain", "full", "checkpoint", "tesla")}}
 for _ in range({repeats}):

@@ -106,6 +106,26 @@ def pretrain_experts(tmp_path_factory):
     return TrajectoryStore(root)
 
 
+@pytest.fixture(scope="session")
+def ssd_store(tmp_path_factory):
+    """(store, teacher id): a FixMatch teacher and 2 dual-consistency students on digits with 2 % labels
+    (3 labelled images per class), depth-2 ConvNets (test_ssd, test_paper_equations)."""
+    from raydd.farm import FarmSpec, farm, prepare_data
+    from raydd.store import TrajectoryStore
+
+    root = str(tmp_path_factory.mktemp("ssd_method") / "store")
+    common = dict(dataset="digits", model={"width": 16, "depth": 2}, backend="local")
+    teacher = FarmSpec(store=root, recipe="ssd_teacher", trajectories=1, **common, recipe_options={
+        "epochs": 3, "batch_size": 16, "mu": 4, "steps_per_epoch": 8, "ema_decay": 0.9, "eval_every": 3,
+        "labelled_fraction": 0.02})
+    data = prepare_data(teacher)
+    tid = farm(teacher, progress=False, data=data).trajectory_ids[0]
+    students = FarmSpec(store=root, recipe="ssd_student", trajectories=2, **common,
+                        recipe_options={"epochs": 3, "batch_size": 64, "labelled_fraction": 0.02})
+    farm(students, progress=False, data=data)
+    return TrajectoryStore(root), tid
+
+
 S3_CREDENTIALS = {  # a moto server's; never look for real ones
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent/aws-config",

@@ -6,7 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from raydd.methods import load_synthetic, make_config
-from raydd.methods.datm import DATM, DATMConfig, soft_cross_entropy, start_epoch_upper
+from raydd.methods.datm import DATM, DATMConfig, start_epoch_upper
+from raydd.methods.matching import soft_cross_entropy
 from raydd.store import TrajectoryStore
 
 
@@ -56,13 +57,13 @@ def test_soft_label_init_picks_correctly_classified_images(digits, digits_expert
     train, _ = digits
     method = DATM(small(ipc=3), train, digits_experts, device="cpu", seed=4)
     classes = torch.arange(10).repeat_interleave(3)
-    assert torch.equal(method.classes, classes)
+    assert torch.equal(method.labels.classes, classes)
     logits = torch.stack([method_logits(method, e.trajectory_id, method.images) for e in method.experts])
     correct = logits.argmax(2) == classes  # [experts, N]
     assert correct.any(0).all()  # every picked image is classified correctly by an expert
     mean_correct = (logits * correct.unsqueeze(2)).sum(0) / correct.sum(0).unsqueeze(1)
-    assert torch.allclose(method.labels.detach(), mean_correct, atol=1e-5)
-    assert torch.equal(method.labels.argmax(1), classes)
+    assert torch.allclose(method.labels.logits.detach(), mean_correct, atol=1e-5)
+    assert torch.equal(method.labels.logits.argmax(1), classes)
     for i, c in enumerate(classes.tolist()):  # real images of their class
         pool = train.images[train.class_indices(c)]
         assert (pool - method.images[i]).flatten(1).abs().amax(1).min() == 0
@@ -72,13 +73,13 @@ def test_soft_label_init_picks_correctly_classified_images(digits, digits_expert
     assert torch.equal(first, classes)
 
     plain = DATM(small(ipc=3, init_correct=False), train, digits_experts, device="cpu", seed=4)
-    assert torch.allclose(plain.labels.detach(), method_logits(plain, plain.experts[0].trajectory_id, plain.images))
+    assert torch.allclose(plain.labels.logits.detach(), method_logits(plain, plain.experts[0].trajectory_id, plain.images))
 
     syn = method.synthetic_set()
-    assert syn.soft and torch.allclose(syn.labels, F.softmax(method.labels.detach(), 1))
+    assert syn.soft and torch.allclose(syn.labels, F.softmax(method.labels.logits.detach(), 1))
     assert torch.allclose(syn.labels.sum(1), torch.ones(30))
     loaded = load_synthetic(syn.save(tmp_path / "datm.safetensors"))
-    assert torch.equal(loaded.meta["label_logits"], method.labels.detach())
+    assert torch.equal(loaded.meta["label_logits"], method.labels.logits.detach())
     assert loaded.method == "datm" and torch.equal(loaded.hard_labels, classes)
 
     with pytest.raises(ValueError, match="classified correctly") as err:  # a random-init expert is right for few
@@ -105,11 +106,11 @@ def test_matching_loss_goes_down_on_fixed_problems(digits, digits_experts):
     def fixed_loss():
         return sum(method.matching_loss(tid, t, seed=7) for tid, t in problems) / len(problems)
 
-    before, labels_before = fixed_loss(), method.labels.detach().clone()
+    before, labels_before = fixed_loss(), method.labels.logits.detach().clone()
     metrics = [method.step() for _ in range(15)]
     after = fixed_loss()
     assert after < 0.75 * before, (before, after)
-    assert not torch.equal(method.labels.detach(), labels_before)  # the logits are learned
+    assert not torch.equal(method.labels.logits.detach(), labels_before)  # the logits are learned
     for m in metrics:
         assert {"loss", "loss_tm", "skipped", "start_epoch", "start_upper", "grad_norm_y", "peak_mem_mb"} <= set(m)
         assert m["skipped"] == 0.0 and m["loss"] == m["loss_tm"]
@@ -118,11 +119,11 @@ def test_matching_loss_goes_down_on_fixed_problems(digits, digits_experts):
 def test_threshold_skips_the_update(digits, digits_experts):
     train, _ = digits
     method = DATM(small(threshold=1e-3), train, digits_experts, device="cpu", seed=1)
-    images, labels, lr = method.images.detach().clone(), method.labels.detach().clone(), float(method.syn_lr.detach())
+    images, labels, lr = method.images.detach().clone(), method.labels.logits.detach().clone(), float(method.syn_lr.detach())
     metrics = [method.step() for _ in range(3)]
     assert [m["skipped"] for m in metrics] == [1.0, 1.0, 1.0] and method.iteration == 3
     assert all(m["loss_tm"] > 1e-3 for m in metrics)
-    assert torch.equal(method.images, images) and torch.equal(method.labels, labels)
+    assert torch.equal(method.images, images) and torch.equal(method.labels.logits, labels)
     assert float(method.syn_lr.detach()) == lr
     assert method.opt_img.state_dict()["state"] == {}  # no optimiser ever stepped
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raydd.methods import make_config
-from raydd.methods.datm import soft_cross_entropy
+from raydd.methods.matching import soft_cross_entropy
 from raydd.methods.datm_clr import DATMCLR, DATMCLRConfig, supervised_nt_xent
 from raydd.store import TrajectoryStore
 
@@ -104,14 +104,14 @@ def test_strategies_run_and_report_both_terms(digits, digits_experts, strategy, 
     train, _ = digits
     method = DATMCLR(small(strategy=strategy, alpha=0.5, multi_aug=multi_aug), train, digits_experts, device="cpu",
                      seed=0)
-    assert method.view_dsa.config.single_per_call is not multi_aug
+    assert method.side.view_dsa.config.single_per_call is not multi_aug
     problems = [(e.trajectory_id, t) for e in method.experts for t in (0, 2)]
 
     def fixed_loss():
         return sum(method.matching_loss(tid, t, seed=7) for tid, t in problems) / len(problems)
 
     before = fixed_loss()
-    head = [p.detach().clone() for p in method.head.parameters()]
+    head = [p.detach().clone() for p in method.side.head.parameters()]
     metrics = [method.step() for _ in range(15)]
     after = fixed_loss()
     assert after < 0.9 * before, (before, after)  # at least 10 % lower after 15 iterations
@@ -120,7 +120,7 @@ def test_strategies_run_and_report_both_terms(digits, digits_experts, strategy, 
         assert m["loss_con"] > 0
         expected = 0.5 * m["loss_con"] + m["loss_tm"] if strategy == "fusion" else m["loss_tm"]
         assert m["loss"] == pytest.approx(expected, rel=1e-5)
-    assert not all(torch.equal(a, b) for a, b in zip(head, method.head.parameters()))  # the head is learned
+    assert not all(torch.equal(a, b) for a, b in zip(head, method.side.head.parameters()))  # the head is learned
     syn = method.synthetic_set()
     assert syn.method == "datm_clr" and syn.soft and syn.config["strategy"] == strategy
 
@@ -129,23 +129,23 @@ def test_inner_steps_use_momentum_sgd(digits, digits_experts):
     """θ̂_{n+1} = θ̂_n − α·v_{n+1}, v_{n+1} = μ·v_n + ∇L_ce(x1) (fusion: CE only inside the loop)."""
     train, _ = digits
     method = DATMCLR(small(syn_steps=3, inner_momentum=0.5), train, digits_experts, device="cpu", seed=2)
-    theta0 = method._params(method.experts[0].trajectory_id, 1)
-    got = method._unroll(theta0, torch.Generator().manual_seed(5), create_graph=False)
+    theta0 = method.params(method.experts[0].trajectory_id, 1)
+    got = method.unroll(theta0, torch.Generator().manual_seed(5), create_graph=False)[0]
 
     gen = torch.Generator().manual_seed(5)
-    images, labels, alpha = method.images.detach(), method.labels.detach(), float(method.syn_lr.detach())
+    images, labels, alpha = method.images.detach(), method.labels.logits.detach(), float(method.syn_lr.detach())
     params, velocity = theta0.clone(), torch.zeros_like(theta0)
     for _ in range(3):
         idx = torch.randperm(len(images), generator=gen)  # batch_syn None: all of S each step
-        x1 = method.view_dsa(images[idx], generator=gen)
-        method.view_dsa(images[idx], generator=gen)  # the second view draws from the same generator
+        x1 = method.side.view_dsa(images[idx], generator=gen)
+        method.side.view_dsa(images[idx], generator=gen)  # the second view draws from the same generator
         params.requires_grad_(True)
         (grad,) = torch.autograd.grad(soft_cross_entropy(method.flat_model(params, x1), labels[idx]), params)
         velocity = 0.5 * velocity + grad
         params = (params - alpha * velocity).detach()
     assert torch.allclose(got, params, atol=1e-6)
     plain = DATMCLR(small(syn_steps=3, inner_momentum=0.0), train, digits_experts, device="cpu", seed=2)
-    assert not torch.allclose(plain._unroll(theta0, torch.Generator().manual_seed(5), create_graph=False), got)
+    assert not torch.allclose(plain.unroll(theta0, torch.Generator().manual_seed(5), create_graph=False)[0], got)
 
 
 def test_a_skipped_step_frees_its_unrolled_graph(digits, digits_experts):

@@ -9,32 +9,15 @@ import torch
 import raydd.methods.ssd as ssd_module
 from raydd.data.datasets import ImageDataset
 from raydd.data.semisup import semi_supervised_split
-from raydd.farm import FarmSpec, farm, prepare_data
 from raydd.methods import MTTConfig, make_config
 from raydd.methods.ssd import SSD, SSDConfig
 from raydd.models import ModelSpec, build_model, load_flat_params
 from raydd.store import TrajectoryStore
 
-FRACTION = 0.02  # digits: 3 labelled images per class
-# Depth 2 (see tests/test_mtt.py: a depth-3 ConvNet on 8x8 makes the unrolled matching erratic).
-COMMON = dict(dataset="digits", model={"width": 16, "depth": 2}, backend="local")
-TEACHER_OPTS = {"epochs": 3, "batch_size": 16, "mu": 4, "steps_per_epoch": 8, "ema_decay": 0.9, "eval_every": 3,
-                "labelled_fraction": FRACTION}
-STUDENT_OPTS = {"epochs": 3, "batch_size": 64, "labelled_fraction": FRACTION}
+FRACTION = 0.02  # the labelled fraction of conftest's ssd_store (3 labelled digits per class)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def ssd_store(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ssd_method") / "store")
-    teacher = FarmSpec(store=root, recipe="ssd_teacher", trajectories=1, recipe_options=TEACHER_OPTS, **COMMON)
-    data = prepare_data(teacher)
-    tid = farm(teacher, progress=False, data=data).trajectory_ids[0]
-    students = FarmSpec(store=root, recipe="ssd_student", trajectories=2, recipe_options=STUDENT_OPTS, **COMMON)
-    farm(students, progress=False, data=data)
-    return TrajectoryStore(root), tid
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +91,7 @@ def test_init_uses_only_labelled_images_when_enough(digits, ssd_store, split):
     method = SSD(config(ipc=2, syn_labels="hard"), train, store, device="cpu", seed=1)
     idx = method.init_indices
     assert torch.isin(idx, split.labelled).all()
-    assert train.labels[idx].tolist() == [c for c in range(10) for _ in range(2)] == method.labels.tolist()
+    assert train.labels[idx].tolist() == [c for c in range(10) for _ in range(2)] == method.labels.targets.tolist()
     assert torch.equal(method.images, train.images[idx])
     syn = method.synthetic_set()
     assert syn.meta["init_from_labelled"] == [2] * 10 and syn.meta["init_from_unlabelled"] == [0] * 10
@@ -133,15 +116,15 @@ def test_top_up_takes_the_teachers_most_confident_unlabelled(digits, ssd_store, 
         pool = split.unlabelled[pred[split.unlabelled] == c]
         best = pool[torch.sort(conf[pool], descending=True, stable=True).indices[:2]]
         assert extra.tolist() == best.tolist()
-    assert method.labels.tolist() == [c for c in range(10) for _ in range(5)]
+    assert method.labels.targets.tolist() == [c for c in range(10) for _ in range(5)]
     assert method.synthetic_set().meta["init_from_unlabelled"] == [2] * 10
 
     # labels from the teacher: argmax (class-balanced by construction), or its probabilities
     teacher = SSD(config(ipc=5), train, store, device="cpu", seed=0)
-    assert torch.equal(teacher.labels, pred[teacher.init_indices])
-    assert teacher.labels.tolist() == [c for c in range(10) for _ in range(5)]
+    assert torch.equal(teacher.labels.targets, pred[teacher.init_indices])
+    assert teacher.labels.targets.tolist() == [c for c in range(10) for _ in range(5)]
     soft = SSD(config(ipc=5, syn_labels="soft"), train, store, device="cpu", seed=0)
-    assert torch.allclose(soft.labels, probs[soft.init_indices], atol=1e-5)
+    assert torch.allclose(soft.labels.targets, probs[soft.init_indices], atol=1e-5)
     soft.step()
     assert soft.synthetic_set().labels.shape == (50, 10)
 
@@ -159,7 +142,7 @@ def test_labels_of_unlabelled_samples_are_never_read(digits, ssd_store, split, m
     monkeypatch.setattr(ssd_module, "semi_supervised_split", lambda labels, fraction, seed: split)
     with pytest.warns(UserWarning, match="differs from the data the students were trained on"):
         dirty = SSD(cfg, corrupted, store, device="cpu", seed=2)
-    assert torch.equal(clean.images, dirty.images) and torch.equal(clean.labels, dirty.labels)
+    assert torch.equal(clean.images, dirty.images) and torch.equal(clean.labels.targets, dirty.labels.targets)
     for _ in range(2):
         clean.step(), dirty.step()
     assert torch.equal(clean.images, dirty.images) and torch.equal(clean.syn_lr, dirty.syn_lr)

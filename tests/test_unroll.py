@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raydd.methods import get_method, make_config
+from raydd.methods.matching import normalised_distance
 from raydd.methods.unroll import checkpointed_unroll, first_order_unroll, segment_length
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -105,9 +106,9 @@ def method_gradients(name, digits, store, unroll, **knobs):
     config = small(name, unroll, **knobs)
     method = get_method(name)(config, train, store, device="cpu", seed=0)
     start, theta_start, theta_target = method.sample_segment()
-    end = method._unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)
-    loss = method._matching_loss(end, theta_start, theta_target)
-    return method, loss.detach(), torch.autograd.grad(loss, method._leaves())
+    end = method.unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)[0]
+    loss = normalised_distance(end, theta_start, theta_target)
+    return method, loss.detach(), torch.autograd.grad(loss, method.leaves())
 
 
 @pytest.mark.parametrize("name", ["mtt", "datm"])
@@ -140,9 +141,9 @@ def test_datm_clr_gets_the_full_gradient_in_checkpoint_mode(strategy, digits, di
                              current_max_start_epoch=2, unroll=unroll, unroll_segment=2, strategy=strategy)
         method = get_method("datm_clr")(config, train, digits_experts, device="cpu", seed=0)
         start, theta_start, theta_target = method.sample_segment()
-        end, con = method._unroll_clr(theta_start, torch.Generator().manual_seed(5), create_graph=True)
-        loss = method._matching_loss(end, theta_start, theta_target) + (0.1 * con if strategy == "fusion" else 0)
-        leaves = method._leaves()
+        end, con = method.unroll(theta_start, torch.Generator().manual_seed(5), create_graph=True)
+        loss = normalised_distance(end, theta_start, theta_target) + (0.1 * con if strategy == "fusion" else 0)
+        leaves = method.leaves()
         assert len(leaves) > 3  # S, α, labels and the learned head
         results.append((loss.detach(), con.detach(), torch.autograd.grad(loss, leaves)))
     (loss_f, con_f, grads_f), (loss_c, con_c, grads_c) = results

@@ -21,18 +21,17 @@ DATM is MTT (``raydd.methods.mtt``) with three changes:
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.nn import functional as F
 
 from ..store import CorruptTrajectoryError
-from .base import PaperProtocol, StepMeter, clone_tree, register_method
-from .mtt import MTT, MTTConfig, _SavedTensorMeter, cap_syn_steps
+from .base import PaperProtocol, register_method
 from .initial import class_labels
-from .synthetic import SyntheticSet
+from .matching import LearnedLabels, PlainSGD, StartWindow, TrajectoryMatching, soft_cross_entropy  # noqa: F401
+from .mtt import MTTConfig, cap_syn_steps
 
 # Reference configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml and configs/CIFAR-100/ConvIN/IPC{1,10,50}.yaml
 # (lr_teacher 0.01 = α0; batch_syn there is >= |S| except CIFAR-100 IPC50; rows without
@@ -160,173 +159,120 @@ def start_epoch_upper(config: DATMConfig, iteration: int) -> int:
     return min(top, low + (top - low) * iteration // config.expansion_end_epoch)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """-Σ softmax(target) · log_softmax(logits), averaged over the batch (reference SoftCrossEntropy)."""
-    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+def start_window(config: DATMConfig) -> StartWindow:
+    """(b): start epochs in [min_start_epoch, start_epoch_upper(config, iteration))."""
+    return StartWindow(config.min_start_epoch, functools.partial(start_epoch_upper, config))
+
+
+class ExpertLabeller:
+    """(a): the experts' logits on images, each expert at its label snapshot (``label_epoch``; None: its last
+    stored epoch), in eval mode with its stored buffers — one module, reloaded with each expert's snapshot."""
+
+    batch = 1024  # images per forward pass
+
+    def __init__(self, method: TrajectoryMatching, label_epoch: int | None) -> None:
+        self.method, self.label_epoch, self.net = method, label_epoch, None
+
+    def snapshot(self, trajectory_id: str) -> int:
+        epochs = self.method.inputs.open(trajectory_id).epochs
+        return max(epochs) if self.label_epoch is None else self.label_epoch
+
+    @torch.no_grad()
+    def logits(self, trajectory_id: str, images: torch.Tensor) -> torch.Tensor:
+        inputs, device = self.method.inputs, self.method.device
+        if self.net is None:
+            self.net = inputs.network(inputs.open(trajectory_id).info, device, epoch=0)
+        inputs.load_network(self.net, trajectory_id, self.snapshot(trajectory_id))
+        out = [self.net(chunk.to(device)) for chunk in images.split(self.batch)]
+        return torch.cat(out).float() if out else images.new_zeros(0, self.method.train.info.num_classes)
+
+
+def load_datm_experts(method: TrajectoryMatching, config: DATMConfig) -> None:
+    """Find the experts of ``config.matched_need()``, check that the initial window and ``label_epoch`` are stored
+    (before any work) and the data fingerprint, and load them into ``method`` (DATM and DATM-CLR)."""
+    need = config.matched_need()
+    experts, meta = method.find_experts(need)
+    upper = start_epoch_upper(config, 0)
+    if not any(config.min_start_epoch <= s < upper for e in experts for s in e.starts):
+        raise ValueError(f"no expert stores epochs t and t+{config.expert_epochs} for some t in the initial window "
+                         f"[{config.min_start_epoch}, {upper}): lower min_start_epoch or farm longer experts: "
+                         f"{method.inputs.farm_command()}")
+    if config.label_epoch is not None:
+        lacking = [e.trajectory_id for e in experts
+                   if config.label_epoch not in method.inputs.open(e.trajectory_id).epochs]
+        if lacking:
+            raise ValueError(f"label_epoch={config.label_epoch} is not stored in {len(lacking)} of the {len(experts)} "
+                             f"experts (e.g. {lacking[0]}): use --set label_epoch=null (each expert's last epoch)")
+    method.inputs.check_fingerprint(meta, need.role)
+    method.load_experts(need, experts, meta, method.inputs.training_view(meta).zca if meta["dataset"].get("zca")
+                        else None)
+
+
+def soft_label_initial_set(method: TrajectoryMatching, config: DATMConfig) -> tuple[torch.Tensor, LearnedLabels]:
+    """(a): S and its learnable label logits. ``init_correct``: per class, ``ipc`` images the experts classify
+    correctly (random order, the first expert first, the next ones only when a class runs short), each labelled
+    with the mean logits of the experts that classify it correctly; otherwise random real images labelled with
+    the first expert's logits (reference pix_init 'real')."""
+    info, labeller = method.train.info, ExpertLabeller(method, config.label_epoch)
+    classes = class_labels(info.num_classes, config.ipc).to(method.device)
+    if not config.init_correct:
+        images, _ = method.random_initial_set()
+        logits = labeller.logits(method.experts[0].trajectory_id, images)
+    else:
+        images = torch.cat([_correct_images(method, labeller, config.ipc, c) for c in range(info.num_classes)])
+        logits = mean_correct_logits(method, labeller, images, classes)
+    return images.float().to(method.device), LearnedLabels(logits.to(method.device), classes, config.lr_y,
+                                                           config.label_momentum)
+
+
+def _correct_images(method: TrajectoryMatching, labeller: ExpertLabeller, ipc: int, c: int) -> torch.Tensor:
+    """``ipc`` images of class c (model space) classified as c: random order, first expert first."""
+    idx = method.train.class_indices(c)
+    candidates = method.train.images[idx[torch.randperm(len(idx), generator=method.generator)]]
+    if method.zca_whitening is not None:
+        candidates = method.zca_whitening.transform(candidates)
+    taken = torch.zeros(len(candidates), dtype=torch.bool)
+    for expert in list(method.experts):
+        if int(taken.sum()) >= ipc:
+            break
+        try:
+            correct = labeller.logits(expert.trajectory_id, candidates).argmax(1).cpu() == c
+        except CorruptTrajectoryError as err:  # reported once, the other experts go on
+            method.drop_expert(expert.trajectory_id, err)
+            continue
+        fresh = torch.nonzero(correct & ~taken).flatten()[:ipc - int(taken.sum())]
+        taken[fresh] = True
+    if int(taken.sum()) < ipc:
+        raise ValueError(f"only {int(taken.sum())} images of class {c} are classified correctly by the "
+                         f"{len(method.experts)} experts' label snapshots, ipc={ipc} needs more: lower ipc, "
+                         f"use --set init_correct=false, or farm better experts")
+    return candidates[taken]  # in the random order, as the reference takes them
+
+
+def mean_correct_logits(method: TrajectoryMatching, labeller: ExpertLabeller, images: torch.Tensor,
+                         classes: torch.Tensor) -> torch.Tensor:
+    """Per image: the mean logits of the experts whose prediction is its class (reference 'only sum correct')."""
+    total = torch.zeros(len(images), method.train.info.num_classes, device=method.device)
+    count = torch.zeros(len(images), 1, device=method.device)
+    for expert in method.experts:
+        logits = labeller.logits(expert.trajectory_id, images)
+        correct = (logits.argmax(1) == classes).float().unsqueeze(1)
+        total += logits * correct
+        count += correct
+    return total / count  # count >= 1: the expert that selected the image classifies it correctly
 
 
 @register_method
-class DATM(MTT):
+class DATM(TrajectoryMatching):
+    """DATM: the family's iteration (raydd/methods/matching.py) with DATM's parts — learned soft labels (a),
+    the growing window (b), the skip threshold (c), a plain-SGD student."""
+
     name = "datm"
     label = "DATM"
     config_cls = DATMConfig
-    label_batch = 1024  # images per forward pass when the experts label the real data
 
     def __init__(self, config: DATMConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
-        super().__init__(config, train, store, device=device, seed=seed)  # calls our _init_synthetic
-        self.labels.requires_grad_(True)  # learnable logits [N, K]
-        self.opt_y = torch.optim.SGD([self.labels], lr=config.lr_y, momentum=config.label_momentum)
-
-    # ------------------------------------------------------------------ experts and the start-epoch window
-    def _find_experts(self):
-        experts, meta = super()._find_experts()
-        cfg = self.config
-        upper = start_epoch_upper(cfg, 0)
-        if not any(cfg.min_start_epoch <= s < upper for e in experts for s in e.starts):
-            raise ValueError(f"no expert stores epochs t and t+{cfg.expert_epochs} for some t in the initial window "
-                             f"[{cfg.min_start_epoch}, {upper}): lower min_start_epoch or farm longer experts: "
-                             f"{self.inputs.farm_command()}")
-        if cfg.label_epoch is not None:
-            lacking = [e.trajectory_id for e in experts
-                       if cfg.label_epoch not in self.inputs.open(e.trajectory_id).epochs]
-            if lacking:
-                raise ValueError(f"label_epoch={cfg.label_epoch} is not stored in {len(lacking)} of the {len(experts)} "
-                                 f"experts (e.g. {lacking[0]}): use --set label_epoch=null (each expert's last epoch)")
-        return experts, meta
-
-    def start_upper(self, iteration: int | None = None) -> int:
-        """Exclusive upper bound of the start-epoch window at ``iteration`` (default: the next one)."""
-        return start_epoch_upper(self.config, self._iteration if iteration is None else iteration)
-
-    def sample_expert(self) -> tuple[str, int]:
-        """A uniform expert with a stored start in the window, then a uniform start in [min_start, upper)."""
-        return self.sample_in_window(self.config.min_start_epoch, self.start_upper())
-
-    # ------------------------------------------------------------------ soft-label initialisation (a)
-    def _label_epoch(self, trajectory_id: str) -> int:
-        traj = self.inputs.open(trajectory_id)
-        return max(traj.epochs) if self.config.label_epoch is None else self.config.label_epoch
-
-    @torch.no_grad()
-    def expert_logits(self, trajectory_id: str, images: torch.Tensor) -> torch.Tensor:
-        """Logits of one expert's label snapshot (eval mode, its stored buffers) on ``images`` (model space)."""
-        if self._label_net is None:  # one module, reloaded with each expert's snapshot
-            self._label_net = self.inputs.network(self.inputs.open(trajectory_id).info, self.device, epoch=0)
-        self.inputs.load_network(self._label_net, trajectory_id, self._label_epoch(trajectory_id))
-        out = [self._label_net(chunk.to(self.device)) for chunk in images.split(self.label_batch)]
-        return torch.cat(out).float() if out else images.new_zeros(0, self.train.info.num_classes)
-
-    def _model_space(self, images: torch.Tensor) -> torch.Tensor:
-        return self.zca_whitening.transform(images) if self.zca_whitening is not None else images
-
-    def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, info = self.config, self.train.info
-        self._label_net = None
-        self.classes = class_labels(info.num_classes, cfg.ipc).to(self.device)
-        if not cfg.init_correct:  # reference pix_init 'real': random real images, the first expert's logits
-            images, _ = super()._init_synthetic()
-            logits = self.expert_logits(self.experts[0].trajectory_id, images)
-        else:
-            images = torch.cat([self._correct_images(c) for c in range(info.num_classes)])
-            logits = self._mean_correct_logits(images)
-        return images.float().to(self.device), logits.to(self.device)
-
-    def _correct_images(self, c: int) -> torch.Tensor:
-        """``ipc`` images of class c (model space) classified as c: random order, first expert first."""
-        cfg = self.config
-        idx = self.train.class_indices(c)
-        candidates = self._model_space(self.train.images[idx[torch.randperm(len(idx), generator=self.generator)]])
-        taken = torch.zeros(len(candidates), dtype=torch.bool)
-        for expert in list(self.experts):
-            if int(taken.sum()) >= cfg.ipc:
-                break
-            try:
-                correct = self.expert_logits(expert.trajectory_id, candidates).argmax(1).cpu() == c
-            except CorruptTrajectoryError as err:  # reported once, the other experts go on
-                self._drop_expert(expert.trajectory_id, err)
-                continue
-            fresh = torch.nonzero(correct & ~taken).flatten()[:cfg.ipc - int(taken.sum())]
-            taken[fresh] = True
-        if int(taken.sum()) < cfg.ipc:
-            raise ValueError(f"only {int(taken.sum())} images of class {c} are classified correctly by the "
-                             f"{len(self.experts)} experts' label snapshots, ipc={cfg.ipc} needs more: lower ipc, "
-                             f"use --set init_correct=false, or farm better experts")
-        return candidates[taken]  # in the random order, as the reference takes them
-
-    def _mean_correct_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Per image: the mean logits of the experts whose prediction is its class (reference 'only sum correct')."""
-        total = torch.zeros(len(images), self.train.info.num_classes, device=self.device)
-        count = torch.zeros(len(images), 1, device=self.device)
-        for expert in self.experts:
-            logits = self.expert_logits(expert.trajectory_id, images)
-            correct = (logits.argmax(1) == self.classes).float().unsqueeze(1)
-            total += logits * correct
-            count += correct
-        return total / count  # count >= 1: the expert that selected the image classifies it correctly
-
-    # ------------------------------------------------------------------ the objective
-    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
-        return soft_cross_entropy(logits, leaves[2][idx])  # the learnable soft labels (a leaf of the unroll)
-
-    def _objective(self, theta_start: torch.Tensor, theta_target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(loss to backpropagate, named terms); DATM: the matching loss L_tm (MTT eq. 2)."""
-        theta_end = self._unroll(theta_start, self.generator, create_graph=True)
-        loss = self._matching_loss(theta_end, theta_start, theta_target)
-        return loss, {"loss_tm": loss}
-
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.opt_img, self.opt_lr, self.opt_y]
-
-    def _leaves(self) -> list[torch.Tensor]:
-        return [self.images, self.syn_lr, self.labels]
-
-    def step(self) -> dict[str, float]:
-        cfg = self.config
-        step_meter = StepMeter(self.device)
-        upper = self.start_upper()
-        start, theta_start, theta_target = self.sample_segment()
-        with _SavedTensorMeter() as meter:
-            loss, terms = self._objective(theta_start, theta_target)
-        loss_tm, total = float(terms["loss_tm"].detach()), float(loss.detach())
-        if math.isnan(loss_tm) or math.isnan(total) or (cfg.threshold is None and math.isinf(total)):
-            raise FloatingPointError(f"{self.name} loss is {total} (matching loss {loss_tm}) at iteration "
-                                     f"{self._iteration}: lower lr_img ({cfg.lr_img}), lr_lr ({cfg.lr_lr}) "
-                                     f"or lr_y ({cfg.lr_y})")
-        skipped = cfg.threshold is not None and not loss_tm <= cfg.threshold  # (c); inf is skipped too
-        grad_img = grad_lr = grad_y = 0.0
-        if not skipped:
-            for opt in self._optimizers():
-                opt.zero_grad(set_to_none=True)
-            loss.backward(inputs=self._leaves())
-            grad_img, grad_lr = float(self.images.grad.norm()), float(self.syn_lr.grad.abs())
-            grad_y = float(self.labels.grad.norm())
-            for opt in self._optimizers():
-                opt.step()
-        self._iteration += 1
-        metrics = {
-            "loss": total, **{k: float(v.detach()) for k, v in terms.items()},
-            "skipped": float(skipped), "syn_lr": float(self.syn_lr.detach()), "start_epoch": float(start),
-            "start_upper": float(upper), "grad_norm_img": grad_img, "grad_norm_lr": grad_lr, "grad_norm_y": grad_y,
-            "param_dist": float((theta_start - theta_target).pow(2).sum()), "graph_mem_mb": meter.megabytes,
-        }
-        return step_meter.finish(metrics, graph_mb=meter.megabytes)
-
-    # ------------------------------------------------------------------ results and state
-    def synthetic_set(self) -> SyntheticSet:
-        syn = super().synthetic_set()
-        logits = self.labels.detach().cpu().float().clone()
-        meta = {**syn.meta, "label_logits": logits, "classes": self.classes.cpu().clone()}
-        return dataclasses.replace(syn, labels=F.softmax(logits, dim=1), meta=meta)  # probability rows
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["opt_y"] = clone_tree(self.opt_y.state_dict())
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        leaf = self.labels  # MTT replaces self.labels; keep the optimised leaf instead
-        super().load_state_dict(state)
-        with torch.no_grad():
-            leaf.copy_(state["labels"].to(self.device))
-        self.labels = leaf
-        self.opt_y.load_state_dict(state["opt_y"])
+        super().__init__(config, train, store, device=device, seed=seed)
+        load_datm_experts(self, config)
+        images, labels = soft_label_initial_set(self, config)
+        self.assemble(images, labels, window=start_window(config), student=PlainSGD(), skip_above=config.threshold)

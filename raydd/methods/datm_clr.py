@@ -56,8 +56,8 @@ from torch.nn import functional as F
 
 from ..data.augment import DSA
 from .base import PaperProtocol, clone_tree, register_method
-from .datm import DATM, DATMConfig, published_row, soft_cross_entropy
-from .unroll import checkpointed_unroll
+from .datm import DATMConfig, load_datm_experts, published_row, soft_label_initial_set, start_window
+from .matching import MomentumSGD, TrajectoryMatching
 
 STRATEGIES = ("fusion", "update")
 #: Datasets for which the paper reports its "Multiple" augmentation (Table 3: CIFAR-10, CIFAR-100).
@@ -144,82 +144,61 @@ class DATMCLRConfig(DATMConfig):
         return cls(dataset=dataset, ipc=ipc, **row)
 
 
-@register_method
-class DATMCLR(DATM):
-    name = "datm_clr"
-    label = "DATM-CLR"
-    config_cls = DATMCLRConfig
+class ContrastiveTerm:
+    """The side loss of DATM-CLR's student steps (``raydd.methods.matching.SideLoss``): two views of the step's
+    minibatch, the student's features of both through the projection head g, eq. 2 on them; the student's
+    logits for its loss from view 1 (Algorithm 1 lines 5-12). 'fusion': the steps' mean L_con enters the outer
+    objective (eq. 3); 'update': λ·L_con enters each step's loss (eq. 4)."""
 
-    def __init__(self, config: DATMCLRConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
-        super().__init__(config, train, store, device=device, seed=seed)
-        classifier = getattr(self.student, "classifier", None)
+    def __init__(self, config: DATMCLRConfig, student: nn.Module, dsa: DSA | None, model_name: str, dataset: str,
+                 generator: torch.Generator, device: torch.device) -> None:
+        self.config = config
+        classifier = getattr(student, "classifier", None)
         if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"{self.model_spec.name} has no Linear 'classifier' after embed(): DATM-CLR reads the "
+            raise ValueError(f"{model_name} has no Linear 'classifier' after embed(): DATM-CLR reads the "
                              f"student's features and logits from one forward pass")
-        if not self.dsa.config.ops:
-            raise ValueError(f"dsa_strategy={config.dsa_strategy!r} leaves no augmentation for {train.info.name}: "
+        if dsa is None or not dsa.config.ops:
+            raise ValueError(f"dsa_strategy={config.dsa_strategy!r} leaves no augmentation for {dataset}: "
                              f"the two contrastive views need at least one op")
-        self.view_dsa = DSA(dataclasses.replace(self.dsa.config, single_per_call=not config.multi_aug))
+        self.view_dsa = DSA(dataclasses.replace(dsa.config, single_per_call=not config.multi_aug))
         feat = int(classifier.in_features)
         out = config.proj_dim or min(SIMCLR_PROJ_DIM, feat)
         hidden = config.proj_hidden or feat
         with torch.random.fork_rng(devices=[]):  # the head's init comes from the method's generator
-            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
-            self.head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, out)).to(self.device)
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+            self.head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, out)).to(device)
         self.learn_head = config.lr_head > 0
         self._head_names = [name for name, _ in self.head.named_parameters()]
         self.head.requires_grad_(self.learn_head)
         self.opt_head = torch.optim.SGD(self.head.parameters(), lr=config.lr_head, momentum=config.head_momentum)
+        self.in_objective = config.strategy == "fusion"
 
-    # ------------------------------------------------------------------ the unrolled student
-    def _features_and_logits(self, params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.flat_model.embed(params, x)
-        named = self.flat_model.layout.unflatten(params)
-        return feats, F.linear(feats, named["classifier.weight"], named.get("classifier.bias"))
+    def leaves(self) -> list[torch.Tensor]:
+        return list(self.head.parameters()) if self.learn_head else []
 
-    def _unroll_clr(self, theta: torch.Tensor, generator: torch.Generator, *,
-                    create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ̂_N, mean_n L_con) after N momentum-SGD student steps (Algorithm 1 lines 5-12), holding the whole
-        graph (unroll='full') or one step's graph and the N step starts (θ̂_n, v_n) ('checkpoint')."""
-        cfg = self.config
-        leaves = self._leaves() if create_graph else [leaf.detach() for leaf in self._leaves()]
-        state = torch.cat([theta.detach(), torch.zeros_like(theta)])  # (θ̂_0, v_0 = 0)
-        if create_graph and cfg.unroll == "checkpoint":
-            state, con_total = checkpointed_unroll(self._clr_step, state, leaves, cfg.syn_steps, generator,
-                                                   cfg.unroll_segment, side=True)
-            return state[:theta.numel()], con_total / cfg.syn_steps
-        state = state.requires_grad_(True)
-        con_total = theta.new_zeros(())
-        pending: list[torch.Tensor] = []
-        for _ in range(cfg.syn_steps):
-            state, con = self._clr_step(state, leaves, generator, pending, create_graph=create_graph)
-            con_total = con_total + (con if create_graph and cfg.strategy == "fusion" else con.detach())
-        return state[:theta.numel()], con_total / cfg.syn_steps
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.opt_head] if self.learn_head else []
 
-    def _clr_step(self, state: torch.Tensor, leaves: list[torch.Tensor], generator: torch.Generator,
-                  pending: list[torch.Tensor], *, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One student step on the next minibatch of ``pending`` (refilled from ``generator``): the state
-        (θ̂_n, v_n) flat, the leaves (S, α, labels, head parameters if learned); returns the next state and
-        the step's L_con (eq. 2), which enters the inner loss with strategy='update' (eq. 4)."""
-        cfg = self.config
-        images, alpha, labels = leaves[0], leaves[1], leaves[2]
-        size = state.numel() // 2
-        params, velocity = state[:size], state[size:]
-        idx = self._next_minibatch(images.shape[0], generator, pending)
-        x = images[idx]
+    def logits_and_loss(self, flat_model, params: torch.Tensor, x: torch.Tensor, classes: torch.Tensor,
+                        leaves: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = self.view_dsa(x, generator=generator), self.view_dsa(x, generator=generator)
-        f1, logits = self._features_and_logits(params, x1)
-        f2 = self.flat_model.embed(params, x2)
-        classes = labels[idx].detach().argmax(1)  # hard class of the soft label
-        con = supervised_nt_xent(self._project(f1, leaves[3:]), self._project(f2, leaves[3:]), classes,
-                                 cfg.temperature)  # eq. 2
-        inner = soft_cross_entropy(logits, labels[idx])
-        if cfg.strategy == "update":
-            inner = inner + cfg.update_weight * con  # eq. 4
-        (grad,) = torch.autograd.grad(inner, params, create_graph=create_graph)
-        velocity = cfg.inner_momentum * velocity + grad
-        state = torch.cat([params - alpha * velocity, velocity])
-        return (state, con) if create_graph else (state.detach().requires_grad_(True), con.detach())
+        f1 = flat_model.embed(params, x1)
+        named = flat_model.layout.unflatten(params)
+        logits = F.linear(f1, named["classifier.weight"], named.get("classifier.bias"))
+        f2 = flat_model.embed(params, x2)
+        con = supervised_nt_xent(self._project(f1, leaves), self._project(f2, leaves), classes,
+                                 self.config.temperature)  # eq. 2
+        return logits, con
+
+    def inner(self, loss: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return loss + self.config.update_weight * side if self.config.strategy == "update" else loss  # eq. 4
+
+    def objective(self, loss_tm: torch.Tensor, side_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        loss = cfg.tm_weight * loss_tm
+        if cfg.strategy == "fusion":
+            loss = cfg.con_weight * side_mean + loss  # eq. 3
+        return loss, {"loss_tm": loss_tm, "loss_con": side_mean}
 
     def _project(self, features: torch.Tensor, head: list[torch.Tensor]) -> torch.Tensor:
         """The projection head g on ``features``, with the head parameters the unroll was given (when learned)."""
@@ -227,32 +206,29 @@ class DATMCLR(DATM):
             return self.head(features)
         return functional_call(self.head, dict(zip(self._head_names, head)), (features,))
 
-    def _unroll(self, theta: torch.Tensor, generator: torch.Generator, *, create_graph: bool) -> torch.Tensor:
-        return self._unroll_clr(theta, generator, create_graph=create_graph)[0]
-
-    def _objective(self, theta_start: torch.Tensor, theta_target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        cfg = self.config
-        theta_end, loss_con = self._unroll_clr(theta_start, self.generator, create_graph=True)
-        loss_tm = self._matching_loss(theta_end, theta_start, theta_target)
-        loss = cfg.tm_weight * loss_tm
-        if cfg.strategy == "fusion":
-            loss = cfg.con_weight * loss_con + loss  # eq. 3
-        return loss, {"loss_tm": loss_tm, "loss_con": loss_con}
-
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return super()._optimizers() + ([self.opt_head] if self.learn_head else [])
-
-    def _leaves(self) -> list[torch.Tensor]:
-        return super()._leaves() + (list(self.head.parameters()) if self.learn_head else [])
-
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["head"] = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
-        state["opt_head"] = clone_tree(self.opt_head.state_dict())
-        return state
+        return {"head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+                "opt_head": clone_tree(self.opt_head.state_dict())}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.head.load_state_dict({k: v.to(self.device) for k, v in state["head"].items()})
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.head.load_state_dict({k: v.to(device) for k, v in state["head"].items()})
         self.opt_head.load_state_dict(state["opt_head"])
+
+
+@register_method
+class DATMCLR(TrajectoryMatching):
+    """DATM-CLR: the family's iteration (raydd/methods/matching.py) with DATM's experts, soft labels, window
+    and threshold, a momentum-SGD student (``inner_momentum``) and the contrastive side loss."""
+
+    name = "datm_clr"
+    label = "DATM-CLR"
+    config_cls = DATMCLRConfig
+
+    def __init__(self, config: DATMCLRConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
+        super().__init__(config, train, store, device=device, seed=seed)
+        load_datm_experts(self, config)
+        images, labels = soft_label_initial_set(self, config)
+        side = ContrastiveTerm(config, self.student, self.dsa, self.model_spec.name, train.info.name, self.generator,
+                               self.device)
+        self.assemble(images, labels, window=start_window(config), student=MomentumSGD(config.inner_momentum),
+                      side=side, skip_above=config.threshold)

@@ -33,9 +33,10 @@ from torch.nn import functional as F
 
 from ..data.datasets import ImageDataset
 from ..data.semisup import SemiSupervisedSplit, semi_supervised_split
-from .base import CondensationMethod, PaperProtocol, check_ipc, register_method
+from .base import PaperProtocol, check_ipc, register_method
 from .inputs import TrajectoryNeed
-from .mtt import MTT, MTTConfig
+from .matching import FixedLabels, PlainSGD, StartWindow, TrajectoryMatching
+from .mtt import MTTConfig
 from .initial import class_labels
 from .synthetic import SyntheticSet
 
@@ -85,7 +86,7 @@ class SSDConfig(MTTConfig):
         0..max_start_epoch + expert_epochs."""
         teacher = TrajectoryNeed(TEACHER_RECIPE, "teacher", ids=(self.teacher,) if self.teacher else None,
                                  zca=self.zca, farm_model=(("arch", "resnet18"),))
-        return (teacher, *super().needs())
+        return (teacher, self.matched_need())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,20 +113,21 @@ def _teacher_of(info) -> str | None:
 
 
 @register_method
-class SSD(MTT):
+class SSD(TrajectoryMatching):
+    """SSD's condensation stage: the family's iteration (raydd/methods/matching.py) on the students of one
+    teacher, with fixed labels from the teacher (``syn_labels``), a window [0, T+), a plain-SGD student."""
+
     name = "ssd"
     label = "SSD"
     config_cls = SSDConfig
     teacher_batch = 1024  # images per teacher forward pass when pseudo-labelling
 
     def __init__(self, config: SSDConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
-        # The base checks run on the real data; the teacher, the students' split and the pseudo-labelled
-        # pool are prepared before MTT's setup (``_build``) runs on that pool.
-        CondensationMethod.__init__(self, config, train, store, device=device, seed=seed)
+        super().__init__(config, train, store, device=device, seed=seed)  # the base checks, on the real data
         self.teacher_id = self._find_teacher()
-        self._student_need = dataclasses.replace(super().matched_need, recipe_config=(("teacher", self.teacher_id),))
-        self._found = super()._find_experts()  # MTT's checks (zca, model, stored epochs) before any work
-        student_meta = self._found[1]  # the students of one teacher share its data and split
+        need = dataclasses.replace(config.matched_need(), recipe_config=(("teacher", self.teacher_id),))
+        experts, student_meta = self.find_experts(need)  # checks (zca, model, stored epochs) before any work
+        # the students of one teacher share its data and split
         self.labelled_fraction = student_meta["recipe_config"]["labelled_fraction"]
         self.split_seed = student_meta["recipe_config"]["split_seed"]
         self.inputs.check_fingerprint(student_meta, "students", "its labelled split may differ from theirs")
@@ -148,23 +150,19 @@ class SSD(MTT):
         else:
             check_ipc(config.ipc, seen)
         self.train = seen  # SSD's view of the pool: labelled samples with labels, the others pseudo-labelled
-        self._build()
+        self.load_experts(need, experts, student_meta, view.zca if student_meta["dataset"].get("zca") else None)
+        images, labels = self._initial_set()
+        self.assemble(images, FixedLabels(labels), window=StartWindow.fixed(0, config.max_start_epoch),
+                      student=PlainSGD())
         del self._teacher_net  # only needed for the initial labels
 
     def _check_ipc(self) -> None:
         """IPC is checked against the semi-supervised pool once the teacher has labelled it (__init__)."""
 
-    def _check_trained_data(self, meta: dict) -> None:
-        """Checked in __init__ on the real pool (here the pool carries pseudo-labels)."""
-
     # ------------------------------------------------------------------ students and teacher
-    @property
-    def matched_need(self) -> TrajectoryNeed:
-        return getattr(self, "_student_need", None) or super().matched_need
-
     def _find_teacher(self) -> str:
         """The teacher whose ssd_student trajectories SSD matches; ValueError naming the farm commands."""
-        cfg, need = self.config, super().matched_need
+        cfg, need = self.config, self.config.matched_need()
         infos = self.inputs.list(need)
         if not infos:
             raise self.inputs.missing(f"no student trajectories in store {self.store.root} match "
@@ -243,18 +241,14 @@ class SSD(MTT):
                              f"images{agree} and {b} unlabelled images pseudo-labelled {c} by teacher "
                              f"{self.teacher_id}{conf}: use ipc <= {a + b}{hint}")
 
-    # ------------------------------------------------------------------ MTT hooks
-    def _find_experts(self):
-        return self._found  # found and checked before MTT's __init__ ran
-
-    def _fit_zca(self, meta: dict):
-        return self._zca
-
-    def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------ the initial set
+    def _initial_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, its labels): class-balanced real images (labelled, topped up with the teacher's most confident
+        pseudo-labelled ones) or noise, labelled as ``syn_labels`` says (module doc)."""
         cfg, k = self.config, self.train.info.num_classes
         classes = class_labels(k, cfg.ipc)
         if cfg.pix_init == "noise":
-            images, _ = super()._init_synthetic()
+            images, _ = self.random_initial_set()
             self.init_indices = torch.full((len(classes),), -1, dtype=torch.long)
             self.init_counts = {"labelled": [0] * k, "unlabelled": [0] * k, "noise": [cfg.ipc] * k}
             model_images = images.cpu()
@@ -280,13 +274,6 @@ class SSD(MTT):
             probs = self.teacher_probs(model_images, model_space=True)
             labels = probs.argmax(1) if cfg.syn_labels == "teacher" else probs
         return images.float().to(self.device), labels.to(self.device)
-
-    def _inner_loss(self, logits: torch.Tensor, idx: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
-        """L_ce^s [SSD Sec. 3.2]: cross-entropy only (soft cross-entropy for syn_labels='soft')."""
-        target = self.labels[idx]
-        if target.dim() == 2:
-            return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-        return F.cross_entropy(logits, target)
 
     # ------------------------------------------------------------------ results and state
     def synthetic_set(self) -> SyntheticSet:
