@@ -556,7 +556,8 @@ def accuracy_report(args, methods, outcomes, full, farmed, n_train, store_note, 
                  f"each method's MethodConfig.for_run + scaled (scaled_config in benchmarks/condense.py)" + (f"; --set {' '.join(args.set)}" if args.set else ""))
     lines.append(f"- evaluation (every row, standard protocol): EvalConfig(model={{'arch': 'convnet', 'width': "
                  f"{args.width}}}, num_models={args.num_models}, epochs={args.eval_epochs}) — SGD mom 0.9, wd 5e-4, "
-                 f"batch 256, DSA, lr ×0.1 at half, lr = learned α (TM) else 0.01; final accuracy mean ± std (%)")
+                 f"batch 256, DSA, E + 1 passes, lr ×0.1 after pass E//2 + 1, lr = learned α (TM) else 0.01; final "
+                 f"accuracy mean ± std (%)")
     if args.full_epochs > 0:
         lines.append(f"- full data: same protocol on the whole training {'subset' if args.train_per_class else 'split'}"
                      f" with --full-epochs {args.full_epochs} epochs ({args.num_models} networks)")

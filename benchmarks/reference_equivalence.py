@@ -459,6 +459,134 @@ def run_raydd_dm(train, args, record: _Recorder) -> dict[str, list[float]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- the evaluation protocol
+@dataclasses.dataclass
+class _EvalRecord:
+    """One network of the reference's evaluate_synset: its initial and final parameters, its epochs' batch
+    orders, its DiffAugment draws and its final test accuracy."""
+
+    initial: list[torch.Tensor]
+    final: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    perms: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    dsa_calls: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
+    acc: float = float("nan")
+
+
+def run_reference_evaluation(root: Path, images, labels, test, args) -> list[_EvalRecord]:
+    """mtt-distillation's utils.evaluate_synset (the DC/DSA/DM/MTT evaluation: SGD momentum 0.9, weight decay
+    5e-4, DSA, lr x0.1 at Epoch//2 + 1, Epoch + 1 passes) on a fixed set, ``--eval-networks`` fresh ConvNets."""
+    utils = _import_reference(root, "utils")
+    info = test.info
+    ns = argparse.Namespace(lr_net=args.eval_lr, epoch_eval_train=args.eval_epochs, batch_train=args.eval_batch,
+                            dsa=True, dsa_strategy=args.dsa_strategy, dsa_param=utils.ParamDiffAug(), device="cpu",
+                            dataset="digits", dc_aug_param=None)
+    testloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test.images, test.labels),
+                                             batch_size=256, shuffle=False, num_workers=0)
+    records = []
+    for i in range(args.eval_networks):
+        net = utils.get_network("ConvNet", info.channels, info.num_classes, tuple(info.resolution))
+        torch.manual_seed(args.seed + i)  # get_network seeds torch from the clock; the batch orders from here
+        record = _EvalRecord([p.detach().clone() for p in net.parameters()])
+        holder = _Recorder()
+        randperm = torch.randperm
+
+        def recording_randperm(*a, **k):  # the DataLoader's shuffle, one permutation per epoch
+            out = randperm(*a, **k)
+            record.perms.append(out.clone())
+            return out
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(utils, "DiffAugment", _recording_augment(utils.DiffAugment, holder)))
+            stack.enter_context(_patched(torch, "randperm", recording_randperm))
+            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+            stack.enter_context(contextlib.redirect_stderr(open(os.devnull, "w")))  # its tqdm bar
+            trained, _, acc = utils.evaluate_synset(i, net, images.clone(), labels.clone(), testloader, ns)
+        passes = args.eval_epochs + 1
+        if len(record.perms) == 2 * passes:  # torch's RandomSampler draws a second permutation per epoch for
+            record.perms = record.perms[::2]  # the remainder of len(data) / len(data) samples: empty, unused
+        if len(record.perms) != passes:
+            raise RuntimeError(f"the reference's DataLoader drew {len(record.perms)} permutations in {passes} passes")
+        record.dsa_calls, record.acc = holder.dsa_calls, float(acc)
+        record.final = [p.detach().clone() for p in trained.parameters()]
+        records.append(record)
+    return records
+
+
+def run_raydd_evaluation(images, labels, test, args, records: list[_EvalRecord], **protocol):
+    """raydd's standard protocol (raydd.evaluation.standard.train_and_test) on the same set, each network from
+    the reference network's initial parameters, with its batch orders and DiffAugment draws; ``protocol``:
+    EvalConfig fields to set (the default: raydd's defaults). Returns per network (final parameters, test acc)."""
+    import raydd.evaluation.standard as standard
+    import raydd.training as training
+    from raydd.evaluation import EvalConfig
+    from raydd.models import build_model
+
+    config = EvalConfig(model={"arch": "convnet", "width": 128, "depth": 3}, num_models=len(records),
+                        epochs=args.eval_epochs, batch_size=args.eval_batch, lr=args.eval_lr,
+                        dsa_strategy=args.dsa_strategy, together=False, device="cpu", seed=args.seed,
+                        **{"dsa_align_corners": args.align_corners, **protocol})
+    inits = [r.initial for r in records]
+    perms = [p for r in records for p in r.perms]
+    calls = [c for r in records for c in r.dsa_calls]
+    finals: list[list[torch.Tensor]] = []
+
+    def fresh_network(spec, seed, device):
+        net = build_model(spec).to(device)
+        with torch.no_grad():  # the reference's ConvNet: the same tensors in the same order
+            for mine, theirs in zip(net.parameters(), inits.pop(0), strict=True):
+                mine.copy_(theirs)
+        return net, torch.Generator().manual_seed(seed)
+
+    def minibatches(n, batch_size, generator, shuffle=True):
+        order = perms.pop(0)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+    evaluate_together = standard.evaluate_together
+
+    def recording_evaluate_together(stack, *a, **k):
+        finals.extend([p.detach().clone() for p in net.parameters()] for net in stack.write_back())
+        return evaluate_together(stack, *a, **k)
+
+    replays: list[_ReplayDSA] = []
+
+    def make_dsa(strategy, *, align_corners, **_):  # the protocol's own grid choice, the reference's draws
+        replays.append(_ReplayDSA(calls, args.dsa_strategy, DSAConfig(strategy=strategy, align_corners=align_corners)))
+        return replays[-1]
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(standard, "fresh_network", fresh_network))
+        stack.enter_context(_patched(training, "minibatches", minibatches))
+        stack.enter_context(_patched(standard, "evaluate_together", recording_evaluate_together))
+        stack.enter_context(_patched(standard, "make_dsa", make_dsa))
+        result = standard.train_and_test(images, labels, test, test.info, config, lr=args.eval_lr)
+    left = (len(perms), sum(len(r.calls) for r in replays))
+    return list(zip(finals, result.accuracies)), left
+
+
+def compare_evaluation(root: Path, args) -> None:
+    print(f"standard evaluation protocol: reference {REFERENCES['mtt']} utils.evaluate_synset @ {commit_of(root)}")
+    train, test = load_train_test("digits", resolution=RESOLUTION)
+    subset = train.per_class(args.eval_ipc, seed=args.seed)  # a fixed set: random real images, hard labels
+    test = test.per_class(args.eval_test_per_class, seed=0)
+    records = run_reference_evaluation(root, subset.images, subset.labels, test, args)
+    print(f"  {len(subset.labels)} images, {args.eval_networks} networks x {args.eval_epochs} epochs (reference: "
+          f"{args.eval_epochs + 1} passes), batch {args.eval_batch}, lr {args.eval_lr}, DSA; "
+          f"{sum(len(r.perms) for r in records)} batch orders, {sum(len(r.dsa_calls) for r in records)} DSA calls")
+    readings = {"raydd's standard protocol": {}}
+    if args.eval_variants:  # each of the schedule's three knobs back to raydd's earlier choice
+        readings.update({"  without the extra pass": dict(extra_pass=False),
+                         "  momentum kept at the decay": dict(decay_resets_momentum=False),
+                         "  DSA's grid (align_corners False, the protocol's default)": dict(dsa_align_corners=False)})
+    for name, protocol in readings.items():
+        rows, left = run_raydd_evaluation(subset.images, subset.labels, test, args, records, **protocol)
+        print(f"  {name}: draws left unused (batch orders, DSA calls) {left}")
+        print("    network | final parameters (max rel. diff, all as one vector) | test acc reference | test acc raydd")
+        for i, (record, (final, acc)) in enumerate(zip(records, rows)):
+            diff = max_rel(torch.cat([a.flatten() for a in final]), torch.cat([b.flatten() for b in record.final]))
+            print(f"    {i + 1:7d} | {diff:.2e} | {record.acc:.4f} | {acc:.4f}")
+
+
 def farm_store(root: Path, args) -> TrajectoryStore:
     farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="expert", trajectories=1,
                   model={"width": 128, "depth": 3}, recipe_options={"epochs": args.expert_epochs + args.max_start_epoch,
@@ -469,7 +597,7 @@ def farm_store(root: Path, args) -> TrajectoryStore:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reference-root", required=True, type=Path)
-    p.add_argument("--methods", nargs="+", default=["mtt"], choices=sorted(REFERENCES))
+    p.add_argument("--methods", nargs="*", default=["mtt"], choices=sorted(REFERENCES))
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ipc", type=int, default=2)
     p.add_argument("--syn-steps", type=int, default=10)
@@ -482,7 +610,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dsa", dest="dsa", action="store_false")
     p.add_argument("--dsa-strategy", default="color_crop_cutout_flip_scale_rotate")
     p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True,
-                   help="raydd's MTTConfig.dsa_align_corners (default True, its default)")
+                   help="raydd's MTTConfig.dsa_align_corners (default True, its default) and, for --protocols "
+                        "standard, EvalConfig.dsa_align_corners (True: MTT's evaluate_synset's grid)")
     p.add_argument("--lr-y", type=float, default=2.0, help="DATM's label lr (its config default)")
     p.add_argument("--threshold", type=float, default=1.0, help="DATM's skip threshold (its config default)")
     p.add_argument("--current-max-start-epoch", type=int, default=None,
@@ -491,6 +620,16 @@ def main(argv=None) -> int:
     p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
     p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],
+                   help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset")
+    p.add_argument("--eval-ipc", type=int, default=10, help="images per class of the fixed set evaluated")
+    p.add_argument("--eval-test-per-class", type=int, default=50, help="test images per class")
+    p.add_argument("--eval-networks", type=int, default=2)
+    p.add_argument("--eval-epochs", type=int, default=20)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--eval-lr", type=float, default=0.01)
+    p.add_argument("--eval-variants", action="store_true",
+                   help="also run raydd's protocol without the extra pass, and keeping momentum at the decay")
     args = p.parse_args(argv)
     missing = [REFERENCES[m] for m in args.methods if not (args.reference_root / REFERENCES[m]).is_dir()]
     if missing:
@@ -499,6 +638,8 @@ def main(argv=None) -> int:
     if "dm" in args.methods and args.ipc not in (1, 10, 20, 30, 40, 50):
         p.error(f"--ipc {args.ipc}: main_DM.py runs IPC 1, 10, 20, 30, 40 or 50 only (its get_loops)")
     torch.set_num_threads(1)
+    if "standard" in args.protocols:
+        compare_evaluation(args.reference_root / REFERENCES["mtt"], args)
     train, _ = load_train_test("digits", resolution=RESOLUTION)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -137,7 +137,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate", help="train fresh networks on a synthetic set and test them",
         description="Train N fresh networks on a synthetic set under an evaluation protocol (standard: SGD "
-                    "momentum 0.9, wd 5e-4, DSA, lr x0.1 at half; edc: EDC's soft-label protocol) and report "
+                    "momentum 0.9, wd 5e-4, DSA, epochs + 1 passes, lr x0.1 after pass epochs//2 + 1 as DC/MTT's "
+                    "evaluate_synset; edc: EDC's soft-label protocol) and report "
                     "mean ± std of the FINAL test accuracy.")
     p.add_argument("synthetic", help="a synthetic set written by raydd condense (.safetensors)")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")

@@ -88,10 +88,60 @@ def test_full_data_and_cross_architecture_spec(digits):
     ({"num_models": 0}, "num_models=0 is invalid"),
     ({"lr": -0.1}, "lr=-0.1 is out of range"),
     ({"lr_decay_at": 2.0}, "lr_decay_at=2.0 is out of range"),
+    ({"extra_pass": "yes"}, "extra_pass='yes' is invalid"),
+    ({"decay_resets_momentum": 1}, "decay_resets_momentum=1 is invalid"),
 ])
 def test_bad_eval_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**kwargs)
+
+
+def test_standard_schedule_is_the_references_evaluate_synset(digits, monkeypatch):
+    """DC/MTT's evaluate_synset, written out: E + 1 passes (range(Epoch + 1)) over the set, and after pass
+    Epoch//2 + 1 the lr x0.1 with a fresh SGD optimiser (momentum restarts). raydd's protocol trains the same
+    network bit for bit (no DSA here: the batch orders come from the same seeded generator)."""
+    import raydd.evaluation.standard as standard
+
+    train, test = digits
+    syn = real_init_set(train, ipc=3)
+    config = EvalConfig(model={"arch": "convnet", "width": 8, "depth": 1}, num_models=1, epochs=4, batch_size=8,
+                        dsa=False, device="cpu", seed=5)
+    finals = []
+    keep = standard.evaluate_together
+
+    def recording(stack, *a, **k):
+        finals.extend([p.detach().clone() for p in net.parameters()] for net in stack.write_back())
+        return keep(stack, *a, **k)
+
+    monkeypatch.setattr(standard, "evaluate_together", recording)
+    epochs_seen = []
+    result = standard.train_and_test(syn.images, syn.labels, test, train.info, config, lr=0.01,
+                                     on_epoch=lambda i, epoch: epochs_seen.append(epoch))
+    assert epochs_seen == [0, 1, 2, 3, 4] and config.passes == 5 and config.decay_after == 3
+
+    net, generator = standard.fresh_network(config.model_spec(train.info), 5, torch.device("cpu"))
+    lr, epochs = 0.01, config.epochs
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    for ep in range(epochs + 1):
+        net.train()
+        order = torch.randperm(len(syn.labels), generator=generator)
+        for start in range(0, len(order), 8):
+            idx = order[start:start + 8]
+            loss = torch.nn.functional.cross_entropy(net(syn.images[idx]), syn.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ep == epochs // 2 + 1:
+            lr *= 0.1
+            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    (final,) = finals
+    assert all(torch.equal(a, b) for a, b in zip(final, net.parameters()))
+    # raydd's earlier schedule (E passes, the decay at pass E/2 keeping momentum) trains another network
+    finals.clear()
+    standard.train_and_test(syn.images, syn.labels, test, train.info,
+                            dataclasses.replace(config, extra_pass=False, decay_resets_momentum=False), lr=0.01)
+    assert not all(torch.equal(a, b) for a, b in zip(finals[0], net.parameters()))
+    assert result.accuracies[0] == pytest.approx(float((net.eval()(test.images).argmax(1) == test.labels).float().mean()))
 
 
 def test_mismatched_test_set_is_refused(digits):

@@ -73,8 +73,13 @@ def test_condense_set_is_typed_by_the_method_config_and_resolves_aliases():
 
 def test_evaluate_set_reaches_the_protocol_config():
     config = eval_config_from_args(parse(["evaluate", "s.safetensors", "--set", "dsa=false", "--set",
-                                          "lr_decay_at=none", "--set", "momentum=0.5"]), "digits")
+                                          "lr_decay_at=none", "--set", "momentum=0.5", "--set", "extra_pass=false",
+                                          "--set", "decay_resets_momentum=false", "--set",
+                                          "dsa_align_corners=true"]), "digits")
     assert (config.dsa, config.lr_decay_at, config.momentum) == (False, None, 0.5)
+    assert (config.extra_pass, config.decay_resets_momentum, config.dsa_align_corners) == (False, False, True)
+    with pytest.raises(ValueError, match=r"extra_pass=maybe is invalid: EvalConfig.extra_pass expects bool"):
+        eval_config_from_args(parse(["evaluate", "s.safetensors", "--set", "extra_pass=maybe"]), "digits")
     config = eval_config_from_args(parse(["evaluate", "s.safetensors", "--protocol", "edc", "--set",
                                           "milestones=0.5,0.7", "--set", 'model={"arch": "convnet", "width": 16}']),
                                    "digits")

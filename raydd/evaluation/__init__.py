@@ -5,7 +5,8 @@ One table, ``PROTOCOLS``, used by every entry point (``raydd condense --eval-pro
 benchmarks):
 
 - ``standard`` (``standard.py``): the DC/DSA/DM/MTT protocol: SGD, DSA, hard or soft CE, the
-  learned step size of trajectory-matching sets, lr ×0.1 at half;
+  learned step size of trajectory-matching sets, epochs + 1 passes with lr ×0.1 (fresh optimiser)
+  after pass epochs//2 + 1, as DC/MTT's evaluate_synset;
 - ``edc`` (``edc.py``): EDC's soft-label protocol: AdamW, small batches, the smoothing LR
   schedule ζ, EMA of the weights, KL on the soft labels at a temperature (optionally relabelled by
   the method's teacher models).
@@ -45,8 +46,9 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "standard": Protocol("standard", EvalConfig, _standard,
-                         "N fresh networks, SGD momentum 0.9, wd 5e-4, DSA, lr x0.1 at half; the learned step "
-                         "size of trajectory-matching sets, else 0.01"),
+                         "N fresh networks, SGD momentum 0.9, wd 5e-4, DSA, epochs + 1 passes, lr x0.1 (fresh "
+                         "optimiser) after pass epochs//2 + 1, as DC/MTT's evaluate_synset; the learned step size of "
+                         "trajectory-matching sets, else 0.01"),
     "edc": Protocol("edc", EDCEvalConfig, evaluate_edc,
                     "EDC's soft-label protocol: AdamW, small batches, smoothing LR schedule zeta, EMA weights, "
                     "KL at a temperature (teachers: relabel with the method's observers)"),
@@ -103,7 +105,7 @@ def evaluate(syn, test, config, *, teachers: Sequence | None = None, on_model=No
         return protocol.run(syn, test, config, teachers=use, on_model=on_model)
     from tqdm.auto import tqdm
 
-    with tqdm(total=config.num_models * config.epochs, unit="epoch", leave=False, dynamic_ncols=True,
+    with tqdm(total=config.num_models * config.passes, unit="epoch", leave=False, dynamic_ncols=True,
               desc=f"evaluate ({config.num_models} net{'s' if config.num_models > 1 else ''})") as bar:
         return protocol.run(syn, test, config, teachers=use, on_model=on_model,
                             on_epoch=lambda model, epoch: bar.update(1))

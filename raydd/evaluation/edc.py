@@ -134,6 +134,11 @@ class EDCEvalConfig:
         rows = {"cifar10": dict(batch_size=25, schedule="multistep"), "cifar100": dict(batch_size=50)}
         return cls(**{**rows.get(dataset, {}), **overrides})
 
+    @property
+    def passes(self) -> int:
+        """Passes over the set each network trains (EDC's loop: exactly ``epochs``)."""
+        return self.epochs
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["milestones"] = list(self.milestones)

@@ -1,8 +1,11 @@
 """Evaluation protocols: train fresh networks on a (synthetic) set, test on real data.
 
-Standard protocol (DC/DSA/DM/MTT papers): N fresh networks (seeds seed..seed+N-1), SGD
-(momentum 0.9, weight decay 5e-4), batch 256, DSA on, lr ×0.1 at half the epochs; lr is
-the synthetic set's learned step size when it has one (trajectory matching), else 0.01.
+Standard protocol (DC/DSA/DM/MTT papers; their code's ``evaluate_synset``): N fresh networks (seeds
+seed..seed+N-1), SGD (momentum 0.9, weight decay 5e-4), batch 256, DSA on, E + 1 passes over the set for
+E epochs (``for ep in range(Epoch+1)``), and after pass E//2 + 1 the lr ×0.1 with a fresh optimiser (momentum
+restarts); lr is the synthetic set's learned step size when it has one (trajectory matching), else 0.01.
+The same schedule, batch orders, augmentation draws and initialisation give the same network as
+mtt-distillation's evaluate_synset (benchmarks/reference_equivalence.py --protocols standard).
 Soft labels (probability rows) are learned with soft cross-entropy. The reported number
 is the mean ± std over networks of the FINAL test accuracy (never the best checkpoint).
 """
@@ -45,7 +48,14 @@ class EvalConfig:
     dsa: bool = True
     dsa_strategy: str = DSA_STRATEGY  # flip dropped where the dataset forbids it
     dsa_single_per_call: bool = True  # reference aug_mode 'S' (one op per batch, the standard); False: 'M', every op
-    lr_decay_at: float | None = 0.5  # lr ×0.1 after this fraction of the epochs; None: constant lr
+    # scale/rotate sampling grid: DSA's code (DC/DSA/DM's evaluate_synset) False; MTT's and DATM's utils.py True (one
+    # map on square images up to rounding; with True raydd's networks equal MTT's evaluate_synset bit for bit)
+    dsa_align_corners: bool = False
+    # lr ×0.1 after pass ⌊epochs·lr_decay_at⌋ + 1 (0-based; the references' lr_schedule = [Epoch//2 + 1] at 0.5);
+    # None: constant lr
+    lr_decay_at: float | None = 0.5
+    decay_resets_momentum: bool = True  # the references build a fresh SGD optimiser at the decay; False: keep it
+    extra_pass: bool = True  # the references train epochs + 1 passes (range(Epoch + 1)); False: exactly epochs
     device: str = "auto"
     seed: int = 0
     # Train the num_models networks as one vmapped computation (same seeds, batch orders, augmentation
@@ -69,9 +79,14 @@ class EvalConfig:
         check_range("EvalConfig.momentum", self.momentum, low=0, high=1, high_open=True)
         check_range("EvalConfig.weight_decay", self.weight_decay, low=0)
         check_range("EvalConfig.lr_decay_at", self.lr_decay_at, low=0, high=1, low_open=True, none_ok=True)
+        check_bool("EvalConfig.decay_resets_momentum", self.decay_resets_momentum,
+                   "True: a fresh optimiser at the decay (the references), False: momentum kept")
+        check_bool("EvalConfig.extra_pass", self.extra_pass,
+                   "True: epochs + 1 passes (the references' range(Epoch + 1)), False: exactly epochs")
         check_bool("EvalConfig.dsa_single_per_call", self.dsa_single_per_call,
                    "True: one DSA op per batch, False: every op")
-        DSAConfig(strategy=self.dsa_strategy, single_per_call=self.dsa_single_per_call)
+        DSAConfig(strategy=self.dsa_strategy, single_per_call=self.dsa_single_per_call,
+                  align_corners=self.dsa_align_corners)
         check_int("EvalConfig.seed", self.seed, low=0)
         if self.together is not None:
             check_bool("EvalConfig.together", self.together, "True: networks trained as one computation, "
@@ -86,6 +101,16 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def passes(self) -> int:
+        """Passes over the set each network trains: ``epochs``, plus the references' extra one."""
+        return self.epochs + (1 if self.extra_pass else 0)
+
+    @property
+    def decay_after(self) -> int | None:
+        """The pass (0-based) after which the lr drops ×0.1; None: never."""
+        return None if self.lr_decay_at is None else int(self.epochs * self.lr_decay_at) + 1
 
     def model_spec(self, info: DatasetInfo) -> ModelSpec:
         """The network for data described by ``info`` (cross-architecture: any arch, same data shape)."""
@@ -173,8 +198,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     spec = config.model_spec(info)
     dsa = None
     if config.dsa:
-        dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call)
-    decay_epoch = None if config.lr_decay_at is None else max(1, int(config.epochs * config.lr_decay_at))
+        dsa = make_dsa(config.dsa_strategy, flip_ok=info.flip_ok, single_per_call=config.dsa_single_per_call,
+                       align_corners=config.dsa_align_corners)
     together = networks_together(config, device, len(labels), info.num_classes)
     seeds = [config.seed + i for i in range(config.num_models)]
     groups = [seeds] if together else [[seed] for seed in seeds]  # a group trains as one NetworkStack
@@ -182,7 +207,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test: ImageDatase
     accs, train_accs = [], []
     for group in groups:
         group_accs, group_train = _train_group(group, images, labels, test, spec, config, lr=lr, device=device,
-                                               dsa=dsa, decay_epoch=decay_epoch,
+                                               dsa=dsa,
                                                on_epoch=on_epoch, first_index=len(accs))
         for acc in group_accs:
             if on_model is not None:
@@ -202,8 +227,7 @@ def networks_together(config: EvalConfig, device: torch.device, n_images: int, n
     return device.type == "cuda" and n_images <= num_classes
 
 
-def _train_group(seeds, images, labels, test, spec, config, *, lr, device, dsa, decay_epoch, on_epoch,
-                 first_index):
+def _train_group(seeds, images, labels, test, spec, config, *, lr, device, dsa, on_epoch, first_index):
     """The networks of ``seeds`` (network i of the protocol: seed + i) trained together, one alone trained as
     itself; their final test and train accuracies."""
     nets, gens = zip(*(fresh_network(spec, seed, device) for seed in seeds))
@@ -220,17 +244,28 @@ def _train_group(seeds, images, labels, test, spec, config, *, lr, device, dsa, 
                                         generators=list(gens), device=device, augment=augment,
                                         precision=config.precision)
     stats = None
-    for epoch in range(config.epochs):
-        if epoch == decay_epoch:
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.1
+    for epoch in range(config.passes):
         stats = train_one_epoch()
         if on_epoch is not None:
             for i in range(len(stack)):
                 on_epoch(first_index + i, epoch)
+        if epoch == config.decay_after:
+            _decay(opt, lr * 0.1, reset_momentum=config.decay_resets_momentum)
     accs = [s.acc for s in evaluate_together(stack, test.images, test.labels, device=device,
                                              precision=config.precision)]
     return accs, [s.acc for s in stats]
+
+
+def _decay(opt: torch.optim.Optimizer, lr: float, *, reset_momentum: bool) -> None:
+    """The lr drop: ``lr`` from now on; ``reset_momentum``: as the references' fresh SGD optimiser, whose first
+    step's momentum buffer is the gradient itself (buffers zeroed in place: 0.9·0 + g = g, bit for bit, and a
+    CUDA graph that captured them stays valid)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    if reset_momentum:
+        for state in opt.state.values():
+            if state.get("momentum_buffer") is not None:
+                state["momentum_buffer"].zero_()
 
 
 def _check_compatible(info: DatasetInfo, test: ImageDataset, what: str) -> None:

@@ -173,8 +173,8 @@ class DANCEConfig(PretrainedDMConfig):
     paper: ClassVar[PaperProtocol] = PaperProtocol(
         "DANCE Table 1", {"epochs": 1500, "num_models": 10, "batch_size": 64}, {"pretrain": (5, 60)},
         notes="DANCE's evaluation (arg_condense.py, train.py) decays lr x0.2 at epochs 1000 and 1250 and adds "
-              "CutMix (raydd's standard protocol: x0.1 at half, no CutMix); its released code prints the best "
-              "test accuracy over epochs 250-1500, raydd the final one")
+              "CutMix (raydd's standard protocol: DC/MTT's x0.1 after pass E//2 + 1, no CutMix); its released code "
+              "prints the best test accuracy over epochs 250-1500, raydd the final one")
 
     def __post_init__(self) -> None:
         super().__post_init__()

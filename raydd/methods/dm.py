@@ -80,8 +80,9 @@ class DMConfig(MethodConfig):
         ("cifar10", 1): 26.0, ("cifar10", 10): 48.9, ("cifar10", 50): 63.0}
     paper: ClassVar[PaperProtocol] = PaperProtocol(
         "DANCE Table 1 = PTLM Table 3 (DM)", {"epochs": 1000, "num_models": 10},
-        notes="DM's code evaluates ConvNet-3 w128 x 1000 epochs, lr x0.1 at half, the final accuracy of 100 "
-              "networks (main_DM.py); the papers quoting its Fashion-MNIST rows state 10 runs and no source")
+        notes="DM's code evaluates ConvNet-3 w128 x 1000 epochs (1001 passes, lr x0.1 after pass 501: its "
+              "evaluate_synset, raydd's standard protocol), the final accuracy of 100 networks (main_DM.py); the "
+              "papers quoting its Fashion-MNIST rows state 10 runs and no source")
 
     def scaled(self, scale: Scale) -> "DMConfig":
         """The embedder at ``scale.width`` (the paper's is the width-128 evaluation ConvNet)."""
