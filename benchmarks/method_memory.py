@@ -3,7 +3,7 @@
 Not a test. Found DATM-CLR's memory growth: every step skipped by DATM's threshold leaked its
 whole unrolled graph (~2.3 GB at IPC 10, N = 20), because the saved-tensor meter's pack hook
 returned the tensor itself, which makes a create_graph=True graph a reference cycle that only
-backward breaks (fixed in raydd/methods/mtt.py; benchmarks/results/fashion_mnist_ipc10_experts20.md):
+backward breaks (fixed in raydd/methods/matching.py, SavedTensorMeter; benchmarks/results/fashion_mnist_ipc10_experts20.md):
 
     python benchmarks/method_memory.py --method datm_clr --store STORE --steps 6
     python benchmarks/method_memory.py --method datm --store STORE --steps 6     # baseline

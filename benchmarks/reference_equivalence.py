@@ -401,7 +401,7 @@ def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict
 
     def replay_segment():  # the reference's start epoch on the one expert both sides read
         t = starts.pop(0)
-        return t, method.params(expert.trajectory_id, t), method.params(expert.trajectory_id, t + cfg.expert_epochs)
+        return t, method.expert_params(expert.trajectory_id, t), method.expert_params(expert.trajectory_id, t + cfg.expert_epochs)
 
     method.sample_segment = replay_segment
     perms = list(record.perms)

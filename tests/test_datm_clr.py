@@ -129,7 +129,7 @@ def test_inner_steps_use_momentum_sgd(digits, digits_experts):
     """θ̂_{n+1} = θ̂_n − α·v_{n+1}, v_{n+1} = μ·v_n + ∇L_ce(x1) (fusion: CE only inside the loop)."""
     train, _ = digits
     method = DATMCLR(small(syn_steps=3, inner_momentum=0.5), train, digits_experts, device="cpu", seed=2)
-    theta0 = method.params(method.experts[0].trajectory_id, 1)
+    theta0 = method.expert_params(method.experts[0].trajectory_id, 1)
     got = method.unroll(theta0, torch.Generator().manual_seed(5), create_graph=False)[0]
 
     gen = torch.Generator().manual_seed(5)

@@ -140,7 +140,7 @@ def test_labels_of_unlabelled_samples_are_never_read(digits, ssd_store, split, m
     corrupted = ImageDataset(train.images, corrupt, train.info, train.split, train.source)
     # the split is the protocol's (it decides who is labelled): hand the method the same one
     monkeypatch.setattr(ssd_module, "semi_supervised_split", lambda labels, fraction, seed: split)
-    with pytest.warns(UserWarning, match="differs from the data the students were trained on"):
+    with pytest.warns(UserWarning, match="differs from the data the student trajectories were trained on"):
         dirty = SSD(cfg, corrupted, store, device="cpu", seed=2)
     assert torch.equal(clean.images, dirty.images) and torch.equal(clean.labels.targets, dirty.labels.targets)
     for _ in range(2):

@@ -30,7 +30,7 @@ import torch
 from ..store import CorruptTrajectoryError
 from .base import PaperProtocol, register_method
 from .initial import class_labels
-from .matching import LearnedLabels, PlainSGD, StartWindow, TrajectoryMatching, soft_cross_entropy  # noqa: F401
+from .matching import LearnedLabels, PlainSGD, StartWindow, TrajectoryMatching
 from .mtt import MTTConfig, cap_syn_steps
 
 # Reference configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml and configs/CIFAR-100/ConvIN/IPC{1,10,50}.yaml
@@ -189,7 +189,7 @@ class ExpertLabeller:
 
 def load_datm_experts(method: TrajectoryMatching, config: DATMConfig) -> None:
     """Find the experts of ``config.matched_need()``, check that the initial window and ``label_epoch`` are stored
-    (before any work) and the data fingerprint, and load them into ``method`` (DATM and DATM-CLR)."""
+    (before any work), and load them into ``method`` (DATM and DATM-CLR)."""
     need = config.matched_need()
     experts, meta = method.find_experts(need)
     upper = start_epoch_upper(config, 0)
@@ -203,9 +203,7 @@ def load_datm_experts(method: TrajectoryMatching, config: DATMConfig) -> None:
         if lacking:
             raise ValueError(f"label_epoch={config.label_epoch} is not stored in {len(lacking)} of the {len(experts)} "
                              f"experts (e.g. {lacking[0]}): use --set label_epoch=null (each expert's last epoch)")
-    method.inputs.check_fingerprint(meta, need.role)
-    method.load_experts(need, experts, meta, method.inputs.training_view(meta).zca if meta["dataset"].get("zca")
-                        else None)
+    method.load_experts(need, experts, meta)
 
 
 def soft_label_initial_set(method: TrajectoryMatching, config: DATMConfig) -> tuple[torch.Tensor, LearnedLabels]:
@@ -275,4 +273,5 @@ class DATM(TrajectoryMatching):
         super().__init__(config, train, store, device=device, seed=seed)
         load_datm_experts(self, config)
         images, labels = soft_label_initial_set(self, config)
-        self.assemble(images, labels, window=start_window(config), student=PlainSGD(), skip_above=config.threshold)
+        self.assemble(images, labels, window=start_window(config), student_update=PlainSGD(),
+                      skip_above=config.threshold)

@@ -190,13 +190,13 @@ class ContrastiveTerm:
                                  self.config.temperature)  # eq. 2
         return logits, con
 
-    def inner(self, loss: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        return loss + self.config.update_weight * side if self.config.strategy == "update" else loss  # eq. 4
+    def student_loss(self, loss: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return loss if self.in_objective else loss + self.config.update_weight * side  # 'update': eq. 4
 
     def objective(self, loss_tm: torch.Tensor, side_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         loss = cfg.tm_weight * loss_tm
-        if cfg.strategy == "fusion":
+        if self.in_objective:  # 'fusion'
             loss = cfg.con_weight * side_mean + loss  # eq. 3
         return loss, {"loss_tm": loss_tm, "loss_con": side_mean}
 
@@ -230,5 +230,5 @@ class DATMCLR(TrajectoryMatching):
         images, labels = soft_label_initial_set(self, config)
         side = ContrastiveTerm(config, self.student, self.dsa, self.model_spec.name, train.info.name, self.generator,
                                self.device)
-        self.assemble(images, labels, window=start_window(config), student=MomentumSGD(config.inner_momentum),
+        self.assemble(images, labels, window=start_window(config), student_update=MomentumSGD(config.inner_momentum),
                       side=side, skip_above=config.threshold)

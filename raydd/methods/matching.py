@@ -1,8 +1,8 @@
 """The trajectory-matching family's one iteration (MTT, DATM, DATM-CLR, SSD), built from explicit parts.
 
 A member is a ``TrajectoryMatching`` whose constructor reads top to bottom: it names the trajectories it
-matches (a ``TrajectoryNeed``) and finds them (``find_experts``), loads the student they describe
-(``load_experts``), prepares its initial synthetic images and labels, and hands them to ``assemble``
+matches (a ``TrajectoryNeed``) and finds them (``find_experts``), loads them (``load_experts``: the data
+fingerprint check, their ZCA space, the student they describe), prepares its initial synthetic images and labels, and hands them to ``assemble``
 with the parts that make it the method it is:
 
 - ``window`` (``StartWindow``): the start epochs t an iteration may draw — MTT's [0, T+), DATM's growing
@@ -48,7 +48,7 @@ from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
 from .base import CondensationMethod, StepMeter, clone_tree
 from .initial import class_labels, random_real_indices
-from .inputs import TrajectoryNeed
+from .inputs import TrainingView, TrajectoryNeed
 from .synthetic import SyntheticSet
 from .unroll import checkpointed_unroll, first_order_unroll
 
@@ -237,8 +237,8 @@ class SideLoss(Protocol):
                         leaves: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's logits for its loss, the side loss) on the minibatch ``x`` of classes ``classes``."""
 
-    def inner(self, loss: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """The student's loss with the side loss in it (or not)."""
+    def student_loss(self, loss: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """The student's loss (``loss``: the labels') with the side loss in it, unless it is in the objective."""
 
     def objective(self, loss_tm: torch.Tensor, side_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(the outer objective, its named terms)."""
@@ -283,10 +283,17 @@ class TrajectoryMatching(CondensationMethod):
                 f"max_start_epoch/expert_epochs with --set, or farm longer {need.role}")
         return experts, infos[0].meta
 
-    def load_experts(self, need: TrajectoryNeed, experts: list[Expert], meta: dict, zca) -> None:
-        """Keep the matched trajectories (of ``need``, described by ``meta``; ``zca``: the whitening they were
-        trained in, or None) and build the student they describe, its flat view and the augmentation."""
+    def load_experts(self, need: TrajectoryNeed, experts: list[Expert], meta: dict, *, view: TrainingView | None = None,
+                     fingerprint_note: str = "matching still runs") -> None:
+        """Keep the matched trajectories (of ``need``, described by ``meta``): check that they were trained on
+        this data (``fingerprint_note``: what a mismatch means), take the ZCA whitening they were trained in
+        (from ``view``, the farm's training view, when the caller has it) and build the student they describe,
+        its flat view and the augmentation."""
         cfg = self.config
+        self.inputs.check_fingerprint(meta, need.role, fingerprint_note)
+        zca = None
+        if meta["dataset"].get("zca", False):
+            zca = (view or self.inputs.training_view(meta)).zca  # the farm's fit (raydd.farm.task.prepare_data)
         self.need, self.experts, self.expert_meta, self.zca_whitening = need, experts, meta, zca
         self.model_spec = ModelSpec.from_dict(meta["model"])
         with torch.random.fork_rng(devices=[]):  # the student's own init is never used: θ̂_0 = θ*_t
@@ -301,14 +308,14 @@ class TrajectoryMatching(CondensationMethod):
                             align_corners=cfg.dsa_align_corners) if cfg.dsa else None
 
     def assemble(self, images: torch.Tensor, labels: FixedLabels | LearnedLabels, *, window: StartWindow,
-                 student: PlainSGD | MomentumSGD, side: SideLoss | None = None,
+                 student_update: PlainSGD | MomentumSGD, side: SideLoss | None = None,
                  skip_above: float | None = None) -> None:
         """The synthetic images (learned), the parts (module doc), α0 (``syn_lr_init`` or the experts' lr) and
         the optimisers of S and α."""
         cfg = self.config
         self.images = images.requires_grad_(True)
         self.labels, self.window, self.student_update, self.side, self.skip_above = \
-            labels, window, student, side, skip_above
+            labels, window, student_update, side, skip_above
         alpha0 = cfg.syn_lr_init if cfg.syn_lr_init is not None else self._expert_lr()
         self.syn_lr = torch.tensor(float(alpha0), device=self.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.img_momentum)
@@ -349,7 +356,8 @@ class TrajectoryMatching(CondensationMethod):
         return [self.opt_img, self.opt_lr, *self.labels.optimizers(), *(self.side.optimizers() if self.side else [])]
 
     # ------------------------------------------------------------------ trajectories
-    def params(self, trajectory_id: str, epoch: int) -> torch.Tensor:
+    def expert_params(self, trajectory_id: str, epoch: int) -> torch.Tensor:
+        """θ* of a matched trajectory at ``epoch`` (flat, on the method's device)."""
         return self.inputs.params(trajectory_id, epoch, self.device)
 
     def start_upper(self, iteration: int | None = None) -> int:
@@ -373,7 +381,7 @@ class TrajectoryMatching(CondensationMethod):
         while True:
             tid, start = self.sample_expert()
             try:
-                return start, self.params(tid, start), self.params(tid, start + self.config.expert_epochs)
+                return start, self.expert_params(tid, start), self.expert_params(tid, start + self.config.expert_epochs)
             except CorruptTrajectoryError as err:
                 self.drop_expert(tid, err)
 
@@ -381,8 +389,7 @@ class TrajectoryMatching(CondensationMethod):
         self.inputs.skip(trajectory_id, error)
         self.experts = [e for e in self.experts if e.trajectory_id != trajectory_id]
         if not self.experts:
-            raise self.inputs.missing(f"every {self.need.role[:-1]} trajectory this run used is corrupt "
-                                      f"(last: {error})")
+            raise self.inputs.missing(f"every one of the {self.need.role} this run used is corrupt (last: {error})")
 
     # ------------------------------------------------------------------ the unrolled student
     def _next_minibatch(self, n_syn: int, generator: torch.Generator, pending: list[torch.Tensor]) -> torch.Tensor:
@@ -415,7 +422,7 @@ class TrajectoryMatching(CondensationMethod):
             logits, side = self.side.logits_and_loss(self.flat_model, params, x,
                                                      self.labels.hard_classes(idx, label_leaves), side_leaves,
                                                      generator)
-            loss = self.side.inner(self.labels.loss(logits, idx, label_leaves), side)
+            loss = self.side.student_loss(self.labels.loss(logits, idx, label_leaves), side)
         (grad,) = torch.autograd.grad(loss, params, create_graph=create_graph)
         state = self.student_update.update(state, params, grad, alpha)
         if not create_graph:
@@ -459,11 +466,12 @@ class TrajectoryMatching(CondensationMethod):
             return loss_tm, {"loss_tm": loss_tm}
         return self.side.objective(loss_tm, side_mean)
 
-    def _diverged(self, total: float) -> FloatingPointError:
+    def _diverged(self, total: float, loss_tm: float) -> FloatingPointError:
         cfg = self.config
         knobs = [f"lr_img ({cfg.lr_img})", f"lr_lr ({cfg.lr_lr})"] + ([f"lr_y ({cfg.lr_y})"] if self.labels.learned
                                                                       else [])
-        return FloatingPointError(f"{self.name} matching loss is {total} at iteration {self._iteration}: lower "
+        terms = f"loss is {total} (matching loss {loss_tm})" if self.side is not None else f"matching loss is {total}"
+        return FloatingPointError(f"{self.label} {terms} at iteration {self._iteration}: lower "
                                   f"{', '.join(knobs[:-1])} or {knobs[-1]}")
 
     def step(self) -> dict[str, float]:
@@ -476,7 +484,7 @@ class TrajectoryMatching(CondensationMethod):
             loss, terms = self.objective(theta_start, theta_target)
         loss_tm, total = float(terms["loss_tm"].detach()), float(loss.detach())
         if math.isnan(loss_tm) or math.isnan(total) or (self.skip_above is None and math.isinf(total)):
-            raise self._diverged(total)
+            raise self._diverged(total, loss_tm)
         skipped = self.skip_above is not None and not loss_tm <= self.skip_above  # inf is skipped too
         grads: dict[str, float] = {"grad_norm_img": 0.0, "grad_norm_lr": 0.0}
         if self.labels.learned:
@@ -555,7 +563,7 @@ class TrajectoryMatching(CondensationMethod):
         inputs = {"theta_start": theta_start, "theta_target": theta_target, **self._plan_unroll(self.generator)}
         loss, grad_img, grad_lr, param_dist = self._graphed.run(inputs)
         if not math.isfinite(loss):  # as the eager step: nothing was updated
-            raise self._diverged(loss)
+            raise self._diverged(loss, loss)
         self._iteration += 1
         metrics = {"loss": loss, "loss_tm": loss, "skipped": 0.0, "syn_lr": float(self.syn_lr.detach()),
                    "start_epoch": float(start), "start_upper": float(upper), "grad_norm_img": grad_img,
@@ -569,8 +577,8 @@ class TrajectoryMatching(CondensationMethod):
         problem before and after some iterations.
         """
         generator = torch.Generator().manual_seed(seed)
-        theta_start = self.params(trajectory_id, start_epoch)
-        theta_target = self.params(trajectory_id, start_epoch + self.config.expert_epochs)
+        theta_start = self.expert_params(trajectory_id, start_epoch)
+        theta_target = self.expert_params(trajectory_id, start_epoch + self.config.expert_epochs)
         theta_end, _ = self.unroll(theta_start, generator, create_graph=False)
         return float(normalised_distance(theta_end.detach(), theta_start, theta_target))
 

@@ -182,9 +182,7 @@ class MTT(TrajectoryMatching):
         super().__init__(config, train, store, device=device, seed=seed)
         need = config.matched_need()
         experts, meta = self.find_experts(need)  # validated before any work
-        self.inputs.check_fingerprint(meta, need.role)
-        self.load_experts(need, experts, meta, self.inputs.training_view(meta).zca if meta["dataset"].get("zca")
-                          else None)
+        self.load_experts(need, experts, meta)
         images, classes = self.random_initial_set()
         self.assemble(images, FixedLabels(classes), window=StartWindow.fixed(0, config.max_start_epoch),
-                      student=PlainSGD())
+                      student_update=PlainSGD())

@@ -115,7 +115,8 @@ def _teacher_of(info) -> str | None:
 @register_method
 class SSD(TrajectoryMatching):
     """SSD's condensation stage: the family's iteration (raydd/methods/matching.py) on the students of one
-    teacher, with fixed labels from the teacher (``syn_labels``), a window [0, T+), a plain-SGD student."""
+    teacher, with fixed labels (``syn_labels``: the teacher's classes or probabilities, or the known labels
+    with pseudo-labelled top-ups), a window [0, T+), a plain-SGD student."""
 
     name = "ssd"
     label = "SSD"
@@ -130,7 +131,6 @@ class SSD(TrajectoryMatching):
         # the students of one teacher share its data and split
         self.labelled_fraction = student_meta["recipe_config"]["labelled_fraction"]
         self.split_seed = student_meta["recipe_config"]["split_seed"]
-        self.inputs.check_fingerprint(student_meta, "students", "its labelled split may differ from theirs")
         view = self.inputs.training_view(student_meta)  # the farm's pool and ZCA fit
         pool = view.pool
         self.split: SemiSupervisedSplit = semi_supervised_split(pool.labels, self.labelled_fraction, self.split_seed)
@@ -150,10 +150,11 @@ class SSD(TrajectoryMatching):
         else:
             check_ipc(config.ipc, seen)
         self.train = seen  # SSD's view of the pool: labelled samples with labels, the others pseudo-labelled
-        self.load_experts(need, experts, student_meta, view.zca if student_meta["dataset"].get("zca") else None)
+        self.load_experts(need, experts, student_meta, view=view,
+                          fingerprint_note="its labelled split may differ from theirs")
         images, labels = self._initial_set()
         self.assemble(images, FixedLabels(labels), window=StartWindow.fixed(0, config.max_start_epoch),
-                      student=PlainSGD())
+                      student_update=PlainSGD())
         del self._teacher_net  # only needed for the initial labels
 
     def _check_ipc(self) -> None:
