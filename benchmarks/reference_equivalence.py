@@ -27,7 +27,8 @@ path fails at the evaluation print), and its evaluation runs zero networks.
 
 ``--reference-root`` holds ``mtt-distillation/`` (GeorgeCazenavette/mtt-distillation), ``DATM/``
 (NUS-HPC-AI-Lab/DATM; its utils/cfg.py needs ``pip install yacs``) and ``DatasetCondensation/``
-(VICO-UoE/DatasetCondensation). DANCE, EDC and TESLA have no side here yet.
+(VICO-UoE/DatasetCondensation), ``tesla/`` (justincui03/tesla: raydd's MTT with ``unroll='tesla'``). DANCE
+and EDC have no side here yet.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from raydd.methods.datm import ExpertLabeller, mean_correct_logits  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
-REFERENCES = {"mtt": "mtt-distillation", "datm": "DATM", "dm": "DatasetCondensation"}
+REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "dm": "DatasetCondensation"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
 RESOLUTION = 28
@@ -246,8 +247,9 @@ class _TrainView(torch.utils.data.Dataset):
         return self.train.images[i], int(self.train.labels[i])
 
 
-def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recorder) -> None:
-    """mtt-distillation's distill.main on raydd's digits tensors and expert buffer, recording what it does."""
+def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recorder, **extra) -> None:
+    """mtt-distillation's distill.main (or TESLA's, whose distill.py is MTT's with its Eq. 6 gradient:
+    ``extra`` its two added options) on raydd's digits tensors and expert buffer, recording what it does."""
     sys.modules["wandb"] = _wandb_stub(record)
     distill = _import_reference(root, "distill")
     ns = argparse.Namespace(
@@ -257,7 +259,7 @@ def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recor
         batch_train=256, pix_init="real", dsa="True", dsa_strategy=args.dsa_strategy,
         data_path="", buffer_path=str(buffer_root), expert_epochs=args.expert_epochs, syn_steps=args.syn_steps,
         max_start_epoch=args.max_start_epoch, zca=False, load_all=False, no_aug=not args.dsa, texture=False,
-        canvas_size=2, canvas_samples=1, max_files=None, max_experts=None, force_save=False)
+        canvas_size=2, canvas_samples=1, max_files=None, max_experts=None, force_save=False, **extra)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -350,19 +352,39 @@ def run_reference_dm(root: Path, work: Path, train, args, record: _Recorder) -> 
 
 
 # ----------------------------------------------------------------------------- replaying into raydd
+class _Replay:
+    """The reference's recorded draws handed out in order — and again, the same ones, when raydd re-runs steps
+    from a restored generator (the checkpointed and first-order unrolls replay their steps in the backward
+    pass): each request draws a key from the caller's generator, and a key seen before gets its draw again."""
+
+    def __init__(self, draws: list) -> None:
+        self.draws, self.seen = list(draws), {}
+
+    def next(self, generator: torch.Generator | None):
+        if generator is None:
+            return self.draws.pop(0)
+        key = int(torch.randint(2 ** 62, (1,), generator=generator))
+        if key not in self.seen:
+            self.seen[key] = self.draws.pop(0)
+        return self.seen[key]
+
+    def __len__(self) -> int:
+        return len(self.draws)
+
+
 class _ReplayDSA:
     """raydd's DSA operations applied with the reference's recorded draws, one DiffAugment call at a time."""
 
     def __init__(self, calls: list[list[torch.Tensor]], strategy: str, config: DSAConfig) -> None:
         # ``config``: the method's own DSA config (e.g. its align_corners), with the reference's whole strategy
         # (raydd drops flip on digits; the reference keeps it on every dataset)
-        self.calls = list(calls)
+        self.calls = _Replay(calls)
         self.strategy = strategy.split("_")
         self.dsa = DSA(dataclasses.replace(config, strategy=strategy))
         self.ops = self.dsa.ops
 
     def __call__(self, x, seed=None, generator=None):
-        drawn = self.calls.pop(0)
+        drawn = self.calls.next(generator)
         op = self.strategy[int(drawn[0])]
         slots = _SLOT_DTYPES[op]  # raydd's values of the op, in the order the reference draws them
         if len(drawn) - 1 != len(slots):
@@ -377,10 +399,19 @@ class _ReplayDSA:
 
 
 def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict[str, list[float]]:
-    """raydd's MTT or DATM from the reference's initial images (and DATM's label logits), replaying its start
-    epochs, minibatches and DSA draws; per iteration the relative differences from the reference's values."""
-    knobs = dict(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
-                 lr_img=args.lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
+    """raydd's MTT (TESLA: MTT with unroll='tesla') or DATM from the reference's initial images (and DATM's label
+    logits), replaying its start epochs, minibatches and DSA draws; per iteration the relative differences from
+    the reference's values."""
+    knobs = dict(unroll="tesla") if name == "tesla" else {}
+    lr_img = args.lr_img
+    if name == "tesla" and args.tesla_as_released:
+        # TESLA's distill.py writes `2 * torch.autograd.grad(...)`: a tuple doubled, not the gradient, so it steps
+        # its images by half of Eq. 6's gradient; raydd's unroll='tesla' takes the whole gradient: lr_img / 2 on
+        # raydd's side moves the images as the released code does
+        lr_img = args.lr_img / 2
+    name = "mtt" if name == "tesla" else name
+    knobs.update(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+                 lr_img=lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
                  dsa_strategy=args.dsa_strategy, batch_syn=args.batch_syn, dsa_align_corners=args.align_corners)
     if name == "datm":
         knobs.update(lr_y=args.lr_y, threshold=args.threshold, current_max_start_epoch=args.current_max_start_epoch,
@@ -404,11 +435,11 @@ def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict
         return t, method.expert_params(expert.trajectory_id, t), method.expert_params(expert.trajectory_id, t + cfg.expert_epochs)
 
     method.sample_segment = replay_segment
-    perms = list(record.perms)
+    perms = _Replay(record.perms)
 
     def replay_minibatch(n_syn, generator, pending):
         if not pending:
-            chunks = list(perms.pop(0).split(min(cfg.batch_syn or n_syn, n_syn)))
+            chunks = list(perms.next(generator).split(min(cfg.batch_syn or n_syn, n_syn)))
             pending.extend(reversed(chunks))  # the reference pops its chunks from the end
         return pending.pop(0)
 
@@ -612,6 +643,9 @@ def main(argv=None) -> int:
     p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=True,
                    help="raydd's MTTConfig.dsa_align_corners (default True, its default) and, for --protocols "
                         "standard, EvalConfig.dsa_align_corners (True: MTT's evaluate_synset's grid)")
+    p.add_argument("--tesla-as-released", action=argparse.BooleanOptionalAction, default=True,
+                   help="TESLA: raydd's lr_img halved, as the released code's image step is half Eq. 6's gradient "
+                        "(default); --no-tesla-as-released compares the same lr_img")
     p.add_argument("--lr-y", type=float, default=2.0, help="DATM's label lr (its config default)")
     p.add_argument("--threshold", type=float, default=1.0, help="DATM's skip threshold (its config default)")
     p.add_argument("--current-max-start-epoch", type=int, default=None,
@@ -643,7 +677,7 @@ def main(argv=None) -> int:
     train, _ = load_train_test("digits", resolution=RESOLUTION)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = farm_store(tmp / "store", args) if {"mtt", "datm"} & set(args.methods) else None
+        store = farm_store(tmp / "store", args) if {"mtt", "tesla", "datm"} & set(args.methods) else None
         if store is not None:
             (info,) = store.list()
             with store.open(info.trajectory_id) as trajectory:
@@ -658,6 +692,9 @@ def main(argv=None) -> int:
             try:
                 if name == "mtt":
                     run_reference_mtt(root, tmp / "buffers", train, args, record)
+                elif name == "tesla":
+                    run_reference_mtt(root, tmp / "buffers", train, args, record, random_trajectory=False,
+                                      teacher_label=False)
                 elif name == "datm":
                     run_reference_datm(root, tmp / "buffers", train, args, record)
                 else:
@@ -672,7 +709,7 @@ def main(argv=None) -> int:
                   f"-> {record.losses[-1]:.6g}")
             if "label_init" in rows:
                 print(f"  initial label logits (raydd's rule on the reference's images): {rows['label_init'][0]:.2e}")
-            if "skipped" in rows:
+            if "skipped" in rows and name == "datm":
                 print(f"  iterations skipped by the reference: {[i + 1 for i, s in enumerate(record.skipped) if s]}; "
                       f"raydd skipped the same ones: {all(rows['skipped'])}")
             print("  iteration | images | syn_lr | labels | loss   (max relative difference, float32)")
