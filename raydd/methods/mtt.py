@@ -70,7 +70,8 @@ class MTTConfig(MethodConfig):
     pix_init: str = "real"  # 'real' (random real images per class) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     unroll: str = "full"  # 'full': keep the N-step graph; 'checkpoint': the same gradient, one step's graph held;
-    # 'tesla': TESLA's constant-memory gradient, first-order for N > 1 (raydd/methods/unroll.py)
+    # 'tesla': TESLA's constant-memory gradient, first-order for N > 1 (raydd/methods/unroll.py); TESLA's released
+    # distill.py steps the images by half of it (`2 * autograd.grad(...)` doubles a tuple): halve lr_img to match it
     unroll_segment: int = 0  # steps re-run together in the backward pass (unroll='checkpoint'); 0: 1
     expert_kind: str = "expert"  # store kind of the trajectories to match
     # How an iteration runs (raydd.training.ENGINES): eager, or graph — its random draws made up front, and on

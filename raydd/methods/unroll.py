@@ -25,6 +25,9 @@ every earlier minibatch (the published critique of Eq. 6 is right: tests/test_un
 difference). The gradient is therefore exact for N = 1 only; for N > 1 it is a first-order
 approximation, for hard and soft labels alike; momentum students (DATM-CLR) are not covered at all.
 Its work equals ``checkpoint`` with k = 1, which is exact and holds N more parameter vectors.
+Against justincui03/tesla's distill.py on identical draws (benchmarks/reference_equivalence.py --methods tesla):
+equal to 1e-7, except that the released code applies half of this image gradient (``2 * torch.autograd.grad``
+multiplies the returned tuple, not the tensor): halve lr_img to reproduce its runs.
 
 The step function has the signature ``step(params, leaves, generator, pending, *, create_graph)``
 and must draw all its randomness from ``generator`` and take its minibatches from the ``pending``
