@@ -21,7 +21,8 @@ def test_every_reported_number_is_a_setting_with_its_protocol():
     # the first 4 epochs of the paper's 100 x 50 experts: MTT reads epochs 0..4 and the expert recipe is prefix-exact
     assert [(need.recipe, count, epochs) for need, count, epochs in jobs] == [("expert", 100, 4)]
     assert config.zca and config.syn_steps == 50  # the published CIFAR-10 IPC 1 row
-    assert mtt.eval_settings(SCALES["paper"]) == {"epochs": 1000, "num_models": 5}
+    # MTT's utils.py evaluates with its DSA grid (align_corners=True): its evaluate_synset, bit for bit
+    assert mtt.eval_settings(SCALES["paper"]) == {"epochs": 1000, "num_models": 5, "dsa_align_corners": True}
     scaled, jobs = mtt.plan(SCALES["cpu"])  # every departure is a knob value
     assert scaled.syn_steps == 20 and [(c, e) for _, c, e in jobs] == [(4, 4)]  # 4 experts, the epochs MTT reads
     assert settings["edc_cifar10_ipc10"].eval_settings(SCALES["paper"])["model"] == "resnet18-bn"

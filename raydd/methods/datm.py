@@ -98,7 +98,7 @@ class DATMConfig(MTTConfig):
     reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM Table 1 (METHODS.md)
         ("cifar10", 1): 46.9, ("cifar10", 10): 66.8, ("cifar10", 50): 76.1}
     paper: ClassVar[PaperProtocol] = PaperProtocol(
-        "DATM Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 100)},
+        "DATM Table 1", {"epochs": 1000, "num_models": 5, "dsa_align_corners": True}, {"expert": (100, 100)},
         notes="DATM trains its experts with GSAM (FTD's optimizer, buffer_FTD.py); raydd's expert recipe is MTT's "
               "plain SGD (lr 0.01): a departure; DATM's configs evaluate num_eval=1 network per checkpoint at the "
               "learned lr with soft labels (the paper's run count is not in the repo; raydd: 5, final accuracy)")

@@ -111,7 +111,7 @@ class DATMCLRConfig(DATMConfig):
     reported: ClassVar[dict[tuple[str, int], float]] = {  # DATM-CLR Table 1
         ("cifar10", 1): 53.0, ("cifar10", 10): 70.2, ("cifar10", 50): 77.6}
     paper: ClassVar[PaperProtocol] = PaperProtocol(
-        "DATM-CLR Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 100)},
+        "DATM-CLR Table 1", {"epochs": 1000, "num_models": 5, "dsa_align_corners": True}, {"expert": (100, 100)},
         notes="the paper states N=20, tau=0.1 and five trials; experts, iterations and the evaluation network's "
               "epochs are not stated and follow DATM, its code base. 'SGD with momentum 0.5' (Sec. 4.1) is read as "
               "the optimiser of the synthetic set with a plain-SGD student, as DATM's code does (inner_momentum=0, "

@@ -85,12 +85,13 @@ class MTTConfig(MethodConfig):
     reported: ClassVar[dict[tuple[str, int], float]] = {  # MTT Table 1
         ("cifar10", 1): 46.3, ("cifar10", 10): 65.3, ("cifar10", 50): 71.6, ("cifar100", 1): 24.3}
     paper: ClassVar[PaperProtocol] = PaperProtocol(
-        "MTT Table 1", {"epochs": 1000, "num_models": 5}, {"expert": (100, 50)},
+        "MTT Table 1", {"epochs": 1000, "num_models": 5, "dsa_align_corners": True}, {"expert": (100, 50)},
         notes="distill.py: 5 ConvNet-3 w128 IN x 1000 epochs at the learned lr, each network's final accuracy "
               "(its Max_Accuracy line is the best checkpoint; which one Table 1 quotes is not stated). Student "
               "minibatches: raydd takes a permutation's chunks from its head, distill.py from its end "
               "(indices_chunks.pop()): the same distribution; otherwise one iteration equals distill.py's to "
-              "3e-7 in float32 on identical draws (benchmarks/results/reference_equivalence.md)")
+              "3e-7 in float32 on identical draws, and the evaluation (its evaluate_synset: 1001 passes, its DSA "
+              "grid) trains the same networks bit for bit (benchmarks/results/reference_equivalence.md)")
     matched_recipe: ClassVar[str] = "expert"  # the farm recipe whose trajectories are matched
     engines: ClassVar[tuple[str, ...]] = ENGINES  # the engines this method's iteration is built for
     matched_role: ClassVar[str] = "experts"
