@@ -2,15 +2,15 @@
 
 A member is a ``TrajectoryMatching`` whose constructor reads top to bottom: it names the trajectories it
 matches (a ``TrajectoryNeed``) and finds them (``find_experts``), loads them (``load_experts``: the data
-fingerprint check, their ZCA space, the student they describe), prepares its initial synthetic images and labels, and hands them to ``assemble``
-with the parts that make it the method it is:
+fingerprint check, their ZCA space, the student they describe), prepares its initial synthetic images and
+labels, and hands them to ``assemble`` with the parts that make it the method it is:
 
 - ``window`` (``StartWindow``): the start epochs t an iteration may draw — MTT's [0, T+), DATM's growing
   [T-, upper(iteration));
 - ``labels``: the label parameterisation and the student's loss on it — ``FixedLabels`` (class indices,
   cross-entropy; or fixed probability rows, soft cross-entropy: SSD's soft labels) or ``LearnedLabels``
   (DATM's logits y, −Σ softmax(y)·log_softmax(f(x)), learned by their own optimiser);
-- ``student`` (``PlainSGD`` or ``MomentumSGD``): how the unrolled student moves — MTT's eq. 1
+- ``student_update`` (``PlainSGD`` or ``MomentumSGD``): how the unrolled student moves — MTT's eq. 1
   θ̂_{n+1} = θ̂_n − α g_n, or DATM-CLR's (θ̂, v) with v ← μ v + g_n;
 - ``side`` (optional, a ``SideLoss``): a loss computed at every student step from the augmented views it
   makes (DATM-CLR's contrastive term), entering the student's loss or the outer objective, with its own
@@ -25,8 +25,8 @@ One iteration (``step``), the same for every member:
   3. L_tm = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² (MTT eq. 2); the objective is L_tm, or the side loss's
      combination of L_tm and the steps' mean side loss;
   4. unless skipped, the objective is backpropagated into the leaves — S, α, the learned labels, the side
-     loss's parameters — and their optimisers step: S and α by SGD(lr_img/lr_lr, momentum 0.5), the labels
-     and side parameters by theirs.
+     loss's parameters — and their optimisers step: S and α by SGD (lr_img / lr_lr, img_momentum /
+     lr_momentum, 0.5 by default), the labels and side parameters by theirs.
 
 Memory of the unrolled loop: only the current state is referenced from Python; what stays alive is what
 autograd saved to differentiate the student's update twice — O(N · (P + activations)). ``backward(inputs=
