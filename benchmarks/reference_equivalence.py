@@ -517,21 +517,15 @@ def run_reference_evaluation(root: Path, images, labels, test, args) -> list[_Ev
     for i in range(args.eval_networks):
         net = utils.get_network("ConvNet", info.channels, info.num_classes, tuple(info.resolution))
         torch.manual_seed(args.seed + i)  # get_network seeds torch from the clock; the batch orders from here
-        record = _EvalRecord([p.detach().clone() for p in net.parameters()])
-        holder = _Recorder()
-        randperm = torch.randperm
-
-        def recording_randperm(*a, **k):  # the DataLoader's shuffle, one permutation per epoch
-            out = randperm(*a, **k)
-            record.perms.append(out.clone())
-            return out
-
+        record, holder = _EvalRecord([p.detach().clone() for p in net.parameters()]), _Recorder()
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(utils, "DiffAugment", _recording_augment(utils.DiffAugment, holder)))
-            stack.enter_context(_patched(torch, "randperm", recording_randperm))
-            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
-            stack.enter_context(contextlib.redirect_stderr(open(os.devnull, "w")))  # its tqdm bar
+            stack.enter_context(_patched(torch, "randperm", _recording_randperm(holder)))  # the DataLoader's shuffle
+            devnull = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(devnull))
+            stack.enter_context(contextlib.redirect_stderr(devnull))  # its tqdm bar
             trained, _, acc = utils.evaluate_synset(i, net, images.clone(), labels.clone(), testloader, ns)
+        record.perms = holder.perms
         passes = args.eval_epochs + 1
         if len(record.perms) == 2 * passes:  # torch's RandomSampler draws a second permutation per epoch for
             record.perms = record.perms[::2]  # the remainder of len(data) / len(data) samples: empty, unused

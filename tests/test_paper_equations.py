@@ -10,6 +10,7 @@ wrong reading of its equation (a dropped term, another momentum) lies far outsid
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -36,7 +37,7 @@ class Network:
     def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out, at = {}, 0
         for name, shape in self.layout:
-            n = int(torch.tensor(shape).prod()) if shape else 1
+            n = math.prod(shape)
             out[name] = flat[at:at + n].view(shape)
             at += n
         return out

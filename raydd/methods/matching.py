@@ -48,7 +48,7 @@ from ..models import FlatModel, ModelSpec, build_model
 from ..store import CorruptTrajectoryError
 from .base import CondensationMethod, StepMeter, clone_tree
 from .initial import class_labels, random_real_indices
-from .inputs import TrainingView, TrajectoryNeed
+from .inputs import TrajectoryNeed
 from .synthetic import SyntheticSet
 from .unroll import checkpointed_unroll, first_order_unroll
 
@@ -283,17 +283,15 @@ class TrajectoryMatching(CondensationMethod):
                 f"max_start_epoch/expert_epochs with --set, or farm longer {need.role}")
         return experts, infos[0].meta
 
-    def load_experts(self, need: TrajectoryNeed, experts: list[Expert], meta: dict, *, view: TrainingView | None = None,
+    def load_experts(self, need: TrajectoryNeed, experts: list[Expert], meta: dict, *,
                      fingerprint_note: str = "matching still runs") -> None:
         """Keep the matched trajectories (of ``need``, described by ``meta``): check that they were trained on
         this data (``fingerprint_note``: what a mismatch means), take the ZCA whitening they were trained in
-        (from ``view``, the farm's training view, when the caller has it) and build the student they describe,
+        (the farm's fit: ``StoreInputs.training_view``, built once per run) and build the student they describe,
         its flat view and the augmentation."""
         cfg = self.config
         self.inputs.check_fingerprint(meta, need.role, fingerprint_note)
-        zca = None
-        if meta["dataset"].get("zca", False):
-            zca = (view or self.inputs.training_view(meta)).zca  # the farm's fit (raydd.farm.task.prepare_data)
+        zca = self.inputs.training_view(meta).zca if meta["dataset"].get("zca", False) else None
         self.need, self.experts, self.expert_meta, self.zca_whitening = need, experts, meta, zca
         self.model_spec = ModelSpec.from_dict(meta["model"])
         with torch.random.fork_rng(devices=[]):  # the student's own init is never used: θ̂_0 = θ*_t
@@ -316,6 +314,9 @@ class TrajectoryMatching(CondensationMethod):
         self.images = images.requires_grad_(True)
         self.labels, self.window, self.student_update, self.side, self.skip_above = \
             labels, window, student_update, side, skip_above
+        if cfg.engine == "graph" and (side is not None or labels.learned or not isinstance(student_update, PlainSGD)):
+            raise ValueError(f"{self.name}: engine='graph' is built for a plain-SGD student with fixed labels and no "
+                             f"side loss (accepted: engine='eager')")
         alpha0 = cfg.syn_lr_init if cfg.syn_lr_init is not None else self._expert_lr()
         self.syn_lr = torch.tensor(float(alpha0), device=self.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.img_momentum)
@@ -550,9 +551,6 @@ class TrajectoryMatching(CondensationMethod):
         self.opt_lr.step()
 
     def _graph_step(self) -> dict[str, float]:
-        if self.side is not None or self.labels.learned or not isinstance(self.student_update, PlainSGD):
-            raise ValueError(f"{self.name}: engine='graph' is built for a plain-SGD student with fixed labels "
-                             f"and no side loss")
         if self._graphed is None:
             self._graphed = GraphedIteration(self._graph_iteration, device=self.device, metrics=4,
                                              leaves=lambda: [self.images, self.syn_lr],

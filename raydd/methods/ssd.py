@@ -150,8 +150,7 @@ class SSD(TrajectoryMatching):
         else:
             check_ipc(config.ipc, seen)
         self.train = seen  # SSD's view of the pool: labelled samples with labels, the others pseudo-labelled
-        self.load_experts(need, experts, student_meta, view=view,
-                          fingerprint_note="its labelled split may differ from theirs")
+        self.load_experts(need, experts, student_meta, fingerprint_note="its labelled split may differ from theirs")
         images, labels = self._initial_set()
         self.assemble(images, FixedLabels(labels), window=StartWindow.fixed(0, config.max_start_epoch),
                       student_update=PlainSGD())
