@@ -57,7 +57,8 @@ from raydd.methods.datm import ExpertLabeller, mean_correct_logits  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
-REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "dm": "DatasetCondensation"}
+REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "dm": "DatasetCondensation",
+              "dance": "DANCE"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
 RESOLUTION = 28
@@ -490,6 +491,208 @@ def run_raydd_dm(train, args, record: _Recorder) -> dict[str, list[float]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- DANCE
+@dataclasses.dataclass
+class _DanceRecord:
+    """What DANCE's condense did: its experts and λ draws, each DiffAugment call's (normalised) input and numpy
+    draws, each class's loss and the images after each of its per-class steps."""
+
+    experts: list[int] = dataclasses.field(default_factory=list)
+    lams: list[float] = dataclasses.field(default_factory=list)
+    aug_calls: list[tuple[torch.Tensor, list[float], list[int]]] = dataclasses.field(default_factory=list)
+    match_losses: list[float] = dataclasses.field(default_factory=list)
+    calib_losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def _dance_state_dict(reference_model, flat: torch.Tensor, spec) -> dict:
+    """raydd's flat ConvNet parameters as IDC's ConvNet state dict (its layers.conv.d / layers.norm.d /
+    classifier, raydd's features.k order: conv, norm per block)."""
+    from raydd.models import build_model
+    from raydd.models.flat import ParamLayout
+
+    mine = ParamLayout.of_parameters(build_model(spec)).unflatten(flat)
+    convs = sorted({int(n.split(".")[1]) for n, t in mine.items() if n.startswith("features") and t.dim() == 4})
+    out = {}
+    for d, k in enumerate(convs):
+        out[f"layers.conv.{d}.weight"], out[f"layers.conv.{d}.bias"] = mine[f"features.{k}.weight"], mine[f"features.{k}.bias"]
+        out[f"layers.norm.{d}.weight"] = mine[f"features.{k + 1}.weight"]
+        out[f"layers.norm.{d}.bias"] = mine[f"features.{k + 1}.bias"]
+    out["classifier.weight"], out["classifier.bias"] = mine["classifier.weight"], mine["classifier.bias"]
+    want = reference_model.state_dict()
+    if set(want) != set(out) or any(want[k].shape != v.shape for k, v in out.items()):
+        raise RuntimeError(f"raydd's ConvNet does not map onto DANCE's: {sorted(want)} vs {sorted(out)}")
+    return {k: v.detach().clone().reshape(want[k].shape) for k, v in out.items()}
+
+
+def run_reference_dance(root: Path, work: Path, experts, spec, train, args, record: _Recorder) -> _DanceRecord:
+    """Hansong-Zhang/DANCE's DANCE.condense on raydd's digits (as pixels, its parameterisation) and raydd's
+    pre-trained experts (written as its premodel{i}_init/_trained state dicts), recording its draws."""
+    info = train.info
+    for name in list(sys.modules):  # DANCE's modules share names with the others' and the standard library's
+        if name.split(".")[0] in ("test", "data", "common", "misc", "models", "train", "DANCE"):
+            sys.modules.pop(name)
+    tensor = torch.tensor
+
+    def host_tensor(*a, device=None, **k):  # its train.py builds CUDA tensors at import time
+        return tensor(*a, **k)
+
+    with _patched(torch, "tensor", host_tensor):
+        dance = _import_reference(root, "DANCE")
+    common, data, augment = sys.modules["common"], sys.modules["data"], sys.modules["misc.augment"]
+    dance_record = _DanceRecord()
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    pixels = train.images * std + mean
+    trainset = data.TensorDataset(pixels, train.labels)
+    trainset.nclass = info.num_classes
+    ns = argparse.Namespace(
+        dataset="digits", net_type="convnet", depth=3, width=1.0, norm_type="instance", nch=info.channels,
+        size=RESOLUTION, ipc=args.ipc, factor=args.dance_factor, decode_type="single", init="mix",
+        aug_type="color_crop_cutout", mixup="vanilla", load_memory=True, batch_real=args.batch_real, workers=0,
+        lr_img=args.lr_img_dance, mom_img=0.5, niter=args.iterations, iter_calib=1, batch_syn_max=200,
+        num_premodel=len(experts), pretrain_dir=str(work / "premodels"), save_dir=str(work / "dance"), test=False,
+        time=False)
+    (work / "premodels").mkdir(parents=True, exist_ok=True)
+    (work / "dance").mkdir(parents=True, exist_ok=True)
+    probe = dance.define_model(ns, info.num_classes)
+    for i, expert in enumerate(experts):
+        torch.save(_dance_state_dict(probe, expert.initial, spec), work / "premodels" / f"premodel{i}_init.pth.tar")
+        torch.save(_dance_state_dict(probe, expert.final, spec), work / "premodels" / f"premodel{i}_trained.pth.tar")
+
+    call = augment.DiffAug.__call__
+
+    def recording_call(self, x, *a, **k):
+        uniforms, ints = [], []
+        uniform, randint = np.random.uniform, np.random.randint
+
+        def rec(fn, into):
+            def wrapped(*aa, **kk):
+                out = fn(*aa, **kk)
+                into.append(out)
+                return out
+            return wrapped
+
+        def dyadic_uniform(*aa, **kk):
+            # its colour draws on a 2^-12 grid: r − 0.5, r·2 and r + 0.5 are then exact in float32 and float64,
+            # so raydd's ops (which take the draw to float32 first) compute the same numbers as its (float64)
+            return np.float64(np.round(uniform(*aa, **kk) * 4096) / 4096)
+
+        with _patched(np.random, "uniform", rec(dyadic_uniform, uniforms)), \
+                _patched(np.random, "randint", rec(randint, ints)):
+            out = call(self, x, *a, **k)
+        dance_record.aug_calls.append((x.detach().clone(), uniforms, ints))
+        return out
+
+    randint, rand = random.randint, torch.rand
+
+    def recording_randint(*a, **k):
+        out = randint(*a, **k)
+        dance_record.experts.append(out)
+        return out
+
+    def recording_rand(*a, **k):
+        out = rand(*a, **k)
+        dance_record.lams.append(float(out))
+        return out
+
+    innerloss, interloss = dance.innerloss, dance.interloss
+
+    def recording_inner(*a):
+        loss = innerloss(*a)
+        dance_record.match_losses.append(float(loss))
+        return loss
+
+    def recording_inter(*a):
+        loss = interloss(*a)
+        dance_record.calib_losses.append(float(loss))
+        return loss
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(dance, "load_resized_data", lambda _args: (trainset, None)))
+        stack.enter_context(_patched(dance, "save_img", lambda *a, **k: None))
+        stack.enter_context(_patched(dance.Synthesizer, "test", lambda *a, **k: None))
+        # its CUDA defaults, as the host's device
+        stack.enter_context(_patched(dance.Synthesizer.__init__, "__defaults__", ("cpu",)))
+        stack.enter_context(_patched(data.ClassMemDataLoader.__init__, "__defaults__", (False, "cpu")))
+        stack.enter_context(_patched(common.diffaug, "__defaults__", ("cpu",)))
+        stack.enter_context(_patched(data, "MEANS", {**data.MEANS, "digits": list(info.mean)}))
+        stack.enter_context(_patched(data, "STDS", {**data.STDS, "digits": list(info.std)}))
+        stack.enter_context(_patched(common, "MEANS", {**common.MEANS, "digits": list(info.mean)}))
+        stack.enter_context(_patched(common, "STDS", {**common.STDS, "digits": list(info.std)}))
+        stack.enter_context(_patched(augment.DiffAug, "__call__", recording_call))
+        stack.enter_context(_patched(random, "randint", recording_randint))
+        stack.enter_context(_patched(torch, "rand", recording_rand))
+        stack.enter_context(_patched(dance, "innerloss", recording_inner))
+        stack.enter_context(_patched(dance, "interloss", recording_inter))
+        _reference_patches(stack, record)
+        dance.condense(ns, lambda *a, **k: None, device="cpu")
+    return dance_record
+
+
+class _ReplayDiffAug:
+    """raydd's DSA operations (color, crop, cutout: every op on every call) with the numpy draws of DANCE's
+    batch-mode DiffAug, one recorded call per siamese seed: the real and the synthetic batch of a class share
+    one call there (one concatenated batch) and one seed in raydd."""
+
+    def __init__(self, calls: list, config: DSAConfig) -> None:
+        self.calls, self.by_seed = list(calls), {}
+        self.dsa = DSA(dataclasses.replace(config, strategy="color_crop_cutout", single_per_call=False))
+
+    def __call__(self, x, seed=None, generator=None):
+        if seed not in self.by_seed:
+            _, uniforms, ints = self.calls.pop(0)
+            # brightness, saturation, contrast; then crop's single-op choice (always 0), its two shifts; cutout's two
+            values = {"color": tuple(torch.tensor([float(u)], dtype=torch.float64) for u in uniforms),
+                      "crop": tuple(torch.tensor([int(v)]) for v in ints[1:3]),
+                      "cutout": tuple(torch.tensor([int(v)]) for v in ints[3:5])}
+            self.by_seed[seed] = DSADraw(("color", "crop", "cutout"), values)
+        return self.dsa.apply(x, self.by_seed[seed])
+
+
+def raydd_dance(store, train, args):
+    """raydd's DANCE with the reference's settings; ``step_per_class=True`` (the code's loop) unless
+    ``--dance-paper-steps``."""
+    cfg = make_config("dance", "digits", args.ipc, factor=args.dance_factor, lr_img=args.lr_img_dance,
+                      img_momentum=0.5, num_experts=args.dance_experts, batch_real=args.batch_real, batch_syn_max=200,
+                      step_per_class=not args.dance_paper_steps, embed_classes_together=False)
+    return get_method("dance")(cfg, train, store, device="cpu", seed=args.seed)
+
+
+def run_raydd_dance(method, train, args, record: _Recorder, dance_record: _DanceRecord) -> dict[str, list[float]]:
+    """raydd's DANCE from the reference's initial pixels, replaying its experts, λ draws, real batches and
+    DiffAug draws; per iteration the relative differences of the images (after the iteration's last step)
+    and of the two losses (the larger)."""
+    with torch.no_grad():
+        method.images.copy_(record.initial_images)
+    experts, lams = list(dance_record.experts), list(dance_record.lams)
+    method.rng = types.SimpleNamespace(randrange=lambda n: experts.pop(0))
+    mid_encoder = method.mid_encoder
+    method.mid_encoder = lambda expert, lam: mid_encoder(expert, lams.pop(0))
+    k = train.info.num_classes
+    calls = dance_record.aug_calls
+    # the matching calls' real halves, class by class (a calibration call augments synthetic images only)
+    per_iteration = 2 * k
+    reals = [calls[i * per_iteration + c][0][:args.batch_real] for i in range(args.iterations) for c in range(k)]
+    method._real_batch = lambda c, generator: reals.pop(0)
+    method.dsa = _ReplayDiffAug(calls, method.dsa.config)
+    rows: dict[str, list[float]] = {"images": [], "syn_lr": [], "labels": [], "loss": []}
+    for i in range(args.iterations):
+        metrics = method.step()
+        theirs = record.images[(i + 1) * per_iteration - 1]
+        rows["images"].append(max_rel(method.images, theirs))
+        match = sum(dance_record.match_losses[i * k:(i + 1) * k])
+        calib = sum(dance_record.calib_losses[i * k:(i + 1) * k])
+        if args.dance_paper_steps:  # Eq. 5's mean over all images: the code's per-class means averaged
+            calib /= k
+        rows["loss"].append(max(abs(metrics["pltda_loss"] - match) / abs(match),
+                                abs(metrics["calib_loss"] - calib) / abs(calib)))
+    rows["syn_lr"] = rows["labels"] = [float("nan")] * args.iterations
+    return rows
+
+
 # ----------------------------------------------------------------------------- the evaluation protocol
 @dataclasses.dataclass
 class _EvalRecord:
@@ -619,6 +822,14 @@ def farm_store(root: Path, args) -> TrajectoryStore:
     return TrajectoryStore(str(root))
 
 
+def farm_pretrained(root: Path, args) -> TrajectoryStore:
+    """``--dance-experts`` pre-trained ConvNet-3 w128 experts (raydd's ``pretrain`` recipe) on digits at 28 px."""
+    farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="pretrain",
+                  trajectories=args.dance_experts, model={"width": 128, "depth": 3},
+                  recipe_options={"epochs": 2, "batch_size": 256}), progress=False)
+    return TrajectoryStore(str(root))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reference-root", required=True, type=Path)
@@ -647,6 +858,12 @@ def main(argv=None) -> int:
     p.add_argument("--expansion-end-epoch", type=int, default=1000)
     p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
     p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
+    p.add_argument("--lr-img-dance", type=float, default=None, help="DANCE's lr_img (default: its 0.01·IPC)")
+    p.add_argument("--dance-factor", type=int, default=2, help="DANCE's factor l (its default for small images)")
+    p.add_argument("--dance-experts", type=int, default=2, help="DANCE's pre-trained experts (its num_premodel)")
+    p.add_argument("--dance-paper-steps", action="store_true",
+                   help="raydd's DANCE with its default one step per loss (the paper's) instead of the code's "
+                        "per-class steps: shows the size of that departure")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],
                    help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset")
@@ -659,6 +876,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-variants", action="store_true",
                    help="also run raydd's protocol without the extra pass, and keeping momentum at the decay")
     args = p.parse_args(argv)
+    if args.lr_img_dance is None:
+        args.lr_img_dance = 0.01 * args.ipc
     missing = [REFERENCES[m] for m in args.methods if not (args.reference_root / REFERENCES[m]).is_dir()]
     if missing:
         p.error(f"--reference-root {args.reference_root} holds no {', '.join(missing)}: clone the reference "
@@ -672,6 +891,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = farm_store(tmp / "store", args) if {"mtt", "tesla", "datm"} & set(args.methods) else None
+        pretrained = farm_pretrained(tmp / "pretrained", args) if "dance" in args.methods else None
         if store is not None:
             (info,) = store.list()
             with store.open(info.trajectory_id) as trajectory:
@@ -691,10 +911,23 @@ def main(argv=None) -> int:
                                       teacher_label=False)
                 elif name == "datm":
                     run_reference_datm(root, tmp / "buffers", train, args, record)
+                elif name == "dance":
+                    method = raydd_dance(pretrained, train, args)
+                    dance_record = run_reference_dance(root, tmp, method.experts, method.model_spec, train, args,
+                                                       record)
                 else:
                     run_reference_dm(root, tmp, train, args, record)
             finally:
                 os.chdir(cwd)
+            if name == "dance":
+                rows = run_raydd_dance(method, train, args, record, dance_record)
+                print(f"  experts {dance_record.experts}, λ {[round(v, 4) for v in dance_record.lams]}, "
+                      f"{len(dance_record.aug_calls)} DiffAug calls replayed, {len(record.images)} reference steps; "
+                      f"raydd steps {'once per loss (the paper)' if args.dance_paper_steps else 'per class (the code)'}")
+                print("  iteration | images | - | - | loss (matching or calibration, the larger)")
+                for i in range(args.iterations):
+                    print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | - | - | {rows['loss'][i]:.2e}")
+                continue
             rows = run_raydd_dm(train, args, record) if name == "dm" else \
                 run_raydd_matching(name, store, train, args, record)
             drift = f"; reference α {args.syn_lr_init:g} -> {float(record.syn_lr[-1]):.9g}" if record.syn_lr else ""

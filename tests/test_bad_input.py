@@ -124,6 +124,10 @@ CASES = {
         lambda tmp: ["condense", "--method", "datm", "--dataset", "digits", "--ipc", "1", "--set",
                      "dsa_align_corners=maybe"],
         "--set dsa_align_corners=maybe is invalid: DATMConfig.dsa_align_corners expects bool"),
+    "condense --set DANCE's per-class steps with the classes embedded together": (
+        lambda tmp: ["condense", "--method", "dance", "--dataset", "digits", "--ipc", "1", "--set",
+                     "step_per_class=true", "--set", "embed_classes_together=true"],
+        "DANCEConfig.step_per_class=True with embed_classes_together=True is refused"),
     "condense --set an int knob given a fraction": (
         lambda tmp: ["condense", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--set", "syn_steps=2.5"],
         "--set syn_steps=2.5 is invalid: MTTConfig.syn_steps expects int"),

@@ -112,3 +112,23 @@ def test_errors_are_one_line_value_errors(digits, pretrain_experts, tmp_path):
         with pytest.raises(ValueError, match=pattern) as err:
             build()
         assert "\n" not in str(err.value)
+
+
+def test_step_per_class_is_the_codes_loop(digits, pretrain_experts):
+    """step_per_class=True (DANCE.py's loop): an optimiser step after each class's Eq. 4 term and each class's
+    Eq. 5 term; the default (Algorithm 1): one step per loss. The stored images start as pixels in [0, 1]."""
+    train, _ = digits
+    k = train.info.num_classes
+    counts = {}
+    for per_class in (False, True):
+        method = DANCE(config(step_per_class=per_class, lr_img=5.0), train, pretrain_experts, device="cpu", seed=0)
+        assert not method.embed_together
+        pixels = method.images.detach()
+        assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0 and float(pixels.std()) > 0.1
+        calls = []
+        step = method.optimizer.step
+        method.optimizer.step = lambda *a, **kw: (calls.append(1), step(*a, **kw))[1]
+        metrics = method.step()
+        counts[per_class] = len(calls)
+        assert math.isfinite(metrics["grad_norm_img"]) and metrics["grad_norm_img"] > 0
+    assert counts == {False: 2, True: 2 * k}

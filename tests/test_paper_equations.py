@@ -210,7 +210,8 @@ def ptlm_reference(method, images0: torch.Tensor, expert_index: int, gen: torch.
     θ_t = r θ* + (1 − r) θ_0, r = (t/λ)/|T| (Eq. 5); per class, the real batch's features, s_i = cos(z_i, mean
     z_syn) (Eq. 2-3), the kept samples (Eq. 4); L_PTM = Σ_c ‖mean z_real,kept − mean z_syn‖² (Eq. 6), S ← S − η∇;
     then the frozen expert θ* on each class's real batch: the correctly classified rows averaged (Eq. 7) and
-    sharpened softmax(y_avg/τ) (Eq. 8); L_PLM = mean over S of CE(f(θ*, x_syn), ŷ_c) (Eq. 9), S ← S − η∇."""
+    sharpened softmax(y_avg/τ) (Eq. 8); L_PLM = mean over S of CE(f(θ*, x_syn), ŷ_c) (Eq. 9), S ← S − η∇.
+    S holds pixels (DANCE's code's parameterisation, which PTLM builds on); the network sees them normalised."""
     cfg, net = method.config, Network(method.expert_meta)
     tau = cfg.sharpen_tau if tau is None else tau
     expert = method.experts[expert_index]
@@ -220,13 +221,18 @@ def ptlm_reference(method, images0: torch.Tensor, expert_index: int, gen: torch.
     progress, typical = t / cfg.total_iterations, cfg.ipc < cfg.ipc_threshold
     images = leaf(images0)
     train, k, ipc = method.train, method.train.info.num_classes, cfg.ipc
+    mean = torch.tensor(train.info.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(train.info.std, dtype=torch.float64).view(1, -1, 1, 1)
+
+    def normalised(pixels):
+        return (pixels - mean) / std
     reals, ptm = [], torch.zeros((), dtype=torch.float64)
     for c in range(k):
         idx = train.class_indices(c)
         reals.append(train.images[idx[torch.randperm(len(idx), generator=gen)[:cfg.batch_real]]].double())
         torch.randint(2 ** 31 - 1, (1,), generator=gen)  # the class's augmentation seed (no augmentation here)
         z_real = net.features(theta, reals[c]).detach()
-        z_syn = net.features(theta, images[c * ipc:(c + 1) * ipc])
+        z_syn = net.features(theta, normalised(images[c * ipc:(c + 1) * ipc]))
         s = F.cosine_similarity(z_real, z_syn.detach().mean(0, keepdim=True), dim=1)  # Eq. 2-3
         if typical:  # Eq. 4, IPC < α
             keep = s > s.min() + progress * (s.mean() - s.min())
@@ -243,7 +249,8 @@ def ptlm_reference(method, images0: torch.Tensor, expert_index: int, gen: torch.
             continue
         torch.randint(2 ** 31 - 1, (1,), generator=gen)  # the class's augmentation seed (no augmentation here)
         target = F.softmax(probs[correct].mean(0) / tau, dim=0)  # Eq. 7-8
-        terms.append(-(F.log_softmax(net.logits(final, after_ptm[c * ipc:(c + 1) * ipc]), dim=1) * target).sum(1))
+        terms.append(-(F.log_softmax(net.logits(final, normalised(after_ptm[c * ipc:(c + 1) * ipc])), dim=1)
+                       * target).sum(1))
     plm = torch.cat(terms).mean()  # Eq. 9: the mean over the synthetic images (of the classes with a label)
     (g,) = torch.autograd.grad(plm, after_ptm)
     return {"ptm": float(ptm.detach()), "plm": float(plm.detach()), "images": after_ptm.detach() - method.lr_img * g - images0.double()}

@@ -14,13 +14,20 @@ IPC·l² training images (labels repeated). ``images`` (the encoded, stored tens
 ``synthetic_set()`` returns the decoded set. Initialisation: every tile is a down-sampled random real
 image of its class (IDC 'mix' init; plain real images when l = 1).
 
+The stored images are pixels in [0, 1], as the authors' code keeps them (its ``Synthesizer.data``; the
+normalisation is the first step of its augmentation): decoded, then normalised with the dataset's mean and
+std, then augmented. The step S ← S − η∇_S L is taken on the pixels, so η means what the code's lr_img
+means (on normalised images the same η would move the pixels std² times less).
+
 Details the paper leaves open follow the authors' code (Hansong-Zhang/DANCE): images are kept inside the
 valid pixel range [0, 1] (clamped at the start of every iteration), real batches of 128 per class, at
 most 200 decoded synthetic images per class per loss, matching augmentation ``color_crop_cutout`` with
 all listed operations applied on every call (IDC's DiffAug), also applied in the calibration step.
-Where the code and the paper differ, the paper is followed: one update per loss and iteration (the code
-steps once per class) and Eq. 5's mean over all synthetic images (the code averages per class and steps
-per class, i.e. ``calib_weight = num_classes`` reproduces its gradient scale).
+Where the code and the paper differ, the paper is followed by default: one update per loss and iteration
+and Eq. 5's mean over all synthetic images. ``step_per_class=True`` is the code's loop instead: an SGD step
+after each class's Eq. 4 term and after each class's Eq. 5 term (its mean over that class's images), so
+class c+1's loss is taken on the images class c's step (and the momentum) moved
+(benchmarks/reference_equivalence.py --methods dance compares it with the code step by step).
 
 ``embed_classes_together`` (default: on CUDA only, and only with an instance-norm or norm-free expert)
 puts every class's augmented real batch through the encoder in one no-grad forward and every class's
@@ -120,7 +127,7 @@ class PretrainedDMConfig(MethodConfig):
     dsa: bool = True
     dsa_strategy: str = MATCH_DSA  # flip is dropped automatically where the dataset forbids it
     dsa_all_ops: bool = True  # IDC's DiffAug applies every listed op on each call (False: one at random)
-    clamp_pixels: bool = True  # keep images in the pixel range [0, 1] (reference clamps every iteration)
+    clamp_pixels: bool = True  # keep the stored pixels in [0, 1] (reference clamps every iteration)
     pix_init: str = "real"  # 'real' (IDC tiles of real images) or 'noise'
     model: str | None = None  # store model name filter, e.g. 'convnet3-w128-in'; None: the only one stored
     expert_kind: str = "pretrain"  # store kind of the experts (farm recipe 'pretrain')
@@ -164,6 +171,7 @@ class DANCEConfig(PretrainedDMConfig):
     lam_max: float = 1.0  # Eq. 3: λ ~ U(0, lam_max); the paper uses U(0, 1)
     calib_interval: int = 1  # I_c (Algorithm 1); the paper fixes calibration to every iteration; 0 disables
     calib_weight: float = 1.0  # multiplies Eq. 5 (the paper has none: 1)
+    step_per_class: bool = False  # True: the authors' code's loop (a step after each class's term), see above
 
     aliases: ClassVar[dict[str, str]] = {"lam": "lam_max"}
     default_iterations: ClassVar[int] = 10000  # reference reproduce_condense.py niter
@@ -174,13 +182,21 @@ class DANCEConfig(PretrainedDMConfig):
         "DANCE Table 1", {"epochs": 1500, "num_models": 10, "batch_size": 64}, {"pretrain": (5, 60)},
         notes="DANCE's evaluation (arg_condense.py, train.py) decays lr x0.2 at epochs 1000 and 1250 and adds "
               "CutMix (raydd's standard protocol: DC/MTT's x0.1 after pass E//2 + 1, no CutMix); its released code "
-              "prints the best test accuracy over epochs 250-1500, raydd the final one")
+              "prints the best test accuracy over epochs 250-1500, raydd the final one. Condensation: raydd steps "
+              "once per loss and iteration (Algorithm 1 lines 6 and 9); DANCE.py steps after each class's term "
+              "(step_per_class=True is that loop, equal to it step for step: benchmarks/reference_equivalence.py "
+              "--methods dance); its 'mix' initialisation takes each class's first IPC*l^2 images, raydd random ones "
+              "(Algorithm 1 line 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check("lam_max", low=0, high=1, low_open=True)
         self.check("calib_interval", low=0)
         self.check("calib_weight", low=0)
+        if self.step_per_class and self.embed_classes_together:
+            raise ValueError("DANCEConfig.step_per_class=True with embed_classes_together=True is refused: each "
+                             "class's loss reads the images the previous class's step moved; use "
+                             "embed_classes_together=false or null with step_per_class")
 
 
 # --------------------------------------------------------------------------- experts
@@ -259,10 +275,9 @@ class PretrainedDM(CondensationMethod):
                              f"has {self.flat_model.layout.numel}: the store metadata and the model code disagree")
         self.dsa = make_dsa(cfg.dsa_strategy, flip_ok=info.flip_ok, single_per_call=not cfg.dsa_all_ops) \
             if cfg.dsa else None
-        mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device)
-        std = torch.tensor(info.std, dtype=torch.float32, device=self.device)
-        self._pixel_low, self._pixel_high = ((0 - mean) / std).view(1, -1, 1, 1), ((1 - mean) / std).view(1, -1, 1, 1)
-        self._fill = (0.5 - mean) / std  # IDC pads and initialises with grey (pixel 0.5)
+        self._mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._fill = torch.full((info.channels,), 0.5, device=self.device)  # IDC pads with grey (pixel 0.5)
         self._real = train.images.to(self.device)
         self._class_idx = [train.class_indices(c) for c in range(info.num_classes)]
         self.images, self.labels = self._init_synthetic()
@@ -276,21 +291,19 @@ class PretrainedDM(CondensationMethod):
         if cfg.pix_init == "noise":  # reference Synthesizer: clamp(randn / 4 + 0.5, 0, 1) in pixel space
             pixels = (torch.randn((len(labels), info.channels, *info.resolution), generator=self.generator) / 4
                       + 0.5).clamp(0, 1).to(self.device)
-            mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
-            std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
-            return ((pixels - mean) / std).float(), labels.to(self.device)
+            return pixels.float(), labels.to(self.device)
         picks = random_real_indices(self._class_idx, cfg.ipc * self.factor ** 2, self.generator)
         per_class = []
         for class_picks in picks.view(info.num_classes, -1):
-            reals = self._real[class_picks.to(self.device)]
+            reals = self._real[class_picks.to(self.device)] * self._std + self._mean  # back to pixels
             per_class.append(reals if self.factor == 1 else encode_tiles(reals, self.factor, self._fill))
         return torch.cat(per_class).float().clone(), labels.to(self.device)
 
     def decoded_class(self, c: int, images: torch.Tensor | None = None) -> torch.Tensor:
-        """All IPC·l² decoded images of class ``c`` (differentiable in ``self.images``)."""
+        """All IPC·l² decoded images of class ``c``, normalised (differentiable in the stored pixels)."""
         ipc = self.config.ipc
         stored = (self.images if images is None else images)[c * ipc:(c + 1) * ipc]
-        return decode_tiles(stored, self.factor, self._fill)
+        return (decode_tiles(stored, self.factor, self._fill) - self._mean) / self._std
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full decoded set: IPC·l² images per class at full resolution, labels repeated."""
@@ -322,19 +335,21 @@ class PretrainedDM(CondensationMethod):
     def _clamp(self) -> None:
         if self.config.clamp_pixels:
             with torch.no_grad():
-                self.images.copy_(torch.maximum(torch.minimum(self.images, self._pixel_high), self._pixel_low))
+                self.images.clamp_(0.0, 1.0)
 
     # ------------------------------------------------------------------ losses
     def _feature_matching(self, flat: torch.Tensor, generator: torch.Generator, *, backward: bool,
-                          select=None, keep_reals: list | None = None) -> tuple[float, float]:
+                          select=None, keep_reals: list | None = None,
+                          class_steps: list | None = None) -> tuple[float, float]:
         """Σ_c ‖mean f(A(real_c)) − mean f(A(syn_c))‖² at parameters ``flat`` (Eq. 4 / PTLM Eq. 6).
 
         Gradients are accumulated class by class (same result as backward of the sum, with the
         memory of one class). ``select(sim)`` -> bool mask keeps a subset of the real batch from the
-        cosine similarities of its features to the mean synthetic feature (PTLM Eq. 3-4). Returns
-        (loss, fraction of real samples kept).
+        cosine similarities of its features to the mean synthetic feature (PTLM Eq. 3-4). With
+        ``class_steps`` (a list), the optimiser steps after each class's backward instead (DANCE's code)
+        and each step's gradient norm is appended. Returns (loss, fraction of real samples kept).
         """
-        if self.embed_together:
+        if self.embed_together and class_steps is None:
             return self._feature_matching_together(flat, generator, backward=backward, select=select,
                                                    keep_reals=keep_reals)
         total, kept, seen = 0.0, 0, 0
@@ -347,6 +362,8 @@ class PretrainedDM(CondensationMethod):
             kept, seen = kept + n_kept, seen + real.shape[0]
             if backward:
                 loss.backward(inputs=[self.images])
+                if class_steps is not None:
+                    class_steps.append(self._update())
             total += float(loss.detach())
         return total, kept / seen
 
@@ -392,16 +409,19 @@ class PretrainedDM(CondensationMethod):
         return float(loss.detach()), kept / seen
 
     def _classification(self, flat: torch.Tensor, targets: list, generator: torch.Generator, *, backward: bool,
-                        weight: float = 1.0) -> float:
+                        weight: float = 1.0, class_steps: list | None = None) -> float:
         """weight · (1/|S|) Σ_j CE(f(A(x_j)), y_j) over the decoded synthetic images (Eq. 5 / PTLM Eq. 9).
 
         ``targets[c]``: the class id (hard label), a probability row (soft label) or None (class skipped).
+        With ``class_steps`` (a list; DANCE's code): each class's term is the mean over that class's images,
+        the optimiser steps after each class's backward and each step's gradient norm is appended.
         """
         used = [c for c, t in enumerate(targets) if t is not None]
         if not used:
             return float("nan")
-        n_total = min(self.config.ipc * self.factor ** 2, self.config.batch_syn_max) * len(used)
-        if self.embed_together:  # one forward of every class's augmented synthetic batch, one backward
+        per_class = min(self.config.ipc * self.factor ** 2, self.config.batch_syn_max)
+        n_total = per_class if class_steps is not None else per_class * len(used)
+        if self.embed_together and class_steps is None:  # one forward of every class's augmented synthetic batch, one backward
             xs = [self._augment(self._syn_batch(c, generator), self._draw_seed(generator)) for c in used]
             logps = F.log_softmax(self.flat_model(flat, torch.cat(xs)), dim=1).split([len(x) for x in xs])
             ce_sum = sum(-logp[:, targets[c]].sum() if isinstance(targets[c], int)
@@ -422,6 +442,8 @@ class PretrainedDM(CondensationMethod):
             loss = weight * ce_sum / n_total
             if backward:
                 loss.backward(inputs=[self.images])
+                if class_steps is not None:
+                    class_steps.append(self._update())
             total += float(loss.detach())
         return total
 
@@ -448,7 +470,7 @@ class PretrainedDM(CondensationMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update({
-            "images": self.images.detach().clone(), "labels": self.labels.detach().clone(),
+            "images": self.images.detach().clone(), "image_space": "pixels", "labels": self.labels.detach().clone(),
             "optimizer": clone_tree(self.optimizer.state_dict()),
             "experts": [e.trajectory_id for e in self.experts],
         })
@@ -460,6 +482,10 @@ class PretrainedDM(CondensationMethod):
         if saved != mine:
             raise ValueError(f"checkpoint used experts {saved} but store {self.store.root} gives {mine}: "
                              f"resume needs the same pre-trained experts")
+        if state.get("image_space") != "pixels":
+            raise ValueError("checkpoint stores normalised images (written before raydd kept DANCE's and PTLM's "
+                             "images as pixels in [0, 1], the authors' parameterisation): it cannot resume this "
+                             "run; start it again without --resume")
         if tuple(state["images"].shape) != tuple(self.images.shape):
             raise ValueError(f"checkpoint images {tuple(state['images'].shape)} do not match "
                              f"{tuple(self.images.shape)} (factor {self.factor})")
@@ -477,6 +503,11 @@ class DANCE(PretrainedDM):
     label = "DANCE"
     config_cls = DANCEConfig
 
+    def __init__(self, config: DANCEConfig, train: ImageDataset, store=None, *, device="auto", seed: int = 0) -> None:
+        super().__init__(config, train, store, device=device, seed=seed)
+        if self.config.step_per_class:  # each class's loss reads the images the previous class's step moved
+            self.embed_together = False
+
     def mid_encoder(self, expert: PretrainedExpert, lam: float) -> torch.Tensor:
         """Eq. 3: φ_mid = λ·φ_0 + (1−λ)·φ_expert."""
         return lam * expert.initial + (1.0 - lam) * expert.final
@@ -490,18 +521,21 @@ class DANCE(PretrainedDM):
         expert = self.experts[e]
         lam = float(torch.rand(1, generator=self.generator)) * cfg.lam_max
         self.optimizer.zero_grad(set_to_none=True)
-        pltda, _ = self._feature_matching(self.mid_encoder(expert, lam), self.generator, backward=True)
+        steps = [] if cfg.step_per_class else None  # the code's loop: a step per class, their gradient norms
+        pltda, _ = self._feature_matching(self.mid_encoder(expert, lam), self.generator, backward=True,
+                                          class_steps=steps)
         self._check_finite(pltda, "PLTDA loss")
-        grad = self._update()
+        grad = self._update() if steps is None else math.hypot(*steps)
         metrics = {"loss": pltda, "pltda_loss": pltda, "lam": lam, "expert": float(e), "grad_norm_img": grad,
                    "calib_loss": float("nan")}
         if cfg.calib_interval and i % cfg.calib_interval == 0:
             targets = list(range(self.train.info.num_classes))
+            steps = [] if cfg.step_per_class else None
             calib = self._classification(expert.final, targets, self.generator, backward=True,
-                                         weight=cfg.calib_weight)
+                                         weight=cfg.calib_weight, class_steps=steps)
             self._check_finite(calib, "calibration loss")
             metrics["calib_loss"] = calib
-            metrics["grad_norm_calib"] = self._update()
+            metrics["grad_norm_calib"] = self._update() if steps is None else math.hypot(*steps)
         self._iteration = i
         return step_meter.finish(metrics)
 
