@@ -27,8 +27,17 @@ path fails at the evaluation print), and its evaluation runs zero networks.
 
 ``--reference-root`` holds ``mtt-distillation/`` (GeorgeCazenavette/mtt-distillation), ``DATM/``
 (NUS-HPC-AI-Lab/DATM; its utils/cfg.py needs ``pip install yacs``) and ``DatasetCondensation/``
-(VICO-UoE/DatasetCondensation), ``tesla/`` (justincui03/tesla: raydd's MTT with ``unroll='tesla'``). DANCE
-and EDC have no side here yet.
+(VICO-UoE/DatasetCondensation), ``tesla/`` (justincui03/tesla: raydd's MTT with ``unroll='tesla'``), ``DANCE/``
+(Hansong-Zhang/DANCE: its DANCE.condense; its imports need ``pip install efficientnet_pytorch matplotlib``).
+EDC has no side here yet.
+
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods dance [--dance-paper-steps]
+
+DANCE: raydd's pre-trained experts are written as its ``premodel{i}_init/_trained.pth.tar`` state dicts; its
+expert picks (``random.randint``), λ draws (``torch.rand``), each DiffAug call's normalised input (the class's
+real batch) and numpy draws (its colour draws rounded to a 2^-12 grid, so that r − 0.5 is exact in float32
+and float64 alike) are recorded and replayed into raydd's DANCE, which runs with ``step_per_class=True`` (the
+code's loop) from the code's initial pixels; its CUDA defaults are the host's device.
 """
 from __future__ import annotations
 
