@@ -53,7 +53,9 @@ import types
 from pathlib import Path
 
 import numpy as np
+
 import torch
+from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,7 +69,7 @@ from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
 REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "dm": "DatasetCondensation",
-              "dance": "DANCE"}
+              "dance": "DANCE", "edc": "EDC"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
 RESOLUTION = 28
@@ -702,6 +704,93 @@ def run_raydd_dance(method, train, args, record: _Recorder, dance_record: _Dance
     return rows
 
 
+# ----------------------------------------------------------------------------- EDC
+def compare_edc(root: Path, work: Path, train, args) -> None:
+    """EDC's statistics-matching term, one observer and one synthetic batch: the reference's own ``BNFeatureHook``
+    (Branch_CIFAR_10/recover/utils.py, as recover.py configures it: ``category_aware 'global'``,
+    ``training_momentum`` 0.8) hooked on raydd's observer network beside raydd's ``EDC._chunk_loss`` on the same
+    images. The hook computes its class statistics from the real data itself (its ``pre_hook_fn``, ``save``,
+    reload). Printed per synthesis iteration: both sides' statistics loss (first BN layer ×10, as both weight
+    it), the part that is the global BN-statistics term (the hook re-run with its class statistics set to the
+    BN running statistics gives twice its global term), the class term, and the gradients w.r.t. the images."""
+    sys.modules.pop("utils", None)
+    utils = _import_reference(root / "Branch_CIFAR_10" / "recover", "utils")
+    cfg = make_config("edc", "digits", args.ipc, augment=False, flatness_weight=0.0, ce_weight=0.0, lr_schedule="constant")
+    method = get_method("edc")(cfg, train, farm_observer(work / "observer", args), device="cpu", seed=args.seed)
+    (obs,) = method.observers
+    print(f"  observer {obs.model_name}: {len(obs.bn)} BatchNorm layers; raydd alpha {cfg.alpha}, first-layer "
+          f"x{cfg.first_bn_multiplier}; reference training_momentum {args.edc_momentum}")
+
+    def hooks(tag: str) -> list:
+        return [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"{tag}{i}", gpu=0,
+                                    training_momentum=args.edc_momentum, category_aware="global")
+                for i, bn in enumerate(obs.bn)]
+
+    with contextlib.ExitStack() as stack:
+        if not torch.cuda.is_available():  # its hooks load their statistics with .cuda(gpu)
+            stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
+        collect = hooks("bn")
+        for h in collect:
+            h.set_hook(pre=True)
+        with torch.no_grad():
+            for start in range(0, len(train.labels), 512):
+                y = train.labels[start:start + 512]
+                for h in collect:
+                    h.set_label(y)
+                obs.net(train.images[start:start + 512])
+        for h in collect:
+            h.save()
+            h.close()
+        reference = hooks("bn")  # loads what it saved
+        as_global = hooks("bn")  # the same, its class statistics replaced by the BN running statistics
+        for h, bn in zip(as_global, obs.bn):
+            h.category_running_dd_mean_list = bn.running_mean.view(1, -1).expand(train.info.num_classes, -1)
+            h.category_running_dd_var_list = bn.running_var.view(1, -1).expand(train.info.num_classes, -1)
+        rescale = [cfg.first_bn_multiplier] + [1.0] * (len(obs.bn) - 1)
+        images = method.images.detach().clone()
+        y = method.labels
+        print("  iteration | stat loss ref / raydd | global term ref / raydd (rel. diff) | class term ref / raydd "
+              "| gradient w.r.t. S: rel. diff (cosine)")
+        for it in range(args.iterations):
+            for group in (reference, as_global):
+                for h in group:
+                    h.set_hook(pre=False)
+                    h.set_label(y)
+            x_ref = images.clone().requires_grad_(True)
+            for h in as_global:
+                h.close()
+            obs.net(x_ref)
+            ref_stat = sum(h.r_feature * m for h, m in zip(reference, rescale))
+            (g_ref,) = torch.autograd.grad(ref_stat, x_ref)
+            for h in reference:
+                h.close()
+            for h in as_global:
+                h.set_hook(pre=False)
+            with torch.no_grad():
+                obs.net(images)
+            ref_global = float(sum(h.r_feature * m for h, m in zip(as_global, rescale))) / 2
+            for h in as_global:
+                h.close()
+            x_mine = images.clone().requires_grad_(True)
+            _, parts = method._chunk_loss(obs, x_mine, x_mine.detach(), y)
+            mine_loss, _ = method._chunk_loss(obs, x_mine, x_mine.detach(), y)
+            (g_mine,) = torch.autograd.grad(mine_loss / cfg.stat_weight, x_mine)
+            mine_global, mine_class = cfg.alpha * parts["loss_global"], (1 - cfg.alpha) * parts["loss_class"]
+            cos = float(F.cosine_similarity(g_ref.flatten(), g_mine.flatten(), dim=0))
+            print(f"  {it + 1:9d} | {float(ref_stat.detach()):.6g} / {parts['loss_stat']:.6g} | {ref_global:.6g} / "
+                  f"{mine_global:.6g} ({abs(ref_global - mine_global) / abs(ref_global):.1e}) | "
+                  f"{float(ref_stat.detach()) - ref_global:.6g} / {mine_class:.6g} | {max_rel(g_mine, g_ref):.2e} ({cos:.4f})")
+            images = (images - args.edc_step * g_ref.sign()).detach()  # a move of S, the same for both sides
+
+
+def farm_observer(root: Path, args) -> TrajectoryStore:
+    """One BatchNorm ConvNet-3 (width 32) observer (raydd's ``observer`` recipe) on digits at 28 px."""
+    farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="observer",
+                  trajectories=1, model={"arch": "convnet", "width": 32, "depth": 3},
+                  recipe_options={"epochs": 3, "batch_size": 128}), progress=False)
+    return TrajectoryStore(str(root))
+
+
 # ----------------------------------------------------------------------------- the evaluation protocol
 @dataclasses.dataclass
 class _EvalRecord:
@@ -873,6 +962,9 @@ def main(argv=None) -> int:
     p.add_argument("--dance-paper-steps", action="store_true",
                    help="raydd's DANCE with its default one step per loss (the paper's) instead of the code's "
                         "per-class steps: shows the size of that departure")
+    p.add_argument("--edc-momentum", type=float, default=0.8,
+                   help="EDC's training_momentum (recover.sh's 0.8): its running average of the batch statistics")
+    p.add_argument("--edc-step", type=float, default=0.05, help="how far S moves between the EDC iterations compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],
                    help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset")
@@ -909,6 +1001,9 @@ def main(argv=None) -> int:
         for name in args.methods:
             root = args.reference_root / REFERENCES[name]
             print(f"{name}: reference {REFERENCES[name]} @ {commit_of(root)}")
+            if name == "edc":
+                compare_edc(root, tmp / "edc", train, args)
+                continue
             record = _Recorder()
             cwd = os.getcwd()
             os.chdir(tmp)  # the references write ./logged_files, ./result

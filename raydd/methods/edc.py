@@ -84,7 +84,16 @@ class EDCConfig(MethodConfig):
         notes="EDC's observers are 8 architectures (ResNet-18, ConvNet-W128, MobileNet-V2, WRN-16-2, "
               "ShuffleNet-V2, ConvNet-D1/D2/W32); raydd farms BatchNorm ResNet-18 observers; the number of "
               "evaluation runs is not stated (raydd: 5); the released code relabels each batch on the fly (MSE "
-              "on the observers' logits + 0.025 CE) and keeps the best of its late checks, raydd the final")
+              "on the observers' logits + 0.025 CE) and keeps the best of its late checks, raydd the final. "
+              "Synthesis (Branch_CIFAR_10/recover, compared in benchmarks/reference_equivalence.py --methods edc): "
+              "raydd's Form (1) term equals the code's BNFeatureHook global term (4e-7) with its "
+              "training_momentum 0; the code's class term compares the whole batch's statistics with the batch's "
+              "mean of per-class statistics (themselves means of per-image statistics), raydd's is eq. 5's "
+              "Form (2) (each class's batch statistics against that class's, weighted by p(c)); the code "
+              "averages the batch statistics over iterations (training_momentum 0.8, starting from 0), adds "
+              "G-VBSM's statistics of every convolution's input (ConvFeatureHook), weights its first hooked "
+              "layer (a convolution) x10, crops with scale (0.08, 1) and, in its CIFAR-10 recover.sh, runs "
+              "without the flatness term; raydd follows eq. 5, Table 5's weak crop and eq. 7")
 
     def needs(self) -> tuple[TrajectoryNeed, ...]:
         """BatchNorm observers (their final weights and running statistics): every matching one, or the
