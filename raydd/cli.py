@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _farm_parser(sub)
     _store_parser(sub)
     from .condense_cli import add_condense_parser, add_evaluate_parser, add_methods_parser
+    from .interchange_cli import add_export_parser, add_import_parser
     from .quickstart import add_quickstart_parser
     from .reproduce.cli import add_reproduce_parser
     from .sweep.cli import add_sweep_parser
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_quickstart_parser(sub)
     add_reproduce_parser(sub)
+    add_import_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
