@@ -715,11 +715,14 @@ def compare_edc(root: Path, work: Path, train, args) -> None:
     BN running statistics gives twice its global term), the class term, and the gradients w.r.t. the images."""
     sys.modules.pop("utils", None)
     utils = _import_reference(root / "Branch_CIFAR_10" / "recover", "utils")
-    cfg = make_config("edc", "digits", args.ipc, augment=False, flatness_weight=0.0, ce_weight=0.0, lr_schedule="constant")
+    as_code = dict(class_term="code", stat_momentum=args.edc_momentum) if args.edc_as_code else {}
+    cfg = make_config("edc", "digits", args.ipc, augment=False, flatness_weight=0.0, ce_weight=0.0, lr_schedule="constant",
+                      **as_code)
     method = get_method("edc")(cfg, train, farm_observer(work / "observer", args), device="cpu", seed=args.seed)
     (obs,) = method.observers
     print(f"  observer {obs.model_name}: {len(obs.bn)} BatchNorm layers; raydd alpha {cfg.alpha}, first-layer "
-          f"x{cfg.first_bn_multiplier}; reference training_momentum {args.edc_momentum}")
+          f"x{cfg.first_bn_multiplier}, class_term {cfg.class_term!r}, stat_momentum {cfg.stat_momentum}; "
+          f"reference training_momentum {args.edc_momentum}")
 
     def hooks(tag: str) -> list:
         return [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"{tag}{i}", gpu=0,
@@ -772,8 +775,7 @@ def compare_edc(root: Path, work: Path, train, args) -> None:
             for h in as_global:
                 h.close()
             x_mine = images.clone().requires_grad_(True)
-            _, parts = method._chunk_loss(obs, x_mine, x_mine.detach(), y)
-            mine_loss, _ = method._chunk_loss(obs, x_mine, x_mine.detach(), y)
+            mine_loss, parts = method._chunk_loss(obs, x_mine, x_mine.detach(), y, update_running=True)
             (g_mine,) = torch.autograd.grad(mine_loss / cfg.stat_weight, x_mine)
             mine_global, mine_class = cfg.alpha * parts["loss_global"], (1 - cfg.alpha) * parts["loss_class"]
             cos = float(F.cosine_similarity(g_ref.flatten(), g_mine.flatten(), dim=0))
@@ -964,6 +966,9 @@ def main(argv=None) -> int:
                         "per-class steps: shows the size of that departure")
     p.add_argument("--edc-momentum", type=float, default=0.8,
                    help="EDC's training_momentum (recover.sh's 0.8): its running average of the batch statistics")
+    p.add_argument("--edc-as-code", action="store_true",
+                   help="raydd's EDC with class_term='code' and stat_momentum=--edc-momentum (the released code's "
+                        "form) instead of eq. 5's")
     p.add_argument("--edc-step", type=float, default=0.05, help="how far S moves between the EDC iterations compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],

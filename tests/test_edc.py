@@ -137,6 +137,53 @@ def test_class_statistics_computed_once_and_correct(digits, store, monkeypatch):
     assert torch.allclose(var[3].double(), f.var((0, 2, 3), unbiased=False), atol=1e-4)
 
 
+def test_the_released_codes_statistics_form(digits, store, tmp_path):
+    """class_term='code', stat_momentum m (recover/utils.py BNFeatureHook; benchmarks/reference_equivalence.py
+    --methods edc --edc-as-code compares it with the hook itself): class statistics are means of per-image
+    statistics; the batch statistics are a running average from 0 carrying the current gradient; the class
+    term compares the batch with its images' mean class statistics; the running state is checkpointed."""
+    train, _ = digits
+    cfg = make_config("edc", "digits", 2, observers=None, model=CONVNET, class_term="code", stat_momentum=0.8,
+                      augment=False)
+    method = EDC(cfg, train, store, device="cpu", seed=0)
+    obs = method.observers[0]
+    feats = []
+    handle = obs.bn[1].register_forward_hook(lambda m, a, o: feats.append(a[0]))
+    with torch.no_grad():
+        obs.net(train.images[train.labels == 3])
+    handle.remove()
+    mean, var = method._stats(obs)[1]
+    f = feats[0].double()
+    assert torch.allclose(mean[3].double(), f.mean((2, 3)).mean(0), atol=1e-4)
+    assert torch.allclose(var[3].double(), f.var((2, 3), unbiased=False).mean(0), atol=1e-4)
+    method.matching_loss()
+    assert method.stat_running == {}  # a fixed evaluation advances nothing
+    x, y = method.images.detach(), method.labels
+    with torch.no_grad():
+        loss, parts = method._chunk_loss(obs, x, x, y, update_running=True)
+    feats = []
+    handle = obs.bn[0].register_forward_hook(lambda m, a, o: feats.append(a[0]))
+    with torch.no_grad():
+        obs.net(x)
+    handle.remove()
+    f = feats[0]
+    batch_mean, batch_var = f.mean((0, 2, 3)), f.var((0, 2, 3), unbiased=False)
+    run_mean, run_var = method.stat_running[obs.trajectory_id][0]
+    assert torch.allclose(run_mean, 0.2 * batch_mean, atol=1e-6) and torch.allclose(run_var, 0.2 * batch_var, atol=1e-6)
+    tmean, tvar = method._stats(obs)[0]
+    bn = obs.bn[0]
+    first = 10 * (0.5 * (torch.norm(run_mean - bn.running_mean) + torch.norm(run_var - bn.running_var))
+                  + 0.5 * (torch.norm(tmean[y].mean(0) - run_mean) + torch.norm(tvar[y].mean(0) - run_var)))
+    assert parts["loss_stat"] > float(first) > 0  # the first layer's share (x10) of the statistics term
+    method.step()
+    save_checkpoint(method, tmp_path / "edc.safetensors")
+    again = load_checkpoint(EDC(cfg, train, store, device="cpu", seed=0), tmp_path / "edc.safetensors")
+    for (a, b), (c, d) in zip(again.stat_running[obs.trajectory_id], method.stat_running[obs.trajectory_id]):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(ValueError, match="class_term='gmm' is invalid: accepted paper, code"):
+        make_config("edc", "digits", 2, class_term="gmm")
+
+
 def test_synthetic_set_soft_labels(digits, store, tmp_path):
     train, _ = digits
     method = EDC(make_config("edc", "digits", 2), train, store, device="cpu", seed=1)

@@ -39,6 +39,7 @@ from .initial import class_labels, random_real_indices
 from .synthetic import SyntheticSet
 
 TURNS = ("round_robin", "all")
+CLASS_TERMS = ("paper", "code")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -58,6 +59,13 @@ class EDCConfig(MethodConfig):
     stat_weight: float = 0.01  # weight of the statistics loss (reference code: r_loss)
     first_bn_multiplier: float = 10.0  # extra weight of the first BN layer (reference code)
     ce_weight: float = 1.0  # weight of CE(φ(A(S)), y) (reference code; the paper's "cross-entropy on logits")
+    # 'paper': eq. 5's Form (2), each class's batch statistics against that class's real ones weighted by p(c);
+    # 'code': the released code's (recover/utils.py BNFeatureHook, category_aware 'global'): the whole batch's
+    # statistics against the batch's mean of its images' class statistics (means of per-image statistics)
+    class_term: str = "paper"
+    # the released code's training_momentum (recover.sh 0.8): the batch statistics in both terms are a running
+    # average, m·previous + (1 − m)·current from 0, with the current statistics' gradient; 0: eq. 5's own
+    stat_momentum: float = 0.0
     lr: float = 0.05  # Adam lr on the pixels
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
@@ -86,14 +94,15 @@ class EDCConfig(MethodConfig):
               "evaluation runs is not stated (raydd: 5); the released code relabels each batch on the fly (MSE "
               "on the observers' logits + 0.025 CE) and keeps the best of its late checks, raydd the final. "
               "Synthesis (Branch_CIFAR_10/recover, compared in benchmarks/reference_equivalence.py --methods edc): "
-              "raydd's Form (1) term equals the code's BNFeatureHook global term (4e-7) with its "
-              "training_momentum 0; the code's class term compares the whole batch's statistics with the batch's "
-              "mean of per-class statistics (themselves means of per-image statistics), raydd's is eq. 5's "
-              "Form (2) (each class's batch statistics against that class's, weighted by p(c)); the code "
-              "averages the batch statistics over iterations (training_momentum 0.8, starting from 0), adds "
+              "the code's class term compares the whole batch's statistics with the batch's mean of per-class "
+              "statistics (themselves means of per-image statistics), raydd's is eq. 5's Form (2) (each class's "
+              "batch statistics against that class's, weighted by p(c)); the code averages the batch statistics "
+              "over iterations (training_momentum 0.8, starting from 0): class_term=code with stat_momentum=0.8 "
+              "is the code's BatchNorm term (equal to its BNFeatureHook to 2e-7); the code also adds "
               "G-VBSM's statistics of every convolution's input (ConvFeatureHook), weights its first hooked "
               "layer (a convolution) x10, crops with scale (0.08, 1) and, in its CIFAR-10 recover.sh, runs "
-              "without the flatness term; raydd follows eq. 5, Table 5's weak crop and eq. 7")
+              "without the flatness term (crop_scale_min=0.08, flatness_weight=0); raydd's defaults follow "
+              "eq. 5, Table 5's weak crop and eq. 7")
 
     def needs(self) -> tuple[TrajectoryNeed, ...]:
         """BatchNorm observers (their final weights and running statistics): every matching one, or the
@@ -115,6 +124,9 @@ class EDCConfig(MethodConfig):
         self.check("total_iterations", low=1)
         self.check("batch_syn", low=1)
         self.check("crop_scale_min", low=0, high=1, low_open=True)
+        self.check("stat_momentum", low=0, high=1, high_open=True)
+        if self.class_term not in CLASS_TERMS:
+            raise ValueError(f"EDCConfig.class_term={self.class_term!r} is invalid: accepted {', '.join(CLASS_TERMS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"EDCConfig.lr_schedule={self.lr_schedule!r} is invalid: "
                              f"accepted {', '.join(LR_SCHEDULES)}")
@@ -199,6 +211,8 @@ class EDC(CondensationMethod):
         counts = torch.bincount(train.labels, minlength=info.num_classes).double()
         self.class_prior = (counts / counts.sum()).float().to(self.device)  # p(c): GMM weights (Def. 3.1)
         self.class_stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # observer id -> per BN layer
+        # stat_momentum > 0: observer id -> per BN layer the running (mean, variance) of the batch statistics
+        self.stat_running: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.class_stat_computations = 0
         mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -250,7 +264,9 @@ class EDC(CondensationMethod):
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
     def _compute_class_stats(self, obs: _Observer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-class channel mean and variance of the real training set at every BN input of ``obs``."""
+        """Per-class channel mean and variance of the real training set at every BN input of ``obs``: over all
+        of the class's pixels (``class_term='paper'``), or the mean over the class's images of each image's
+        channel mean and variance (``'code'``, as the released code's statistics pass)."""
         self.class_stat_computations += 1
         k = self.train.info.num_classes
         sums = [None] * len(obs.bn)
@@ -266,6 +282,13 @@ class EDC(CondensationMethod):
                 onehot = F.one_hot(y, k).double().t()  # [K, B]
                 counts += onehot.sum(1)
                 for li, feat in enumerate(cap.inputs):
+                    if self.config.class_term == "code":  # per-image statistics, summed per class
+                        hw[li] = 1
+                        s1 = onehot @ feat.mean((2, 3)).double()
+                        s2 = onehot @ feat.var((2, 3), unbiased=False).double()
+                        sums[li] = s1 if sums[li] is None else sums[li] + s1
+                        sq[li] = s2 if sq[li] is None else sq[li] + s2
+                        continue
                     hw[li] = feat[0, 0].numel()
                     s1 = onehot @ feat.sum((2, 3)).double()  # per-image sums in float32, totals in float64
                     s2 = onehot @ feat.pow(2).sum((2, 3)).double()
@@ -275,7 +298,7 @@ class EDC(CondensationMethod):
         for li in range(len(obs.bn)):
             n = (counts * hw[li]).clamp_min(1)[:, None]
             mean = sums[li] / n
-            var = (sq[li] / n - mean.pow(2)).clamp_min(0)
+            var = sq[li] / n if self.config.class_term == "code" else (sq[li] / n - mean.pow(2)).clamp_min(0)
             out.append((mean.float(), var.float()))
         return out
 
@@ -293,8 +316,25 @@ class EDC(CondensationMethod):
                                            flip=self.train.info.flip_ok)
         return apply_affine(x, theta), apply_affine(x_ema, theta)  # same crop for S and S_EMA
 
-    def _chunk_loss(self, obs: _Observer, x: torch.Tensor, x_ema: torch.Tensor, y: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _batch_stats(self, obs: _Observer, li: int, mean: torch.Tensor, var: torch.Tensor, update: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch statistics the loss compares: the current ones, or with ``stat_momentum`` m their running
+        average m·previous + (1 − m)·current (from 0) carrying the current ones' gradient (the code's)."""
+        m = self.config.stat_momentum
+        if m == 0:
+            return mean, var
+        layers = self.stat_running.get(obs.trajectory_id) or [(torch.zeros_like(b.running_mean),
+                                                               torch.zeros_like(b.running_var)) for b in obs.bn]
+        run_mean = m * layers[li][0] + (1 - m) * mean.detach()
+        run_var = m * layers[li][1] + (1 - m) * var.detach()
+        if update:
+            layers[li] = (run_mean, run_var)
+            self.stat_running[obs.trajectory_id] = layers
+        return run_mean + mean - mean.detach(), run_var + var - var.detach()
+
+    def _chunk_loss(self, obs: _Observer, x: torch.Tensor, x_ema: torch.Tensor, y: torch.Tensor, *,
+                    update_running: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one chunk; ``update_running``: advance the running batch statistics (stat_momentum)."""
         cfg, k = self.config, self.train.info.num_classes
         class_stats = self._stats(obs)
         with BNInputs(obs.bn) as cap:
@@ -307,10 +347,14 @@ class EDC(CondensationMethod):
         stat = logits.new_zeros(())
         for li, (bn, feat) in enumerate(zip(obs.bn, cap.inputs)):
             mean, var, cmean, cvar = _channel_stats(feat, y, k)
+            mean, var = self._batch_stats(obs, li, mean, var, update_running)
             g = torch.norm(mean - bn.running_mean) + torch.norm(var - bn.running_var)  # Form (1)
             tmean, tvar = class_stats[li]
-            dist = torch.norm(cmean - tmean, dim=1) + torch.norm(cvar - tvar, dim=1)  # [K], Form (2)
-            c = (prior * torch.where(present, dist, torch.zeros_like(dist))).sum()
+            if cfg.class_term == "code":  # the batch against its images' mean class statistics
+                c = torch.norm(tmean[y].mean(0) - mean) + torch.norm(tvar[y].mean(0) - var)
+            else:
+                dist = torch.norm(cmean - tmean, dim=1) + torch.norm(cvar - tvar, dim=1)  # [K], Form (2)
+                c = (prior * torch.where(present, dist, torch.zeros_like(dist))).sum()
             mult = cfg.first_bn_multiplier if li == 0 else 1.0
             stat = stat + mult * (cfg.alpha * g + (1 - cfg.alpha) * c)  # eq. 5
             glob, per_class = glob + mult * g.detach(), per_class + mult * c.detach()
@@ -347,7 +391,7 @@ class EDC(CondensationMethod):
             for idx in self.chunks:
                 x = self.images[idx] if backward else self.images.detach()[idx]
                 x, x_ema = self._augment_pair(x, self.ema_images[idx], generator)
-                loss, parts = self._chunk_loss(obs, x, x_ema, self.labels[idx])
+                loss, parts = self._chunk_loss(obs, x, x_ema, self.labels[idx], update_running=backward)
                 if backward:
                     (loss / n).backward(inputs=[self.images])
                 parts["loss"] = float(loss.detach())
@@ -406,6 +450,8 @@ class EDC(CondensationMethod):
             "labels": self.labels.detach().clone(), "opt": clone_tree(self.opt.state_dict()),
             "observers": [o.trajectory_id for o in self.observers],
             "class_stats": {tid: [[m.clone(), v.clone()] for m, v in stats] for tid, stats in self.class_stats.items()},
+            "stat_running": {tid: [[m.clone(), v.clone()] for m, v in layers]
+                             for tid, layers in self.stat_running.items()},
         })
         return state
 
@@ -426,3 +472,5 @@ class EDC(CondensationMethod):
         self.opt.load_state_dict(state["opt"])
         self.class_stats = {tid: [(m.to(self.device).clone(), v.to(self.device).clone()) for m, v in stats]
                             for tid, stats in state["class_stats"].items()}
+        self.stat_running = {tid: [(m.to(self.device).clone(), v.to(self.device).clone()) for m, v in layers]
+                             for tid, layers in state.get("stat_running", {}).items()}
