@@ -134,16 +134,22 @@ def add_condense_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    from .evaluation import PROTOCOLS
+
     p = subparsers.add_parser(
         "evaluate", help="train fresh networks on a synthetic set and test them",
         description="Train N fresh networks on a synthetic set under an evaluation protocol (standard: SGD "
                     "momentum 0.9, wd 5e-4, DSA, epochs + 1 passes, lr x0.1 after pass epochs//2 + 1 as DC/MTT's "
                     "evaluate_synset; edc: EDC's soft-label protocol) and report "
                     "mean ± std of the FINAL test accuracy.")
-    p.add_argument("synthetic", help="a synthetic set written by raydd condense (.safetensors)")
+    p.add_argument("synthetic", nargs="+", help="a synthetic set written by raydd condense or raydd import "
+                                                "(.safetensors); several: one referee table with Random beside them")
     p.add_argument("--data-root", dest="data_root", help="folder with the dataset files")
     p.add_argument("--download", action="store_true")
     _add_eval_flags(p)
+    p.add_argument("--protocols", nargs="+", choices=tuple(PROTOCOLS), metavar="PROTOCOL",
+                   help="the referee table: every set under each of these protocols (e.g. standard edc), with "
+                        "Random (each set's images per class, random real ones) under each; replaces --protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -278,6 +284,9 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .methods import load_synthetic
 
+    if len(args.synthetic) > 1 or args.protocols:
+        return evaluate_referee(args)
+    args.synthetic = args.synthetic[0]
     syn = load_synthetic(args.synthetic)
     if args.models:
         return evaluate_across_models(args, syn)
@@ -309,6 +318,63 @@ def cmd_evaluate(args) -> int:
         print(f"{result}\nper network: {per_model}")
         if robustness is not None:
             print(robustness)
+    return 0
+
+
+def evaluate_referee(args) -> int:
+    """``raydd evaluate SET [SET ...] [--protocols P ...] [--models M ...] [--metrics ...]``: one table."""
+    from pathlib import Path
+
+    from .data.datasets import load_dataset
+    from .evaluation.referee import check_same_data, format_table, referee
+    from .methods import load_synthetic
+
+    if args.protocols and args.eval_protocol != "standard":
+        raise ValueError("--protocols names every protocol of the table: drop --protocol")
+    protocols = list(dict.fromkeys(args.protocols or [args.eval_protocol]))
+    models = args.models or [args.eval_model]
+    if args.models and args.eval_model is not None:
+        raise ValueError("--models evaluates under several networks: drop --model")
+    for path in args.synthetic:
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file (a raydd synthetic set, .safetensors)")
+    sets = [(path, load_synthetic(path)) for path in args.synthetic]
+    check_same_data(sets)
+    first = sets[0][1]
+    configs = []
+    for protocol in protocols:  # every protocol x network checked against the data before any training
+        for model in models:
+            config = eval_config_from_args(argparse.Namespace(**{**vars(args), "eval_protocol": protocol,
+                                                                 "eval_model": model}), first.dataset["name"])
+            spec = config.model_spec(first.info)
+            configs.append((protocol, spec.name, config))
+    scores = None
+    if args.metrics:
+        standard = next((c for p, _, c in configs if p == "standard"), None)
+        if standard is None:
+            raise ValueError("--metrics scores under the standard protocol: add standard to --protocols")
+        scores = robustness_config_from_args(args, standard, None)
+    name, resolution = first.dataset["name"], tuple(first.dataset["resolution"])
+    test = load_dataset(name, "test", args.data_root, download=args.download, resolution=resolution)
+    train = load_dataset(name, "train", args.data_root, download=args.download, resolution=resolution)
+    quiet = args.json or args.quiet
+    n_rows = len(configs) * (len(sets) + 1)
+    if not quiet:
+        print(f"raydd evaluate: {len(sets)} set(s) and Random under {', '.join(protocols)} "
+              f"({len(models)} network(s)): about {n_rows} evaluations", file=sys.stderr)
+
+    def report(row):
+        if not quiet:
+            print(f"  {row.name} | {row.protocol} | {row.model}: {100 * row.result.mean:.2f} ± "
+                  f"{100 * row.result.std:.2f} %", file=sys.stderr)
+
+    rows = referee(sets, train, test, configs, scores=scores, seed=args.seed, on_row=report)
+    if args.json:
+        print(json.dumps([{"set": r.name, "protocol": r.protocol, "model": r.model, "result": r.result.to_dict(),
+                           "robustness": None if r.robustness is None else r.robustness.to_dict()} for r in rows],
+                         indent=2))
+        return 0
+    print(format_table(rows, tuple(args.metrics or ())))
     return 0
 
 
