@@ -23,13 +23,14 @@ FRACTION = 0.02  # SSD's labelled split on digits: 3 labelled images per class
 # Tiny farms, per farm recipe (depth 2: a depth-3 ConvNet instance-normalises 2x2 maps on 8x8 digits).
 RECIPE_OPTIONS = {
     "expert": {"epochs": 4, "batch_size": 64},
+    "pad_expert": {"epochs": 4, "batch_size": 64},
     "pretrain": {"epochs": 3, "batch_size": 64, "lr": 0.05},
     "observer": {"epochs": 2, "batch_size": 64, "lr": 0.05, "dsa": False},
     "ssd_teacher": {"epochs": 3, "batch_size": 16, "mu": 4, "steps_per_epoch": 8, "ema_decay": 0.9, "eval_every": 3,
                     "labelled_fraction": FRACTION},
     "ssd_student": {"epochs": 4, "batch_size": 64, "labelled_fraction": FRACTION},
 }
-COUNTS = {"pretrain": 2, "expert": 2, "observer": 1, "ssd_student": 2}  # trajectories farmed per recipe
+COUNTS = {"pretrain": 2, "expert": 2, "pad_expert": 2, "observer": 1, "ssd_student": 2}  # trajectories farmed per recipe
 TINY = Shrink(width=16, syn_steps=4, recipes={r: (COUNTS.get(r), o["epochs"]) for r, o in RECIPE_OPTIONS.items()})
 ITERATIONS = 6
 IPC = 2
@@ -59,7 +60,8 @@ def stores(tmp_path_factory):
             model = {"width": 16, "depth": 2, **({"norm": need.norm} if need.norm else {})}
             farm(FarmSpec(store=root, dataset="digits", recipe=need.recipe, backend="local",
                           trajectories=max(need.count, COUNTS.get(need.recipe, 1)),
-                          recipe_options=RECIPE_OPTIONS[need.recipe], model=model), progress=False)
+                          recipe_options={**dict(need.recipe_config), **RECIPE_OPTIONS[need.recipe]}, model=model),
+                 progress=False)
         return TrajectoryStore(root) if needs else None
 
     return store_for

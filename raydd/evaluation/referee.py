@@ -64,13 +64,16 @@ def referee(sets: list[tuple[str, SyntheticSet]], train: ImageDataset, test: Ima
             entries.append((label, random_like(syn, train, seed)))
     rows = []
     for protocol, model, config in configs:
+        config_scores = scores  # the full-data network: trained once per network and protocol, not per set
         for name, syn in entries:
             result = evaluate(syn, test, config)
             robustness = None
-            if scores is not None and isinstance(config, EvalConfig):
-                metrics = scores.metrics if not syn.soft else tuple(m for m in scores.metrics if m == "hlr")
+            if config_scores is not None and isinstance(config, EvalConfig):
+                metrics = config_scores.metrics if not syn.soft else ("hlr",) if "hlr" in config_scores.metrics else ()
                 if metrics:
-                    robustness = robustness_metrics(syn, train, test, replace(scores, metrics=metrics), config)
+                    robustness = robustness_metrics(syn, train, test, replace(config_scores, metrics=metrics), config)
+                    if config_scores.full_acc is None and "hlr" in metrics:
+                        config_scores = replace(config_scores, full_acc=robustness.full_acc)
             row = RefereeRow(name, protocol, model, result, robustness)
             rows.append(row)
             if on_row is not None:

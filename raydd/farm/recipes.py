@@ -165,12 +165,14 @@ def _snapshot(sink: SnapshotSink, net: nn.Module, epoch: int, metrics: dict[str,
 def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSink], *, keep: Callable[[int], bool],
          optimizer_for: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
          scheduler_for: Callable[[torch.optim.Optimizer], Any] | None = None,
-         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0, resumable: bool = False) -> list[dict[str, float]]:
+         cutmix_prob: float = 0.0, cutmix_beta: float = 1.0, resumable: bool = False,
+         epoch_indices: Callable[[int], torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Train one network per context (each from its own seed), snapshots to its own sink. Several contexts
     are trained as one computation (a ``NetworkStack``: the farm's ``pack``), each network keeping the
     initialisation, batch order and augmentation it has when trained alone. Contexts with a ``resume_from``
     (all or none; at one epoch) continue a stored trajectory; ``resumable`` hands each sink the training state
-    after the last epoch (``keep_resume_state``), from which it can be extended later."""
+    after the last epoch (``keep_resume_state``), from which it can be extended later. ``epoch_indices(epoch)``
+    (eager engine only) names the training images epoch ``epoch`` (1-based) trains on: a curriculum (PAD)."""
     nets = [_build(ctx) for ctx in ctxs]
     gens = [torch.Generator().manual_seed(ctx.seed) for ctx in ctxs]
     ctx0 = ctxs[0]
@@ -188,6 +190,8 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
         for sink, net, m in zip(sinks, nets, metrics):
             _snapshot(sink, net, 0, m)
     images, labels = ctx0.train.images, ctx0.train.labels
+    if epoch_indices is not None and ctx0.engine == "graph":
+        raise ValueError("a per-epoch training subset (a curriculum) runs on engine='eager' only")
     if ctx0.engine == "graph":  # the same epochs from pre-drawn randomness, as CUDA graphs on CUDA (raydd.graphs)
         trainer = GraphTrainer(stack, optimizer, images, labels, batch_size=cfg.batch_size, generators=gens,
                                device=ctx0.device, dsa=dsa, cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta,
@@ -197,11 +201,15 @@ def _fit(cfg: TrainingConfig, ctxs: list[RecipeContext], sinks: list[SnapshotSin
         augment = (lambda x, g: dsa(x, generator=g)) if dsa is not None else None
 
         def train_one_epoch():
-            return train_epoch_together(stack, optimizer, images, labels, batch_size=cfg.batch_size,
+            x, y = (images, labels) if epoch_indices is None else (images[subset], labels[subset])
+            return train_epoch_together(stack, optimizer, x, y, batch_size=cfg.batch_size,
                                         generators=gens, device=ctx0.device, augment=augment,
                                         cutmix_prob=cutmix_prob, cutmix_beta=cutmix_beta, precision=ctx0.precision)
+    subset = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        if epoch_indices is not None:
+            subset = epoch_indices(epoch)
         train_stats = train_one_epoch()
         if scheduler is not None:
             scheduler.step()
@@ -341,7 +349,8 @@ class Recipe:
     # (its files hold the training state after their last epoch). Recipes with a decaying schedule farm whole.
     prefix_exact: bool = False
     # Optional: resolve store-dependent config values (e.g. an SSD student's teacher="auto" -> a concrete
-    # trajectory id) before the trajectory id is hashed: prepare(config, store_root, dataset) -> config.
+    # trajectory id, PAD's scorers="auto" -> expert ids) before the trajectory id is hashed:
+    # prepare(config, store_root, dataset, model) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
     # The FarmSpec.precision values ``run`` honours (RecipeContext.precision): all of them for the recipes
     # built on ``_fit``; fp32 alone for a recipe with its own loops until those take it.

@@ -391,7 +391,7 @@ def resolve_teacher(cfg: SSDStudentConfig, store_root: str, dataset: dict) -> st
                      f"{store_root}: {ids}; pick one with --set teacher=<id>")
 
 
-def prepare_student(cfg: SSDStudentConfig, store_root: str, dataset: dict) -> SSDStudentConfig:
+def prepare_student(cfg: SSDStudentConfig, store_root: str, dataset: dict, model: dict) -> SSDStudentConfig:
     """Runs before the trajectory id is hashed: the id then names the concrete teacher."""
     return dataclasses.replace(cfg, teacher=resolve_teacher(cfg, store_root, dataset))
 

@@ -131,7 +131,7 @@ def plan_tasks(spec: FarmSpec, data: FarmData, fingerprint: str) -> list[Traject
         dataset["image_format"] = data.info["image_format"]
     config = spec.recipe_config()
     if recipe.prepare is not None:
-        config = recipe.prepare(config, spec.store, dataset)
+        config = recipe.prepare(config, spec.store, dataset, model)
     recipe_config = config.to_dict()
     tasks = []
     for seed in spec.seeds:

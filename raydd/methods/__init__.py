@@ -27,6 +27,7 @@ from .coreset import HerdingCoreset, KCenterCoreset, RandomCoreset  # noqa: E402
 from .mtt import MTT, MTTConfig  # noqa: E402
 from .datm import DATM, DATMConfig  # noqa: E402
 from .datm_clr import DATMCLR, DATMCLRConfig  # noqa: E402
+from .pad import PAD, PADConfig  # noqa: E402
 from .ssd import SSD, SSDConfig  # noqa: E402
 from .dm import DM, DMConfig  # noqa: E402
 from .dance import DANCE, DANCEConfig  # noqa: E402
@@ -35,7 +36,7 @@ from .edc import EDC, EDCConfig  # noqa: E402
 
 __all__ = [
     "DANCE", "DANCEConfig", "DATM", "DATMCLR", "DATMCLRConfig", "DATMConfig", "DM", "DMConfig", "EDC", "EDCConfig",
-    "HerdingCoreset", "KCenterCoreset", "PTLM", "PTLMConfig", "RandomCoreset", "SSD", "SSDConfig",
+    "HerdingCoreset", "KCenterCoreset", "PAD", "PADConfig", "PTLM", "PTLMConfig", "RandomCoreset", "SSD", "SSDConfig",
     "METHODS", "MTT", "MTTConfig", "CondensationMethod", "MethodConfig", "Scale", "StoreInputs", "SyntheticSet",
     "TrajectoryNeed", "check_ipc", "farm_command", "farm_commands", "get_method", "load_checkpoint", "load_synthetic",
     "make_config", "register_method", "save_checkpoint",

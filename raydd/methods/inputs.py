@@ -78,7 +78,8 @@ class TrajectoryNeed:
         many (``count`` and ``epochs`` given replace the need's own; without ``count``, a need of one leaves
         the count to the farm's default)."""
         epochs = self.epochs if epochs is None else epochs
-        fields = {"recipe": self.recipe, "recipe_options": {} if epochs is None else {"epochs": epochs},
+        options = {**dict(self.recipe_config), **({} if epochs is None else {"epochs": epochs})}
+        fields = {"recipe": self.recipe, "recipe_options": options,
                   "model": self.model_fields(), "zca": bool(self.zca)}
         if count is not None or self.count > 1:
             fields["trajectories"] = self.count if count is None else count
@@ -106,6 +107,7 @@ def farm_command(need: TrajectoryNeed, dataset: str, store_root: str, *, data_ro
         words.append(f"--data-root {data_root}")
     if "epochs" in fields["recipe_options"]:
         words.append(f"--epochs {fields['recipe_options']['epochs']}")
+    words += [f"--set {key}={value}" for key, value in fields["recipe_options"].items() if key != "epochs"]
     if "trajectories" in fields:
         words.append(f"--trajectories {fields['trajectories']}")
     if fields["zca"]:
