@@ -29,7 +29,10 @@ path fails at the evaluation print), and its evaluation runs zero networks.
 (NUS-HPC-AI-Lab/DATM; its utils/cfg.py needs ``pip install yacs``) and ``DatasetCondensation/``
 (VICO-UoE/DatasetCondensation), ``tesla/`` (justincui03/tesla: raydd's MTT with ``unroll='tesla'``), ``DANCE/``
 (Hansong-Zhang/DANCE: its DANCE.condense; its imports need ``pip install efficientnet_pytorch matplotlib``).
-EDC has no side here yet.
+``PAD/`` (NUS-HPC-AI-Lab/PAD: its distill/PAD.py, DATM's loop with its parameter filter; raydd farms a plain
+scorer expert and a pad_expert for it). EDC: ``EDC/`` (shaoshitong/EDC: its BNFeatureHook on raydd's observer).
+
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods pad [--pad-replay-selection]
 
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods dance [--dance-paper-steps]
 
@@ -68,7 +71,7 @@ from raydd.methods.datm import ExpertLabeller, mean_correct_logits  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
-REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "dm": "DatasetCondensation",
+REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "pad": "PAD", "dm": "DatasetCondensation",
               "dance": "DANCE", "edc": "EDC"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
@@ -108,6 +111,7 @@ class _Recorder:
         self.perms: list[torch.Tensor] = []
         self.dsa_calls: list[list[torch.Tensor]] = []
         self.nets: list[list[torch.Tensor]] = []  # DM: each iteration's freshly initialised embedder
+        self.sorted: list[torch.Tensor] = []  # PAD: each iteration's ascending order of the parameters' errors
 
 
 def _wandb_stub(record: _Recorder) -> types.ModuleType:
@@ -225,6 +229,18 @@ def _import_reference(root: Path, module: str, where: str = ""):
             sys.path.remove(path)
 
 
+def _recording_sort(record: _Recorder):
+    """PAD.py's one torch.sort per iteration (the per-parameter errors, ascending): its order recorded."""
+    sort = torch.sort
+
+    def recording_sort(*a, **k):
+        out = sort(*a, **k)
+        record.sorted.append(out.indices.clone())
+        return out
+
+    return recording_sort
+
+
 def _recording_randperm(record: _Recorder):
     randperm = torch.randperm
 
@@ -283,12 +299,16 @@ def run_reference_mtt(root: Path, buffer_root: Path, train, args, record: _Recor
         distill.main(ns)
 
 
-def run_reference_datm(root: Path, buffer_root: Path, train, args, record: _Recorder) -> None:
+def run_reference_datm(root: Path, buffer_root: Path, train, args, record: _Recorder, module: str = "DATM",
+                       **extra) -> None:
     """NUS-HPC-AI-Lab/DATM's distill/DATM.py main on raydd's digits tensors and expert buffer, from its own
     config defaults (utils/cfg.py) with this run's settings: ``samples_predicted_correctly`` initialisation (its
-    ``parall_eva`` on, so that it runs on the host's device instead of cuda:0), soft labels, the threshold."""
+    ``parall_eva`` on, so that it runs on the host's device instead of cuda:0), soft labels, the threshold.
+    PAD (NUS-HPC-AI-Lab/PAD) is DATM's loop with its parameter filter: ``module="PAD"`` runs its distill/PAD.py
+    the same way, ``extra`` its settings (loss_ratio, and loss_threshold_low, which PAD.py reads but its cfg
+    does not define)."""
     sys.modules["wandb"] = _wandb_stub(record)
-    datm = _import_reference(root, "DATM", "distill")
+    datm = _import_reference(root, module, "distill")
     settings = dict(datm.cfg)  # the reference's own defaults (yacs CfgNode), as its --cfg parser starts from
     settings.update(
         dataset="digits", model="ConvNet", ipc=args.ipc, device=[0], num_eval=0, eval_it=10 ** 9, skip_first_eva=True,
@@ -299,7 +319,7 @@ def run_reference_datm(root: Path, buffer_root: Path, train, args, record: _Reco
         max_start_epoch=args.max_start_epoch, Sequential_Generation=args.current_max_start_epoch is not None,
         current_max_start_epoch=args.current_max_start_epoch or args.max_start_epoch,
         expansion_end_epoch=args.expansion_end_epoch, pix_init="samples_predicted_correctly", parall_eva=True,
-        load_all=False, max_files=None, max_experts=None, Label_Model_Timestamp=-1)
+        load_all=False, max_files=None, max_experts=None, Label_Model_Timestamp=-1, **extra)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -309,6 +329,8 @@ def run_reference_datm(root: Path, buffer_root: Path, train, args, record: _Reco
         stack.enter_context(_patched(datm, "DiffAugment", _recording_augment(datm.DiffAugment, record)))
         stack.enter_context(_patched(torch, "randperm", _recording_randperm(record)))
         stack.enter_context(_restored_env("CUDA_VISIBLE_DEVICES"))  # it sets it from its --device
+        if module == "PAD":
+            stack.enter_context(_patched(torch, "sort", _recording_sort(record)))
         _reference_patches(stack, record)
         datm.main(argparse.Namespace(**settings))
 
@@ -425,20 +447,22 @@ def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict
     knobs.update(syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
                  lr_img=lr_img, lr_lr=args.lr_lr, syn_lr_init=args.syn_lr_init, dsa=args.dsa,
                  dsa_strategy=args.dsa_strategy, batch_syn=args.batch_syn, dsa_align_corners=args.align_corners)
-    if name == "datm":
+    if name in ("datm", "pad"):
         knobs.update(lr_y=args.lr_y, threshold=args.threshold, current_max_start_epoch=args.current_max_start_epoch,
                      expansion_end_epoch=args.expansion_end_epoch, min_start_epoch=0)
+    if name == "pad":
+        knobs.update(loss_ratio=args.pad_loss_ratio, param_selection="loss", score_models=1, score_epoch=1)
     cfg = make_config(name, "digits", args.ipc, **knobs)
     method = get_method(name)(cfg, train, store, device="cpu", seed=args.seed)
     (expert,) = method.experts
     rows: dict[str, list[float]] = {"images": [], "syn_lr": [], "labels": [], "loss": []}
-    if name == "datm":  # raydd's soft-label rule (the experts' mean correct logits) on the reference's images
+    if name in ("datm", "pad"):  # raydd's soft-label rule (the experts' mean correct logits) on the reference's images
         labeller = ExpertLabeller(method, cfg.label_epoch)
         ours = mean_correct_logits(method, labeller, record.initial_images, method.labels.classes)
         rows["label_init"] = [max_rel(ours, record.initial_labels)]
     with torch.no_grad():
         method.images.copy_(record.initial_images)
-        if name == "datm":
+        if name in ("datm", "pad"):
             method.labels.logits.copy_(record.initial_labels)
     starts = list(record.starts)
 
@@ -456,6 +480,21 @@ def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict
         return pending.pop(0)
 
     method._next_minibatch = replay_minibatch
+    kept_here: list[torch.Tensor] = []
+    if name == "pad":  # the parameters raydd's loss keeps, per iteration (to set beside the reference's)
+        import raydd.methods.pad as pad_module
+
+        kept = pad_module.kept_parameters
+
+        def recording_kept(*a, **k):
+            out = kept(*a, **k)
+            kept_here.append(out.clone())
+            if args.pad_replay_selection:  # the reference's kept parameters (its sort of its own errors)
+                theirs = record.sorted[len(kept_here) - 1]
+                return theirs[int(args.pad_loss_ratio * theirs.numel()):]
+            return out
+
+        pad_module.kept_parameters = recording_kept
     if args.dsa:
         method.dsa = _ReplayDSA(record.dsa_calls, args.dsa_strategy, method.dsa.config)
     rows["skipped"] = []
@@ -463,9 +502,15 @@ def run_raydd_matching(name: str, store, train, args, record: _Recorder) -> dict
         metrics = method.step()
         rows["images"].append(max_rel(method.images, record.images[i]))
         rows["syn_lr"].append(max_rel(method.syn_lr, record.syn_lr[i]))
-        rows["labels"].append(max_rel(method.labels.logits, record.labels[i]) if name == "datm" else float("nan"))
+        rows["labels"].append(max_rel(method.labels.logits, record.labels[i]) if name in ("datm", "pad")
+                              else float("nan"))
         rows["loss"].append(abs(metrics["loss"] - record.losses[i]) / abs(record.losses[i]))
         rows["skipped"].append(bool(metrics["skipped"]) == record.skipped[i])
+    if name == "pad":
+        pad_module.kept_parameters = kept
+        drop = int(args.pad_loss_ratio * record.sorted[0].numel())
+        rows["kept_differ"] = [len(set(ours.tolist()) ^ set(theirs[drop:].tolist()))
+                               for ours, theirs in zip(kept_here, record.sorted)]
     return rows
 
 
@@ -922,6 +967,45 @@ def farm_store(root: Path, args) -> TrajectoryStore:
     return TrajectoryStore(str(root))
 
 
+def farm_pad_store(root: Path, args) -> TrajectoryStore:
+    """PAD's experts: one plain expert (the difficulty scorer, its epoch 1) and one pad_expert on its EL2N
+    curriculum (the recipe's defaults), ConvNet-3 w128 on digits at 28 px."""
+    farm_store(root, args)
+    farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="pad_expert",
+                  trajectories=1, model={"width": 128, "depth": 3},
+                  recipe_options={"epochs": args.expert_epochs + args.max_start_epoch, "batch_size": 256,
+                                  "score_models": 1, "score_epoch": 1}), progress=False)
+    return TrajectoryStore(str(root))
+
+
+def write_buffer(store: TrajectoryStore, kind: str, path: Path) -> None:
+    """The store's one trajectory of ``kind`` as the reference's replay buffer file."""
+    (info,) = store.list(kind=kind)
+    with store.open(info.trajectory_id) as trajectory:
+        save_reference_buffer([expert_epochs(trajectory)], path)
+
+
+def curriculum_check(root: Path) -> str:
+    """PAD's buffer_CL.py schedule (its linear_cl_scheduler_acse and branches) against raydd's kept_fractions, over
+    100 epochs of its README command's settings: the first epoch where they differ, or 'equal'."""
+    from raydd.farm.pad import PADExpertConfig
+
+    scheduler = _import_reference(root, "utils.utils_cl_scheduler").utils_cl_scheduler
+    cfg = PADExpertConfig()
+    for e in range(100):
+        if e <= cfg.add_end_epoch:
+            theirs = (0.0, scheduler.linear_cl_scheduler_acse(e, cfg.init_ratio, cfg.add_end_epoch))
+        elif e <= cfg.rm_epoch_first:
+            theirs = (0.0, 1.0)
+        elif e <= cfg.rm_epoch_second:
+            theirs = (cfg.rm_easy_ratio_first, 1.0)
+        else:
+            theirs = (cfg.rm_easy_ratio_second, 1.0)
+        if theirs != cfg.kept_fractions(e):
+            return f"differ at epoch {e}: {theirs} vs {cfg.kept_fractions(e)}"
+    return "equal for epochs 0..99"
+
+
 def farm_pretrained(root: Path, args) -> TrajectoryStore:
     """``--dance-experts`` pre-trained ConvNet-3 w128 experts (raydd's ``pretrain`` recipe) on digits at 28 px."""
     farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="pretrain",
@@ -956,6 +1040,11 @@ def main(argv=None) -> int:
     p.add_argument("--current-max-start-epoch", type=int, default=None,
                    help="DATM's growing window (its Sequential_Generation); default: off")
     p.add_argument("--expansion-end-epoch", type=int, default=1000)
+    p.add_argument("--pad-replay-selection", action="store_true",
+                   help="PAD: raydd's loss keeps the parameters the reference's kept (its sort replayed): "
+                        "separates the selection's near-ties at the cut from the rest of the iteration")
+    p.add_argument("--pad-loss-ratio", type=float, default=0.5,
+                   help="PAD's loss_ratio (α; its CIFAR-10 IPC 10 config's 0.5): the fraction of parameters dropped")
     p.add_argument("--lr-img-dm", type=float, default=1.0, help="DM's lr_img (main_DM.py's default)")
     p.add_argument("--batch-real", type=int, default=64, help="DM's real images per class")
     p.add_argument("--lr-img-dance", type=float, default=None, help="DANCE's lr_img (default: its 0.01·IPC)")
@@ -971,6 +1060,10 @@ def main(argv=None) -> int:
                         "form) instead of eq. 5's")
     p.add_argument("--edc-step", type=float, default=0.05, help="how far S moves between the EDC iterations compared")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smooth-relu", action="store_true",
+                   help="diagnostic: every nn.ReLU (both sides, the farm too) computes softplus(x, beta=10): a "
+                        "smooth activation, so a pre-activation that rounding puts on the other side of 0 cannot "
+                        "flip its derivative in the unrolled student's gradient")
     p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],
                    help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset")
     p.add_argument("--eval-ipc", type=int, default=10, help="images per class of the fixed set evaluated")
@@ -991,6 +1084,8 @@ def main(argv=None) -> int:
     if "dm" in args.methods and args.ipc not in (1, 10, 20, 30, 40, 50):
         p.error(f"--ipc {args.ipc}: main_DM.py runs IPC 1, 10, 20, 30, 40 or 50 only (its get_loops)")
     torch.set_num_threads(1)
+    if args.smooth_relu:
+        torch.nn.ReLU.forward = lambda self, x: F.softplus(x, beta=10.0)
     if "standard" in args.protocols:
         compare_evaluation(args.reference_root / REFERENCES["mtt"], args)
     train, _ = load_train_test("digits", resolution=RESOLUTION)
@@ -999,10 +1094,10 @@ def main(argv=None) -> int:
         store = farm_store(tmp / "store", args) if {"mtt", "tesla", "datm"} & set(args.methods) else None
         pretrained = farm_pretrained(tmp / "pretrained", args) if "dance" in args.methods else None
         if store is not None:
-            (info,) = store.list()
-            with store.open(info.trajectory_id) as trajectory:
-                experts = [expert_epochs(trajectory)]
-            save_reference_buffer(experts, tmp / "buffers" / "digits" / "ConvNet" / "replay_buffer_0.pt")
+            write_buffer(store, "expert", tmp / "buffers" / "digits" / "ConvNet" / "replay_buffer_0.pt")
+        pad_store = farm_pad_store(tmp / "pad_store", args) if "pad" in args.methods else None
+        if pad_store is not None:
+            write_buffer(pad_store, "pad_expert", tmp / "pad_buffers" / "digits" / "ConvNet" / "replay_buffer_0.pt")
         for name in args.methods:
             root = args.reference_root / REFERENCES[name]
             print(f"{name}: reference {REFERENCES[name]} @ {commit_of(root)}")
@@ -1020,6 +1115,10 @@ def main(argv=None) -> int:
                                       teacher_label=False)
                 elif name == "datm":
                     run_reference_datm(root, tmp / "buffers", train, args, record)
+                elif name == "pad":
+                    print(f"  curriculum (buffer_CL.py's schedule vs raydd's): {curriculum_check(root)}")
+                    run_reference_datm(root, tmp / "pad_buffers", train, args, record, module="PAD",
+                                       loss_ratio=args.pad_loss_ratio, depth_ratio=0.0, loss_threshold_low=0.0)
                 elif name == "dance":
                     method = raydd_dance(pretrained, train, args)
                     dance_record = run_reference_dance(root, tmp, method.experts, method.model_spec, train, args,
@@ -1038,14 +1137,17 @@ def main(argv=None) -> int:
                     print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | - | - | {rows['loss'][i]:.2e}")
                 continue
             rows = run_raydd_dm(train, args, record) if name == "dm" else \
-                run_raydd_matching(name, store, train, args, record)
+                run_raydd_matching(name, pad_store if name == "pad" else store, train, args, record)
             drift = f"; reference α {args.syn_lr_init:g} -> {float(record.syn_lr[-1]):.9g}" if record.syn_lr else ""
             print(f"  start epochs {record.starts or '-'}, {len(record.nets)} embedders, {len(record.dsa_calls)} DSA "
                   f"calls and {len(record.perms)} permutations replayed{drift}; reference loss {record.losses[0]:.6g} "
                   f"-> {record.losses[-1]:.6g}")
             if "label_init" in rows:
                 print(f"  initial label logits (raydd's rule on the reference's images): {rows['label_init'][0]:.2e}")
-            if "skipped" in rows and name == "datm":
+            if "kept_differ" in rows:
+                print(f"  parameters kept by one side's loss and not the other's, per iteration (of "
+                      f"{record.sorted[0].numel()}, {args.pad_loss_ratio:g} dropped): {rows['kept_differ']}")
+            if "skipped" in rows and name in ("datm", "pad"):
                 print(f"  iterations skipped by the reference: {[i + 1 for i, s in enumerate(record.skipped) if s]}; "
                       f"raydd skipped the same ones: {all(rows['skipped'])}")
             print("  iteration | images | syn_lr | labels | loss   (max relative difference, float32)")
