@@ -49,18 +49,18 @@ def stores(tmp_path_factory):
     """``stores(name)``: the store holding what method ``name`` reads, its recipes farmed tiny on first use (one
     root for all: each recipe once); None for a method that reads nothing."""
     root = str(tmp_path_factory.mktemp("contract") / "store")
-    farmed: set[str] = set()
+    farmed: set[tuple] = set()
 
     def store_for(name: str) -> TrajectoryStore | None:
         needs = contract_config(name).needs()
         for need in needs:
-            if need.recipe in farmed:
+            if (need.recipe, need.recipe_config) in farmed:  # a recipe under another config is farmed again
                 continue
-            farmed.add(need.recipe)
+            farmed.add((need.recipe, need.recipe_config))
             model = {"width": 16, "depth": 2, **({"norm": need.norm} if need.norm else {})}
             farm(FarmSpec(store=root, dataset="digits", recipe=need.recipe, backend="local",
                           trajectories=max(need.count, COUNTS.get(need.recipe, 1)),
-                          recipe_options={**dict(need.recipe_config), **RECIPE_OPTIONS[need.recipe]}, model=model),
+                          recipe_options={**RECIPE_OPTIONS[need.recipe], **dict(need.recipe_config)}, model=model),
                  progress=False)
         return TrajectoryStore(root) if needs else None
 

@@ -32,11 +32,12 @@ from .ssd import SSD, SSDConfig  # noqa: E402
 from .dm import DM, DMConfig  # noqa: E402
 from .dance import DANCE, DANCEConfig  # noqa: E402
 from .ptlm import PTLM, PTLMConfig  # noqa: E402
+from .ncfm import NCFM, NCFMConfig  # noqa: E402
 from .edc import EDC, EDCConfig  # noqa: E402
 
 __all__ = [
     "DANCE", "DANCEConfig", "DATM", "DATMCLR", "DATMCLRConfig", "DATMConfig", "DM", "DMConfig", "EDC", "EDCConfig",
-    "HerdingCoreset", "KCenterCoreset", "PAD", "PADConfig", "PTLM", "PTLMConfig", "RandomCoreset", "SSD", "SSDConfig",
+    "HerdingCoreset", "KCenterCoreset", "NCFM", "NCFMConfig", "PAD", "PADConfig", "PTLM", "PTLMConfig", "RandomCoreset", "SSD", "SSDConfig",
     "METHODS", "MTT", "MTTConfig", "CondensationMethod", "MethodConfig", "Scale", "StoreInputs", "SyntheticSet",
     "TrajectoryNeed", "check_ipc", "farm_command", "farm_commands", "get_method", "load_checkpoint", "load_synthetic",
     "make_config", "register_method", "save_checkpoint",
