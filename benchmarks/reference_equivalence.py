@@ -34,6 +34,11 @@ scorer expert and a pad_expert for it). EDC: ``EDC/`` (shaoshitong/EDC: its BNFe
 
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods pad [--pad-replay-selection]
 
+``NCFM/`` (gszfwsb/NCFM: its match_loss, cailb_loss, compute_match_loss, compute_calib_loss, decode, DiffAug and
+ConvNet, called in its Condenser's order; raydd farms a pool of pretrain experts with its settings).
+
+    python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods ncfm [--smooth-relu]
+
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods dance [--dance-paper-steps]
 
 DANCE: raydd's pre-trained experts are written as its ``premodel{i}_init/_trained.pth.tar`` state dicts; its
@@ -71,7 +76,8 @@ from raydd.methods.datm import ExpertLabeller, mean_correct_logits  # noqa: E402
 from raydd.store import TrajectoryStore  # noqa: E402
 from raydd.store.reference_buffer import expert_epochs, save_reference_buffer  # noqa: E402
 
-REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "pad": "PAD", "dm": "DatasetCondensation",
+REFERENCES = {"mtt": "mtt-distillation", "tesla": "tesla", "datm": "DATM", "pad": "PAD", "ncfm": "NCFM",
+              "dm": "DatasetCondensation",
               "dance": "DANCE", "edc": "EDC"}
 # digits upsampled to MNIST's 28 px: the references' ConvNet pads a one-channel input's first convolution by 3
 # whatever its size (made for MNIST), raydd's only at 28x28 (the one size the references run one channel at).
@@ -558,6 +564,9 @@ class _DanceRecord:
     aug_calls: list[tuple[torch.Tensor, list[float], list[int]]] = dataclasses.field(default_factory=list)
     match_losses: list[float] = dataclasses.field(default_factory=list)
     calib_losses: list[float] = dataclasses.field(default_factory=list)
+    reals: list[torch.Tensor] = dataclasses.field(default_factory=list)  # NCFM: each class's real batch (indices)
+    frequencies: list[torch.Tensor] = dataclasses.field(default_factory=list)  # NCFM: each class's t
+    grads: list[torch.Tensor] = dataclasses.field(default_factory=list)  # NCFM: the gradient at each AdamW step
 
 
 def _dance_state_dict(reference_model, flat: torch.Tensor, spec) -> dict:
@@ -746,6 +755,177 @@ def run_raydd_dance(method, train, args, record: _Recorder, dance_record: _Dance
         rows["loss"].append(max(abs(metrics["pltda_loss"] - match) / abs(match),
                                 abs(metrics["calib_loss"] - calib) / abs(calib)))
     rows["syn_lr"] = rows["labels"] = [float("nan")] * args.iterations
+    return rows
+
+
+# ----------------------------------------------------------------------------- NCFM
+def run_reference_ncfm(root: Path, experts, spec, train, args) -> tuple[_DanceRecord, list[torch.Tensor]]:
+    """gszfwsb/NCFM's per-iteration work on raydd's digits (as pixels) and raydd's pool experts, from its own
+    modules: its ConvNet (models/convnet.py) loaded with the experts' weights, its ``match_loss`` and
+    ``cailb_loss`` (NCFM/NCFM.py) with its ``CFLossFunc``, its ``compute_match_loss`` / ``compute_calib_loss``
+    (condenser/compute_loss.py: the per-class AdamW steps), its ``decode`` and its batch-mode DiffAug after its
+    Normalize. Its Condenser.condense (which needs torch.distributed, CUDA and files on disk) is the one part not
+    run: the harness calls those functions in its order per iteration — pick a pool model and blend it with
+    l ~ U(0, 1), clamp the pixels to [0, 1], match every class, calibrate every class, step the plateau schedule —
+    decoding synchronously (the code decodes in a background thread, its values up to ~10 steps stale). Its
+    real batches are random ones recorded here (the code's loader always returns each class's first 1024)."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("models", "NCFM", "condenser", "utils", "data"):
+            sys.modules.pop(name)
+    import importlib
+
+    sys.path.insert(0, str(root))
+    try:
+        convnet, ncfm = importlib.import_module("models.convnet"), importlib.import_module("NCFM.NCFM")
+        compute = importlib.import_module("condenser.compute_loss")
+        decode = importlib.import_module("condenser.decode").decode
+        diffaug, augment = importlib.import_module("utils.diffaug"), importlib.import_module("data.augment")
+    finally:
+        sys.path.remove(str(root))
+    info, k = train.info, train.info.num_classes
+    record, images_after = _DanceRecord(), []
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    pixels = train.images * std + mean
+
+    def net():
+        return convnet.ConvNet(k, net_norm="instance", net_depth=3, net_width=128, channel=info.channels,
+                               im_size=(RESOLUTION, RESOLUTION))
+
+    model_interval, model_final = net(), net()
+    normalize = augment.Normalize(list(info.mean), list(info.std))
+    batch_aug = diffaug.DiffAug(strategy="color_crop_cutout", batch=True)
+    uniform, randint = np.random.uniform, np.random.randint
+
+    def aug_fn(x):
+        uniforms, ints = [], []
+
+        def dyadic_uniform(*aa, **kk):  # as for DANCE: colour draws on a 2^-12 grid, exact in float32 and 64
+            out = np.float64(np.round(uniform(*aa, **kk) * 4096) / 4096)
+            uniforms.append(out)
+            return out
+
+        def rec_randint(*aa, **kk):
+            out = randint(*aa, **kk)
+            ints.append(out)
+            return out
+
+        z = normalize(x)
+        with _patched(np.random, "uniform", dyadic_uniform), _patched(np.random, "randint", rec_randint):
+            out = batch_aug(z)
+        record.aug_calls.append((z.detach().clone(), uniforms, ints))
+        return out
+
+    data = args.ncfm_initial.clone().requires_grad_(True)
+    optim = torch.optim.AdamW([data], lr=args.ncfm_lr, weight_decay=5e-4)
+    adamw_step = optim.step
+
+    def recording_step(*a, **kw):
+        record.grads.append(data.grad.detach().clone())
+        return adamw_step(*a, **kw)
+
+    optim.step = recording_step
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="min", factor=0.5, patience=500)
+    ipc = args.ipc
+    gen = torch.Generator().manual_seed(args.seed + 7)
+
+    class Loader:
+        def class_sample(self, c):
+            idx = train.class_indices(c)
+            picks = idx[torch.randperm(len(idx), generator=gen)[:args.batch_real]]
+            record.reals.append(picks)
+            return pixels[picks], train.labels[picks]
+
+    def sample_fn(c):
+        return decode("single", (RESOLUTION, RESOLUTION), data[c * ipc:(c + 1) * ipc],
+                      torch.full((ipc,), c, dtype=torch.long), args.dance_factor)
+
+    frequencies = []
+    randn = torch.randn
+
+    def recording_randn(*a, **kw):  # CFLossFunc's t = torch.randn(num_freqs, D)
+        out = randn(*a, **kw)
+        frequencies.append(out.clone())
+        return out
+
+    cf = ncfm.CFLossFunc(alpha_for_loss=0.5, beta_for_loss=0.5)
+    ns = types.SimpleNamespace(device="cpu", cf_loss_func=cf, num_freqs=args.ncfm_freqs)
+    timing = types.SimpleNamespace(start_step=lambda: None, record=lambda name: None)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    for _ in range(args.iterations):
+        e = random.randint(0, len(experts) - 1)
+        lam = float(torch.rand(1))
+        record.experts.append(e)
+        record.lams.append(lam)
+        init = _dance_state_dict(model_interval, experts[e].initial, spec)
+        final = _dance_state_dict(model_interval, experts[e].final, spec)
+        model_interval.load_state_dict({n: lam * init[n] + (1 - lam) * final[n] for n in init})
+        model_final.load_state_dict(final)
+        with torch.no_grad():
+            data.clamp_(0.0, 1.0)
+        with _patched(torch, "randn", recording_randn):
+            match, _ = compute.compute_match_loss(ns, Loader(), sample_fn, aug_fn, ncfm.match_loss, optim, range(k),
+                                                  timing, model_interval, None)
+        calib, _ = compute.compute_calib_loss(sample_fn, aug_fn, ncfm.cailb_loss, optim, 1, range(k), timing,
+                                              model_final, 1.0, None)
+        scheduler.step((match + calib) / k)
+        record.match_losses.append(match)
+        record.calib_losses.append(calib)
+        images_after.append(data.detach().clone())
+    record.frequencies = frequencies
+    return record, images_after
+
+
+def run_raydd_ncfm(store, train, args) -> dict[str, list[float]]:
+    """raydd's NCFM (``step_per_class``, the code's loop) from the same initial pixels, replaying the reference's
+    pool picks, l draws, real batches, t draws and DiffAug draws; per iteration the relative differences of the
+    pixels and of the two losses (the larger)."""
+    cfg = make_config("ncfm", "digits", args.ipc, factor=args.dance_factor, num_experts=args.dance_experts,
+                      batch_real=args.batch_real, num_freqs=args.ncfm_freqs, lr_img=args.ncfm_lr,
+                      embed_classes_together=False)
+    method = get_method("ncfm")(cfg, train, store, device="cpu", seed=args.seed)
+    args.ncfm_initial = method.images.detach().clone()
+    record, images_after = run_reference_ncfm(args.reference_root / REFERENCES["ncfm"], method.experts,
+                                              method.model_spec, train, args)
+    with torch.no_grad():
+        method.images.copy_(args.ncfm_initial)
+    experts, lams = list(record.experts), list(record.lams)
+    method.rng = types.SimpleNamespace(randrange=lambda n: experts.pop(0))
+    extractor = method.extractor
+    method.extractor = lambda expert, beta: extractor(expert, lams.pop(0))
+    reals, frequencies = list(record.reals), list(record.frequencies)
+    method._real_batch = lambda c, generator: train.images[reals.pop(0)]
+    draw_class = type(method).__mro__[1]._draw_class  # PretrainedDM's draws, then the reference's t
+
+    def replay_draw(c, generator, keep_reals):
+        out = draw_class(method, c, generator, keep_reals)
+        method._frequencies.append(frequencies.pop(0))
+        return out
+
+    method._draw_class = replay_draw
+    method.dsa = _ReplayDiffAug(record.aug_calls, method.dsa.config)
+    ours_grads, adamw_step = [], method.optimizer.step
+
+    def recording_step(*a, **kw):
+        ours_grads.append(method.images.grad.detach().clone())
+        return adamw_step(*a, **kw)
+
+    method.optimizer.step = recording_step
+    rows: dict[str, list[float]] = {"images": [], "loss": []}
+    for i in range(args.iterations):
+        metrics = method.step()
+        rows["images"].append(max_rel(method.images, images_after[i]))
+        rows["loss"].append(max(abs(metrics["match_loss"] - record.match_losses[i]) / abs(record.match_losses[i]),
+                                abs(metrics["calib_loss"] - record.calib_losses[i]) / abs(record.calib_losses[i])))
+    print(f"  pool picks {record.experts}, l {[round(v, 4) for v in record.lams]}, {len(record.aug_calls)} DiffAug "
+          f"calls and {len(record.frequencies)} t draws ({args.ncfm_freqs} x D) replayed; reference match loss "
+          f"{record.match_losses[0]:.6g} -> {record.match_losses[-1]:.6g}")
+    k = train.info.num_classes
+    first = [max_rel(a, b) for a, b in zip(ours_grads[:2 * k], record.grads[:2 * k])]
+    print(f"  iteration 1, the gradient at each of its {2 * k} AdamW steps (max relative difference): "
+          f"matching {max(first[:k]):.1e} (first class {first[0]:.1e}), calibration {max(first[k:]):.1e}")
     return rows
 
 
@@ -1006,6 +1186,15 @@ def curriculum_check(root: Path) -> str:
     return "equal for epochs 0..99"
 
 
+def farm_ncfm_pool(root: Path, args) -> TrajectoryStore:
+    """NCFM's pool: ``--dance-experts`` pre-trained ConvNet-3 w128 (its pretrain settings: batch 128, DSA
+    color_crop) on digits at 28 px."""
+    farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="pretrain",
+                  trajectories=args.dance_experts, model={"width": 128, "depth": 3},
+                  recipe_options={"epochs": 2, "batch_size": 128, "dsa_strategy": "color_crop"}), progress=False)
+    return TrajectoryStore(str(root))
+
+
 def farm_pretrained(root: Path, args) -> TrajectoryStore:
     """``--dance-experts`` pre-trained ConvNet-3 w128 experts (raydd's ``pretrain`` recipe) on digits at 28 px."""
     farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="pretrain",
@@ -1040,6 +1229,8 @@ def main(argv=None) -> int:
     p.add_argument("--current-max-start-epoch", type=int, default=None,
                    help="DATM's growing window (its Sequential_Generation); default: off")
     p.add_argument("--expansion-end-epoch", type=int, default=1000)
+    p.add_argument("--ncfm-freqs", type=int, default=64, help="NCFM's number of frequency arguments t")
+    p.add_argument("--ncfm-lr", type=float, default=1e-3, help="NCFM's AdamW lr on the pixels (its 0.01 x 0.1)")
     p.add_argument("--pad-replay-selection", action="store_true",
                    help="PAD: raydd's loss keeps the parameters the reference's kept (its sort replayed): "
                         "separates the selection's near-ties at the cut from the rest of the iteration")
@@ -1103,6 +1294,12 @@ def main(argv=None) -> int:
             print(f"{name}: reference {REFERENCES[name]} @ {commit_of(root)}")
             if name == "edc":
                 compare_edc(root, tmp / "edc", train, args)
+                continue
+            if name == "ncfm":
+                rows = run_raydd_ncfm(farm_ncfm_pool(tmp / "ncfm_pool", args), train, args)
+                print("  iteration | images | - | - | loss (matching or calibration, the larger)")
+                for i in range(args.iterations):
+                    print(f"  {i + 1:9d} | {rows['images'][i]:.2e} | - | - | {rows['loss'][i]:.2e}")
                 continue
             record = _Recorder()
             cwd = os.getcwd()
