@@ -36,7 +36,7 @@ ITERATIONS = 6
 IPC = 2
 # Knobs that put more of a method's state to work when set (minibatch permutations and subsets, a second
 # update every k iterations): resume is also checked with them, for every method that has them.
-STATEFUL = {"batch_syn": 7, "batch_syn_max": 5, "calib_interval": 2, "threshold": 0.97}
+STATEFUL = {"batch_syn": 7, "batch_syn_max": 5, "calib_interval": 2, "threshold": 0.97, "sampling_net": True}
 NAMES = sorted(METHODS)
 
 

@@ -53,6 +53,43 @@ def test_defaults_are_the_papers_and_the_codes():
     assert dict(need.recipe_config) == {"batch_size": 128, "dsa_strategy": "color_crop"}
 
 
+@pytest.fixture(scope="module")
+def ncfm_pool(tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("ncfm") / "store")
+    assert main(["farm", "--store", store, "--recipe", "pretrain", "--epochs", "2", "--width", "16", "--depth", "2",
+                 "--trajectories", "2", "--set", "batch_size=128", "--set", "dsa_strategy=color_crop", "--backend",
+                 "local", "--quiet"]) == 0
+    return store
+
+
+def test_the_sampling_network_ascends_the_loss_the_images_descend(ncfm_pool, digits):
+    from raydd.methods import get_method
+    from raydd.store import TrajectoryStore
+
+    train, _ = digits
+    cfg = make_config("ncfm", "digits", 1, num_experts=2, batch_real=32, num_freqs=32, sampling_net=True,
+                      lr_sampling_net=0.05)
+    method = get_method("ncfm")(cfg, train, TrajectoryStore(ncfm_pool), device="cpu", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    z_real = torch.randn(40, method.feature_dim, generator=gen)
+    z_syn = torch.randn(4, method.feature_dim, generator=gen)
+    noise = torch.randn(2, method.feature_dim, generator=gen)  # K = 32 / 16 components
+
+    def term():
+        method._frequencies = [noise]
+        return method._class_term(z_real, z_syn, None)[0]
+
+    before = [p.detach().clone() for p in method.sampler.parameters()]
+    loss = term()
+    loss.backward(inputs=list(method.sampler.parameters()))
+    method.sampler_optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.sampler.parameters()))
+    with torch.no_grad():
+        assert term() > loss  # one ascent step of ψ raises the discrepancy on the same inputs
+    method.step()  # a whole iteration: ψ moves (the released code's ψ would not)
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.sampler.parameters()))
+
+
 def test_farm_and_condense_through_the_cli(tmp_path, capsys):
     store = str(tmp_path / "store")
     code, _, err = run(capsys, "condense", "--method", "ncfm", "--dataset", "digits", "--ipc", "1", "--store", store,
@@ -69,6 +106,12 @@ def test_farm_and_condense_through_the_cli(tmp_path, capsys):
     assert code == 0, err
     syn = load_synthetic(tmp_path / "n.safetensors")
     assert syn.method == "ncfm" and len(syn) == 40 and syn.config["amplitude_weight"] == 0.8  # 4 decoded per stored
+    code, _, err = run(capsys, "condense", "--method", "ncfm", "--dataset", "digits", "--ipc", "1", "--store", store,
+                       "--iterations", "2", "--set", "num_experts=2", "--set", "batch_real=32", "--set",
+                       "num_freqs=64", "--set", "sampling_net=true", "--out", str(tmp_path / "psi.safetensors"),
+                       "--quiet")
+    assert code == 0, err
+    assert load_synthetic(tmp_path / "psi.safetensors").config["sampling_net"] is True
     code, _, err = run(capsys, "condense", "--method", "ncfm", "--dataset", "digits", "--ipc", "1", "--set",
                        "amplitude_weight=2")
     assert code == 2 and "amplitude_weight" in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1

@@ -361,7 +361,7 @@ class PretrainedDM(CondensationMethod):
             loss, n_kept = self._class_term(z_real, z_syn, select)
             kept, seen = kept + n_kept, seen + real.shape[0]
             if backward:
-                loss.backward(inputs=[self.images])
+                loss.backward(inputs=self.matching_leaves())
                 if class_steps is not None:
                     class_steps.append(self._update())
             total += float(loss.detach())
@@ -405,7 +405,7 @@ class PretrainedDM(CondensationMethod):
             kept, seen = kept + n_kept, seen + z_real.shape[0]
         loss = torch.stack(terms).sum()
         if backward:
-            loss.backward(inputs=[self.images])
+            loss.backward(inputs=self.matching_leaves())
         return float(loss.detach()), kept / seen
 
     def _classification(self, flat: torch.Tensor, targets: list, generator: torch.Generator, *, backward: bool,
@@ -446,6 +446,10 @@ class PretrainedDM(CondensationMethod):
                     class_steps.append(self._update())
             total += float(loss.detach())
         return total
+
+    def matching_leaves(self) -> list[torch.Tensor]:
+        """What the matching loss's backward pass fills: the stored images (NCFM adds its sampling network)."""
+        return [self.images]
 
     def _update(self) -> float:
         """One SGD step on the accumulated gradient; returns its norm."""
