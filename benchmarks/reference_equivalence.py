@@ -726,16 +726,22 @@ def raydd_dance(store, train, args):
     return get_method("dance")(cfg, train, store, device="cpu", seed=args.seed)
 
 
+def _replay_pool(method, record: _DanceRecord, blend: str) -> None:
+    """The reference's expert picks and blend weights (DANCE's λ, NCFM's l) into ``method`` and its ``blend``
+    function (the mid encoder / the extractor)."""
+    experts, weights = list(record.experts), list(record.lams)
+    method.rng = types.SimpleNamespace(randrange=lambda n: experts.pop(0))
+    own = getattr(method, blend)
+    setattr(method, blend, lambda expert, weight: own(expert, weights.pop(0)))
+
+
 def run_raydd_dance(method, train, args, record: _Recorder, dance_record: _DanceRecord) -> dict[str, list[float]]:
     """raydd's DANCE from the reference's initial pixels, replaying its experts, λ draws, real batches and
     DiffAug draws; per iteration the relative differences of the images (after the iteration's last step)
     and of the two losses (the larger)."""
     with torch.no_grad():
         method.images.copy_(record.initial_images)
-    experts, lams = list(dance_record.experts), list(dance_record.lams)
-    method.rng = types.SimpleNamespace(randrange=lambda n: experts.pop(0))
-    mid_encoder = method.mid_encoder
-    method.mid_encoder = lambda expert, lam: mid_encoder(expert, lams.pop(0))
+    _replay_pool(method, dance_record, "mid_encoder")
     k = train.info.num_classes
     calls = dance_record.aug_calls
     # the matching calls' real halves, class by class (a calibration call augments synthetic images only)
@@ -891,10 +897,7 @@ def run_raydd_ncfm(store, train, args) -> dict[str, list[float]]:
                                               method.model_spec, train, args)
     with torch.no_grad():
         method.images.copy_(args.ncfm_initial)
-    experts, lams = list(record.experts), list(record.lams)
-    method.rng = types.SimpleNamespace(randrange=lambda n: experts.pop(0))
-    extractor = method.extractor
-    method.extractor = lambda expert, beta: extractor(expert, lams.pop(0))
+    _replay_pool(method, record, "extractor")
     reals, frequencies = list(record.reals), list(record.frequencies)
     method._real_batch = lambda c, generator: train.images[reals.pop(0)]
     draw_class = type(method).__mro__[1]._draw_class  # PretrainedDM's draws, then the reference's t
