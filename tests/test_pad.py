@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from raydd.cli import main
-from raydd.farm.pad import PADExpertConfig, curriculum_indices, easy_to_hard, el2n_scores
+from raydd.farm.pad import PADExpertConfig, curriculum_indices, easy_to_hard, el2n_scores, ranking_digest
 from raydd.methods import load_synthetic, make_config
+from raydd.models import ModelSpec, build_model, load_flat_params
 from raydd.methods.matching import normalised_distance
 from raydd.methods.pad import kept_parameters, selected_distance
 from raydd.store import TrajectoryStore
@@ -102,6 +103,16 @@ def test_farm_scores_then_trains_on_the_curriculum_and_pad_condenses(tmp_path, c
 
     # epochs 1..5 are e = 0..4: the easiest 75 %, 87.5 %, all, all, all but the easiest 10 %
     assert counts == [kept(0, 0.75), kept(0, 0.875), kept(0, 1), kept(0, 1), kept(0.1, 1)]
+    recorded = pad.meta["difficulty"]  # the ranking it trained on, recomputed here from the stored scorers
+    networks = []
+    for _, tid in plain:
+        with ts.open(tid) as scorer:
+            net = build_model(ModelSpec.from_dict(scorer.meta["model"]))
+            networks.append(load_flat_params(net, scorer.params(2, dtype=torch.float32).clone(), None))
+    ranking = easy_to_hard(el2n_scores(networks, train.images, train.labels, 10, device=torch.device("cpu")),
+                           train.labels, 10)
+    assert recorded["score"] == "el2n" and recorded["score_epoch"] == 2
+    assert recorded["ranking_sha256"] == ranking_digest(ranking)
 
     common = ["condense", "--method", "pad", "--dataset", "digits", "--ipc", "1", "--store", store, "--iterations",
               "2", "--set", "syn_steps=4", "--set", "max_start_epoch=2", "--set", "current_max_start_epoch=null",

@@ -16,15 +16,17 @@ the early epochs (matched by small IPCs) see easy images and the late ones (matc
       later:                              all but the easiest rm_easy_ratio_second
   (buffer_CL.py's train loop; its ``int(p · 5000)`` per class is ``int(p · n_c)`` here, n_c the class's size).
 
+Each trajectory's metadata records the scorers, their epoch and digests of the scores and of the ranking
+(``difficulty``); its recipe config the curriculum; its metric ``train_images`` each epoch's image count.
 Everything else is the ``expert`` recipe (SGD lr 0.01, momentum 0, batch 256, DSA, a snapshot per epoch). The
 reference trains these experts with GSAM (FTD's optimiser, rho 0.01, alpha 0.3 in its README command) and
 ranks by precomputed DeepCore scores (its README command reads ``CIFAR10_GraNd.pt``; the paper names EL2N):
-both are departures, listed in ``raydd methods pad``. Each epoch's number of training images is stored as the
-metric ``train_images``.
+both are departures, listed in ``raydd methods pad``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -156,7 +158,29 @@ def prepare_pad_expert(cfg: PADExpertConfig, store_root: str, dataset: dict, mod
 
 
 def difficulty_ranking(cfg: PADExpertConfig, ctx: RecipeContext) -> list[torch.Tensor]:
-    """Load the scorers' snapshots ``score_epoch`` from the store and rank each class easy to hard."""
+    """Each class's images ranked easy to hard by ``difficulty_scores``."""
+    return easy_to_hard(difficulty_scores(cfg, ctx), ctx.train.labels, ctx.train.info.num_classes)
+
+
+def describe_pad_expert(cfg: PADExpertConfig, ctx: RecipeContext) -> dict:
+    """Stored with every pad_expert trajectory: how its images were ranked (the score, its networks, digests of
+    the scores and of the ranking) — with the curriculum in its recipe config, what each epoch trained on."""
+    scores = difficulty_scores(cfg, ctx)
+    ranking = easy_to_hard(scores, ctx.train.labels, ctx.train.info.num_classes)
+    return {"difficulty": {
+        "score": "el2n", "scorers": list(cfg.scorers), "score_epoch": cfg.score_epoch,
+        "scores_sha256": hashlib.sha256(scores.numpy().tobytes()).hexdigest(),
+        "ranking_sha256": ranking_digest(ranking),
+        "class_mean_score": [round(float(scores[idx].mean()), 6) for idx in ranking]}}
+
+
+def ranking_digest(ranking: list[torch.Tensor]) -> str:
+    """sha256 of the per-class easy-to-hard image indices (int64, class by class)."""
+    return hashlib.sha256(torch.cat(ranking).to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def difficulty_scores(cfg: PADExpertConfig, ctx: RecipeContext) -> torch.Tensor:
+    """EL2N of every training image: the scorers' snapshots ``score_epoch``, loaded from the store."""
     if cfg.scorers == "auto":
         raise ValueError("scorers='auto' was not resolved: the farm resolves it in Recipe.prepare before hashing "
                          "the trajectory id; when calling the recipe directly pass the scorer ids")
@@ -174,9 +198,7 @@ def difficulty_ranking(cfg: PADExpertConfig, ctx: RecipeContext) -> list[torch.T
             net = load_flat_params(build_model(spec), traj.params(cfg.score_epoch, dtype=torch.float32).clone(),
                                    traj.buffers(cfg.score_epoch, dtype=torch.float32))
         networks.append(net.to(ctx.device))
-    info = ctx.train.info
-    scores = el2n_scores(networks, ctx.train.images, ctx.train.labels, info.num_classes, device=ctx.device)
-    return easy_to_hard(scores, ctx.train.labels, info.num_classes)
+    return el2n_scores(networks, ctx.train.images, ctx.train.labels, ctx.train.info.num_classes, device=ctx.device)
 
 
 class _CountingSink:
@@ -211,4 +233,5 @@ def run_pad_expert(cfg: PADExpertConfig, ctx, sink):
 
 register_recipe(Recipe("pad_expert", KIND, PADExpertConfig, run_pad_expert, trains_together=True,
                        metric_names=METRIC_NAMES + ("train_images",), prepare=prepare_pad_expert,
+                       describe=describe_pad_expert,
                        precisions=PRECISIONS))

@@ -352,6 +352,9 @@ class Recipe:
     # trajectory id, PAD's scorers="auto" -> expert ids) before the trajectory id is hashed:
     # prepare(config, store_root, dataset, model) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
+    # Optional: metadata computed from the data before training, stored with each trajectory (PAD's difficulty
+    # scores' digests): describe(config, RecipeContext) -> dict of JSON values.
+    describe: Callable[[Any, RecipeContext], dict] | None = None
     # The FarmSpec.precision values ``run`` honours (RecipeContext.precision): all of them for the recipes
     # built on ``_fit``; fp32 alone for a recipe with its own loops until those take it.
     precisions: tuple[str, ...] = ("fp32",)

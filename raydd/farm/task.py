@@ -216,6 +216,9 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
                "buffer_layout": ParamLayout.of_buffers(layout_net).to_list()}
     store = store or TrajectoryStore(first.store)
     extra = {"device": str(dev), "precision": first.precision, **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
+    if recipe.describe is not None:
+        extra.update(recipe.describe(config, RecipeContext(train, test, model_spec, first.seed, dev,
+                                                           store_root=first.store)))
     start = time.perf_counter()
     with contextlib.ExitStack() as open_writers:
         writers, ctxs = [], []
