@@ -162,12 +162,13 @@ def difficulty_ranking(cfg: PADExpertConfig, ctx: RecipeContext) -> list[torch.T
     return easy_to_hard(difficulty_scores(cfg, ctx), ctx.train.labels, ctx.train.info.num_classes)
 
 
-def describe_pad_expert(cfg: PADExpertConfig, ctx: RecipeContext) -> dict:
-    """Stored with every pad_expert trajectory: how its images were ranked (the score, its networks, digests of
-    the scores and of the ranking) — with the curriculum in its recipe config, what each epoch trained on."""
+def derive_pad_expert(cfg: PADExpertConfig, ctx: RecipeContext) -> tuple[list[torch.Tensor], dict]:
+    """The ranking the task's experts train on, and what every pad_expert trajectory stores of it: the score, its
+    networks, digests of the scores and of the ranking (with the curriculum in its recipe config: what each epoch
+    trained on)."""
     scores = difficulty_scores(cfg, ctx)
     ranking = easy_to_hard(scores, ctx.train.labels, ctx.train.info.num_classes)
-    return {"difficulty": {
+    return ranking, {"difficulty": {
         "score": "el2n", "scorers": list(cfg.scorers), "score_epoch": cfg.score_epoch,
         "scores_sha256": hashlib.sha256(scores.numpy().tobytes()).hexdigest(),
         "ranking_sha256": ranking_digest(ranking),
@@ -217,7 +218,7 @@ class _CountingSink:
 
 def run_pad_expert(cfg: PADExpertConfig, ctx, sink):
     first = ctx[0] if isinstance(ctx, list) else ctx
-    ranking = difficulty_ranking(cfg, first)
+    ranking = first.derived if first.derived is not None else difficulty_ranking(cfg, first)  # the farm derives it
     counts: dict[int, int] = {0: 0}
 
     def epoch_indices(epoch: int) -> torch.Tensor:
@@ -233,5 +234,5 @@ def run_pad_expert(cfg: PADExpertConfig, ctx, sink):
 
 register_recipe(Recipe("pad_expert", KIND, PADExpertConfig, run_pad_expert, trains_together=True,
                        metric_names=METRIC_NAMES + ("train_images",), prepare=prepare_pad_expert,
-                       describe=describe_pad_expert,
+                       derive=derive_pad_expert,
                        precisions=PRECISIONS))

@@ -55,6 +55,7 @@ class RecipeContext:
     # Extending a stored trajectory (prefix-exact recipes): its last epoch and the training state after it
     # (``ResumePoint``); training continues from there. None: from the start.
     resume_from: "ResumePoint | None" = None
+    derived: Any = None  # Recipe.derive's value for this task (None: nothing derived, or run called directly)
 
 
 @dataclass(frozen=True)
@@ -352,9 +353,10 @@ class Recipe:
     # trajectory id, PAD's scorers="auto" -> expert ids) before the trajectory id is hashed:
     # prepare(config, store_root, dataset, model) -> config.
     prepare: Callable[[Any, str, dict], Any] | None = None
-    # Optional: metadata computed from the data before training, stored with each trajectory (PAD's difficulty
-    # scores' digests): describe(config, RecipeContext) -> dict of JSON values.
-    describe: Callable[[Any, RecipeContext], dict] | None = None
+    # Optional: what the recipe computes from the data once per task, before training (PAD's difficulty ranking):
+    # derive(config, RecipeContext) -> (value, metadata); the value reaches ``run`` as RecipeContext.derived, the
+    # metadata (JSON values) is stored with each trajectory.
+    derive: Callable[[Any, RecipeContext], tuple[Any, dict]] | None = None
     # The FarmSpec.precision values ``run`` honours (RecipeContext.precision): all of them for the recipes
     # built on ``_fit``; fp32 alone for a recipe with its own loops until those take it.
     precisions: tuple[str, ...] = ("fp32",)

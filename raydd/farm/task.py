@@ -216,9 +216,11 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
                "buffer_layout": ParamLayout.of_buffers(layout_net).to_list()}
     store = store or TrajectoryStore(first.store)
     extra = {"device": str(dev), "precision": first.precision, **({"trained_together": len(tasks)} if len(tasks) > 1 else {})}
-    if recipe.describe is not None:
-        extra.update(recipe.describe(config, RecipeContext(train, test, model_spec, first.seed, dev,
-                                                           store_root=first.store)))
+    derived = None
+    if recipe.derive is not None:  # once for the task's networks: their value, and metadata for their files
+        derived, meta = recipe.derive(config, RecipeContext(train, test, model_spec, first.seed, dev,
+                                                            store_root=first.store))
+        extra.update(meta)
     start = time.perf_counter()
     with contextlib.ExitStack() as open_writers:
         writers, ctxs = [], []
@@ -235,7 +237,8 @@ def run_trajectories(tasks: list[TrajectoryTask], data: FarmData, *, device: str
             resume = _copy_prefix(task, store, writer) if task.extend_from is not None else None
             report = (lambda *a, _tid=task.trajectory_id: on_epoch(_tid, *a)) if on_epoch else None
             ctxs.append(RecipeContext(train, test, model_spec, task.seed, dev, report, store_root=task.store,
-                                      precision=task.precision, engine=task.engine, resume_from=resume))
+                                      precision=task.precision, engine=task.engine, resume_from=resume,
+                                      derived=derived))
         finals = recipe.run(config, ctxs, writers) if len(tasks) > 1 else [recipe.run(config, ctxs[0], writers[0])]
     seconds = time.perf_counter() - start
     return [TrajectoryResult(t.trajectory_id, t.seed, final, seconds) for t, final in zip(tasks, finals)]

@@ -282,7 +282,11 @@ class PretrainedDM(CondensationMethod):
         self._class_idx = [train.class_indices(c) for c in range(info.num_classes)]
         self.images, self.labels = self._init_synthetic()
         self.images.requires_grad_(True)
-        self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=cfg.img_momentum)
+        self.optimizer = self.make_optimizer()
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The images' optimiser: SGD(lr_img, img_momentum) (NCFM: AdamW)."""
+        return torch.optim.SGD([self.images], lr=self.lr_img, momentum=self.config.img_momentum)
 
     # ------------------------------------------------------------------ synthetic set
     def _init_synthetic(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,8 +136,8 @@ class SamplingNet(nn.Module):
 
 @register_method
 class NCFM(PretrainedDM):
-    """NCFM without its sampling network (module doc): PretrainedDM's loop with the characteristic-function
-    discrepancy as each class's term, AdamW and a plateau schedule."""
+    """NCFM (module doc): PretrainedDM's loop with the characteristic-function discrepancy as each class's term,
+    AdamW, a plateau schedule and, with ``sampling_net``, the sampling network ψ that ascends the same loss."""
 
     name = "ncfm"
     label = "NCFM"
@@ -146,7 +146,6 @@ class NCFM(PretrainedDM):
     def __init__(self, config: NCFMConfig, train, store=None, *, device="auto", seed: int = 0) -> None:
         super().__init__(config, train, store, device=device, seed=seed)
         cfg = self.config
-        self.optimizer = torch.optim.AdamW([self.images], lr=cfg.lr_img, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min",
                                                                     factor=cfg.plateau_factor,
                                                                     patience=cfg.plateau_patience)
@@ -163,6 +162,9 @@ class NCFM(PretrainedDM):
                 self.sampler = SamplingNet(self.feature_dim).to(self.device).train()
             self.sampler_optimizer = torch.optim.SGD(self.sampler.parameters(), lr=cfg.lr_sampling_net,
                                                      momentum=cfg.sampling_momentum, maximize=True)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([self.images], lr=self.lr_img, weight_decay=self.config.weight_decay)
 
     def extractor(self, expert: PretrainedExpert, beta: float) -> torch.Tensor:
         """f = β·φ_0 + (1−β)·φ_e (Sec. 4.2.3's β-blending)."""
