@@ -1013,6 +1013,266 @@ def compare_edc(root: Path, work: Path, train, args) -> None:
             images = (images - args.edc_step * g_ref.sign()).detach()  # a move of S, the same for both sides
 
 
+# ----------------------------------------------------------------------------- EDC's evaluation
+@dataclasses.dataclass
+class _EDCEvalRecord:
+    """One student of EDC's direct_train.py: per epoch its parameters, EMA parameters and mean loss; per batch
+    the indices, the augmented batch before CutMix, the CutMix draw, MSE and CE; its final EMA test accuracy."""
+
+    params: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    ema: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    epoch_loss: list[float] = dataclasses.field(default_factory=list)
+    orders: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    batches: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    cutmix: list = dataclasses.field(default_factory=list)
+    losses: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    acc: float = float("nan")
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().clone() for t in tensors])
+
+
+@contextlib.contextmanager
+def _recording_losses(into: list):
+    """F.mse_loss and F.cross_entropy of training forward passes (their input needs grad), as (mse, ce) pairs."""
+    mse, ce = F.mse_loss, F.cross_entropy
+    pending: list[float] = []
+
+    def recording_mse(a, b, *x, **k):
+        out = mse(a, b, *x, **k)
+        if a.requires_grad:
+            pending.append(float(out))
+        return out
+
+    def recording_ce(a, b, *x, **k):
+        out = ce(a, b, *x, **k)
+        if a.requires_grad and pending:
+            into.append((pending.pop(), float(out)))
+        return out
+
+    with _patched(F, "mse_loss", recording_mse), _patched(F, "cross_entropy", recording_ce):
+        yield
+
+
+class _PixelSet(torch.utils.data.Dataset):
+    """8-bit images as PIL images through a transform (the code's ImageFolder of PNGs), recording the order."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        from torchvision.transforms.functional import to_pil_image
+
+        self.images = [to_pil_image(p) for p in pixels]
+        self.labels, self.transform, self.accessed = labels, transform, []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        self.accessed.append(int(i))
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def _edc_code_modules(root: Path):
+    """EDC's Branch_CIFAR_10/train/direct_train.py and its train/utils.py, imported unmodified; wandb, timm and
+    prefetch_generator (imported at its top, unused by ``train``) are stubs when missing."""
+    stubs = {"wandb": _wandb_stub(_Recorder()), "timm": types.ModuleType("timm")}
+    prefetch = types.ModuleType("prefetch_generator")
+    prefetch.BackgroundGenerator = iter
+    stubs["prefetch_generator"] = prefetch
+    for name in ("relabel", "baseline"):
+        for loaded in [m for m in sys.modules if m.split(".")[0] == name]:
+            sys.modules.pop(loaded)
+    added = []
+    for name, stub in stubs.items():
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = stub
+            added.append(name)
+    direct_train = _import_reference(root / "Branch_CIFAR_10", "direct_train", "train")
+    code_utils = sys.modules["utils"]
+    return direct_train, code_utils
+
+
+def run_reference_edc_evaluation(root: Path, pixels, labels, info, teachers, test, spec, args):
+    """direct_train.py's ``train`` (per epoch) and ``validate`` on a fixed 8-bit set: run.sh's settings
+    (train.sh: AdamW lr 1e-3 on its get_parameters groups, weight decay 0.01, MultiStepLR x0.5 at 0.8/0.9/0.95 of
+    the epochs (its 800/900/950 of 1000), EMA 0.99, CutMix α 1, loss mse_gt with CE weight 0.025) and its train
+    transform (RandAugment, ToTensor, RandomResizedCrop scale 0.08-1, flip, Normalize: digits' statistics and
+    size). Student: raydd's BatchNorm ConvNet from raydd's initialisation of network i (the same both sides);
+    teachers: copies of raydd's observers."""
+    import copy
+
+    import torchvision.transforms as T
+    from raydd.evaluation.standard import fresh_network
+
+    direct_train, code_utils = _edc_code_modules(root)
+    transform = T.Compose([T.RandAugment(), T.ToTensor(),
+                           T.RandomResizedCrop(size=RESOLUTION, scale=(0.08, 1),
+                                               interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                           T.RandomHorizontalFlip(), T.Normalize(info.mean, info.std)])
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(test.images, test.labels),
+                                             batch_size=256, shuffle=False)
+    records = []
+    for i in range(args.eval_networks):
+        record = _EDCEvalRecord()
+        model, _ = fresh_network(spec, args.seed + i, torch.device("cpu"))
+        torch.manual_seed(args.seed + i)
+        np.random.seed(args.seed + i)
+        data = _PixelSet(pixels, labels, transform)
+        loader = torch.utils.data.DataLoader(data, batch_size=args.edc_eval_batch, shuffle=True, num_workers=0)
+
+        class RecordingLoader:
+            def __iter__(self):
+                for images, target in loader:
+                    record.batches.append(images.clone())  # before its in-place CutMix
+                    yield images, target
+
+        mix_aug = direct_train.mix_aug
+
+        def recording_mix_aug(images, args_, *a, **k):
+            out = mix_aug(images, args_, *a, **k)
+            record.cutmix.append((out[1].clone(), float(out[2]), [int(v) for v in out[3]]))
+            return out
+
+        optimizer = torch.optim.AdamW(code_utils.get_parameters(model), lr=1e-3, weight_decay=0.01)
+        epochs = args.edc_eval_epochs
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(f * epochs) for f in (0.8, 0.9, 0.95)],
+                                                         0.5)
+        code_args = argparse.Namespace(optimizer=optimizer, scheduler=scheduler, train_loader=RecordingLoader(),
+                                       val_loader=val_loader, mix_type="cutmix", mode="fkd_save", cutmix=1.0,
+                                       loss_type="mse_gt", ce_weight=0.025, temperature=20.0, ema_dr=0.99)
+        ema_model = direct_train.EMAMODEL(model)
+        code_teachers = [copy.deepcopy(t) for t in teachers]
+        with contextlib.ExitStack() as stack:
+            if not torch.cuda.is_available():
+                stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
+            stack.enter_context(_patched(direct_train, "mix_aug", recording_mix_aug))
+            stack.enter_context(_recording_losses(record.losses))
+            devnull = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(devnull))
+            stack.enter_context(contextlib.redirect_stderr(devnull))  # autocast('cuda') warns on a CPU host
+            for epoch in range(epochs):
+                direct_train.wandb_metrics = {}
+                before = len(data.accessed)
+                record.epoch_loss.append(float(direct_train.train(model, code_teachers, code_args, epoch,
+                                                                  ema_model=ema_model)))
+                order = torch.tensor(data.accessed[before:])
+                record.orders.extend(order[s:s + args.edc_eval_batch] for s in range(0, len(order), args.edc_eval_batch))
+                record.params.append(_flat(model.parameters()))
+                record.ema.append(_flat(ema_model.ema_model.parameters()))
+                scheduler.step()
+            ema_model.ema_swap(model)  # its last epoch: validate the EMA parameters (with the raw BN buffers)
+            record.acc = float(direct_train.validate(model, code_args, epochs - 1)) / 100
+            ema_model.ema_swap(model)
+        records.append(record)
+    return records
+
+
+def run_raydd_edc_evaluation(images, labels, info, teachers, test, spec_dict, records, args, **knobs):
+    """raydd.evaluation.edc.evaluate_edc on the same set and teachers, replaying the code's batch orders, its
+    augmented batches and its CutMix draws; ``knobs``: EDCEvalConfig fields to change (a variant)."""
+    import raydd.evaluation.edc as edc
+    from raydd.evaluation import EDCEvalConfig
+    from raydd.methods.synthetic import SyntheticSet
+    from raydd.training import CutMixDraw
+
+    config = EDCEvalConfig(**{**dict(
+        model=spec_dict, num_models=len(records), epochs=args.edc_eval_epochs, batch_size=args.edc_eval_batch,
+        lr=1e-3, weight_decay=0.01, schedule="multistep", milestones=(0.8, 0.9, 0.95), gamma=0.5, ema_decay=0.99,
+        loss="mse_gt", ce_weight=0.025, teachers=True, cutmix_alpha=1.0, randaugment=True, device="cpu",
+        seed=args.seed), **knobs})
+    orders = [o for r in records for o in r.orders]
+    batches = [b for r in records for b in r.batches]
+    draws = [CutMixDraw(perm, box[0], box[2], box[1], box[3], lam)  # its box: rows bbx1:bbx2, columns bby1:bby2
+             for r in records for perm, lam, box in r.cutmix]
+    mine = [_EDCEvalRecord() for _ in records]
+    live: dict[str, object] = {}
+    fresh_network, model_ema = edc.fresh_network, edc.ModelEMA
+
+    def recording_fresh_network(spec, seed, device):
+        live["net"], generator = fresh_network(spec, seed, device)
+        return live["net"], generator
+
+    class RecordingEMA(model_ema):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            live["ema"] = self
+
+    def replay_minibatches(n, batch_size, generator, shuffle=True):
+        per_epoch = -(-n // batch_size)
+        for _ in range(per_epoch):
+            yield orders.pop(0)
+
+    def on_epoch(m, epoch):
+        mine[m].params.append(_flat(live["net"].parameters()))
+        mine[m].ema.append(_flat(live["ema"].shadow))
+
+    syn = SyntheticSet(images=images, labels=labels, dataset={**info.to_dict(), "zca": False}, method="random")
+    losses: list[tuple[float, float]] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(edc, "fresh_network", recording_fresh_network))
+        stack.enter_context(_patched(edc, "ModelEMA", RecordingEMA))
+        stack.enter_context(_patched(edc, "minibatches", replay_minibatches))
+        stack.enter_context(_patched(edc, "_augmenter", lambda config, info: lambda x, g: batches.pop(0)))
+        stack.enter_context(_patched(edc, "draw_cutmix", lambda *a, **k: draws.pop(0)))
+        stack.enter_context(_recording_losses(losses))
+        result = edc.evaluate_edc(syn, test, config, teachers=teachers, on_epoch=on_epoch)
+    per_net = len(losses) // len(records)
+    for m, record in enumerate(mine):
+        record.losses = losses[m * per_net:(m + 1) * per_net]
+        record.acc = result.accuracies[m]
+    return mine, (len(orders), len(batches), len(draws))
+
+
+def compare_edc_evaluation(root: Path, args) -> None:
+    """EDC's evaluation (Branch_CIFAR_10/train/direct_train.py, as its run.sh runs it) against raydd's EDC
+    protocol with the code's knobs: per epoch the max. rel. difference of the student's parameters, its EMA
+    parameters and the batch losses; the final EMA accuracies side by side."""
+    from raydd.evaluation import EDCEvalConfig
+
+    print(f"EDC evaluation protocol: reference {REFERENCES['edc']} Branch_CIFAR_10/train/direct_train.py @ "
+          f"{commit_of(root)}")
+    train, test = load_train_test("digits", resolution=RESOLUTION)
+    subset = train.per_class(args.eval_ipc, seed=args.seed)
+    test = test.per_class(args.eval_test_per_class, seed=0)
+    info = train.info
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    pixels = ((subset.images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # the code reads PNGs
+    images = (pixels.float() / 255 - mean) / std
+    with tempfile.TemporaryDirectory() as tmp:
+        store = farm_observer(Path(tmp) / "observer", args)
+        cfg = make_config("edc", "digits", 1)
+        teachers = get_method("edc")(cfg, train, store, device="cpu", seed=args.seed).observer_models()
+    spec_dict = {"arch": "convnet", "width": 32, "depth": 3, "norm": "batch"}
+    spec = EDCEvalConfig(model=spec_dict).model_spec(info)
+    records = run_reference_edc_evaluation(root, pixels, subset.labels, info, teachers, test, spec, args)
+    print(f"  {len(subset.labels)} images (8-bit), {args.eval_networks} students (BN ConvNet-3 w32) x "
+          f"{args.edc_eval_epochs} epochs, batch {args.edc_eval_batch}, {len(teachers)} teacher(s); "
+          f"{sum(len(r.batches) for r in records)} batches and CutMix draws replayed")
+    readings = {"raydd's EDC protocol, the code's knobs": {}}
+    if args.eval_variants:
+        readings["  weight decay on every parameter (weight_decay_on='all')"] = dict(weight_decay_on="all")
+    for name, knobs in readings.items():
+        mine, left = run_raydd_edc_evaluation(images, subset.labels, info, teachers, test, spec_dict, records,
+                                              args, **knobs)
+        print(f"  {name}: replays left unused (orders, batches, CutMix draws) {left}")
+        print("    network | epoch | params | EMA params | batch loss (MSE / CE), worst of the epoch")
+        for i, (theirs, ours) in enumerate(zip(records, mine)):
+            per_epoch = len(theirs.losses) // len(theirs.params)
+            for e in range(len(theirs.params)):
+                span = slice(e * per_epoch, (e + 1) * per_epoch)
+                mse = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(ours.losses[span], theirs.losses[span]))
+                ce = max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(ours.losses[span], theirs.losses[span]))
+                if e < 3 or e == len(theirs.params) - 1 or args.edc_eval_every_epoch:
+                    print(f"    {i + 1:7d} | {e + 1:5d} | {max_rel(ours.params[e], theirs.params[e]):.2e} | "
+                          f"{max_rel(ours.ema[e], theirs.ema[e]):.2e} | {mse:.2e} / {ce:.2e}")
+        print("    network | final EMA test acc reference (its validate) | raydd (evaluate_edc)")
+        for i, (theirs, ours) in enumerate(zip(records, mine)):
+            print(f"    {i + 1:7d} | {theirs.acc:.4f} | {ours.acc:.4f}")
+
+
 def farm_observer(root: Path, args) -> TrajectoryStore:
     """One BatchNorm ConvNet-3 (width 32) observer (raydd's ``observer`` recipe) on digits at 28 px."""
     farm(FarmSpec(store=str(root), dataset="digits", resolution=RESOLUTION, backend="local", recipe="observer",
@@ -1258,8 +1518,12 @@ def main(argv=None) -> int:
                    help="diagnostic: every nn.ReLU (both sides, the farm too) computes softplus(x, beta=10): a "
                         "smooth activation, so a pre-activation that rounding puts on the other side of 0 cannot "
                         "flip its derivative in the unrolled student's gradient")
-    p.add_argument("--protocols", nargs="*", default=[], choices=["standard"],
-                   help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset")
+    p.add_argument("--protocols", nargs="*", default=[], choices=["standard", "edc"],
+                   help="also compare an evaluation protocol: 'standard' against mtt-distillation's evaluate_synset, "
+                        "'edc' against EDC's Branch_CIFAR_10/train/direct_train.py (run.sh's evaluation)")
+    p.add_argument("--edc-eval-epochs", type=int, default=20, help="EDC protocol: epochs per student")
+    p.add_argument("--edc-eval-batch", type=int, default=10, help="EDC protocol: batch (its train.sh's 10)")
+    p.add_argument("--edc-eval-every-epoch", action="store_true", help="EDC protocol: print every epoch's row")
     p.add_argument("--eval-ipc", type=int, default=10, help="images per class of the fixed set evaluated")
     p.add_argument("--eval-test-per-class", type=int, default=50, help="test images per class")
     p.add_argument("--eval-networks", type=int, default=2)
@@ -1271,7 +1535,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.lr_img_dance is None:
         args.lr_img_dance = 0.01 * args.ipc
-    missing = [REFERENCES[m] for m in args.methods if not (args.reference_root / REFERENCES[m]).is_dir()]
+    needed = list(args.methods) + (["edc"] if "edc" in args.protocols else []) + \
+        (["mtt"] if "standard" in args.protocols else [])
+    missing = sorted({REFERENCES[m] for m in needed if not (args.reference_root / REFERENCES[m]).is_dir()})
     if missing:
         p.error(f"--reference-root {args.reference_root} holds no {', '.join(missing)}: clone the reference "
                 f"repositories there")
@@ -1282,6 +1548,10 @@ def main(argv=None) -> int:
         torch.nn.ReLU.forward = lambda self, x: F.softplus(x, beta=10.0)
     if "standard" in args.protocols:
         compare_evaluation(args.reference_root / REFERENCES["mtt"], args)
+    if "edc" in args.protocols:
+        compare_edc_evaluation(args.reference_root / REFERENCES["edc"], args)
+    if args.protocols and not args.methods:
+        return 0
     train, _ = load_train_test("digits", resolution=RESOLUTION)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

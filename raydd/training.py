@@ -92,10 +92,14 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Gener
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """CutMix (Yun et al. 2019): paste a box from a shuffled batch; returns (x, y_a, y_b, lam)."""
     d = draw_cutmix(x.shape[0], *x.shape[-2:], beta, generator)
-    perm = d.perm.to(x.device)
+    return paste_cutmix(x, d), y, y[d.perm.to(y.device)], d.lam
+
+
+def paste_cutmix(x: torch.Tensor, d: CutMixDraw) -> torch.Tensor:
+    """A copy of ``x`` with draw ``d``'s box pasted in from the shuffled batch."""
     x = x.clone()
-    x[:, :, d.y0:d.y1, d.x0:d.x1] = x[perm, :, d.y0:d.y1, d.x0:d.x1]
-    return x, y, y[perm], d.lam
+    x[:, :, d.y0:d.y1, d.x0:d.x1] = x[d.perm.to(x.device), :, d.y0:d.y1, d.x0:d.x1]
+    return x
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,

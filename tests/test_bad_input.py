@@ -73,6 +73,12 @@ CASES = {
     "robustness scores under the EDC protocol": (
         lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--metrics", "lrs", "--protocol", "edc"],
         "--metrics runs on the standard protocol, not --protocol edc"),
+    "EDC cutmix without teachers": (
+        lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--protocol", "edc", "--set", "cutmix_alpha=1"],
+        "cutmix_alpha=1.0 needs teachers=true"),
+    "EDC weight decay target": (
+        lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--protocol", "edc", "--set", "weight_decay_on=bias"],
+        "weight_decay_on='bias' is invalid: accepted weights, all"),
     "an unknown robustness score": (
         lambda tmp: ["evaluate", str(tmp / "set.safetensors"), "--metrics", "hlr", "fid"],
         "metrics ['hlr', 'fid'] are invalid: accepted one or more of hlr, ior, lrs, ars"),

@@ -243,6 +243,10 @@ def test_evaluate_edc_end_to_end(digits, store):
     relabel = evaluate_edc(syn, test, EDCEvalConfig(num_models=1, loss="mse_gt", schedule="ssrs", **small),
                            teachers=method.observer_models())
     assert relabel.extra["label_source"] == "teachers"
+    code = EDCEvalConfig(num_models=1, loss="mse_gt", teachers=True, cutmix_alpha=1.0, randaugment=True, **small)
+    as_code = evaluate_edc(syn, test, code, teachers=method.observer_models())
+    assert as_code.mean != relabel.mean and as_code.config["cutmix_alpha"] == 1.0
+    assert evaluate_edc(syn, test, code, teachers=method.observer_models()).accuracies == as_code.accuracies
     hard = SyntheticSet(images=syn.images, labels=syn.hard_labels, dataset=syn.dataset, method="random")
     other = evaluate_edc(hard, test, EDCEvalConfig(num_models=1, schedule="multistep", augment="dsa", **small))
     assert 0 <= other.mean <= 1
@@ -271,3 +275,56 @@ def test_errors(digits, store, tmp_path):
         EDCEvalConfig(zeta=0)
     with pytest.raises(ValueError, match="zeta"):
         smoothing_lr_factor(0, 10, -1.0)
+
+
+def test_code_knobs_weight_decay_groups_cutmix_and_randaugment(digits, monkeypatch):
+    """The released code's evaluation details: decay on kernels and matrices only (its get_parameters),
+    CutMix of every batch before the teachers relabel it, RandAugment on 8-bit pixels, all seeded."""
+    import raydd.evaluation.edc as edc
+    from raydd.models import ModelSpec, build_model
+
+    net = build_model(ModelSpec(arch="convnet", channels=1, num_classes=10, resolution=(8, 8), width=4, depth=1,
+                                norm="batch"))
+    decay, rest = edc.decay_groups(net, "weights")
+    assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() == 1 for p in rest["params"])
+    assert rest["weight_decay"] == 0.0 and len(decay["params"]) + len(rest["params"]) == len(list(net.parameters()))
+    (everything,) = edc.decay_groups(net, "all")
+    assert len(everything["params"]) == len(list(net.parameters())) and "weight_decay" not in everything
+
+    train, _ = digits
+    x = train.images[:6]
+    info = train.info
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = edc.rand_augment(x, g1, info, 2, 9), edc.rand_augment(x, g2, info, 2, 9)
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x, atol=0.05)
+    state = torch.random.get_rng_state()
+    edc.rand_augment(x, torch.Generator().manual_seed(4), info, 2, 0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left as it was
+
+    seen = []
+    paste = edc.paste_cutmix
+    monkeypatch.setattr(edc, "paste_cutmix", lambda batch, d: seen.append((batch, d, paste(batch, d))) or seen[-1][2])
+    syn = SyntheticSet(images=train.images[:20], labels=train.labels[:20],
+                       dataset={**info.to_dict(), "zca": False}, method="random")
+    small = dict(model={"arch": "convnet", "width": 4, "depth": 1}, epochs=1, batch_size=10, device="cpu")
+    teacher = build_model(ModelSpec(arch="convnet", channels=1, num_classes=10, resolution=tuple(info.resolution),
+                                    width=4, depth=1))
+    evaluate_edc(syn, train, EDCEvalConfig(num_models=1, teachers=True, cutmix_alpha=1.0, augment="none", **small),
+                 teachers=[teacher])
+    assert len(seen) == 2
+    for batch, d, mixed in seen:
+        box = (slice(None), slice(None), slice(d.y0, d.y1), slice(d.x0, d.x1))
+        assert torch.equal(mixed[box], batch[d.perm][box])
+        outside = torch.ones_like(batch, dtype=torch.bool)
+        outside[box] = False
+        assert torch.equal(mixed[outside], batch[outside])
+
+
+def test_code_knob_errors():
+    with pytest.raises(ValueError, match=r"cutmix_alpha=1.0 needs teachers=true"):
+        EDCEvalConfig(cutmix_alpha=1.0)
+    with pytest.raises(ValueError, match=r"weight_decay_on='bias' is invalid: accepted weights, all"):
+        EDCEvalConfig(weight_decay_on="bias")
+    with pytest.raises(ValueError, match=r"randaugment_magnitude=31 is invalid"):
+        EDCEvalConfig(randaugment_magnitude=31)
+    assert EDCEvalConfig.defaults("cifar10").randaugment and not EDCEvalConfig.defaults("digits").randaugment

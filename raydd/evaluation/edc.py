@@ -7,12 +7,17 @@ A fresh student learns the synthetic set's soft labels:
   reference code's ``mse_gt``: MSE on logits + ce_weight · CE on the hard labels (needs logits:
   ``syn.meta['logits']`` or ``teachers``). Soft labels stored as probabilities p give the
   teacher logits up to a constant, log p, which is all the temperature softmax needs.
-- AdamW (lr 1e-3; weight decay 0.01, the reference code's value: the paper lists none);
+- AdamW (lr 1e-3; weight decay 0.01 on the weight matrices and kernels only, the reference code's
+  ``get_parameters``: the paper lists none; ``weight_decay_on='all'`` decays every parameter);
 - small batches (CIFAR-10: 25, CIFAR-100: 50; Tables 9-10, Table 20);
 - the smoothing LR schedule μ(i) = (1 + cos(iπ/(ζN)))/2, i the epoch, N the epochs, ζ = 2
   (ζ = 1 is plain cosine); or MultiStepLR ×0.5 at 800/900/950 of 1000 epochs (Table 10,
   CIFAR-10); or SSRS (App. G.3, eq. 33);
-- EMA of the model weights (rate 0.99) is the network that is tested ("EMA-based evaluation").
+- EMA of the model weights (rate 0.99) is the network that is tested ("EMA-based evaluation");
+- augmentation (Tables 7-10): RandAugment (``randaugment``; the CIFAR rows) before RandomResizedCrop
+  (scale 0.08-1) and flip; the released code (train/direct_train.py, run by its run.sh) also CutMixes
+  every batch (α 1) before its teachers relabel it (``cutmix_alpha``; needs ``teachers``: a mixed image
+  has no stored label).
 
 The reported number is mean ± std over ``num_models`` students of the FINAL EMA test
 accuracy (never the best epoch). With ``teachers`` (e.g. ``EDC.observer_models()``) the
@@ -35,13 +40,15 @@ from ..data.augment import apply_affine, make_dsa, random_resized_crop_params
 from ..data.datasets import DatasetInfo, ImageDataset
 from ..models import ModelSpec
 from ..models.ema import ModelEMA
-from ..training import autocast, check_precision, evaluate_model, minibatches, resolve_device
+from ..training import (autocast, check_precision, draw_cutmix, evaluate_model, minibatches, paste_cutmix,
+                        resolve_device)
 from ..validation import check_bool, check_choice, check_int, check_range
 from .standard import EvalResult, check_eval_model, eval_model_spec, fresh_network
 
 SCHEDULES = ("smoothing", "multistep", "ssrs")
 LOSSES = ("kl", "mse_gt")
 AUGMENTS = ("rrc", "dsa", "none")
+DECAYED = ("weights", "all")  # which parameters AdamW's weight decay reaches
 
 
 # --------------------------------------------------------------------------- LR schedules
@@ -85,6 +92,7 @@ class EDCEvalConfig:
     batch_size: int = 25
     lr: float = 1e-3
     weight_decay: float = 0.01
+    weight_decay_on: str = "weights"  # 'weights': matrices and kernels only (the code's get_parameters); 'all'
     schedule: str = "smoothing"  # 'smoothing' (ζ), 'multistep' (milestones, gamma) or 'ssrs' (eq. 33)
     zeta: float = 2.0
     milestones: tuple[float, ...] = (0.8, 0.9, 0.95)  # fractions of epochs: 800/900/950 of 1000
@@ -95,6 +103,10 @@ class EDCEvalConfig:
     ce_weight: float = 0.025
     augment: str = "rrc"  # 'rrc' (RandomResizedCrop + flip), 'dsa' or 'none'
     crop_scale_min: float = 0.08
+    randaugment: bool = False  # torchvision's RandAugment before the crop (Tables 7-10; the CIFAR rows set it)
+    randaugment_ops: int = 2  # its N (torchvision's default, as the code runs it)
+    randaugment_magnitude: int = 9  # its M
+    cutmix_alpha: float = 0.0  # > 0: CutMix every batch, λ ~ Beta(α, α) (the released code: 1.0); needs teachers
     teachers: bool = False  # relabel every augmented batch with the method's teacher models (EDC: its observers)
     device: str = "auto"
     seed: int = 0
@@ -114,6 +126,17 @@ class EDCEvalConfig:
         check_range(f"{owner}.temperature", self.temperature, low=0, low_open=True)
         check_range(f"{owner}.ce_weight", self.ce_weight, low=0)
         check_range(f"{owner}.crop_scale_min", self.crop_scale_min, low=0, high=1, low_open=True)
+        check_bool(f"{owner}.randaugment", self.randaugment, "RandAugment before the crop")
+        check_int(f"{owner}.randaugment_ops", self.randaugment_ops)
+        check_int(f"{owner}.randaugment_magnitude", self.randaugment_magnitude, low=0)
+        if self.randaugment_magnitude > 30:
+            raise ValueError(f"{owner}.randaugment_magnitude={self.randaugment_magnitude!r} is invalid: "
+                             f"expected an integer in [0, 30] (RandAugment's 31 magnitude bins)")
+        check_range(f"{owner}.cutmix_alpha", self.cutmix_alpha, low=0)
+        if self.cutmix_alpha > 0 and not self.teachers:
+            raise ValueError(f"{owner}.cutmix_alpha={self.cutmix_alpha!r} needs teachers=true: a CutMixed image "
+                             f"has no stored label, the teachers relabel it (as the code's direct_train.py)")
+        check_choice(f"{owner}.weight_decay_on", self.weight_decay_on, DECAYED)
         check_choice(f"{owner}.schedule", self.schedule, SCHEDULES)
         check_choice(f"{owner}.loss", self.loss, LOSSES)
         check_choice(f"{owner}.augment", self.augment, AUGMENTS)
@@ -128,10 +151,11 @@ class EDCEvalConfig:
 
     @classmethod
     def defaults(cls, dataset: str, **overrides: Any) -> "EDCEvalConfig":
-        """Paper rows: cifar10 (Table 10: batch 25, MultiStepLR ×0.5 at 800/900/950), cifar100
-        (Table 9: batch 50, smoothing ζ = 2); other datasets use the CIFAR-10 batch with the
-        smoothing schedule (documented fallback)."""
-        rows = {"cifar10": dict(batch_size=25, schedule="multistep"), "cifar100": dict(batch_size=50)}
+        """Paper rows: cifar10 (Table 10: batch 25, MultiStepLR ×0.5 at 800/900/950, RandAugment),
+        cifar100 (Table 9: batch 50, smoothing ζ = 2, RandAugment); other datasets use the CIFAR-10
+        batch with the smoothing schedule and no RandAugment (documented fallback)."""
+        rows = {"cifar10": dict(batch_size=25, schedule="multistep", randaugment=True),
+                "cifar100": dict(batch_size=50, randaugment=True)}
         return cls(**{**rows.get(dataset, {}), **overrides})
 
     @property
@@ -208,6 +232,9 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
         if not teachers or not all(isinstance(m, nn.Module) for m in teachers):
             raise ValueError("teachers must be a non-empty list of torch modules (e.g. EDC.observer_models())")
     source, targets = _stored_targets(syn, config, teachers)
+    if config.randaugment and syn.zca_whitening() is not None:
+        raise ValueError("EDCEvalConfig.randaugment=True augments pixels: the synthetic set is ZCA-whitened; "
+                         "set randaugment=false")
     device = resolve_device(config.device)
     spec = config.model_spec(info)
     zca = syn.zca_whitening()
@@ -224,7 +251,8 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
     accs, raw_accs, train_accs = [], [], []
     for m in range(config.num_models):
         net, gen = fresh_network(spec, config.seed + m, device)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(decay_groups(net, config.weight_decay_on), lr=config.lr,
+                                weight_decay=config.weight_decay)
         ema = ModelEMA(net, config.ema_decay)
         correct = seen = 0
         for epoch in range(config.epochs):
@@ -236,6 +264,8 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                 x = images[idx].to(device)
                 if augment is not None:
                     x = augment(x, gen)
+                if config.cutmix_alpha > 0:  # the teachers relabel the mixed batch; CE keeps the base labels
+                    x = paste_cutmix(x, draw_cutmix(len(x), *x.shape[-2:], config.cutmix_alpha, gen))
                 y = hard[idx].to(device)
                 with mixed:
                     if teachers is not None:
@@ -272,11 +302,51 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
                              "ipc": len(syn) // info.num_classes, "zca": zca is not None})
 
 
+def decay_groups(net: nn.Module, decayed: str) -> list[dict]:
+    """AdamW parameter groups: with 'weights', weight decay on parameters named ``weight`` with more than
+    one dimension (convolution kernels, linear matrices), none on biases and normalisation scales (EDC's
+    train/utils.py ``get_parameters``); with 'all', one group."""
+    params = list(net.named_parameters())
+    if decayed == "all":
+        return [{"params": [p for _, p in params]}]
+    decay = [p for name, p in params if "weight" in name and p.dim() > 1]
+    rest = [p for name, p in params if not ("weight" in name and p.dim() > 1)]
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def rand_augment(x: torch.Tensor, generator: torch.Generator, info: DatasetInfo, ops: int,
+                 magnitude: int) -> torch.Tensor:
+    """torchvision's RandAugment(ops, magnitude) on each normalised image of ``x``: undone to 8-bit pixels
+    (as the code's PIL images), augmented, normalised again. Its draws (global RNG) are seeded from
+    ``generator`` inside a forked RNG, so a run is a function of its seed."""
+    from torchvision.transforms import RandAugment
+
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    pixels = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    op = RandAugment(num_ops=ops, magnitude=magnitude)
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = torch.stack([op(image) for image in pixels])
+    return (out.to(x.device).float() / 255 - mean) / std
+
+
 def _augmenter(config: EDCEvalConfig, info: DatasetInfo):
-    if config.augment == "none":
-        return None
+    """The batch augmentation (None: none): RandAugment (``randaugment``), then the crop/DSA of ``augment``."""
     if config.augment == "dsa":
         dsa = make_dsa(flip_ok=info.flip_ok)
-        return lambda x, g: dsa(x, generator=g)
-    scale = (config.crop_scale_min, 1.0)
-    return lambda x, g: apply_affine(x, random_resized_crop_params(len(x), g, scale=scale, flip=info.flip_ok))
+        geometric = lambda x, g: dsa(x, generator=g)  # noqa: E731
+    elif config.augment == "rrc":
+        scale = (config.crop_scale_min, 1.0)
+        geometric = lambda x, g: apply_affine(  # noqa: E731
+            x, random_resized_crop_params(len(x), g, scale=scale, flip=info.flip_ok))
+    else:
+        geometric = None
+    if not config.randaugment:
+        return geometric
+
+    def augment(x, g):
+        x = rand_augment(x, g, info, config.randaugment_ops, config.randaugment_magnitude)
+        return x if geometric is None else geometric(x, g)
+    return augment

@@ -91,8 +91,11 @@ class EDCConfig(MethodConfig):
         "EDC Table 1 (ResNet-18)", {"protocol": "edc", "model": "resnet18-bn", "epochs": 1000, "teachers": True},
         notes="EDC's observers are 8 architectures (ResNet-18, ConvNet-W128, MobileNet-V2, WRN-16-2, "
               "ShuffleNet-V2, ConvNet-D1/D2/W32); raydd farms BatchNorm ResNet-18 observers; the number of "
-              "evaluation runs is not stated (raydd: 5); the released code relabels each batch on the fly (MSE "
-              "on the observers' logits + 0.025 CE) and keeps the best of its late checks, raydd the final. "
+              "evaluation runs is not stated (raydd: 5); the released code (train/direct_train.py, run by run.sh) "
+              "relabels each CutMixed batch on the fly (MSE on the observers' logits + 0.025 CE; raydd: "
+              "loss=mse_gt, cutmix_alpha=1.0, bit-identical to it in benchmarks/reference_equivalence.py "
+              "--protocols edc) and keeps the best of its late checks, raydd the final; raydd's default loss is "
+              "the KL at τ of Sec. 3.2, without CutMix (the paper names neither). "
               "Synthesis (Branch_CIFAR_10/recover, compared in benchmarks/reference_equivalence.py --methods edc): "
               "the code's class term compares the whole batch's statistics with the batch's mean of per-class "
               "statistics (themselves means of per-image statistics), raydd's is eq. 5's Form (2) (each class's "
