@@ -30,7 +30,9 @@ path fails at the evaluation print), and its evaluation runs zero networks.
 (VICO-UoE/DatasetCondensation), ``tesla/`` (justincui03/tesla: raydd's MTT with ``unroll='tesla'``), ``DANCE/``
 (Hansong-Zhang/DANCE: its DANCE.condense; its imports need ``pip install efficientnet_pytorch matplotlib``).
 ``PAD/`` (NUS-HPC-AI-Lab/PAD: its distill/PAD.py, DATM's loop with its parameter filter; raydd farms a plain
-scorer expert and a pad_expert for it). EDC: ``EDC/`` (shaoshitong/EDC: its BNFeatureHook on raydd's observer).
+scorer expert and a pad_expert for it). EDC: ``EDC/`` (shaoshitong/EDC: its BNFeatureHook on raydd's observer;
+``--edc-loop --data-root DIR``: its synthesis iteration on CIFAR-10; ``--methods --protocols edc``: its
+train/direct_train.py evaluation; its recover/utils.py imports ``einops``).
 
     python benchmarks/reference_equivalence.py --reference-root /tmp/refs --methods pad [--pad-replay-selection]
 
@@ -1013,6 +1015,112 @@ def compare_edc(root: Path, work: Path, train, args) -> None:
             images = (images - args.edc_step * g_ref.sign()).detach()  # a move of S, the same for both sides
 
 
+def compare_edc_loop(root: Path, work: Path, args) -> None:
+    """EDC's synthesis loop, 5 iterations: recover.py's ``main_worker`` iteration (Adam betas 0.5/0.9 on the
+    pixels, its ``lr_cosine_policy``, its pair transform RandomResizedCrop(scale 0.08-1) + flip seeded per
+    iteration, CE + r_loss · (its ``BNFeatureHook`` terms, the first ×10), its ``clip``) restated around its own
+    functions, since main_worker needs NCCL and CUDA, beside raydd's ``EDC.step`` with the code's knobs
+    (``class_term='code'``, ``stat_momentum`` = its training_momentum, crop 0.08-1, no flatness term: recover.sh
+    passes no --flatness). CIFAR-10 (3 channels: its ``clip`` clamps three channels with CIFAR-100's mean and
+    std, which raydd's clip bounds are set to here), 20 images per class, one BN ConvNet-3 w32 observer, IPC
+    ``--ipc``; raydd's augmentation is replaced by the code's transform with the code's seeds (the crop's
+    interpolation is the code's own: torchvision's resized crop, raydd's an affine grid)."""
+    import random as pyrandom
+
+    import torchvision.transforms as T
+
+    sys.modules.pop("utils", None)
+    utils = _import_reference(root / "Branch_CIFAR_10" / "recover", "utils")
+    train, _ = load_train_test("cifar10", args.data_root)
+    train = train.per_class(20, seed=args.seed)
+    farm(FarmSpec(store=str(work / "observer"), dataset="cifar10", data_root=args.data_root, train_per_class=20,
+                  backend="local", recipe="observer", trajectories=1, model={"arch": "convnet", "width": 32, "depth": 3},
+                  recipe_options={"epochs": 2, "batch_size": 64}), progress=False)
+    store = TrajectoryStore(str(work / "observer"))
+    cfg = make_config("edc", "cifar10", args.ipc, class_term="code", stat_momentum=args.edc_momentum,
+                      crop_scale_min=0.08, flatness_weight=0.0, total_iterations=args.iterations)
+    method = get_method("edc")(cfg, train, store, device="cpu", seed=args.seed)
+    (obs,) = method.observers
+    mean100 = torch.tensor([0.5071, 0.4867, 0.4408], dtype=torch.float64).view(1, 3, 1, 1)  # its clip's constants,
+    std100 = torch.tensor([0.2675, 0.2565, 0.2761], dtype=torch.float64).view(1, 3, 1, 1)  # in float64 as its numpy
+    method._pixel_low = (-mean100 / std100).float()
+    method._pixel_high = ((1 - mean100) / std100).float()
+    with torch.no_grad():
+        method.images.copy_(torch.maximum(torch.minimum(method.images, method._pixel_high), method._pixel_low))
+    start, y = method.images.detach().clone(), method.labels.clone()
+    transform = T.Compose([T.RandomResizedCrop(train.info.resolution[0], scale=(0.08, 1)), T.RandomHorizontalFlip()])
+
+    # --- the reference's iterations
+    hooks = [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"bn{i}", gpu=0,
+                                 training_momentum=args.edc_momentum, category_aware="global")
+             for i, bn in enumerate(obs.bn)]
+    seeds, ref_images, ref_losses, ref_grads = [], [], [], []
+    rng = pyrandom.Random(args.seed)  # its ApplyTransformToPair draws from the global random: seeded here
+    with contextlib.ExitStack() as stack:
+        if not torch.cuda.is_available():
+            stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
+        for h in hooks:
+            h.set_hook(pre=True)
+        with torch.no_grad():
+            for at in range(0, len(train.labels), 256):
+                for h in hooks:
+                    h.set_label(train.labels[at:at + 256])
+                obs.net(train.images[at:at + 256])
+        for h in hooks:
+            h.save()
+            h.close()
+        hooks = [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"bn{i}", gpu=0,
+                                     training_momentum=args.edc_momentum, category_aware="global")
+                 for i, bn in enumerate(obs.bn)]
+        for h in hooks:
+            h.set_hook(pre=False)
+        inputs = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([inputs], lr=cfg.lr, betas=[0.5, 0.9], eps=1e-8)
+        lr_scheduler = utils.lr_cosine_policy(cfg.lr, 0, args.iterations)
+        rescale = [cfg.first_bn_multiplier] + [1.0] * (len(hooks) - 1)
+        for iteration in range(args.iterations):
+            lr_scheduler(optimizer, iteration, iteration)
+            seed = rng.randint(0, int(1e13))
+            seeds.append(seed)
+            torch.manual_seed(seed)
+            inputs_jit = transform(inputs)
+            for h in hooks:
+                h.set_label(y)
+            optimizer.zero_grad()
+            for h in hooks:
+                h.set_ori()
+            utils.clip(inputs.data)
+            out = obs.net(inputs_jit)
+            loss = F.cross_entropy(out, y) + cfg.stat_weight * sum(h.r_feature * m for h, m in zip(hooks, rescale))
+            loss.backward()
+            ref_grads.append(inputs.grad.detach().clone())
+            optimizer.step()
+            inputs.data = utils.clip(inputs.data)
+            ref_images.append(inputs.detach().clone())
+            ref_losses.append(float(loss.detach()))
+        for h in hooks:
+            h.close()
+
+    # --- raydd's, the code's crops replayed
+    replay = list(seeds)
+
+    def code_crop(x, x_ema, generator):
+        seed = replay.pop(0)
+        torch.manual_seed(seed)
+        a = transform(x)
+        torch.manual_seed(seed)
+        return a, transform(x_ema)
+
+    losses = []
+    with _patched(method, "_augment_pair", code_crop):
+        for _ in range(args.iterations):
+            losses.append(method.step()["loss"])
+            images = method.images.detach().clone()
+            i = len(losses) - 1
+            print(f"  {i + 1:9d} | {max_rel(images, ref_images[i]):.2e} | {max_rel(method.images.grad, ref_grads[i]):.2e} | "
+                  f"{abs(losses[i] - ref_losses[i]) / abs(ref_losses[i]):.2e} | {ref_losses[i]:.6g} / {losses[i]:.6g}")
+
+
 # ----------------------------------------------------------------------------- EDC's evaluation
 @dataclasses.dataclass
 class _EDCEvalRecord:
@@ -1512,6 +1620,9 @@ def main(argv=None) -> int:
     p.add_argument("--edc-as-code", action="store_true",
                    help="raydd's EDC with class_term='code' and stat_momentum=--edc-momentum (the released code's "
                         "form) instead of eq. 5's")
+    p.add_argument("--edc-loop", action="store_true",
+                   help="EDC: also compare the synthesis loop (recover.py's iteration) on CIFAR-10, needs --data-root")
+    p.add_argument("--data-root", default=None, help="where cifar10 is (--edc-loop), e.g. ../shared/datasets")
     p.add_argument("--edc-step", type=float, default=0.05, help="how far S moves between the EDC iterations compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smooth-relu", action="store_true",
@@ -1567,6 +1678,11 @@ def main(argv=None) -> int:
             print(f"{name}: reference {REFERENCES[name]} @ {commit_of(root)}")
             if name == "edc":
                 compare_edc(root, tmp / "edc", train, args)
+                if args.edc_loop:
+                    print(f"  EDC's synthesis loop (cifar10 IPC {args.ipc}, the code's knobs; training_momentum "
+                          f"{args.edc_momentum})")
+                    print("  iteration | images | gradient w.r.t. S | loss (max rel. diff, float32) | loss ref / raydd")
+                    compare_edc_loop(root, tmp / "edc_loop", args)
                 continue
             if name == "ncfm":
                 rows = run_raydd_ncfm(farm_ncfm_pool(tmp / "ncfm_pool", args), train, args)

@@ -101,9 +101,11 @@ class EDCConfig(MethodConfig):
               "statistics (themselves means of per-image statistics), raydd's is eq. 5's Form (2) (each class's "
               "batch statistics against that class's, weighted by p(c)); the code averages the batch statistics "
               "over iterations (training_momentum 0.8, starting from 0): class_term=code with stat_momentum=0.8 "
-              "is the code's BatchNorm term (equal to its BNFeatureHook to 2e-7); the code also adds "
+              "is the code's BatchNorm term (equal to its BNFeatureHook to 2e-7; its whole iteration, with its crops "
+              "replayed, to 1.2e-5 on the images after 5 steps: --edc-loop); the code also adds "
               "G-VBSM's statistics of every convolution's input (ConvFeatureHook), weights its first hooked "
-              "layer (a convolution) x10, crops with scale (0.08, 1) and, in its CIFAR-10 recover.sh, runs "
+              "layer (a convolution) x10, crops with scale (0.08, 1) (one box for the whole batch, torchvision's "
+              "resized crop; raydd: a box per image through an affine grid) and, in its CIFAR-10 recover.sh, runs "
               "without the flatness term (crop_scale_min=0.08, flatness_weight=0); raydd's defaults follow "
               "eq. 5, Table 5's weak crop and eq. 7")
 
