@@ -935,6 +935,29 @@ def run_raydd_ncfm(store, train, args) -> dict[str, list[float]]:
 
 
 # ----------------------------------------------------------------------------- EDC
+def _edc_hooks(utils, bns, work: Path, momentum: float, tag: str = "bn") -> list:
+    """The code's ``BNFeatureHook`` on each BatchNorm layer, as recover.py configures it (``category_aware``
+    'global'); a hook whose statistics were saved under ``work`` loads them."""
+    return [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"{tag}{i}", gpu=0,
+                                training_momentum=momentum, category_aware="global") for i, bn in enumerate(bns)]
+
+
+def _save_edc_statistics(utils, obs, work: Path, momentum: float, train) -> None:
+    """The hooks' class statistics of ``train`` (its ``pre_hook_fn`` pass, then ``save``), for later hooks to load.
+    Call with ``Tensor.cuda`` the identity on a CPU host (its hooks move their statistics with ``.cuda(gpu)``)."""
+    collect = _edc_hooks(utils, obs.bn, work, momentum)
+    for h in collect:
+        h.set_hook(pre=True)
+    with torch.no_grad():
+        for start in range(0, len(train.labels), 512):
+            for h in collect:
+                h.set_label(train.labels[start:start + 512])
+            obs.net(train.images[start:start + 512])
+    for h in collect:
+        h.save()
+        h.close()
+
+
 def compare_edc(root: Path, work: Path, train, args) -> None:
     """EDC's statistics-matching term, one observer and one synthetic batch: the reference's own ``BNFeatureHook``
     (Branch_CIFAR_10/recover/utils.py, as recover.py configures it: ``category_aware 'global'``,
@@ -954,28 +977,12 @@ def compare_edc(root: Path, work: Path, train, args) -> None:
           f"x{cfg.first_bn_multiplier}, class_term {cfg.class_term!r}, stat_momentum {cfg.stat_momentum}; "
           f"reference training_momentum {args.edc_momentum}")
 
-    def hooks(tag: str) -> list:
-        return [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"{tag}{i}", gpu=0,
-                                    training_momentum=args.edc_momentum, category_aware="global")
-                for i, bn in enumerate(obs.bn)]
-
     with contextlib.ExitStack() as stack:
         if not torch.cuda.is_available():  # its hooks load their statistics with .cuda(gpu)
             stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
-        collect = hooks("bn")
-        for h in collect:
-            h.set_hook(pre=True)
-        with torch.no_grad():
-            for start in range(0, len(train.labels), 512):
-                y = train.labels[start:start + 512]
-                for h in collect:
-                    h.set_label(y)
-                obs.net(train.images[start:start + 512])
-        for h in collect:
-            h.save()
-            h.close()
-        reference = hooks("bn")  # loads what it saved
-        as_global = hooks("bn")  # the same, its class statistics replaced by the BN running statistics
+        _save_edc_statistics(utils, obs, work, args.edc_momentum, train)
+        reference = _edc_hooks(utils, obs.bn, work, args.edc_momentum)  # loads what it saved
+        as_global = _edc_hooks(utils, obs.bn, work, args.edc_momentum)  # its class statistics replaced below
         for h, bn in zip(as_global, obs.bn):
             h.category_running_dd_mean_list = bn.running_mean.view(1, -1).expand(train.info.num_classes, -1)
             h.category_running_dd_var_list = bn.running_var.view(1, -1).expand(train.info.num_classes, -1)
@@ -1051,27 +1058,13 @@ def compare_edc_loop(root: Path, work: Path, args) -> None:
     transform = T.Compose([T.RandomResizedCrop(train.info.resolution[0], scale=(0.08, 1)), T.RandomHorizontalFlip()])
 
     # --- the reference's iterations
-    hooks = [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"bn{i}", gpu=0,
-                                 training_momentum=args.edc_momentum, category_aware="global")
-             for i, bn in enumerate(obs.bn)]
     seeds, ref_images, ref_losses, ref_grads = [], [], [], []
     rng = pyrandom.Random(args.seed)  # its ApplyTransformToPair draws from the global random: seeded here
     with contextlib.ExitStack() as stack:
         if not torch.cuda.is_available():
             stack.enter_context(_patched(torch.Tensor, "cuda", lambda self, *a, **k: self))
-        for h in hooks:
-            h.set_hook(pre=True)
-        with torch.no_grad():
-            for at in range(0, len(train.labels), 256):
-                for h in hooks:
-                    h.set_label(train.labels[at:at + 256])
-                obs.net(train.images[at:at + 256])
-        for h in hooks:
-            h.save()
-            h.close()
-        hooks = [utils.BNFeatureHook(bn, save_path=str(work / "statistic"), name=f"bn{i}", gpu=0,
-                                     training_momentum=args.edc_momentum, category_aware="global")
-                 for i, bn in enumerate(obs.bn)]
+        _save_edc_statistics(utils, obs, work, args.edc_momentum, train)
+        hooks = _edc_hooks(utils, obs.bn, work, args.edc_momentum)  # loads what it saved
         for h in hooks:
             h.set_hook(pre=False)
         inputs = start.clone().requires_grad_(True)
@@ -1190,13 +1183,11 @@ def _edc_code_modules(root: Path):
     for name in ("relabel", "baseline"):
         for loaded in [m for m in sys.modules if m.split(".")[0] == name]:
             sys.modules.pop(loaded)
-    added = []
     for name, stub in stubs.items():
         try:
             __import__(name)
         except ImportError:
             sys.modules[name] = stub
-            added.append(name)
     direct_train = _import_reference(root / "Branch_CIFAR_10", "direct_train", "train")
     code_utils = sys.modules["utils"]
     return direct_train, code_utils

@@ -128,10 +128,7 @@ class EDCEvalConfig:
         check_range(f"{owner}.crop_scale_min", self.crop_scale_min, low=0, high=1, low_open=True)
         check_bool(f"{owner}.randaugment", self.randaugment, "RandAugment before the crop")
         check_int(f"{owner}.randaugment_ops", self.randaugment_ops)
-        check_int(f"{owner}.randaugment_magnitude", self.randaugment_magnitude, low=0)
-        if self.randaugment_magnitude > 30:
-            raise ValueError(f"{owner}.randaugment_magnitude={self.randaugment_magnitude!r} is invalid: "
-                             f"expected an integer in [0, 30] (RandAugment's 31 magnitude bins)")
+        check_int(f"{owner}.randaugment_magnitude", self.randaugment_magnitude, low=0, high=30)  # its 31 bins
         check_range(f"{owner}.cutmix_alpha", self.cutmix_alpha, low=0)
         if self.cutmix_alpha > 0 and not self.teachers:
             raise ValueError(f"{owner}.cutmix_alpha={self.cutmix_alpha!r} needs teachers=true: a CutMixed image "
@@ -232,12 +229,12 @@ def evaluate_edc(syn, test: ImageDataset, config: EDCEvalConfig | None = None, *
         if not teachers or not all(isinstance(m, nn.Module) for m in teachers):
             raise ValueError("teachers must be a non-empty list of torch modules (e.g. EDC.observer_models())")
     source, targets = _stored_targets(syn, config, teachers)
-    if config.randaugment and syn.zca_whitening() is not None:
+    zca = syn.zca_whitening()
+    if config.randaugment and zca is not None:
         raise ValueError("EDCEvalConfig.randaugment=True augments pixels: the synthetic set is ZCA-whitened; "
                          "set randaugment=false")
     device = resolve_device(config.device)
     spec = config.model_spec(info)
-    zca = syn.zca_whitening()
     if zca is not None:
         test = zca.whiten(test)
     images = syn.images.detach().float()
@@ -306,11 +303,11 @@ def decay_groups(net: nn.Module, decayed: str) -> list[dict]:
     """AdamW parameter groups: with 'weights', weight decay on parameters named ``weight`` with more than
     one dimension (convolution kernels, linear matrices), none on biases and normalisation scales (EDC's
     train/utils.py ``get_parameters``); with 'all', one group."""
-    params = list(net.named_parameters())
     if decayed == "all":
-        return [{"params": [p for _, p in params]}]
-    decay = [p for name, p in params if "weight" in name and p.dim() > 1]
-    rest = [p for name, p in params if not ("weight" in name and p.dim() > 1)]
+        return [{"params": list(net.parameters())}]
+    decay, rest = [], []
+    for name, p in net.named_parameters():
+        (decay if "weight" in name and p.dim() > 1 else rest).append(p)
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 
